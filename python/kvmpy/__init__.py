@@ -1,0 +1,99 @@
+"""kvmpy: script KVM virtual machines from Python.
+
+Create a :class:`Vm`, give it memory, load code, create a :class:`Vcpu`, set its
+registers and :meth:`Vcpu.run` it. The vCPU runs at hardware speed on a native thread
+with the GIL released; only the exits you register Python handlers for reach Python.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kvmpy._exits import ExitReason
+from kvmpy._native import (
+    KVM_API_VERSION,
+    Console,
+    CpuidEntry,
+    DebugExit,
+    DTable,
+    ExitInfo,
+    ExitPort,
+    FailEntryExit,
+    GuestExit,
+    InternalErrorExit,
+    IoExit,
+    Kvm,
+    MemoryRegion,
+    MmioExit,
+    Regs,
+    Segment,
+    Sregs,
+    SystemEventExit,
+    UnknownExit,
+    Vcpu,
+    Vm,
+)
+from kvmpy.errors import GuestMemoryError, KvmError, KvmUnavailable, VcpuBusyError, VmClosedError
+
+Exit = ExitInfo
+"""The base class of every exit object (``kvmpy.Exit`` is ``kvmpy.ExitInfo``)."""
+
+__version__ = "0.1.0"
+
+
+@dataclass(frozen=True)
+class Availability:
+    """Whether KVM can be used here; false-y when not, with the reason."""
+
+    ok: bool
+    reason: str
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+
+def available() -> Availability:
+    """Tells whether ``/dev/kvm`` can be used by this process, and why not.
+
+    >>> if not kvmpy.available():
+    ...     print(kvmpy.available().reason)
+    """
+    try:
+        kvm = Kvm()
+    except KvmUnavailable as e:
+        return Availability(False, str(e))
+    return Availability(True, f"KVM API version {kvm.api_version}")
+
+
+__all__ = [
+    "KVM_API_VERSION",
+    "Availability",
+    "Console",
+    "CpuidEntry",
+    "DTable",
+    "DebugExit",
+    "Exit",
+    "ExitInfo",
+    "ExitPort",
+    "ExitReason",
+    "FailEntryExit",
+    "GuestExit",
+    "GuestMemoryError",
+    "InternalErrorExit",
+    "IoExit",
+    "Kvm",
+    "KvmError",
+    "KvmUnavailable",
+    "MemoryRegion",
+    "MmioExit",
+    "Regs",
+    "Segment",
+    "Sregs",
+    "SystemEventExit",
+    "UnknownExit",
+    "Vcpu",
+    "VcpuBusyError",
+    "Vm",
+    "VmClosedError",
+    "available",
+]

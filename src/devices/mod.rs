@@ -1,0 +1,4 @@
+//! Devices handled in Rust on the vCPU thread, without the GIL.
+
+pub mod console;
+pub mod exit_port;

@@ -1,0 +1,622 @@
+//! vCPUs and the native run loop.
+//!
+//! `run()` releases the GIL and loops on `KVM_RUN` on the calling thread. Each exit is
+//! converted once (`exit::run_once`), looked up in the VM's handler table, and either
+//! handled by a Rust device without the GIL, handed to a Python handler (the GIL is taken
+//! once for that call and the vCPU lock released so the handler may use the vCPU), or
+//! returned to the caller.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, TryLockError};
+use std::time::{Duration, Instant};
+
+use kvm_ioctls::VcpuFd;
+use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict};
+
+use crate::dispatch::Handler;
+use crate::error::{Error, Result};
+use crate::exit::{self, Data, Exit, IoRaw, RunExit};
+use crate::kick::{self, Deadline, Kicker, Registration};
+use crate::regs::{Regs, Sregs};
+use crate::vm::VmInner;
+
+fn gettid() -> libc::pid_t {
+    // SAFETY: gettid has no preconditions.
+    unsafe { libc::gettid() }
+}
+
+/// The state of one vCPU, shared by its Python object and its VM.
+pub struct VcpuInner {
+    pub id: u64,
+    pub vm: Arc<VmInner>,
+    fd: Mutex<Option<VcpuFd>>,
+    /// The thread id running `run()`, if any.
+    runner: Mutex<Option<libc::pid_t>>,
+    run_ended: Condvar,
+    pub kicker: Kicker,
+    exits: AtomicU64,
+    python_calls: AtomicU64,
+}
+
+/// How a run ended.
+enum Outcome {
+    /// An exit nobody handled (or a Rust device's stop): built into a Python object later.
+    Exit(Exit),
+    /// A handler called `stop()` on this exit object.
+    Stopped(Py<PyAny>),
+    Error(PyErr),
+}
+
+impl From<Error> for Outcome {
+    fn from(e: Error) -> Self {
+        Outcome::Error(e.into())
+    }
+}
+
+/// What a Python handler answered.
+struct Answer {
+    data: Option<Data>,
+    stopped: Option<Py<PyAny>>,
+}
+
+/// Clears the vCPU's runner when a run ends, however it ends.
+struct RunGuard<'a>(&'a VcpuInner);
+
+impl Drop for RunGuard<'_> {
+    fn drop(&mut self) {
+        *self.0.runner.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        self.0.run_ended.notify_all();
+    }
+}
+
+impl VcpuInner {
+    pub fn new(id: u64, vm: Arc<VmInner>, fd: VcpuFd) -> Self {
+        VcpuInner {
+            id,
+            vm,
+            fd: Mutex::new(Some(fd)),
+            runner: Mutex::new(None),
+            run_ended: Condvar::new(),
+            kicker: Kicker::default(),
+            exits: AtomicU64::new(0),
+            python_calls: AtomicU64::new(0),
+        }
+    }
+
+    /// The thread running this vCPU, if any.
+    pub fn runner(&self) -> Option<libc::pid_t> {
+        *self.runner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn begin_run(&self) -> Result<RunGuard<'_>> {
+        let mut runner = self.runner.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(tid) = *runner {
+            return Err(Error::Busy(if tid == gettid() {
+                format!("vCPU {} is already running on this thread (run() called from its own handler?)", self.id)
+            } else {
+                format!("vCPU {} is already running on another thread", self.id)
+            }));
+        }
+        *runner = Some(gettid());
+        Ok(RunGuard(self))
+    }
+
+    /// Stops a run in progress, waits for it to end, and closes the vCPU fd.
+    /// Must be called with the GIL released.
+    pub fn close(&self) {
+        self.kicker.stop();
+        let mut runner = self.runner.lock().unwrap_or_else(|e| e.into_inner());
+        while runner.is_some() {
+            let (r, _) = self
+                .run_ended
+                .wait_timeout(runner, Duration::from_millis(10))
+                .unwrap_or_else(|e| e.into_inner());
+            runner = r;
+            if runner.is_some() {
+                // The first kick may have landed before the runner entered KVM_RUN's loop.
+                self.kicker.stop();
+            }
+        }
+        drop(runner);
+        self.fd.lock().unwrap_or_else(|e| e.into_inner()).take();
+    }
+
+    /// Locks the fd for a quick operation from Python. Fails (rather than blocking while
+    /// holding the GIL) when another thread is running the vCPU.
+    fn lock_fd(&self) -> Result<MutexGuard<'_, Option<VcpuFd>>> {
+        if let Some(tid) = self.runner() {
+            if tid != gettid() {
+                return Err(Error::Busy(format!(
+                    "vCPU {} is running on another thread; stop it first",
+                    self.id
+                )));
+            }
+        }
+        match self.fd.try_lock() {
+            Ok(g) => Ok(g),
+            Err(TryLockError::Poisoned(e)) => Ok(e.into_inner()),
+            Err(TryLockError::WouldBlock) => {
+                Err(Error::Busy(format!("vCPU {} is running", self.id)))
+            }
+        }
+    }
+
+    fn with_fd<T>(&self, f: impl FnOnce(&mut VcpuFd) -> Result<T>) -> Result<T> {
+        let mut guard = self.lock_fd()?;
+        let fd = guard.as_mut().ok_or(Error::Closed("vCPU"))?;
+        f(fd)
+    }
+
+    fn lock_run_fd(&self) -> MutexGuard<'_, Option<VcpuFd>> {
+        self.fd.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The run loop; called with the GIL released.
+    fn run_loop(&self, deadline: Option<Instant>) -> Outcome {
+        if let Err(e) = kick::ensure_handler() {
+            return e.into();
+        }
+        let mut guard: FdGuard<'_> = Some(self.lock_run_fd());
+        let fd = match fd_of(&mut guard) {
+            Ok(fd) => fd,
+            Err(e) => return e.into(),
+        };
+        fd.set_kvm_immediate_exit(0);
+        let _registration = Registration::new(&self.kicker, fd.get_kvm_run());
+        self.kicker.take_stop();
+        let timer = match deadline.map(Deadline::arm).transpose() {
+            Ok(t) => t,
+            Err(e) => return e.into(),
+        };
+        let outcome = loop {
+            if self.kicker.take_stop() || self.vm.is_closed() {
+                break Outcome::Exit(Exit::Stopped);
+            }
+            let fd = match fd_of(&mut guard) {
+                Ok(fd) => fd,
+                Err(e) => break e.into(),
+            };
+            let result = exit::run_once(fd);
+            self.exits.fetch_add(1, Ordering::Relaxed);
+            match result {
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    fd.set_kvm_immediate_exit(0);
+                    if self.kicker.stop_pending() {
+                        continue;
+                    }
+                    if timer.as_ref().is_some_and(|t| t.passed()) {
+                        break Outcome::Exit(Exit::Timeout);
+                    }
+                    // Maybe SIGINT: let Python's handler run (it raises KeyboardInterrupt).
+                    if let Err(e) = Python::attach(|py| py.check_signals()) {
+                        break Outcome::Error(e);
+                    }
+                }
+                Err(e) => break Error::ioctl("KVM_RUN", e).into(),
+                Ok(RunExit::Io(io)) => match self.handle_io(&mut guard, io) {
+                    Ok(None) => {}
+                    Ok(Some(outcome)) => break outcome,
+                    Err(e) => break Outcome::Error(e),
+                },
+                Ok(RunExit::Other(exit)) => match self.handle_other(&mut guard, exit) {
+                    Ok(None) => {}
+                    Ok(Some(outcome)) => break outcome,
+                    Err(e) => break Outcome::Error(e),
+                },
+            }
+        };
+        drop(timer);
+        if let Ok(fd) = fd_of(&mut guard) {
+            fd.set_kvm_immediate_exit(0);
+        }
+        outcome
+    }
+
+    /// Handles a port I/O exit, element by element for string I/O.
+    fn handle_io<'a>(&'a self, guard: &mut FdGuard<'a>, io: IoRaw) -> PyResult<Option<Outcome>> {
+        let table = self.vm.handlers();
+        let mut stopped = None;
+        let mut answered = false;
+        for i in 0..io.count.max(1) {
+            let element = exit::io_element(fd_of(guard)?, io, i);
+            let data = if io.is_write {
+                Data::new(element)
+            } else {
+                Data::default()
+            };
+            let access = Exit::Io {
+                port: io.port,
+                size: io.size,
+                count: io.count,
+                is_write: io.is_write,
+                data,
+            };
+            match table.io(io.port) {
+                Some(Handler::Console(dev)) => {
+                    if io.is_write {
+                        dev.write(element);
+                    } else {
+                        element.fill(0);
+                    }
+                }
+                Some(Handler::ExitPort(dev)) => {
+                    if io.is_write {
+                        return Ok(Some(Outcome::Exit(Exit::Guest {
+                            port: dev.port,
+                            code: data.value(),
+                        })));
+                    }
+                    element.fill(0);
+                }
+                Some(Handler::Python(f)) => {
+                    let answer = self.call_python(guard, f, &access, io.size)?;
+                    if let Some(d) = answer.data {
+                        exit::io_element(fd_of(guard)?, io, i).copy_from_slice(d.as_slice());
+                        answered = true;
+                    }
+                    if answer.stopped.is_some() && stopped.is_none() {
+                        stopped = answer.stopped;
+                    }
+                }
+                None => return Ok(Some(Outcome::Exit(access))),
+            }
+        }
+        match stopped {
+            Some(obj) => {
+                if answered {
+                    self.complete_pending(guard);
+                }
+                Ok(Some(Outcome::Stopped(obj)))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Handles every exit other than port I/O.
+    fn handle_other<'a>(
+        &'a self,
+        guard: &mut FdGuard<'a>,
+        exit: Exit,
+    ) -> PyResult<Option<Outcome>> {
+        match exit {
+            Exit::Mmio {
+                addr,
+                size,
+                is_write,
+                ..
+            } => {
+                let table = self.vm.handlers();
+                let Some((handler, _start)) = table.mmio(addr) else {
+                    return Ok(Some(Outcome::Exit(exit)));
+                };
+                let Handler::Python(f) = handler else {
+                    return Ok(Some(Outcome::Exit(exit)));
+                };
+                let answer = self.call_python(guard, f, &exit, size)?;
+                if let (Some(d), false) = (answer.data, is_write) {
+                    exit::mmio_data(fd_of(guard)?).copy_from_slice(d.as_slice());
+                    if answer.stopped.is_some() {
+                        self.complete_pending(guard);
+                    }
+                }
+                Ok(answer.stopped.map(Outcome::Stopped))
+            }
+            Exit::Hlt => {
+                let table = self.vm.handlers();
+                let Some(f) = table.hlt() else {
+                    return Ok(Some(Outcome::Exit(exit)));
+                };
+                let answer = self.call_python(guard, f, &exit, 0)?;
+                Ok(answer.stopped.map(Outcome::Stopped))
+            }
+            other => Ok(Some(Outcome::Exit(other))),
+        }
+    }
+
+    /// Re-enters the guest with `immediate_exit` set so KVM completes a pending IN or MMIO
+    /// read (the KVM API requires this before the vCPU's state is read).
+    fn complete_pending(&self, guard: &mut FdGuard<'_>) {
+        if let Ok(fd) = fd_of(guard) {
+            fd.set_kvm_immediate_exit(1);
+            // Expected to fail with EINTR once the pending access is completed.
+            let _ = fd.run();
+            fd.set_kvm_immediate_exit(0);
+        }
+    }
+
+    /// Calls a Python handler with the GIL, releasing the vCPU lock for the duration so the
+    /// handler can read and write this vCPU's registers.
+    fn call_python<'a>(
+        &'a self,
+        guard: &mut FdGuard<'a>,
+        f: &Py<PyAny>,
+        exit: &Exit,
+        size: u8,
+    ) -> PyResult<Answer> {
+        let reads = matches!(
+            exit,
+            Exit::Io {
+                is_write: false,
+                ..
+            } | Exit::Mmio {
+                is_write: false,
+                ..
+            }
+        );
+        // Release the vCPU lock while Python runs, so the handler can use this vCPU.
+        guard.take();
+        self.python_calls.fetch_add(1, Ordering::Relaxed);
+        let result = Python::attach(|py| -> PyResult<Answer> {
+            let obj = exit::to_python(py, exit, self.id)?;
+            let ret = f.call1(py, (obj.clone_ref(py),))?;
+            let ret = ret.bind(py);
+            let stopped = exit::stop_requested(obj.bind(py)).then_some(obj);
+            let data = if reads {
+                if ret.is_none() && stopped.is_some() {
+                    None
+                } else {
+                    Some(answer_data(ret, size, exit, f.bind(py))?)
+                }
+            } else {
+                if !ret.is_none() {
+                    return Err(PyTypeError::new_err(format!(
+                        "handler {} returned {} for {}; handlers of writes and HLT must return None",
+                        describe(f.bind(py)),
+                        type_name(ret),
+                        describe_exit(exit)
+                    )));
+                }
+                None
+            };
+            Ok(Answer { data, stopped })
+        });
+        *guard = Some(self.lock_run_fd());
+        result
+    }
+
+    pub fn stats(&self) -> (u64, u64) {
+        (
+            self.exits.load(Ordering::Relaxed),
+            self.python_calls.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// The run loop's hold on the vCPU fd: `None` while a Python handler runs.
+type FdGuard<'a> = Option<MutexGuard<'a, Option<VcpuFd>>>;
+
+/// The fd behind a run loop's guard.
+fn fd_of<'a>(guard: &'a mut FdGuard<'_>) -> Result<&'a mut VcpuFd> {
+    guard
+        .as_mut()
+        .and_then(|g| g.as_mut())
+        .ok_or(Error::Closed("vCPU"))
+}
+
+fn type_name(obj: &Bound<'_, PyAny>) -> String {
+    obj.get_type()
+        .name()
+        .map(|n| n.to_string())
+        .unwrap_or_else(|_| "?".into())
+}
+
+fn describe(f: &Bound<'_, PyAny>) -> String {
+    f.getattr("__qualname__")
+        .and_then(|n| n.extract::<String>())
+        .unwrap_or_else(|_| f.repr().map(|r| r.to_string()).unwrap_or_default())
+}
+
+fn describe_exit(exit: &Exit) -> String {
+    match exit {
+        Exit::Io {
+            port,
+            size,
+            is_write,
+            ..
+        } => {
+            format!(
+                "{} of {size} byte(s) on port {port:#x}",
+                if *is_write { "OUT" } else { "IN" }
+            )
+        }
+        Exit::Mmio {
+            addr,
+            size,
+            is_write,
+            ..
+        } => format!(
+            "MMIO {} of {size} byte(s) at {addr:#x}",
+            if *is_write { "write" } else { "read" }
+        ),
+        Exit::Hlt => "HLT".into(),
+        other => other.reason().as_str().into(),
+    }
+}
+
+/// Converts a read handler's return value into `size` bytes of data.
+fn answer_data(
+    ret: &Bound<'_, PyAny>,
+    size: u8,
+    exit: &Exit,
+    f: &Bound<'_, PyAny>,
+) -> PyResult<Data> {
+    let size = size as usize;
+    if let Ok(b) = ret.cast::<PyBytes>() {
+        let bytes = b.as_bytes();
+        if bytes.len() != size {
+            return Err(PyValueError::new_err(format!(
+                "handler {} returned {} bytes for {}; it must return exactly {size}",
+                describe(f),
+                bytes.len(),
+                describe_exit(exit)
+            )));
+        }
+        return Ok(Data::new(bytes));
+    }
+    if ret.cast::<pyo3::types::PyInt>().is_ok() {
+        let bits = 8 * size as u32;
+        let fits = if let Ok(v) = ret.extract::<u64>() {
+            bits == 64 || v >> bits == 0
+        } else if let Ok(v) = ret.extract::<i64>() {
+            bits == 64 || v >= -(1i64 << (bits - 1))
+        } else {
+            false
+        };
+        if !fits {
+            return Err(PyValueError::new_err(format!(
+                "handler {} returned {} for {}, which does not fit in {size} byte(s)",
+                describe(f),
+                ret,
+                describe_exit(exit)
+            )));
+        }
+        let v = ret
+            .extract::<u64>()
+            .or_else(|_| ret.extract::<i64>().map(|v| v as u64))?;
+        return Ok(Data::new(&v.to_le_bytes()[..size]));
+    }
+    Err(PyTypeError::new_err(format!(
+        "handler {} returned {} for {}; it must return an int or {size} bytes",
+        describe(f),
+        type_name(ret),
+        describe_exit(exit)
+    )))
+}
+
+/// A virtual CPU of a `Vm`, created with `vm.create_vcpu()`.
+#[pyclass(module = "kvmpy._native", frozen)]
+pub struct Vcpu {
+    pub inner: Arc<VcpuInner>,
+}
+
+#[pymethods]
+impl Vcpu {
+    /// The vCPU id (its APIC id).
+    #[getter]
+    fn id(&self) -> u64 {
+        self.inner.id
+    }
+
+    /// A snapshot of the general purpose registers, `rip` and `rflags`.
+    #[getter]
+    fn regs(&self) -> PyResult<Regs> {
+        Ok(self.inner.with_fd(|fd| {
+            fd.get_regs()
+                .map(|r| Regs::from_kvm(&r))
+                .map_err(|e| Error::ioctl("KVM_GET_REGS", e))
+        })?)
+    }
+
+    #[setter(regs)]
+    fn set_regs_obj(&self, regs: Regs) -> PyResult<()> {
+        Ok(self.inner.with_fd(|fd| {
+            fd.set_regs(&regs.to_kvm())
+                .map_err(|e| Error::ioctl("KVM_SET_REGS", e))
+        })?)
+    }
+
+    /// Sets the named registers, leaving the others as they are:
+    /// `cpu.set_regs(rip=0x1000, rsp=0x8000, rflags=2)`.
+    #[pyo3(signature = (**fields))]
+    fn set_regs(&self, fields: Option<&Bound<'_, PyDict>>) -> PyResult<()> {
+        let mut guard = self.inner.lock_fd()?;
+        let fd = guard.as_mut().ok_or(Error::Closed("vCPU"))?;
+        let mut regs = fd.get_regs().map_err(|e| Error::ioctl("KVM_GET_REGS", e))?;
+        if let Some(f) = fields {
+            Regs::apply(&mut regs, f)?;
+        }
+        fd.set_regs(&regs)
+            .map_err(|e| Error::ioctl("KVM_SET_REGS", e))?;
+        Ok(())
+    }
+
+    /// A snapshot of the special registers: segments, GDT/IDT, control registers, EFER.
+    #[getter]
+    fn sregs(&self) -> PyResult<Sregs> {
+        Ok(self.inner.with_fd(|fd| {
+            fd.get_sregs()
+                .map(|s| Sregs::from_kvm(&s))
+                .map_err(|e| Error::ioctl("KVM_GET_SREGS", e))
+        })?)
+    }
+
+    #[setter(sregs)]
+    fn set_sregs_obj(&self, sregs: Sregs) -> PyResult<()> {
+        Ok(self.inner.with_fd(|fd| {
+            fd.set_sregs(&sregs.to_kvm())
+                .map_err(|e| Error::ioctl("KVM_SET_SREGS", e))
+        })?)
+    }
+
+    /// Sets the named special registers, leaving the others as they are:
+    /// `cpu.set_sregs(cr0=0x11, cs=kvmpy.Segment(selector=0, base=0))`.
+    #[pyo3(signature = (**fields))]
+    fn set_sregs(&self, fields: Option<&Bound<'_, PyDict>>) -> PyResult<()> {
+        let mut guard = self.inner.lock_fd()?;
+        let fd = guard.as_mut().ok_or(Error::Closed("vCPU"))?;
+        let mut sregs = Sregs::from_kvm(
+            &fd.get_sregs()
+                .map_err(|e| Error::ioctl("KVM_GET_SREGS", e))?,
+        );
+        if let Some(f) = fields {
+            sregs.apply(f)?;
+        }
+        fd.set_sregs(&sregs.to_kvm())
+            .map_err(|e| Error::ioctl("KVM_SET_SREGS", e))?;
+        Ok(())
+    }
+
+    /// Runs the vCPU until an exit no handler takes, a handler stops it, the guest writes
+    /// to an exit port, or `timeout` seconds pass; returns that exit.
+    ///
+    /// The GIL is released while the guest runs. The first exception a handler raises
+    /// stops the vCPU and is re-raised here. Ctrl-C stops the guest and raises
+    /// `KeyboardInterrupt` (when `run()` is called from the main thread).
+    #[pyo3(signature = (timeout=None))]
+    fn run(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Py<PyAny>> {
+        let deadline = match timeout {
+            None => None,
+            Some(t) if t.is_finite() && t >= 0.0 => {
+                Instant::now().checked_add(Duration::from_secs_f64(t))
+            }
+            Some(t) => {
+                return Err(PyValueError::new_err(format!(
+                    "timeout must be a finite number >= 0, got {t}"
+                )))
+            }
+        };
+        let inner = &self.inner;
+        inner.vm.check_open()?;
+        let _running = inner.begin_run()?;
+        let outcome = py.detach(|| inner.run_loop(deadline));
+        match outcome {
+            Outcome::Exit(exit) => exit::to_python(py, &exit, inner.id),
+            Outcome::Stopped(obj) => Ok(obj),
+            Outcome::Error(e) => Err(e),
+        }
+    }
+
+    /// Asks a running vCPU to stop: its `run()` returns an exit with reason `"stopped"`.
+    /// Callable from any thread; does nothing if the vCPU is not running.
+    fn stop(&self) {
+        if self.inner.runner().is_some() {
+            self.inner.kicker.stop();
+        }
+    }
+
+    /// Counters since the vCPU was created: `exits` (returns from `KVM_RUN`) and
+    /// `handler_calls` (Python handler calls, the only times the run loop takes the GIL).
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let (exits, calls) = self.inner.stats();
+        let d = PyDict::new(py);
+        d.set_item("exits", exits)?;
+        d.set_item("handler_calls", calls)?;
+        Ok(d)
+    }
+
+    fn __repr__(&self) -> String {
+        format!("Vcpu(id={})", self.inner.id)
+    }
+}

@@ -1,0 +1,554 @@
+//! The VM: its KVM fd, guest memory, handler table and vCPUs.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, Weak};
+
+use kvm_ioctls::{Cap, Kvm, VmFd};
+use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyCFunction, PyRange, PyTuple};
+use pyo3::{PyTraverseError, PyVisit};
+
+use crate::devices::console::{Console, ConsoleDev};
+use crate::devices::exit_port::{ExitPort, ExitPortDev};
+use crate::dispatch::{Handler, HandlerTable};
+use crate::error::{Error, Result};
+use crate::kvm;
+use crate::memory::{bytes_arg, MemoryMap, MemoryRegion};
+use crate::vcpu::{Vcpu, VcpuInner};
+
+/// Where KVM puts the three-page TSS it needs for real mode on Intel hosts: just below the
+/// 4 GiB boundary, where firmware would be, as QEMU and Firecracker do.
+const TSS_ADDRESS: usize = 0xfffb_d000;
+
+/// The state of one VM, shared by its Python object, its vCPUs and its memory regions.
+pub struct VmInner {
+    kvm: Arc<Kvm>,
+    fd: Mutex<Option<VmFd>>,
+    memory: Mutex<MemoryMap>,
+    handlers: RwLock<Arc<HandlerTable>>,
+    vcpus: Mutex<Vec<Weak<VcpuInner>>>,
+    closed: AtomicBool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl VmInner {
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
+    }
+
+    pub fn check_open(&self) -> Result<()> {
+        if self.is_closed() {
+            Err(Error::Closed("VM"))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// The current handler table.
+    pub fn handlers(&self) -> Arc<HandlerTable> {
+        Arc::clone(&self.handlers.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    fn set_handlers(&self, table: HandlerTable) {
+        *self.handlers.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(table);
+    }
+
+    fn with_fd<T>(&self, f: impl FnOnce(&VmFd) -> Result<T>) -> Result<T> {
+        let guard = lock(&self.fd);
+        f(guard.as_ref().ok_or(Error::Closed("VM"))?)
+    }
+
+    /// `KVM_GET_DIRTY_LOG` for a slot.
+    pub fn dirty_log(&self, slot: u32, size: usize) -> Result<Vec<u64>> {
+        self.with_fd(|fd| {
+            fd.get_dirty_log(slot, size)
+                .map_err(|e| Error::ioctl("KVM_GET_DIRTY_LOG", e))
+        })
+    }
+
+    fn live_vcpus(&self) -> Vec<Arc<VcpuInner>> {
+        lock(&self.vcpus).iter().filter_map(Weak::upgrade).collect()
+    }
+}
+
+/// Parses a port argument: an int or a `range` with step 1. Returns `[start, end)`.
+fn port_range(ports: &Bound<'_, PyAny>) -> PyResult<(u16, u32)> {
+    if let Ok(r) = ports.cast::<PyRange>() {
+        let (start, stop, step): (i64, i64, i64) = (
+            r.getattr("start")?.extract()?,
+            r.getattr("stop")?.extract()?,
+            r.getattr("step")?.extract()?,
+        );
+        if step != 1 || start >= stop || start < 0 || stop > 0x10000 {
+            return Err(PyValueError::new_err(format!(
+                "port range must be a non-empty range(start, stop) with step 1 inside 0..0x10000, got {}",
+                ports.repr()?
+            )));
+        }
+        return Ok((start as u16, stop as u32));
+    }
+    match ports.extract::<i64>() {
+        Ok(p) if (0..=0xffff).contains(&p) => Ok((p as u16, p as u32 + 1)),
+        Ok(p) => Err(PyValueError::new_err(format!(
+            "I/O port {p:#x} is outside 0..0xffff"
+        ))),
+        Err(_) => Err(PyTypeError::new_err(
+            "ports must be an int or a range of ints",
+        )),
+    }
+}
+
+fn single_port(port: i64) -> PyResult<u16> {
+    u16::try_from(port)
+        .map_err(|_| PyValueError::new_err(format!("I/O port {port:#x} is outside 0..0xffff")))
+}
+
+fn check_callable(handler: &Bound<'_, PyAny>) -> PyResult<()> {
+    if handler.is_callable() {
+        Ok(())
+    } else {
+        Err(PyTypeError::new_err(format!(
+            "handler must be callable, got {}",
+            handler.get_type().name()?
+        )))
+    }
+}
+
+/// A KVM virtual machine.
+///
+/// Holds guest memory regions, vCPUs and exit handlers. Use it as a context manager or
+/// call `close()`: closing stops running vCPUs, closes every KVM fd the VM owns and detaches
+/// its memory regions.
+#[pyclass(module = "kvmpy._native", frozen, subclass)]
+pub struct Vm {
+    inner: Arc<VmInner>,
+}
+
+impl Vm {
+    fn register_io(
+        &self,
+        py: Python<'_>,
+        (start, end): (u16, u32),
+        handler: Handler,
+    ) -> PyResult<()> {
+        self.inner.check_open()?;
+        let table = self.inner.handlers().with_io(py, start, end, handler)?;
+        self.inner.set_handlers(table);
+        Ok(())
+    }
+
+    fn register_mmio(
+        &self,
+        py: Python<'_>,
+        address: u64,
+        size: u64,
+        handler: Handler,
+    ) -> PyResult<()> {
+        self.inner.check_open()?;
+        if size == 0 {
+            return Err(Error::Memory("MMIO range size must not be zero".into()).into());
+        }
+        let end = address.checked_add(size).ok_or_else(|| {
+            Error::Memory(format!("MMIO range {address:#x} + {size:#x} overflows"))
+        })?;
+        if let Some(r) = lock(&self.inner.memory).overlapping(address, end) {
+            return Err(Error::Memory(format!(
+                "MMIO range {address:#x}..{end:#x} overlaps memory region {:#x}..{:#x}: accesses \
+                 there go to RAM and never exit",
+                r.guest_addr,
+                r.end()
+            ))
+            .into());
+        }
+        let table = self.inner.handlers().with_mmio(py, address, end, handler)?;
+        self.inner.set_handlers(table);
+        Ok(())
+    }
+
+    /// Returns a decorator that registers the function it decorates with `register`.
+    fn decorator<'py>(
+        py: Python<'py>,
+        register: impl Fn(&Bound<'_, PyAny>) -> PyResult<()> + Send + Sync + 'static,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let f =
+            PyCFunction::new_closure(py, None, None, move |args: &Bound<'_, PyTuple>, _kwargs| {
+                let func = args.get_item(0)?;
+                check_callable(&func)?;
+                register(&func)?;
+                Ok::<_, PyErr>(func.unbind())
+            })?;
+        Ok(f.into_any())
+    }
+}
+
+#[pymethods]
+impl Vm {
+    #[new]
+    fn new() -> PyResult<Self> {
+        let kvm = kvm::shared()?;
+        let fd = kvm
+            .create_vm()
+            .map_err(|e| Error::ioctl("KVM_CREATE_VM", e))?;
+        if kvm::has_cap(&kvm, Cap::SetTssAddr) {
+            fd.set_tss_address(TSS_ADDRESS)
+                .map_err(|e| Error::ioctl("KVM_SET_TSS_ADDR", e))?;
+        }
+        Ok(Vm {
+            inner: Arc::new(VmInner {
+                kvm,
+                fd: Mutex::new(Some(fd)),
+                memory: Mutex::new(MemoryMap::default()),
+                handlers: RwLock::new(Arc::new(HandlerTable::default())),
+                vcpus: Mutex::new(Vec::new()),
+                closed: AtomicBool::new(false),
+            }),
+        })
+    }
+
+    /// Adds `size` bytes of RAM at guest physical address `guest_addr` (both page
+    /// aligned). With `readonly=True` guest writes exit as MMIO writes; with
+    /// `dirty_log=True` KVM logs written pages (see `MemoryRegion.dirty_pages`).
+    #[pyo3(signature = (guest_addr, size, *, readonly=false, dirty_log=false))]
+    fn add_memory(
+        &self,
+        guest_addr: u64,
+        size: u64,
+        readonly: bool,
+        dirty_log: bool,
+    ) -> PyResult<MemoryRegion> {
+        let inner = &self.inner;
+        inner.check_open()?;
+        if readonly && !kvm::has_cap(&inner.kvm, Cap::ReadonlyMem) {
+            return Err(
+                Error::Memory("this host's KVM does not support read-only memory".into()).into(),
+            );
+        }
+        if let Some(end) = guest_addr.checked_add(size) {
+            if let Some((s, e)) = inner.handlers().mmio_overlapping(guest_addr, end) {
+                return Err(Error::Memory(format!(
+                    "memory region {guest_addr:#x}..{end:#x} overlaps the MMIO range {s:#x}..{e:#x}"
+                ))
+                .into());
+            }
+        }
+        let max_slots = inner.kvm.get_nr_memslots();
+        let region = inner.with_fd(|fd| {
+            lock(&inner.memory).add(fd, max_slots, guest_addr, size, readonly, dirty_log)
+        })?;
+        Ok(MemoryRegion {
+            region,
+            vm: Arc::clone(inner),
+        })
+    }
+
+    /// Removes a region from the guest's address space. Views of it stay valid; its
+    /// `read`/`write` raise afterwards.
+    fn remove_memory(&self, region: &Bound<'_, MemoryRegion>) -> PyResult<()> {
+        let region = region.get();
+        if !Arc::ptr_eq(&region.vm, &self.inner) {
+            return Err(Error::Memory("the memory region belongs to another VM".into()).into());
+        }
+        self.inner.check_open()?;
+        self.inner
+            .with_fd(|fd| lock(&self.inner.memory).remove(fd, &region.region))?;
+        Ok(())
+    }
+
+    /// The VM's memory regions, by guest address.
+    #[getter]
+    fn memory_regions(&self) -> Vec<MemoryRegion> {
+        lock(&self.inner.memory)
+            .regions()
+            .iter()
+            .map(|r| MemoryRegion {
+                region: Arc::clone(r),
+                vm: Arc::clone(&self.inner),
+            })
+            .collect()
+    }
+
+    /// Reads `n` bytes of guest physical memory at `gpa`; the range may span regions but
+    /// must lie entirely in guest RAM.
+    fn read<'py>(&self, py: Python<'py>, gpa: u64, n: usize) -> PyResult<Bound<'py, PyBytes>> {
+        self.inner.check_open()?;
+        let memory = lock(&self.inner.memory);
+        PyBytes::new_with(py, n, |buf| Ok(memory.read(gpa, buf)?))
+    }
+
+    /// Writes a bytes-like object to guest physical memory at `gpa`.
+    fn write(&self, gpa: u64, data: &Bound<'_, PyAny>) -> PyResult<()> {
+        self.inner.check_open()?;
+        let data = bytes_arg(data)?;
+        lock(&self.inner.memory).write(gpa, &data)?;
+        Ok(())
+    }
+
+    /// Creates a vCPU. `id` defaults to the lowest id not in use. The vCPU gets the host's
+    /// supported CPUID (with the hypervisor bit and its APIC id set).
+    #[pyo3(signature = (id=None))]
+    fn create_vcpu(&self, id: Option<u64>) -> PyResult<Vcpu> {
+        let inner = &self.inner;
+        inner.check_open()?;
+        let mut vcpus = lock(&inner.vcpus);
+        vcpus.retain(|v| v.strong_count() > 0);
+        let used: Vec<u64> = vcpus
+            .iter()
+            .filter_map(Weak::upgrade)
+            .map(|v| v.id)
+            .collect();
+        let id = match id {
+            Some(id) if used.contains(&id) => {
+                return Err(PyValueError::new_err(format!(
+                    "a vCPU with id {id} already exists"
+                )))
+            }
+            Some(id) => id,
+            None => (0..).find(|i| !used.contains(i)).unwrap_or(0),
+        };
+        let max_id = inner.kvm.get_max_vcpu_id() as u64;
+        if id >= max_id {
+            return Err(PyValueError::new_err(format!(
+                "vCPU id {id} is out of range (max {})",
+                max_id - 1
+            )));
+        }
+        if used.len() >= inner.kvm.get_max_vcpus() {
+            return Err(PyValueError::new_err(format!(
+                "this VM already has the maximum of {} vCPUs",
+                inner.kvm.get_max_vcpus()
+            )));
+        }
+        let fd = inner.with_fd(|fd| {
+            fd.create_vcpu(id)
+                .map_err(|e| Error::ioctl("KVM_CREATE_VCPU", e))
+        })?;
+        let cpuid = kvm::cpuid_for_vcpu(&inner.kvm, id)?;
+        fd.set_cpuid2(&cpuid)
+            .map_err(|e| Error::ioctl("KVM_SET_CPUID2", e))?;
+        let vcpu = Arc::new(VcpuInner::new(id, Arc::clone(inner), fd));
+        vcpus.push(Arc::downgrade(&vcpu));
+        Ok(Vcpu { inner: vcpu })
+    }
+
+    /// Registers `handler` for port I/O on `ports` (an int or a `range`). Without
+    /// `handler`, returns a decorator. The handler gets an `IoExit`; for an IN it returns
+    /// the value the guest reads (an int, or bytes of the access size), for an OUT it
+    /// returns None. Returns the handler.
+    #[pyo3(signature = (ports, handler=None))]
+    fn on_io<'py>(
+        slf: &Bound<'py, Self>,
+        ports: &Bound<'py, PyAny>,
+        handler: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let py = slf.py();
+        let range = port_range(ports)?;
+        match handler {
+            Some(h) => {
+                check_callable(h)?;
+                slf.get()
+                    .register_io(py, range, Handler::Python(h.clone().unbind()))?;
+                Ok(h.clone())
+            }
+            None => {
+                let vm = slf.clone().unbind();
+                Self::decorator(py, move |f| {
+                    vm.get()
+                        .register_io(f.py(), range, Handler::Python(f.clone().unbind()))
+                })
+            }
+        }
+    }
+
+    /// Registers `handler` for MMIO accesses to `[address, address + size)`, which must not
+    /// overlap RAM. Without `handler`, returns a decorator. The handler gets an `MmioExit`;
+    /// for a read it returns the data (an int, or bytes of the access size).
+    #[pyo3(signature = (address, size, handler=None))]
+    fn on_mmio<'py>(
+        slf: &Bound<'py, Self>,
+        address: u64,
+        size: u64,
+        handler: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let py = slf.py();
+        match handler {
+            Some(h) => {
+                check_callable(h)?;
+                slf.get()
+                    .register_mmio(py, address, size, Handler::Python(h.clone().unbind()))?;
+                Ok(h.clone())
+            }
+            None => {
+                let vm = slf.clone().unbind();
+                Self::decorator(py, move |f| {
+                    vm.get().register_mmio(
+                        f.py(),
+                        address,
+                        size,
+                        Handler::Python(f.clone().unbind()),
+                    )
+                })
+            }
+        }
+    }
+
+    /// Registers `handler` for HLT exits (it returns None to resume the guest after the
+    /// `hlt`, or calls `exit.stop()`). Without `handler`, returns a decorator. Without an
+    /// HLT handler, `run()` returns on HLT.
+    #[pyo3(signature = (handler=None))]
+    fn on_hlt<'py>(
+        slf: &Bound<'py, Self>,
+        handler: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let py = slf.py();
+        let register = |vm: &Vm, f: &Bound<'_, PyAny>| -> PyResult<()> {
+            vm.inner.check_open()?;
+            let table = vm
+                .inner
+                .handlers()
+                .with_hlt(f.py(), Some(f.clone().unbind()));
+            vm.inner.set_handlers(table);
+            Ok(())
+        };
+        match handler {
+            Some(h) => {
+                check_callable(h)?;
+                register(slf.get(), h)?;
+                Ok(h.clone())
+            }
+            None => {
+                let vm = slf.clone().unbind();
+                Self::decorator(py, move |f| register(vm.get(), f))
+            }
+        }
+    }
+
+    /// Removes every registration of `handler` (a function, a `Console` or an `ExitPort`).
+    /// Returns how many were removed; raises `ValueError` if there were none.
+    fn remove_handler(&self, py: Python<'_>, handler: &Bound<'_, PyAny>) -> PyResult<usize> {
+        let (table, removed) = self.inner.handlers().without(py, handler);
+        if removed == 0 {
+            return Err(PyValueError::new_err(format!(
+                "{} is not registered with this VM",
+                handler.repr()?
+            )));
+        }
+        self.inner.set_handlers(table);
+        Ok(removed)
+    }
+
+    /// Adds a console on `port`, handled natively: OUT bytes are collected (read them with
+    /// `console.output()`), with no Python call per byte. Keeps the last `limit` bytes.
+    #[pyo3(signature = (port=0x3f8, *, limit=1 << 20))]
+    fn add_console(&self, py: Python<'_>, port: i64, limit: usize) -> PyResult<Console> {
+        if limit == 0 {
+            return Err(PyValueError::new_err("console limit must be positive"));
+        }
+        let port = single_port(port)?;
+        let dev = Arc::new(ConsoleDev::new(port, limit));
+        self.register_io(
+            py,
+            (port, u32::from(port) + 1),
+            Handler::Console(Arc::clone(&dev)),
+        )?;
+        Ok(Console { dev })
+    }
+
+    /// Adds an exit port: a guest OUT to `port` ends `run()` with a `GuestExit` whose
+    /// `reason` is `"exit"` and `code` the value written.
+    fn add_exit_port(&self, py: Python<'_>, port: i64) -> PyResult<ExitPort> {
+        let port = single_port(port)?;
+        let dev = Arc::new(ExitPortDev { port });
+        self.register_io(
+            py,
+            (port, u32::from(port) + 1),
+            Handler::ExitPort(Arc::clone(&dev)),
+        )?;
+        Ok(ExitPort { dev })
+    }
+
+    /// The VM's vCPUs, by creation order.
+    #[getter]
+    fn vcpus(&self) -> Vec<Vcpu> {
+        self.inner
+            .live_vcpus()
+            .into_iter()
+            .map(|inner| Vcpu { inner })
+            .collect()
+    }
+
+    /// Whether `close()` was called.
+    #[getter]
+    fn closed(&self) -> bool {
+        self.inner.is_closed()
+    }
+
+    /// Stops running vCPUs, closes the VM's and vCPUs' fds and detaches memory regions.
+    /// Idempotent. Raises `VcpuBusyError` when called from a handler of this VM's own
+    /// vCPU (stop the run with `exit.stop()` and close after `run()` returns).
+    fn close(&self, py: Python<'_>) -> PyResult<()> {
+        let inner = &self.inner;
+        let vcpus = inner.live_vcpus();
+        // SAFETY: gettid has no preconditions.
+        let me = unsafe { libc::gettid() };
+        if let Some(v) = vcpus.iter().find(|v| v.runner() == Some(me)) {
+            return Err(Error::Busy(format!(
+                "cannot close the VM from a handler of its own vCPU {}; call exit.stop() and close \
+                 it after run() returns",
+                v.id
+            ))
+            .into());
+        }
+        if inner.closed.swap(true, Ordering::SeqCst) {
+            return Ok(());
+        }
+        py.detach(|| {
+            for v in &vcpus {
+                v.close();
+            }
+        });
+        lock(&inner.fd).take();
+        lock(&inner.memory).clear();
+        inner.set_handlers(HandlerTable::default());
+        Ok(())
+    }
+
+    fn __enter__(slf: Py<Self>) -> Py<Self> {
+        slf
+    }
+
+    #[pyo3(signature = (*_args))]
+    fn __exit__(&self, py: Python<'_>, _args: &Bound<'_, PyTuple>) -> PyResult<bool> {
+        self.close(py)?;
+        Ok(false)
+    }
+
+    fn __repr__(&self) -> String {
+        let memory = lock(&self.inner.memory);
+        format!(
+            "Vm(regions={}, vcpus={}{})",
+            memory.regions().len(),
+            self.inner.live_vcpus().len(),
+            if self.inner.is_closed() {
+                ", closed"
+            } else {
+                ""
+            }
+        )
+    }
+
+    fn __traverse__(&self, visit: PyVisit<'_>) -> std::result::Result<(), PyTraverseError> {
+        // Handlers often close over the VM itself; let the garbage collector see them.
+        let Ok(table) = self.inner.handlers.try_read() else {
+            return Ok(());
+        };
+        table.visit(|obj| visit.call(obj))
+    }
+
+    fn __clear__(&self) {
+        self.inner.set_handlers(HandlerTable::default());
+    }
+}
