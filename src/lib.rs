@@ -2,6 +2,7 @@
 //!
 //! This file only assembles the module; each concern lives in its own file.
 
+mod arch;
 mod devices;
 mod dispatch;
 mod error;

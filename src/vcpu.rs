@@ -15,6 +15,7 @@ use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
 
+use crate::arch::x86_64 as x86;
 use crate::dispatch::Handler;
 use crate::error::{Error, Result};
 use crate::exit::{self, Data, Exit, IoRaw, RunExit};
@@ -566,6 +567,69 @@ impl Vcpu {
         fd.set_sregs(&sregs.to_kvm())
             .map_err(|e| Error::ioctl("KVM_SET_SREGS", e))?;
         Ok(())
+    }
+
+    /// Puts the vCPU in 16-bit real mode with `CS = cs` (base `cs * 16`) and `IP = ip`;
+    /// the data and stack segments are set to 0.
+    #[pyo3(signature = (*, cs=0, ip=0))]
+    fn setup_real_mode(&self, cs: u16, ip: u16) -> PyResult<()> {
+        Ok(self.inner.with_fd(|fd| {
+            let mut s = fd
+                .get_sregs()
+                .map_err(|e| Error::ioctl("KVM_GET_SREGS", e))?;
+            let seg = |selector: u16, type_: u8| kvm_bindings::kvm_segment {
+                base: u64::from(selector) << 4,
+                limit: 0xffff,
+                selector,
+                type_,
+                present: 1,
+                s: 1,
+                ..Default::default()
+            };
+            s.cs = seg(cs, 0xb);
+            for d in [&mut s.ds, &mut s.es, &mut s.fs, &mut s.gs, &mut s.ss] {
+                *d = seg(0, 0x3);
+            }
+            s.cr0 &= !(x86::CR0_PE | x86::CR0_PG);
+            s.efer &= !(x86::EFER_LME | x86::EFER_LMA);
+            fd.set_sregs(&s)
+                .map_err(|e| Error::ioctl("KVM_SET_SREGS", e))?;
+            let mut r = fd.get_regs().map_err(|e| Error::ioctl("KVM_GET_REGS", e))?;
+            r.rip = u64::from(ip);
+            r.rflags = x86::RFLAGS_RESERVED;
+            fd.set_regs(&r).map_err(|e| Error::ioctl("KVM_SET_REGS", e))
+        })?)
+    }
+
+    /// Puts the vCPU in 64-bit long mode with paging, at CPL3 (`user=True`, with IOPL=3
+    /// so `in`/`out` exit to the host) or CPL0.
+    ///
+    /// Writes, at guest physical `tables_addr` (page aligned, in RAM): a GDT at
+    /// `tables_addr`, a TSS whose I/O bitmap allows every port at `+0x1000`, and page
+    /// tables identity-mapping the first `map_gib` GiB with 2 MiB pages (PML4 at
+    /// `+0x4000`, PDPT at `+0x5000`, page directories from `+0x6000`), in all
+    /// `0x6000 + map_gib * 0x1000` bytes. Sets the segments, CR0/CR3/CR4/EFER and
+    /// RFLAGS; the caller sets `rip` (and `rsp` if the guest uses a stack).
+    #[pyo3(signature = (*, user=true, tables_addr=0x1000, map_gib=1))]
+    fn setup_long_mode(&self, user: bool, tables_addr: u64, map_gib: u64) -> PyResult<()> {
+        let layout = x86::LongModeLayout::at(tables_addr, map_gib).map_err(Error::Value)?;
+        let vm = &self.inner.vm;
+        vm.write_memory(layout.gdt, &x86::gdt::table_bytes(layout.tss))?;
+        vm.write_memory(layout.tss, &x86::gdt::tss_bytes())?;
+        for (gpa, page) in x86::paging::identity_map(&layout) {
+            vm.write_memory(gpa, &page)?;
+        }
+        Ok(self.inner.with_fd(|fd| {
+            let s = fd
+                .get_sregs()
+                .map_err(|e| Error::ioctl("KVM_GET_SREGS", e))?;
+            let s = x86::long_mode_sregs(&s, &layout, user);
+            fd.set_sregs(&s)
+                .map_err(|e| Error::ioctl("KVM_SET_SREGS", e))?;
+            let mut r = fd.get_regs().map_err(|e| Error::ioctl("KVM_GET_REGS", e))?;
+            r.rflags = x86::long_mode_rflags(user);
+            fd.set_regs(&r).map_err(|e| Error::ioctl("KVM_SET_REGS", e))
+        })?)
     }
 
     /// Runs the vCPU until an exit no handler takes, a handler stops it, the guest writes

@@ -70,6 +70,12 @@ impl VmInner {
         })
     }
 
+    /// Writes guest physical memory.
+    pub fn write_memory(&self, gpa: u64, data: &[u8]) -> Result<()> {
+        self.check_open()?;
+        lock(&self.memory).write(gpa, data)
+    }
+
     fn live_vcpus(&self) -> Vec<Arc<VcpuInner>> {
         lock(&self.vcpus).iter().filter_map(Weak::upgrade).collect()
     }

@@ -1,0 +1,3 @@
+//! Architecture helpers: pure functions, unit-tested without KVM.
+
+pub mod x86_64;
