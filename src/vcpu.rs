@@ -39,6 +39,15 @@ pub struct VcpuInner {
     pub kicker: Kicker,
     exits: AtomicU64,
     python_calls: AtomicU64,
+    /// The IN or MMIO read that `run()` returned unanswered, until the next run.
+    pending_read: Mutex<Option<PendingRead>>,
+}
+
+/// A read exit returned to the caller, waiting for `respond()`.
+#[derive(Clone, Copy)]
+enum PendingRead {
+    Io { io: IoRaw, index: u32 },
+    Mmio { addr: u64, size: u8 },
 }
 
 /// How a run ended.
@@ -83,6 +92,7 @@ impl VcpuInner {
             kicker: Kicker::default(),
             exits: AtomicU64::new(0),
             python_calls: AtomicU64::new(0),
+            pending_read: Mutex::new(None),
         }
     }
 
@@ -166,6 +176,7 @@ impl VcpuInner {
         };
         fd.set_kvm_immediate_exit(0);
         let _registration = Registration::new(&self.kicker, fd.get_kvm_run());
+        self.set_pending(None);
         self.kicker.take_stop();
         let timer = match deadline.map(Deadline::arm).transpose() {
             Ok(t) => t,
@@ -261,7 +272,12 @@ impl VcpuInner {
                         stopped = answer.stopped;
                     }
                 }
-                None => return Ok(Some(Outcome::Exit(access))),
+                None => {
+                    if !io.is_write {
+                        self.set_pending(Some(PendingRead::Io { io, index: i }));
+                    }
+                    return Ok(Some(Outcome::Exit(access)));
+                }
             }
         }
         match stopped {
@@ -289,10 +305,10 @@ impl VcpuInner {
                 ..
             } => {
                 let table = self.vm.handlers();
-                let Some((handler, _start)) = table.mmio(addr) else {
-                    return Ok(Some(Outcome::Exit(exit)));
-                };
-                let Handler::Python(f) = handler else {
+                let Some((Handler::Python(f), _start)) = table.mmio(addr) else {
+                    if !is_write {
+                        self.set_pending(Some(PendingRead::Mmio { addr, size }));
+                    }
                     return Ok(Some(Outcome::Exit(exit)));
                 };
                 let answer = self.call_python(guard, f, &exit, size)?;
@@ -358,7 +374,12 @@ impl VcpuInner {
                 if ret.is_none() && stopped.is_some() {
                     None
                 } else {
-                    Some(answer_data(ret, size, exit, f.bind(py))?)
+                    Some(answer_data(
+                        ret,
+                        size,
+                        exit,
+                        &format!("handler {}", describe(f.bind(py))),
+                    )?)
                 }
             } else {
                 if !ret.is_none() {
@@ -375,6 +396,10 @@ impl VcpuInner {
         });
         *guard = Some(self.lock_run_fd());
         result
+    }
+
+    fn set_pending(&self, pending: Option<PendingRead>) {
+        *self.pending_read.lock().unwrap_or_else(|e| e.into_inner()) = pending;
     }
 
     pub fn stats(&self) -> (u64, u64) {
@@ -437,19 +462,13 @@ fn describe_exit(exit: &Exit) -> String {
 }
 
 /// Converts a read handler's return value into `size` bytes of data.
-fn answer_data(
-    ret: &Bound<'_, PyAny>,
-    size: u8,
-    exit: &Exit,
-    f: &Bound<'_, PyAny>,
-) -> PyResult<Data> {
+fn answer_data(ret: &Bound<'_, PyAny>, size: u8, exit: &Exit, who: &str) -> PyResult<Data> {
     let size = size as usize;
     if let Ok(b) = ret.cast::<PyBytes>() {
         let bytes = b.as_bytes();
         if bytes.len() != size {
             return Err(PyValueError::new_err(format!(
-                "handler {} returned {} bytes for {}; it must return exactly {size}",
-                describe(f),
+                "{who} returned {} bytes for {}; it must return exactly {size}",
                 bytes.len(),
                 describe_exit(exit)
             )));
@@ -467,8 +486,7 @@ fn answer_data(
         };
         if !fits {
             return Err(PyValueError::new_err(format!(
-                "handler {} returned {} for {}, which does not fit in {size} byte(s)",
-                describe(f),
+                "{who} returned {} for {}, which does not fit in {size} byte(s)",
                 ret,
                 describe_exit(exit)
             )));
@@ -479,8 +497,7 @@ fn answer_data(
         return Ok(Data::new(&v.to_le_bytes()[..size]));
     }
     Err(PyTypeError::new_err(format!(
-        "handler {} returned {} for {}; it must return an int or {size} bytes",
-        describe(f),
+        "{who} returned {} for {}; it must return an int or {size} bytes",
         type_name(ret),
         describe_exit(exit)
     )))
@@ -660,6 +677,56 @@ impl Vcpu {
             Outcome::Stopped(obj) => Ok(obj),
             Outcome::Error(e) => Err(e),
         }
+    }
+
+    /// Answers the IN or MMIO read that the last `run()` returned because no handler took
+    /// it: `value` (an int, or bytes of the access size) is what the guest reads when it
+    /// runs again. Without an answer the guest reads zeros.
+    fn respond(&self, value: &Bound<'_, PyAny>) -> PyResult<()> {
+        let mut guard = self.inner.lock_fd()?;
+        let fd = guard.as_mut().ok_or(Error::Closed("vCPU"))?;
+        let mut pending = self
+            .inner
+            .pending_read
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let Some(read) = *pending else {
+            return Err(Error::Value(
+                "no IN or MMIO read is waiting for data (respond() answers the exit the last run() returned)"
+                    .into(),
+            )
+            .into());
+        };
+        let (size, exit) = match read {
+            PendingRead::Io { io, .. } => (
+                io.size,
+                Exit::Io {
+                    port: io.port,
+                    size: io.size,
+                    count: io.count,
+                    is_write: false,
+                    data: Data::default(),
+                },
+            ),
+            PendingRead::Mmio { addr, size } => (
+                size,
+                Exit::Mmio {
+                    addr,
+                    size,
+                    is_write: false,
+                    data: Data::default(),
+                },
+            ),
+        };
+        let data = answer_data(value, size, &exit, "respond()")?;
+        match read {
+            PendingRead::Io { io, index } => {
+                exit::io_element(fd, io, index).copy_from_slice(data.as_slice())
+            }
+            PendingRead::Mmio { .. } => exit::mmio_data(fd).copy_from_slice(data.as_slice()),
+        }
+        *pending = None;
+        Ok(())
     }
 
     /// Asks a running vCPU to stop: its `run()` returns an exit with reason `"stopped"`.
