@@ -7,8 +7,9 @@ import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import kvmpy
 import pytest
+
+import kvmpy
 
 from .support import GUESTS
 

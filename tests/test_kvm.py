@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import kvmpy
 import pytest
+
+import kvmpy
 
 pytestmark = pytest.mark.kvm
 

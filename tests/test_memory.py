@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import gc
 
-import kvmpy
 import pytest
+
+import kvmpy
 
 from .support import REAL_LOAD, real_mode_vm
 
@@ -14,7 +15,12 @@ pytestmark = pytest.mark.kvm
 
 def test_region_attributes_and_access(vm: kvmpy.Vm) -> None:
     ram = vm.add_memory(0x100000, 0x20000)
-    assert (ram.guest_addr, ram.size, ram.readonly, ram.dirty_log) == (0x100000, 0x20000, False, False)
+    assert (ram.guest_addr, ram.size, ram.readonly, ram.dirty_log) == (
+        0x100000,
+        0x20000,
+        False,
+        False,
+    )
     assert ram.attached and len(ram) == 0x20000
     assert isinstance(ram.slot, int)
     ram.write(0x10, b"hello")
@@ -53,7 +59,7 @@ def test_negative_arguments_are_rejected(vm: kvmpy.Vm) -> None:
 
 def test_overlapping_regions_are_rejected(vm: kvmpy.Vm) -> None:
     vm.add_memory(0x10000, 0x10000)
-    for addr, size in [(0x10000, 0x1000), (0x8000, 0x9000), (0x1f000, 0x2000), (0, 0x100000)]:
+    for addr, size in [(0x10000, 0x1000), (0x8000, 0x9000), (0x1F000, 0x2000), (0, 0x100000)]:
         with pytest.raises(kvmpy.GuestMemoryError, match="overlaps"):
             vm.add_memory(addr, size)
     # Adjacent is fine.
@@ -65,7 +71,7 @@ def test_overlapping_regions_are_rejected(vm: kvmpy.Vm) -> None:
 def test_region_accesses_out_of_bounds(vm: kvmpy.Vm) -> None:
     ram = vm.add_memory(0, 0x2000)
     with pytest.raises(kvmpy.GuestMemoryError, match="outside the region"):
-        ram.read(0x1fff, 2)
+        ram.read(0x1FFF, 2)
     with pytest.raises(kvmpy.GuestMemoryError, match="outside the region"):
         ram.write(0x2000, b"x")
     with pytest.raises(kvmpy.GuestMemoryError):

@@ -81,8 +81,10 @@ def demo(iterations: int) -> int:
     print(f"\n2. A 64-bit user-mode guest prints, then runs {iterations:,} loop iterations:")
     output, result, elapsed = run_user_mode_hello(iterations)
     print("   " + output.rstrip("\n"))
-    print(f"   result {result:#018x} in {elapsed * 1e3:.1f} ms "
-          f"({iterations / elapsed / 1e6:,.0f} M iterations/s)")
+    print(
+        f"   result {result:#018x} in {elapsed * 1e3:.1f} ms "
+        f"({iterations / elapsed / 1e6:,.0f} M iterations/s)"
+    )
     expected = lcg(iterations)
     if expected != result:
         print(f"   MISMATCH: Python computes {expected:#018x}")
@@ -95,7 +97,8 @@ def demo(iterations: int) -> int:
 def _nested() -> str:
     try:
         flags = next(
-            line for line in open("/proc/cpuinfo", encoding="ascii", errors="replace")
+            line
+            for line in open("/proc/cpuinfo", encoding="ascii", errors="replace")
             if line.startswith("flags")
         )
     except (OSError, StopIteration):
@@ -137,8 +140,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kvmpy", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="run the demo guests")
-    d.add_argument("--iterations", type=int, default=100_000_000,
-                   help="loop iterations of the 64-bit guest (default 1e8)")
+    d.add_argument(
+        "--iterations",
+        type=int,
+        default=100_000_000,
+        help="loop iterations of the 64-bit guest (default 1e8)",
+    )
     sub.add_parser("info", help="describe this host's KVM")
     args = parser.parse_args(argv)
     if args.command == "info":
