@@ -27,8 +27,16 @@ pub struct VmInner {
     fd: Mutex<Option<VmFd>>,
     memory: Mutex<MemoryMap>,
     handlers: RwLock<Arc<HandlerTable>>,
-    vcpus: Mutex<Vec<Weak<VcpuInner>>>,
+    vcpus: Mutex<Vcpus>,
     closed: AtomicBool,
+}
+
+/// The VM's vCPUs. KVM keeps a vCPU until the VM is destroyed, so its id stays taken even
+/// after its Python object is gone.
+#[derive(Default)]
+struct Vcpus {
+    ids: Vec<u64>,
+    live: Vec<Weak<VcpuInner>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -77,7 +85,7 @@ impl VmInner {
     }
 
     fn live_vcpus(&self) -> Vec<Arc<VcpuInner>> {
-        lock(&self.vcpus).iter().filter_map(Weak::upgrade).collect()
+        lock(&self.vcpus).live.iter().filter_map(Weak::upgrade).collect()
     }
 }
 
@@ -209,7 +217,7 @@ impl Vm {
                 fd: Mutex::new(Some(fd)),
                 memory: Mutex::new(MemoryMap::default()),
                 handlers: RwLock::new(Arc::new(HandlerTable::default())),
-                vcpus: Mutex::new(Vec::new()),
+                vcpus: Mutex::new(Vcpus::default()),
                 closed: AtomicBool::new(false),
             }),
         })
@@ -300,12 +308,8 @@ impl Vm {
         let inner = &self.inner;
         inner.check_open()?;
         let mut vcpus = lock(&inner.vcpus);
-        vcpus.retain(|v| v.strong_count() > 0);
-        let used: Vec<u64> = vcpus
-            .iter()
-            .filter_map(Weak::upgrade)
-            .map(|v| v.id)
-            .collect();
+        vcpus.live.retain(|v| v.strong_count() > 0);
+        let used = vcpus.ids.clone();
         let id = match id {
             Some(id) if used.contains(&id) => {
                 return Err(PyValueError::new_err(format!(
@@ -336,7 +340,8 @@ impl Vm {
         fd.set_cpuid2(&cpuid)
             .map_err(|e| Error::ioctl("KVM_SET_CPUID2", e))?;
         let vcpu = Arc::new(VcpuInner::new(id, Arc::clone(inner), fd));
-        vcpus.push(Arc::downgrade(&vcpu));
+        vcpus.ids.push(id);
+        vcpus.live.push(Arc::downgrade(&vcpu));
         Ok(Vcpu { inner: vcpu })
     }
 
