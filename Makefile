@@ -1,0 +1,33 @@
+# Developer shortcuts. CI runs .ci/run.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: dev test lint guests bench clean
+
+$(PY):
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q maturin pytest mypy ruff
+
+dev: $(PY)
+	. $(VENV)/bin/activate && maturin develop -q --release
+
+test: dev guests
+	$(PY) -m pytest
+
+lint: $(PY)
+	cargo fmt --check
+	cargo clippy --all-targets -- -D warnings
+	$(PY) -m ruff check python tests benchmarks
+	$(PY) -m ruff format --check python tests benchmarks
+	$(PY) -m mypy
+	$(PY) -m mypy.stubtest kvmpy._native
+
+guests:
+	$(MAKE) -C guests
+
+bench: dev guests
+	$(PY) -m benchmarks
+
+clean:
+	$(MAKE) -C guests clean
+	cargo clean

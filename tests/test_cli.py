@@ -1,0 +1,80 @@
+"""`python -m kvmpy`, the shipped demo guests, and the README's examples."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kvmpy.__main__ import lcg
+
+from .support import GUESTS, ROOT
+
+
+def run_module(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "kvmpy", *args], capture_output=True, text=True, timeout=120
+    )
+
+
+@pytest.mark.kvm
+def test_demo_runs_both_guests() -> None:
+    proc = run_module("demo", "--iterations", "123457")
+    assert proc.returncode == 0, proc.stderr
+    assert "Hello from a KVM guest!" in proc.stdout
+    assert "Hello from 64-bit user mode!" in proc.stdout
+    assert f"result {lcg(123457):#018x}" in proc.stdout
+    assert "matches" in proc.stdout
+
+
+@pytest.mark.kvm
+def test_info_describes_kvm() -> None:
+    proc = run_module("info")
+    assert proc.returncode == 0, proc.stderr
+    assert "KVM API version: 12" in proc.stdout
+    assert re.search(r"capabilities: .*user_memory", proc.stdout)
+
+
+def test_bad_command_line() -> None:
+    assert run_module().returncode == 2
+    assert run_module("demo", "--iterations", "-1").returncode == 2
+
+
+def test_lcg_jump_ahead_matches_the_plain_loop() -> None:
+    x = 0
+    for i in range(200):
+        assert lcg(i) == x
+        x = (x * 6364136223846793005 + 1442695040888963407) % 2**64
+
+
+def test_shipped_guests_match_their_sources(guest_dir: Path) -> None:
+    shipped = ROOT / "python" / "kvmpy" / "guests"
+    names = sorted(p.name for p in shipped.glob("*.bin"))
+    assert names == ["hello64.bin", "hello_real.bin"]
+    for name in names:
+        assert (shipped / name).read_bytes() == (guest_dir / name).read_bytes(), (
+            f"{name} is stale: run `make -C guests install`"
+        )
+    assert (GUESTS / "Makefile").exists()
+
+
+def readme_examples() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    return re.findall(r"```python\n(.*?)```", text, flags=re.S)
+
+
+@pytest.mark.kvm
+@pytest.mark.parametrize("index", range(len(readme_examples())))
+def test_readme_examples_run(index: int) -> None:
+    code = readme_examples()[index]
+    namespace: dict[str, object] = {"__name__": "readme_example"}
+    exec(compile(code, f"README.md example {index + 1}", "exec"), namespace)
+
+
+def test_readme_has_its_examples_and_two_commands() -> None:
+    assert len(readme_examples()) >= 3
+    text = (ROOT / "README.md").read_text()
+    assert "python -m kvmpy demo" in text and "python -m pytest" in text

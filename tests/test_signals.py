@@ -1,0 +1,78 @@
+"""Ctrl-C during run(), and exits the host's KVM produces only in some modes."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+import kvmpy
+
+from .support import ROOT
+
+pytestmark = pytest.mark.kvm
+
+SCRIPT = textwrap.dedent(
+    """
+    import sys, kvmpy
+    vm = kvmpy.Vm()
+    ram = vm.add_memory(0, 2 << 20)
+    ram.write(0x10000, bytes([0xEB, 0xFE]))  # jmp $
+    cpu = vm.create_vcpu()
+    cpu.setup_long_mode(user=True)
+    cpu.set_regs(rip=0x10000)
+    print("running", flush=True)
+    try:
+        cpu.run(timeout=60)
+    except KeyboardInterrupt:
+        print("interrupted", cpu.regs.rip == 0x10000, flush=True)
+        vm.close()
+        sys.exit(3)
+    print("not interrupted", flush=True)
+    """
+)
+
+
+def test_ctrl_c_stops_the_guest_and_raises_keyboard_interrupt() -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SCRIPT],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "running"
+    time.sleep(0.2)  # let it enter the guest
+    start = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert time.monotonic() - start < 20
+    assert out.strip() == "interrupted True", err
+    assert proc.returncode == 3
+
+
+def test_emulation_failure_is_an_internal_error_exit() -> None:
+    """`lock cmpxchg16b` at ring 0: on nested (software) KVM the host's instruction
+    emulator cannot run it and reports KVM_EXIT_INTERNAL_ERROR; on bare-metal KVM it runs
+    natively and the guest reaches its `jmp $`, so the run times out."""
+    # lock cmpxchg16b [rip + 0xf7] (the 16-byte aligned 0x10100) ; jmp $
+    code = bytes([0xF0, 0x48, 0x0F, 0xC7, 0x0D, 0xF7, 0x00, 0x00, 0x00, 0xEB, 0xFE])
+    with kvmpy.Vm() as vm:
+        vm.add_memory(0, 2 << 20).write(0x10000, code)
+        cpu = vm.create_vcpu()
+        cpu.setup_long_mode(user=False)
+        cpu.set_regs(rip=0x10000)
+        exit = cpu.run(timeout=2)
+        if exit.reason == "timeout":
+            assert cpu.regs.rip == 0x10009  # ran natively, now in the loop
+            return
+        assert isinstance(exit, kvmpy.InternalErrorExit)
+        assert exit.reason == "internal_error"
+        assert exit.suberror == 1  # KVM_INTERNAL_ERROR_EMULATION
+        assert isinstance(exit.data, list)
+        assert "InternalErrorExit(suberror=1" in repr(exit)
