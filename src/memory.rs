@@ -19,7 +19,8 @@ use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 use vm_memory::{
-    Bytes, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MemoryRegionAddress, MmapRegion,
+    Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestRegionMmap, MemoryRegionAddress,
+    MmapRegion,
 };
 
 use crate::error::{Error, Result};
@@ -200,6 +201,15 @@ impl MemoryMap {
             r.attached.store(false, Ordering::SeqCst);
         }
         self.guest = GuestMemoryMmap::default();
+    }
+
+    /// Fails unless `[gpa, gpa + len)` lies entirely in guest memory.
+    pub fn check(&self, gpa: u64, len: usize) -> Result<()> {
+        if len == 0 || self.guest.check_range(GuestAddress(gpa), len) {
+            Ok(())
+        } else {
+            Err(outside(gpa, len))
+        }
     }
 
     pub fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<()> {

@@ -110,6 +110,8 @@ impl VcpuInner {
                 format!("vCPU {} is already running on another thread", self.id)
             }));
         }
+        // A stop requested before this run began is stale; one requested from now on counts.
+        self.kicker.take_stop();
         *runner = Some(gettid());
         Ok(RunGuard(self))
     }
@@ -177,7 +179,6 @@ impl VcpuInner {
         fd.set_kvm_immediate_exit(0);
         let _registration = Registration::new(&self.kicker, fd.get_kvm_run());
         self.set_pending(None);
-        self.kicker.take_stop();
         let timer = match deadline.map(Deadline::arm).transpose() {
             Ok(t) => t,
             Err(e) => return e.into(),

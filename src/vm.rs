@@ -85,7 +85,11 @@ impl VmInner {
     }
 
     fn live_vcpus(&self) -> Vec<Arc<VcpuInner>> {
-        lock(&self.vcpus).live.iter().filter_map(Weak::upgrade).collect()
+        lock(&self.vcpus)
+            .live
+            .iter()
+            .filter_map(Weak::upgrade)
+            .collect()
     }
 }
 
@@ -290,6 +294,7 @@ impl Vm {
     fn read<'py>(&self, py: Python<'py>, gpa: u64, n: usize) -> PyResult<Bound<'py, PyBytes>> {
         self.inner.check_open()?;
         let memory = lock(&self.inner.memory);
+        memory.check(gpa, n)?;
         PyBytes::new_with(py, n, |buf| Ok(memory.read(gpa, buf)?))
     }
 

@@ -92,6 +92,8 @@ def test_vm_access_spans_regions_but_not_holes(vm: kvmpy.Vm) -> None:
         vm.write(0x5000, b"x")
     with pytest.raises(kvmpy.GuestMemoryError):
         vm.read(2**64 - 1, 8)
+    with pytest.raises(kvmpy.GuestMemoryError):
+        vm.read(0, 2**62)  # refused before anything is allocated
 
 
 def test_memoryview_is_live_guest_memory(vm: kvmpy.Vm) -> None:
