@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import platform
@@ -217,9 +218,7 @@ def machine_info() -> dict[str, Any]:
         [sys.executable, "-m", "kvmpy", "info"], capture_output=True, text=True, check=False
     )
     try:
-        import unicorn
-
-        unicorn_version: str | None = unicorn.__version__
+        unicorn_version: str | None = str(importlib.import_module("unicorn").__version__)
     except ImportError:
         unicorn_version = None
     return {

@@ -163,7 +163,7 @@ def _ioctl(fd: int, request: int, arg: int | ctypes.Structure = 0) -> int:
         try:
             if isinstance(arg, int):
                 return fcntl.ioctl(fd, request, arg)
-            return fcntl.ioctl(fd, request, arg, True)  # type: ignore[call-overload]
+            return int(fcntl.ioctl(fd, request, arg, True))
         except InterruptedError:
             continue
 
@@ -261,8 +261,15 @@ class RawVm:
             | (0x8B << 40)
             | ((TSS_ADDR >> 24) << 56)
         )
-        gdt = [0, 0x00AF9B000000FFFF, 0x00CF93000000FFFF, 0x00AFFB000000FFFF,
-               0x00CFF3000000FFFF, tss_desc, 0]  # fmt: skip
+        gdt = [
+            0,
+            0x00AF9B000000FFFF,
+            0x00CF93000000FFFF,
+            0x00AFFB000000FFFF,
+            0x00CFF3000000FFFF,
+            tss_desc,
+            0,
+        ]
         struct.pack_into("<7Q", mem, GDT_ADDR, *gdt)
         mem[TSS_ADDR : TSS_ADDR + TSS_SIZE] = bytes(TSS_SIZE)
         struct.pack_into("<H", mem, TSS_ADDR + 0x66, 0x68)
@@ -270,10 +277,12 @@ class RawVm:
 
         sregs = KvmSregs()
         _ioctl(self.vcpu_fd, KVM_GET_SREGS, sregs)
-        code = KvmSegment(base=0, limit=0xFFFFFFFF, selector=0x1B, type=0xB, present=1,
-                          dpl=3, db=0, s=1, l=1, g=1)  # fmt: skip
-        data = KvmSegment(base=0, limit=0xFFFFFFFF, selector=0x23, type=0x3, present=1,
-                          dpl=3, db=1, s=1, l=0, g=1)  # fmt: skip
+        code = KvmSegment(
+            base=0, limit=0xFFFFFFFF, selector=0x1B, type=0xB, present=1, dpl=3, db=0, s=1, l=1, g=1
+        )
+        data = KvmSegment(
+            base=0, limit=0xFFFFFFFF, selector=0x23, type=0x3, present=1, dpl=3, db=1, s=1, l=0, g=1
+        )
         sregs.cs = code
         for name in ("ds", "es", "fs", "gs", "ss"):
             setattr(sregs, name, data)
@@ -341,7 +350,7 @@ def regs(k: int) -> float:
         r = KvmRegs()
         start = time.perf_counter()
         for i in range(k):
-            ioctl(fd, KVM_GET_REGS, r, True)  # type: ignore[call-overload]
+            ioctl(fd, KVM_GET_REGS, r, True)
             r.rax = i
-            ioctl(fd, KVM_SET_REGS, r, True)  # type: ignore[call-overload]
+            ioctl(fd, KVM_SET_REGS, r, True)
         return time.perf_counter() - start

@@ -1,0 +1,492 @@
+"""``python -m benchmarks``: kvmpy against the hardware limit and its peers, side by side.
+
+Measures, in one run and interleaved repetition by repetition:
+
+1. exit round trip (guest OUT -> host -> guest): raw C, kvmpy with a Rust device, kvmpy with
+   a Python handler, plain Python on the KVM API, Unicorn with a Python hook;
+2. guest compute (an LCG loop): C without a VM, raw C KVM, kvmpy, Unicorn;
+3. VM creation (VM + 64 MiB + 1 vCPU, then close): raw C, kvmpy, plain Python;
+4. register round trip (read + write the general registers): raw C, kvmpy, plain Python;
+5. multi-vCPU exit throughput with 1 and 2 vCPUs: raw C, kvmpy Rust devices, Python handlers.
+
+Prints a markdown report (median, spread, ratios, targets) and writes every repetition's
+value as JSON. Targets are reported as pass/MISS and never fail the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from datetime import datetime
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from benchmarks import kvmpy_cases, rawpy, unicorn_cases
+from benchmarks.common import (
+    BenchError,
+    RawKvm,
+    compile_raw_kvm,
+    guest_bytes,
+    guest_path,
+    interleave,
+    machine_info,
+)
+from benchmarks.report import (
+    Figure,
+    Headline,
+    Row,
+    Target,
+    figure_json,
+    figure_markdown,
+    headline_markdown,
+    headline_rows,
+)
+
+FIGURES = ("exits", "compute", "create", "regs", "multi")
+DEFAULT_JSON = Path(__file__).resolve().parent / "results.json"
+
+RUST_EXIT_TARGET = Target("ratio", 1.05, "≤ 1.05× raw C")
+PYTHON_EXIT_TARGET = Target("delta", 0.6, "≤ raw C + 0.6 µs")
+CREATE_TARGET = Target("ratio", 1.2, "≤ 1.2× raw C")
+COMPUTE_TARGET = Target("ratio", 1.02, "≤ 1.02× raw C")
+
+
+@dataclass(frozen=True)
+class Config:
+    """Sizes and repetition counts of one run."""
+
+    reps: int
+    """Repetitions of the exit, VM creation and register figures."""
+    warmup: int
+    """Discarded rounds before the measured ones."""
+    exit_n: int
+    """Device exits per counter64 run."""
+    compute_n: int
+    """LCG iterations of compute64 in KVM (and of the C loop without a VM)."""
+    unicorn_compute_n: int
+    """LCG iterations of compute64 under Unicorn (far slower)."""
+    compute_reps: int
+    create_k: int
+    """VMs created per repetition."""
+    regs_k: int
+    """Register round trips per repetition."""
+    multi_n: int
+    """Device exits per vCPU per run in the multi-vCPU figure."""
+    multi_reps: int
+
+
+FULL = Config(
+    reps=11,
+    warmup=1,
+    exit_n=20_000,
+    compute_n=1_000_000_000,
+    unicorn_compute_n=10_000_000,
+    compute_reps=5,
+    create_k=200,
+    regs_k=20_000,
+    multi_n=20_000,
+    multi_reps=7,
+)
+SMOKE = Config(
+    reps=2,
+    warmup=0,
+    exit_n=200,
+    compute_n=1_000_000,
+    unicorn_compute_n=100_000,
+    compute_reps=1,
+    create_k=3,
+    regs_k=200,
+    multi_n=200,
+    multi_reps=1,
+)
+
+
+class Runner:
+    """Runs the figures with one compiled C baseline and the guests."""
+
+    def __init__(self, cfg: Config, raw: RawKvm, unicorn_missing: str | None) -> None:
+        self.cfg = cfg
+        self.raw = raw
+        self.unicorn_missing = unicorn_missing
+        self.counter = guest_bytes("counter64")
+        self.counter_path = guest_path("counter64")
+        self.compute = guest_bytes("compute64")
+        self.compute_path = guest_path("compute64")
+
+    def _skipped_unicorn(self, fig: Figure) -> None:
+        if self.unicorn_missing:
+            fig.notes.append(f"Unicorn rows skipped: {self.unicorn_missing}.")
+
+    def exits(self) -> Figure:
+        """Figure 1: the exit round trip, per exit."""
+        cfg, n, code = self.cfg, self.cfg.exit_n, self.counter
+        per_exit = 1e6 / (n + 1)
+        variants: dict[str, Callable[[], float]] = {
+            "rawc": lambda: self.raw("exits", self.counter_path, n)["seconds"] * per_exit,
+            "rust": lambda: kvmpy_cases.exits(code, n, python=False) * per_exit,
+            "python": lambda: kvmpy_cases.exits(code, n, python=True) * per_exit,
+            "purepy": lambda: rawpy.exits(code, n) * per_exit,
+        }
+        if not self.unicorn_missing:
+            variants["unicorn"] = lambda: unicorn_cases.exits(code, n) * per_exit
+        v = interleave(variants, cfg.reps, cfg.warmup)
+        fig = Figure(
+            "exits",
+            "1. Exit round trip (guest OUT → host → guest)",
+            "µs/exit",
+            f"counter64: {n:,} OUTs to port 0x11 + 1 to the exit port per run, "
+            f"{cfg.reps} runs each (+{cfg.warmup} warm-up), interleaved",
+        )
+        fig.rows = [
+            Row("rawc", "raw C, KVM_RUN loop", v["rawc"], short="raw C"),
+            Row(
+                "rust", "kvmpy, Rust device (console on 0x11)", v["rust"], "rawc", RUST_EXIT_TARGET
+            ),
+            Row(
+                "python",
+                "kvmpy, Python handler (`lambda e: None`)",
+                v["python"],
+                "rawc",
+                PYTHON_EXIT_TARGET,
+            ),
+            Row("purepy", "plain Python, fcntl.ioctl + ctypes", v["purepy"], "rawc"),
+        ]
+        if "unicorn" in v:
+            fig.rows.append(
+                Row(
+                    "unicorn",
+                    "Unicorn, Python OUT hook",
+                    v["unicorn"],
+                    "rawc",
+                    note="emulated: no VM exit",
+                )
+            )
+        diffs = sorted(p - r for p, r in zip(v["python"], v["rust"], strict=True))
+        fig.notes.append(
+            "kvmpy's Python-handler overhead over its Rust device, paired run by run: "
+            f"median {diffs[len(diffs) // 2]:+.2f} µs/exit "
+            f"(min {diffs[0]:+.2f}, max {diffs[-1]:+.2f})."
+        )
+        self._skipped_unicorn(fig)
+        return fig
+
+    def compute_fig(self) -> Figure:
+        """Figure 2: guest compute, per LCG iteration."""
+        cfg, n, un = self.cfg, self.cfg.compute_n, self.cfg.unicorn_compute_n
+        variants: dict[str, Callable[[], float]] = {
+            "native": lambda: self.raw("native", n)["seconds"] * 1e9 / n,
+            "rawc": lambda: self.raw("compute", self.compute_path, n)["seconds"] * 1e9 / n,
+            "kvmpy": lambda: kvmpy_cases.compute(self.compute, n) * 1e9 / n,
+        }
+        if not self.unicorn_missing:
+            variants["unicorn"] = lambda: unicorn_cases.compute(self.compute, un) * 1e9 / un
+        v = interleave(variants, cfg.compute_reps, min(cfg.warmup, 1))
+        fig = Figure(
+            "compute",
+            "2. Guest compute (compute64: imul, add, dec, jnz per iteration)",
+            "ns/iteration",
+            f"N = {n:,} iterations in KVM and natively, {un:,} under Unicorn; "
+            f"{cfg.compute_reps} runs each, interleaved",
+        )
+        fig.rows = [
+            Row("rawc", "raw C, KVM", v["rawc"], short="raw C"),
+            Row("kvmpy", "kvmpy", v["kvmpy"], "rawc", COMPUTE_TARGET),
+            Row("native", "C, same loop on the host (no VM)", v["native"], "rawc"),
+        ]
+        if "unicorn" in v:
+            fig.rows.append(Row("unicorn", "Unicorn", v["unicorn"], "rawc", note=f"N = {un:,}"))
+        self._skipped_unicorn(fig)
+        return fig
+
+    def create(self) -> Figure:
+        """Figure 3: VM creation, per VM."""
+        cfg, k = self.cfg, self.cfg.create_k
+        v = interleave(
+            {
+                "rawc": lambda: self.raw("create", k)["seconds"] * 1e6 / k,
+                "kvmpy": lambda: kvmpy_cases.create(k) * 1e6 / k,
+                "purepy": lambda: rawpy.create(k) * 1e6 / k,
+            },
+            cfg.reps,
+            cfg.warmup,
+        )
+        fig = Figure(
+            "create",
+            "3. VM creation (VM + 64 MiB memory slot + 1 vCPU with CPUID, then close)",
+            "µs/VM",
+            f"{k} VMs created and closed per run, {cfg.reps} runs each, interleaved",
+        )
+        fig.rows = [
+            Row("rawc", "raw C", v["rawc"]),
+            Row(
+                "kvmpy",
+                "kvmpy: `Vm()`, `add_memory`, `create_vcpu`, `close()`",
+                v["kvmpy"],
+                "rawc",
+                CREATE_TARGET,
+            ),
+            Row("purepy", "plain Python, fcntl.ioctl + ctypes", v["purepy"], "rawc"),
+        ]
+        return fig
+
+    def regs(self) -> Figure:
+        """Figure 4: register round trip from Python, per round trip."""
+        cfg, k = self.cfg, self.cfg.regs_k
+        v = interleave(
+            {
+                "rawc": lambda: self.raw("regs", k)["seconds"] * 1e6 / k,
+                "assign": lambda: kvmpy_cases.regs(k, set_regs=False) * 1e6 / k,
+                "set_regs": lambda: kvmpy_cases.regs(k, set_regs=True) * 1e6 / k,
+                "purepy": lambda: rawpy.regs(k) * 1e6 / k,
+            },
+            cfg.reps,
+            cfg.warmup,
+        )
+        fig = Figure(
+            "regs",
+            "4. Register round trip (read all general registers, write them back)",
+            "µs/round trip",
+            f"{k:,} round trips per run, {cfg.reps} runs each, interleaved",
+        )
+        fig.rows = [
+            Row("rawc", "raw C: KVM_GET_REGS + KVM_SET_REGS", v["rawc"], short="raw C"),
+            Row("assign", "kvmpy: `r = cpu.regs; cpu.regs = r` (2 ioctls)", v["assign"], "rawc"),
+            Row(
+                "set_regs",
+                "kvmpy: `cpu.regs` + `cpu.set_regs(rax=…)` (3 ioctls)",
+                v["set_regs"],
+                "rawc",
+            ),
+            Row("purepy", "plain Python: 2 × fcntl.ioctl on a ctypes struct", v["purepy"], "rawc"),
+        ]
+        fig.notes.append(
+            "`cpu.set_regs(**fields)` reads the registers, changes the named ones and writes "
+            "them back, so it costs one KVM_GET_REGS more than `cpu.regs = r`."
+        )
+        return fig
+
+    def multi(self) -> Figure:
+        """Figure 5: exit throughput with 1 and 2 vCPUs (one VM, one thread per vCPU)."""
+        cfg, n, code = self.cfg, self.cfg.multi_n, self.counter
+
+        def raw(vcpus: int) -> float:
+            out = self.raw("multi", self.counter_path, n, vcpus)
+            return float(out["exits"] / out["seconds"])
+
+        def kv(vcpus: int, python: bool) -> float:
+            seconds, exits = kvmpy_cases.multi(code, n, vcpus, python=python)
+            return exits / seconds
+
+        variants: dict[str, Callable[[], float]] = {}
+        for vcpus in (1, 2):
+            variants[f"rawc{vcpus}"] = partial(raw, vcpus)
+            variants[f"rust{vcpus}"] = partial(kv, vcpus, False)
+            variants[f"python{vcpus}"] = partial(kv, vcpus, True)
+        v = interleave(variants, cfg.multi_reps, min(cfg.warmup, 1))
+        fig = Figure(
+            "multi",
+            "5. Multi-vCPU exit throughput (one VM, one thread per vCPU, all exits summed)",
+            "exits/s",
+            f"counter64 with {n:,} device exits per vCPU, {cfg.multi_reps} runs each, interleaved",
+            higher_is_better=True,
+        )
+        for vcpus in (1, 2):
+            fig.rows += [
+                Row(f"rawc{vcpus}", f"raw C, {vcpus} vCPU", v[f"rawc{vcpus}"], short="raw C"),
+                Row(
+                    f"rust{vcpus}",
+                    f"kvmpy, Rust device, {vcpus} vCPU",
+                    v[f"rust{vcpus}"],
+                    f"rawc{vcpus}",
+                ),
+                Row(
+                    f"python{vcpus}",
+                    f"kvmpy, Python handler, {vcpus} vCPU",
+                    v[f"python{vcpus}"],
+                    f"rawc{vcpus}",
+                ),
+            ]
+        scaling = []
+        for name, key in (("raw C", "rawc"), ("kvmpy Rust", "rust"), ("kvmpy Python", "python")):
+            one, two = fig.row(f"{key}1"), fig.row(f"{key}2")
+            assert one is not None and two is not None
+            scaling.append(f"{name} {two.summary.median / one.summary.median:.2f}×")
+        fig.notes.append("Scaling, 2 vCPUs ÷ 1 vCPU (median throughput): " + ", ".join(scaling))
+        fig.notes.append("The ratio column is throughput ÷ raw C with as many vCPUs.")
+        return fig
+
+
+HEADLINES = [
+    Headline("Exit, Rust device: kvmpy ÷ raw C", "exits", "rust", "rawc", RUST_EXIT_TARGET),
+    Headline("Exit, Python handler: kvmpy ÷ raw C", "exits", "python", "rawc", PYTHON_EXIT_TARGET),
+    Headline("Exit, Python handler: kvmpy ÷ plain Python ioctl loop", "exits", "python", "purepy"),
+    Headline("Exit, Python handler: kvmpy ÷ Unicorn (Python hook)", "exits", "python", "unicorn"),
+    Headline("Compute: kvmpy ÷ raw C", "compute", "kvmpy", "rawc", COMPUTE_TARGET),
+    Headline("Compute: kvmpy ÷ Unicorn (per iteration)", "compute", "kvmpy", "unicorn"),
+    Headline("VM creation: kvmpy ÷ raw C", "create", "kvmpy", "rawc", CREATE_TARGET),
+    Headline("VM creation: kvmpy ÷ plain Python", "create", "kvmpy", "purepy"),
+    Headline("Register round trip: kvmpy ÷ raw C", "regs", "assign", "rawc"),
+    Headline("Register round trip: kvmpy ÷ plain Python", "regs", "assign", "purepy"),
+    Headline("2 vCPUs, Rust devices: kvmpy ÷ raw C (time per exit)", "multi", "rust2", "rawc2"),
+    Headline(
+        "2 vCPUs, Python handlers: kvmpy ÷ raw C (time per exit)", "multi", "python2", "rawc2"
+    ),
+]
+
+
+def machine_markdown(m: dict[str, Any]) -> list[str]:
+    """The machine description as markdown."""
+    nested = "yes (KVM inside a VM: nested)" if m["nested"] else "no (bare metal)"
+    lines = [
+        f"- CPU: {m['cpu']}, {m['cpus']} CPUs; kernel {m['kernel']}; nested: {nested}",
+        f"- kvmpy {m['kvmpy']} ({m['kvmpy_build']} build), Python {m['python']}, "
+        f"Unicorn {m['unicorn'] or 'not installed'}, {m['cc']}",
+        "",
+        "`python -m kvmpy info`:",
+        "",
+        "```",
+        m["kvmpy_info"],
+        "```",
+    ]
+    return lines
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description="kvmpy against raw C KVM, plain Python KVM and Unicorn, interleaved.",
+    )
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny sizes and 1-2 repetitions: proves the runner works (no meaningful timings)",
+    )
+    parser.add_argument(
+        "--json",
+        type=Path,
+        default=DEFAULT_JSON,
+        metavar="FILE",
+        help=f"where to write the results as JSON (default {DEFAULT_JSON})",
+    )
+    parser.add_argument(
+        "--markdown", type=Path, metavar="FILE", help="also write the markdown report to FILE"
+    )
+    parser.add_argument(
+        "--reps",
+        type=int,
+        metavar="N",
+        help="repetitions of every figure (overrides the mode's counts)",
+    )
+    parser.add_argument(
+        "--only", metavar="FIGS", help=f"comma-separated figures to run, of: {','.join(FIGURES)}"
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    cfg = SMOKE if args.smoke else FULL
+    if args.reps is not None:
+        if args.reps < 1:
+            print("benchmarks: --reps must be >= 1", file=sys.stderr)
+            return 2
+        cfg = replace(cfg, reps=args.reps, compute_reps=args.reps, multi_reps=args.reps)
+    figures = FIGURES
+    if args.only:
+        figures = tuple(f.strip() for f in args.only.split(",") if f.strip())
+        unknown = [f for f in figures if f not in FIGURES]
+        if unknown:
+            print(f"benchmarks: unknown figure(s) {unknown}; known: {FIGURES}", file=sys.stderr)
+            return 2
+
+    import kvmpy
+
+    avail = kvmpy.available()
+    if not avail:
+        print(f"benchmarks: KVM is unavailable: {avail.reason}", file=sys.stderr)
+        return 2
+    started = time.monotonic()
+    date = datetime.now().astimezone()
+    command = "python -m benchmarks" + "".join(
+        f" {shlex.quote(a)}" for a in (sys.argv[1:] if argv is None else argv)
+    )
+    try:
+        with tempfile.TemporaryDirectory(prefix="kvmpy-bench-") as tmp:
+            raw = RawKvm(compile_raw_kvm(Path(tmp)))
+            unicorn_missing = unicorn_cases.unavailable()
+            if unicorn_missing:
+                print(f"note: Unicorn rows skipped: {unicorn_missing}", file=sys.stderr)
+            machine = machine_info()
+            if machine["kvmpy_build"] == "debug":
+                print(
+                    "WARNING: kvmpy's native module is a debug build; rebuild with "
+                    "`maturin develop --release` for meaningful timings",
+                    file=sys.stderr,
+                )
+            runner = Runner(cfg, raw, unicorn_missing)
+            steps = {
+                "exits": runner.exits,
+                "compute": runner.compute_fig,
+                "create": runner.create,
+                "regs": runner.regs,
+                "multi": runner.multi,
+            }
+            results: list[Figure] = []
+            for name in figures:
+                t0 = time.monotonic()
+                print(f"[{name}] running...", file=sys.stderr, flush=True)
+                results.append(steps[name]())
+                print(f"[{name}] done in {time.monotonic() - t0:.1f} s", file=sys.stderr)
+    except (BenchError, subprocess.SubprocessError, OSError) as e:
+        print(f"benchmarks: {e}", file=sys.stderr)
+        return 2
+    elapsed = time.monotonic() - started
+
+    headlines = headline_rows(results, HEADLINES)
+    mode = "smoke (timings not meaningful)" if args.smoke else "full"
+    lines = [
+        "## kvmpy benchmarks",
+        "",
+        f"Command: `{command}` ({mode}, {elapsed:.0f} s); "
+        f"date: {date.strftime('%Y-%m-%d %H:%M %Z')}.",
+        "",
+        *machine_markdown(machine)[:2],
+        "",
+        "### Headline: time ratios (< 1: kvmpy faster; > 1: kvmpy slower)",
+        "",
+        *headline_markdown(headlines),
+        "",
+    ]
+    for fig in results:
+        lines += figure_markdown(fig)
+    lines += ["### Machine", "", *machine_markdown(machine), ""]
+    report = "\n".join(lines)
+    print(report)
+    if args.markdown:
+        args.markdown.write_text(report)
+    payload = {
+        "command": command,
+        "date": date.isoformat(),
+        "mode": "smoke" if args.smoke else "full",
+        "seconds": elapsed,
+        "config": asdict(cfg),
+        "machine": machine,
+        "headline": headlines,
+        "figures": [figure_json(f) for f in results],
+    }
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"JSON written to {args.json}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""The kvmpy side of each figure: each function does one repetition and returns seconds."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import kvmpy
+from benchmarks.common import DEVICE_PORT, EXIT_PORT, GUEST_RAM, LOAD_ADDR, BenchError, lcg
+
+
+def _ignore(exit: kvmpy.IoExit) -> None:
+    """A Python handler that does nothing: what remains is the cost of calling it."""
+
+
+def exits(code: bytes, n: int, *, python: bool) -> float:
+    """Seconds to run counter64 with ``n`` device exits (n + 1 exits in all), the device port
+    handled by a Rust device (a console) or, with ``python``, by a Python handler."""
+    with kvmpy.Vm() as vm:
+        ram = vm.add_memory(0, GUEST_RAM)
+        ram.write(LOAD_ADDR, code)
+        vm.add_exit_port(EXIT_PORT)
+        console = None
+        if python:
+            vm.on_io(DEVICE_PORT, _ignore)
+        else:
+            console = vm.add_console(DEVICE_PORT, limit=max(1 << 20, 2 * n))
+        cpu = vm.create_vcpu()
+        cpu.setup_long_mode(user=True)
+        cpu.set_regs(rip=LOAD_ADDR, rdi=n)
+        start = time.perf_counter()
+        ex = cpu.run()
+        elapsed = time.perf_counter() - start
+        stats = cpu.stats()
+        written = len(console.output()) if console is not None else stats["handler_calls"]
+    if ex.reason != "exit" or stats["exits"] != n + 1 or written != n:
+        raise BenchError(f"kvmpy counter64 N={n}: {ex!r}, stats {stats}, {written} writes")
+    return elapsed
+
+
+def compute(code: bytes, n: int) -> float:
+    """Seconds for compute64 with ``n`` LCG iterations (run() call to exit port)."""
+    with kvmpy.Vm() as vm:
+        ram = vm.add_memory(0, GUEST_RAM)
+        ram.write(LOAD_ADDR, code)
+        vm.add_exit_port(EXIT_PORT)
+        vm.add_console(DEVICE_PORT)  # the two result OUTs, handled natively
+        cpu = vm.create_vcpu()
+        cpu.setup_long_mode(user=True)
+        cpu.set_regs(rip=LOAD_ADDR, rdi=n)
+        start = time.perf_counter()
+        ex = cpu.run()
+        elapsed = time.perf_counter() - start
+        result = cpu.regs.rbx
+    if ex.reason != "exit" or result != lcg(n):
+        raise BenchError(f"kvmpy compute64 N={n}: {ex!r}, rbx {result:#x} != {lcg(n):#x}")
+    return elapsed
+
+
+def create(k: int, mem_size: int = 64 << 20) -> float:
+    """Seconds to create and close ``k`` VMs, each with ``mem_size`` bytes of RAM and one
+    vCPU."""
+    start = time.perf_counter()
+    for _ in range(k):
+        vm = kvmpy.Vm()
+        vm.add_memory(0, mem_size)
+        vm.create_vcpu()
+        vm.close()
+    return time.perf_counter() - start
+
+
+def regs(k: int, *, set_regs: bool) -> float:
+    """Seconds for ``k`` register round trips: ``r = cpu.regs`` then ``cpu.regs = r``, or
+    with ``set_regs`` then ``cpu.set_regs(rax=...)`` (which reads the registers again)."""
+    with kvmpy.Vm() as vm:
+        vm.add_memory(0, GUEST_RAM)
+        cpu = vm.create_vcpu()
+        cpu.setup_long_mode(user=True)
+        start = time.perf_counter()
+        if set_regs:
+            for i in range(k):
+                r = cpu.regs
+                cpu.set_regs(rax=r.rax + i)
+        else:
+            for i in range(k):
+                r = cpu.regs
+                r.rax = i
+                cpu.regs = r
+        elapsed = time.perf_counter() - start
+    return elapsed
+
+
+def multi(code: bytes, n: int, vcpus: int, *, python: bool) -> tuple[float, int]:
+    """One VM, ``vcpus`` vCPUs each running counter64 with ``n`` device exits on its own
+    thread. Returns (seconds from the first start to the last finish, total exits)."""
+    with kvmpy.Vm() as vm:
+        ram = vm.add_memory(0, GUEST_RAM)
+        ram.write(LOAD_ADDR, code)
+        vm.add_exit_port(EXIT_PORT)
+        if python:
+            vm.on_io(DEVICE_PORT, _ignore)
+        else:
+            vm.add_console(DEVICE_PORT, limit=max(1 << 20, 2 * n * vcpus))
+        cpus = [vm.create_vcpu() for _ in range(vcpus)]
+        for cpu in cpus:
+            cpu.setup_long_mode(user=True)
+            cpu.set_regs(rip=LOAD_ADDR, rdi=n)
+        barrier = threading.Barrier(vcpus)
+        spans: list[tuple[float, float]] = []
+        errors: list[BaseException] = []
+
+        def worker(cpu: kvmpy.Vcpu) -> None:
+            try:
+                barrier.wait()
+                start = time.perf_counter()
+                ex = cpu.run()
+                end = time.perf_counter()
+                if ex.reason != "exit":
+                    raise BenchError(f"kvmpy multi: vCPU {cpu.id} ended with {ex!r}")
+                spans.append((start, end))
+            except BaseException as e:  # noqa: BLE001 - re-raised on the main thread
+                errors.append(e)
+
+        threads = [threading.Thread(target=worker, args=(cpu,)) for cpu in cpus]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+        total = sum(cpu.stats()["exits"] for cpu in cpus)
+    if total != vcpus * (n + 1):
+        raise BenchError(f"kvmpy multi: {total} exits, expected {vcpus * (n + 1)}")
+    return max(e for _, e in spans) - min(s for s, _ in spans), total
