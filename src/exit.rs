@@ -123,6 +123,9 @@ pub enum Exit {
     },
     Timeout,
     Stopped,
+    /// KVM_EXIT_IRQ_WINDOW_OPEN: the guest can take an interrupt now. Handled by the run
+    /// loop (it injects the queued interrupt), never shown to Python.
+    IrqWindowOpen,
     /// An exit kvmpy has no special support for; `raw` is `KVM_EXIT_*`.
     Unknown {
         raw: u32,
@@ -143,7 +146,7 @@ impl Exit {
             Exit::Guest { .. } => Reason::Exit,
             Exit::Timeout => Reason::Timeout,
             Exit::Stopped => Reason::Stopped,
-            Exit::Unknown { .. } => Reason::Unknown,
+            Exit::IrqWindowOpen | Exit::Unknown { .. } => Reason::Unknown,
         }
     }
 }
@@ -188,6 +191,7 @@ pub fn run_once(vcpu: &mut VcpuFd) -> Result<RunExit, errno::Error> {
             data: Data::new(data),
         }),
         VcpuExit::Hlt => Ok(Exit::Hlt),
+        VcpuExit::IrqWindowOpen => Ok(Exit::IrqWindowOpen),
         VcpuExit::Shutdown => Ok(Exit::Shutdown),
         VcpuExit::FailEntry(hardware_reason, cpu) => Ok(Exit::FailEntry {
             hardware_reason,
@@ -590,6 +594,13 @@ pub fn to_python(py: Python<'_>, exit: &Exit, vcpu_id: u64) -> PyResult<Py<PyAny
                 pc: *pc,
                 dr6: *dr6,
                 dr7: *dr7,
+            }),
+        )?
+        .into_any(),
+        Exit::IrqWindowOpen => Py::new(
+            py,
+            init.add_subclass(UnknownExit {
+                kvm_exit_reason: kvm_bindings::KVM_EXIT_IRQ_WINDOW_OPEN,
             }),
         )?
         .into_any(),

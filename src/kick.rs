@@ -69,6 +69,16 @@ impl Kicker {
         }
     }
 
+    /// Kicks the running vCPU's thread out of `KVM_RUN` without asking it to stop, so its
+    /// run loop looks at new work (a queued interrupt) before re-entering the guest.
+    pub fn kick(&self) {
+        let thread = self.thread.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = *thread {
+            // SAFETY: as in `stop`: the registered thread is alive while registered.
+            unsafe { libc::pthread_kill(t, kick_signal()) };
+        }
+    }
+
     /// Whether a stop was requested, clearing the request.
     pub fn take_stop(&self) -> bool {
         self.stop.swap(false, Ordering::SeqCst)

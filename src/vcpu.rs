@@ -6,6 +6,7 @@
 //! once for that call and the vCPU lock released so the handler may use the vCPU), or
 //! returned to the caller.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, TryLockError};
 use std::time::{Duration, Instant};
@@ -41,7 +42,16 @@ pub struct VcpuInner {
     python_calls: AtomicU64,
     /// The IN or MMIO read that `run()` returned unanswered, until the next run.
     pending_read: Mutex<Option<PendingRead>>,
+    /// Interrupt vectors queued by `interrupt()`, injected when the guest can take them.
+    interrupts: Mutex<VecDeque<u32>>,
 }
+
+vmm_sys_util::ioctl_iow_nr!(
+    KVM_INTERRUPT,
+    kvm_bindings::KVMIO,
+    0x86,
+    kvm_bindings::kvm_interrupt
+);
 
 /// A read exit returned to the caller, waiting for `respond()`.
 #[derive(Clone, Copy)]
@@ -93,6 +103,7 @@ impl VcpuInner {
             exits: AtomicU64::new(0),
             python_calls: AtomicU64::new(0),
             pending_read: Mutex::new(None),
+            interrupts: Mutex::new(VecDeque::new()),
         }
     }
 
@@ -191,6 +202,9 @@ impl VcpuInner {
                 Ok(fd) => fd,
                 Err(e) => break e.into(),
             };
+            if let Err(e) = self.inject_interrupt(fd) {
+                break e.into();
+            }
             let result = exit::run_once(fd);
             self.exits.fetch_add(1, Ordering::Relaxed);
             match result {
@@ -225,6 +239,48 @@ impl VcpuInner {
             fd.set_kvm_immediate_exit(0);
         }
         outcome
+    }
+
+    /// Injects the next queued interrupt if the guest can take it now, otherwise asks KVM
+    /// to exit as soon as it can (`request_interrupt_window`).
+    fn inject_interrupt(&self, fd: &mut VcpuFd) -> Result<()> {
+        let mut queue = self.interrupts.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(&vector) = queue.front() else {
+            return Ok(());
+        };
+        let run = fd.get_kvm_run();
+        if run.ready_for_interrupt_injection != 0 && run.if_flag != 0 {
+            let irq = kvm_bindings::kvm_interrupt { irq: vector };
+            // SAFETY: KVM_INTERRUPT reads one kvm_interrupt from the given reference, which
+            // lives across the call; the fd is a vCPU fd; the result is checked.
+            let ret = unsafe { vmm_sys_util::ioctl::ioctl_with_ref(fd, KVM_INTERRUPT(), &irq) };
+            if ret != 0 {
+                return Err(Error::ioctl(
+                    "KVM_INTERRUPT",
+                    vmm_sys_util::errno::Error::last(),
+                ));
+            }
+            queue.pop_front();
+        }
+        fd.get_kvm_run().request_interrupt_window = u8::from(!queue.is_empty());
+        Ok(())
+    }
+
+    /// Queues an interrupt and kicks the vCPU so a running guest gets it promptly.
+    fn queue_interrupt(&self, vector: u32) {
+        self.interrupts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push_back(vector);
+        self.kicker.kick();
+    }
+
+    fn has_queued_interrupts(&self) -> bool {
+        !self
+            .interrupts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty()
     }
 
     /// Handles a port I/O exit, element by element for string I/O.
@@ -322,6 +378,10 @@ impl VcpuInner {
                 Ok(answer.stopped.map(Outcome::Stopped))
             }
             Exit::Hlt => {
+                if self.has_queued_interrupts() {
+                    // The interrupt wakes the guest: inject it and go on.
+                    return Ok(None);
+                }
                 let table = self.vm.handlers();
                 let Some(f) = table.hlt() else {
                     return Ok(Some(Outcome::Exit(exit)));
@@ -329,6 +389,7 @@ impl VcpuInner {
                 let answer = self.call_python(guard, f, &exit, 0)?;
                 Ok(answer.stopped.map(Outcome::Stopped))
             }
+            Exit::IrqWindowOpen => Ok(None),
             other => Ok(Some(Outcome::Exit(other))),
         }
     }
@@ -727,6 +788,27 @@ impl Vcpu {
             PendingRead::Mmio { .. } => exit::mmio_data(fd).copy_from_slice(data.as_slice()),
         }
         *pending = None;
+        Ok(())
+    }
+
+    /// Queues interrupt `vector` (0-255) for the guest (`KVM_INTERRUPT`, for VMs without
+    /// an in-kernel irqchip; with one, use `vm.set_irq_line`). It is injected as soon as
+    /// the guest accepts interrupts (IF=1): at once if the vCPU is running, otherwise at
+    /// the next `run()`. A vCPU halted in `hlt` wakes up to take it.
+    fn interrupt(&self, vector: u32) -> PyResult<()> {
+        if vector > 255 {
+            return Err(PyValueError::new_err(format!(
+                "interrupt vector {vector} is outside 0..255"
+            )));
+        }
+        if self.inner.vm.has_irqchip() {
+            return Err(Error::Value(
+                "this VM has an in-kernel irqchip: raise interrupts with vm.set_irq_line()".into(),
+            )
+            .into());
+        }
+        self.inner.vm.check_open()?;
+        self.inner.queue_interrupt(vector);
         Ok(())
     }
 

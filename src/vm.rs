@@ -29,6 +29,7 @@ pub struct VmInner {
     handlers: RwLock<Arc<HandlerTable>>,
     vcpus: Mutex<Vcpus>,
     closed: AtomicBool,
+    irqchip: bool,
 }
 
 /// The VM's vCPUs. KVM keeps a vCPU until the VM is destroyed, so its id stays taken even
@@ -44,6 +45,11 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl VmInner {
+    /// Whether the VM has an in-kernel irqchip (PIC, IOAPIC and local APICs).
+    pub fn has_irqchip(&self) -> bool {
+        self.irqchip
+    }
+
     pub fn is_closed(&self) -> bool {
         self.closed.load(Ordering::SeqCst)
     }
@@ -205,8 +211,15 @@ impl Vm {
 
 #[pymethods]
 impl Vm {
+    /// Creates a VM. With `irqchip=True` KVM emulates the PIC, IOAPIC and local APICs in
+    /// the kernel (raise interrupts with `set_irq_line`; HLT is then handled in the kernel
+    /// and never reaches `on_hlt`); with `pit=True` (needs `irqchip`) also the PIT timer.
     #[new]
-    fn new() -> PyResult<Self> {
+    #[pyo3(signature = (*, irqchip=false, pit=false))]
+    fn new(irqchip: bool, pit: bool) -> PyResult<Self> {
+        if pit && !irqchip {
+            return Err(PyValueError::new_err("pit=True needs irqchip=True"));
+        }
         let kvm = kvm::shared()?;
         let fd = kvm
             .create_vm()
@@ -214,6 +227,19 @@ impl Vm {
         if kvm::has_cap(&kvm, Cap::SetTssAddr) {
             fd.set_tss_address(TSS_ADDRESS)
                 .map_err(|e| Error::ioctl("KVM_SET_TSS_ADDR", e))?;
+        }
+        // KVM's order: the irqchip before the PIT, both before any vCPU.
+        if irqchip {
+            fd.create_irq_chip()
+                .map_err(|e| Error::ioctl("KVM_CREATE_IRQCHIP", e))?;
+        }
+        if pit {
+            let config = kvm_bindings::kvm_pit_config {
+                flags: kvm_bindings::KVM_PIT_SPEAKER_DUMMY,
+                ..Default::default()
+            };
+            fd.create_pit2(config)
+                .map_err(|e| Error::ioctl("KVM_CREATE_PIT2", e))?;
         }
         Ok(Vm {
             inner: Arc::new(VmInner {
@@ -223,6 +249,7 @@ impl Vm {
                 handlers: RwLock::new(Arc::new(HandlerTable::default())),
                 vcpus: Mutex::new(Vcpus::default()),
                 closed: AtomicBool::new(false),
+                irqchip,
             }),
         })
     }
@@ -484,6 +511,32 @@ impl Vm {
             Handler::ExitPort(Arc::clone(&dev)),
         )?;
         Ok(ExitPort { dev })
+    }
+
+    /// Whether the VM has an in-kernel irqchip.
+    #[getter]
+    fn irqchip(&self) -> bool {
+        self.inner.irqchip
+    }
+
+    /// Sets the level of interrupt line `irq` of the in-kernel irqchip (`KVM_IRQ_LINE`):
+    /// `set_irq_line(4, True)` then `set_irq_line(4, False)` makes an edge. Lines 0-15 go
+    /// to the PIC and the IOAPIC, 16-23 to the IOAPIC.
+    fn set_irq_line(&self, irq: u32, level: bool) -> PyResult<()> {
+        self.inner.check_open()?;
+        if !self.inner.irqchip {
+            return Err(Error::Value(
+                "this VM has no in-kernel irqchip: create it with Vm(irqchip=True), or queue \
+                 interrupts with vcpu.interrupt()"
+                    .into(),
+            )
+            .into());
+        }
+        self.inner.with_fd(|fd| {
+            fd.set_irq_line(irq, level)
+                .map_err(|e| Error::ioctl("KVM_IRQ_LINE", e))
+        })?;
+        Ok(())
     }
 
     /// The VM's vCPUs, by creation order.
