@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from contextlib import ExitStack, closing
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime
 from functools import partial
@@ -32,6 +33,7 @@ from typing import Any
 from benchmarks import kvmpy_cases, rawpy, unicorn_cases
 from benchmarks.common import (
     BenchError,
+    ExitServer,
     RawKvm,
     compile_raw_kvm,
     guest_bytes,
@@ -48,6 +50,8 @@ from benchmarks.report import (
     figure_markdown,
     headline_markdown,
     headline_rows,
+    paired_deltas,
+    paired_ratios,
 )
 
 FIGURES = ("exits", "compute", "create", "regs", "multi")
@@ -69,6 +73,7 @@ class Config:
     """Discarded rounds before the measured ones."""
     exit_n: int
     """Device exits per counter64 run."""
+    exit_reps: int
     compute_n: int
     """LCG iterations of compute64 in KVM (and of the C loop without a VM)."""
     unicorn_compute_n: int
@@ -84,21 +89,23 @@ class Config:
 
 
 FULL = Config(
-    reps=11,
+    reps=41,
     warmup=1,
-    exit_n=20_000,
+    exit_n=1_000,
+    exit_reps=151,
     compute_n=1_000_000_000,
     unicorn_compute_n=10_000_000,
-    compute_reps=5,
-    create_k=200,
-    regs_k=20_000,
-    multi_n=20_000,
-    multi_reps=7,
+    compute_reps=7,
+    create_k=100,
+    regs_k=5_000,
+    multi_n=5_000,
+    multi_reps=21,
 )
 SMOKE = Config(
     reps=2,
     warmup=0,
     exit_n=200,
+    exit_reps=2,
     compute_n=1_000_000,
     unicorn_compute_n=100_000,
     compute_reps=1,
@@ -129,21 +136,29 @@ class Runner:
         """Figure 1: the exit round trip, per exit."""
         cfg, n, code = self.cfg, self.cfg.exit_n, self.counter
         per_exit = 1e6 / (n + 1)
-        variants: dict[str, Callable[[], float]] = {
-            "rawc": lambda: self.raw("exits", self.counter_path, n)["seconds"] * per_exit,
-            "rust": lambda: kvmpy_cases.exits(code, n, python=False) * per_exit,
-            "python": lambda: kvmpy_cases.exits(code, n, python=True) * per_exit,
-            "purepy": lambda: rawpy.exits(code, n) * per_exit,
-        }
-        if not self.unicorn_missing:
-            variants["unicorn"] = lambda: unicorn_cases.exits(code, n) * per_exit
-        v = interleave(variants, cfg.reps, cfg.warmup)
+        with ExitStack() as stack:
+            # One VM per variant, kept for all its runs: runs of all variants alternate
+            # closely, and VM setup and teardown stay out of the way.
+            rawc = stack.enter_context(closing(ExitServer(self.raw, self.counter_path)))
+            rust = stack.enter_context(closing(kvmpy_cases.Exits(code, python=False)))
+            python = stack.enter_context(closing(kvmpy_cases.Exits(code, python=True)))
+            purepy = stack.enter_context(closing(rawpy.Exits(code)))
+            variants: dict[str, Callable[[], float]] = {
+                "rawc": lambda: rawc(n) * per_exit,
+                "rust": lambda: rust(n) * per_exit,
+                "python": lambda: python(n) * per_exit,
+                "purepy": lambda: purepy(n) * per_exit,
+            }
+            if not self.unicorn_missing:
+                variants["unicorn"] = lambda: unicorn_cases.exits(code, n) * per_exit
+            v = interleave(variants, cfg.exit_reps, cfg.warmup)
         fig = Figure(
             "exits",
             "1. Exit round trip (guest OUT → host → guest)",
             "µs/exit",
             f"counter64: {n:,} OUTs to port 0x11 + 1 to the exit port per run, "
-            f"{cfg.reps} runs each (+{cfg.warmup} warm-up), interleaved",
+            f"{cfg.exit_reps} runs each (+{cfg.warmup} warm-up), interleaved; "
+            "one VM per variant for all its runs",
         )
         fig.rows = [
             Row("rawc", "raw C, KVM_RUN loop", v["rawc"], short="raw C"),
@@ -169,11 +184,11 @@ class Runner:
                     note="emulated: no VM exit",
                 )
             )
-        diffs = sorted(p - r for p, r in zip(v["python"], v["rust"], strict=True))
+        overhead = paired_deltas(fig.rows[2], fig.rows[1])
         fig.notes.append(
             "kvmpy's Python-handler overhead over its Rust device, paired run by run: "
-            f"median {diffs[len(diffs) // 2]:+.2f} µs/exit "
-            f"(min {diffs[0]:+.2f}, max {diffs[-1]:+.2f})."
+            f"median {overhead.median:+.2f} µs/exit (IQR {overhead.q1:+.2f} to "
+            f"{overhead.q3:+.2f})."
         )
         self._skipped_unicorn(fig)
         return fig
@@ -318,8 +333,10 @@ class Runner:
         for name, key in (("raw C", "rawc"), ("kvmpy Rust", "rust"), ("kvmpy Python", "python")):
             one, two = fig.row(f"{key}1"), fig.row(f"{key}2")
             assert one is not None and two is not None
-            scaling.append(f"{name} {two.summary.median / one.summary.median:.2f}×")
-        fig.notes.append("Scaling, 2 vCPUs ÷ 1 vCPU (median throughput): " + ", ".join(scaling))
+            scaling.append(f"{name} {paired_ratios(two, one).median:.2f}×")
+        fig.notes.append(
+            "Scaling, 2 vCPUs ÷ 1 vCPU (throughput, paired median): " + ", ".join(scaling)
+        )
         fig.notes.append("The ratio column is throughput ÷ raw C with as many vCPUs.")
         return fig
 
@@ -398,7 +415,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.reps < 1:
             print("benchmarks: --reps must be >= 1", file=sys.stderr)
             return 2
-        cfg = replace(cfg, reps=args.reps, compute_reps=args.reps, multi_reps=args.reps)
+        cfg = replace(
+            cfg, reps=args.reps, exit_reps=args.reps, compute_reps=args.reps, multi_reps=args.reps
+        )
     figures = FIGURES
     if args.only:
         figures = tuple(f.strip() for f in args.only.split(",") if f.strip())

@@ -109,6 +109,45 @@ class RawKvm:
         return result
 
 
+class ExitServer:
+    """``raw_kvm serve``: the C baseline's counter64 VM, kept for many runs."""
+
+    def __init__(self, raw: RawKvm, guest: Path) -> None:
+        self.proc = subprocess.Popen(
+            [str(raw.exe), "serve", str(guest)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    def __call__(self, n: int) -> float:
+        """Seconds the C run loop took for ``n`` device exits (n + 1 exits in all)."""
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        try:
+            self.proc.stdin.write(f"{n}\n")
+            self.proc.stdin.flush()
+        except BrokenPipeError:
+            pass
+        line = self.proc.stdout.readline()
+        if not line:
+            err = self.proc.stderr.read() if self.proc.stderr else ""
+            raise BenchError(f"raw_kvm serve failed: {err.strip()}")
+        answer = json.loads(line)
+        if answer["exits"] != n + 1:
+            raise BenchError(f"raw_kvm serve: {answer['exits']} exits for N={n}")
+        return float(answer["seconds"])
+
+    def close(self) -> None:
+        """Ends the server process."""
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        self.proc.wait(timeout=30)
+        for f in (self.proc.stdout, self.proc.stderr):
+            if f is not None:
+                f.close()
+
+
 def cc_version() -> str:
     """The first line of ``cc --version``."""
     try:

@@ -3,12 +3,14 @@
  * Compiled by the benchmark runner (`python -m benchmarks`) with `cc -O2`. Each call does
  * one measurement and prints one JSON object on stdout; errors go to stderr, exit status 2.
  *
- *   raw_kvm exits   GUEST.bin N      counter64: N OUTs to 0x11, then OUT to 0xF4
  *   raw_kvm compute GUEST.bin N      compute64: N LCG steps inside the VM
  *   raw_kvm native  N                the same N LCG steps in this process, no VM
  *   raw_kvm create  N                N x (VM + 64 MiB memory slot + 1 vCPU, then close)
  *   raw_kvm regs    N                N x (KVM_GET_REGS + KVM_SET_REGS)
  *   raw_kvm multi   GUEST.bin N T    one VM, T vCPUs on T threads, each runs counter64 N
+ *   raw_kvm serve   GUEST.bin        counter64 (N OUTs to 0x11, then OUT to 0xF4) on one VM
+ *                                    kept for many runs: reads N from each stdin line, runs
+ *                                    the guest from its entry, answers one JSON line
  *
  * The guest setup is kvmpy's `setup_long_mode(user=True)`: GDT at 0x1000, TSS with a full
  * I/O permission bitmap at 0x2000, PML4/PDPT/PD at 0x5000/0x6000/0x7000 identity-mapping
@@ -231,26 +233,6 @@ static uint64_t parse_u64(const char *s) {
     return v;
 }
 
-static void mode_exits(const char *bin, uint64_t n) {
-    vm_t v;
-    vcpu_t c;
-    vm_create(&v, GUEST_MEM);
-    load_guest(&v, bin);
-    write_tables(&v);
-    vcpu_create(&v, &c, 0);
-    setup_long(&c, n);
-    loop_result_t R = run_loop(&c);
-    if (R.device_writes != n) {
-        errno = 0;
-        DIE("expected %llu device writes, got %llu", (unsigned long long)n,
-            (unsigned long long)R.device_writes);
-    }
-    printf("{\"mode\": \"exits\", \"n\": %llu, \"exits\": %llu, \"seconds\": %.9f}\n",
-           (unsigned long long)n, (unsigned long long)R.exits, R.seconds);
-    vcpu_destroy(&c);
-    vm_destroy(&v);
-}
-
 static void mode_compute(const char *bin, uint64_t n) {
     vm_t v;
     vcpu_t c;
@@ -316,6 +298,34 @@ static void mode_regs(uint64_t n) {
     vm_destroy(&v);
 }
 
+static void mode_serve(const char *bin) {
+    vm_t v;
+    vcpu_t c;
+    vm_create(&v, GUEST_MEM);
+    load_guest(&v, bin);
+    write_tables(&v);
+    vcpu_create(&v, &c, 0);
+    setup_long(&c, 0);
+    char line[64];
+    while (fgets(line, sizeof line, stdin)) {
+        line[strcspn(line, "\n")] = 0;
+        uint64_t n = parse_u64(line);
+        struct kvm_regs r = {.rip = LOAD_ADDR, .rdi = n, .rflags = 0x3002};
+        if (ioctl(c.fd, KVM_SET_REGS, &r) < 0) DIE("KVM_SET_REGS");
+        loop_result_t R = run_loop(&c);
+        if (R.device_writes != n) {
+            errno = 0;
+            DIE("expected %llu device writes, got %llu", (unsigned long long)n,
+                (unsigned long long)R.device_writes);
+        }
+        printf("{\"mode\": \"serve\", \"n\": %llu, \"exits\": %llu, \"seconds\": %.9f}\n",
+               (unsigned long long)n, (unsigned long long)R.exits, R.seconds);
+        fflush(stdout);
+    }
+    vcpu_destroy(&c);
+    vm_destroy(&v);
+}
+
 typedef struct {
     vcpu_t c;
     pthread_barrier_t *start;
@@ -369,8 +379,8 @@ static void mode_multi(const char *bin, uint64_t n, int threads) {
 
 int main(int argc, char **argv) {
     if (argc < 3) {
-        fprintf(stderr, "usage: raw_kvm exits|compute GUEST.bin N | native|create|regs N | "
-                        "multi GUEST.bin N THREADS\n");
+        fprintf(stderr, "usage: raw_kvm compute GUEST.bin N | native|create|regs N | "
+                        "multi GUEST.bin N THREADS | serve GUEST.bin\n");
         return 2;
     }
     const char *mode = argv[1];
@@ -379,10 +389,10 @@ int main(int argc, char **argv) {
         return 0;
     }
     open_kvm();
-    if (!strcmp(mode, "exits") && argc == 4) mode_exits(argv[2], parse_u64(argv[3]));
-    else if (!strcmp(mode, "compute") && argc == 4) mode_compute(argv[2], parse_u64(argv[3]));
+    if (!strcmp(mode, "compute") && argc == 4) mode_compute(argv[2], parse_u64(argv[3]));
     else if (!strcmp(mode, "create") && argc == 3) mode_create(parse_u64(argv[2]));
     else if (!strcmp(mode, "regs") && argc == 3) mode_regs(parse_u64(argv[2]));
+    else if (!strcmp(mode, "serve") && argc == 3) mode_serve(argv[2]);
     else if (!strcmp(mode, "multi") && argc == 5)
         mode_multi(argv[2], parse_u64(argv[3]), (int)parse_u64(argv[4]));
     else {

@@ -1,8 +1,13 @@
-"""Figures, rows and targets, and their markdown and JSON forms."""
+"""Figures, rows and targets, and their markdown and JSON forms.
+
+Variants are measured interleaved, so repetition ``i`` of a row and repetition ``i`` of its
+baseline ran back to back under the same machine conditions. Comparisons therefore use
+*paired* statistics: the median (and IQR) of the per-repetition ratios, or differences, of a
+row to its baseline. On a noisy machine these are much steadier than a ratio of medians.
+"""
 
 from __future__ import annotations
 
-import statistics
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -11,18 +16,12 @@ from benchmarks.common import Summary
 
 @dataclass(frozen=True)
 class Target:
-    """A goal for one row, relative to its baseline row: ``ratio`` (median ÷ baseline
-    median ≤ limit) or ``delta`` (median − baseline median ≤ limit, in the figure's unit)."""
+    """A goal for one row against its baseline row, judged on the paired median:
+    ``ratio`` (row ÷ baseline ≤ limit) or ``delta`` (row − baseline ≤ limit, in the unit)."""
 
     kind: Literal["ratio", "delta"]
     limit: float
     text: str
-
-    def met(self, value: float, baseline: float) -> bool:
-        """Whether ``value`` meets the target against ``baseline`` (both medians)."""
-        if self.kind == "ratio":
-            return value <= self.limit * baseline
-        return value - baseline <= self.limit
 
 
 @dataclass
@@ -61,6 +60,11 @@ class Figure:
         """The row with ``key``, if it was measured."""
         return next((r for r in self.rows if r.key == key), None)
 
+    @property
+    def base_unit(self) -> str:
+        """The unit without its per-part (``µs`` of ``µs/exit``)."""
+        return self.unit.split("/")[0]
+
 
 def fmt(value: float) -> str:
     """A number with three significant digits (thousands separated when large)."""
@@ -78,29 +82,48 @@ def fmt(value: float) -> str:
     return f"{value:.3g}"
 
 
-def paired_ratios(row: Row, base: Row) -> list[float]:
-    """Ratios of the row's values to its baseline's, repetition by repetition."""
-    return [a / b for a, b in zip(row.values, base.values, strict=False) if b]
+def fmt_ratio(value: float) -> str:
+    """A ratio with three significant digits."""
+    return f"{value:,.0f}" if value >= 1000 else f"{value:.3g}"
 
 
-def target_status(fig: Figure, row: Row, base: Row) -> str:
-    """``pass``/``MISS`` and the target, for a row with a target."""
-    assert row.target is not None
-    ok = row.target.met(row.summary.median, base.summary.median)
-    text = f"{'pass' if ok else 'MISS'} ({row.target.text}"
-    if row.target.kind == "delta":
-        text += f"; {row.summary.median - base.summary.median:+.2f} {fig.unit.split('/')[0]}"
-    return text + ")"
+def paired_ratios(row: Row, base: Row) -> Summary:
+    """The row's values divided by its baseline's, repetition by repetition."""
+    return Summary.of([a / b for a, b in zip(row.values, base.values, strict=True)])
 
 
-def ratio_text(row: Row, base: Row) -> str:
-    """The row's median relative to its baseline's, with the range of the paired ratios."""
-    ratio = row.summary.median / base.summary.median
-    pairs = paired_ratios(row, base)
-    text = f"{ratio:.3g}×" if ratio < 100 else f"{ratio:,.0f}×"
-    text += f" {base.short or base.label}"
-    if len(pairs) >= 2:
-        text += f" ({min(pairs):.3g}–{max(pairs):.3g})"
+def paired_deltas(row: Row, base: Row) -> Summary:
+    """The row's values minus its baseline's, repetition by repetition."""
+    return Summary.of([a - b for a, b in zip(row.values, base.values, strict=True)])
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A target judged: whether it is met, and the paired median it was judged on."""
+
+    met: bool
+    value: float
+
+    def text(self, target: Target, unit: str) -> str:
+        """``pass``/``MISS``, the target and the measured paired median."""
+        got = f"{self.value:.3g}×" if target.kind == "ratio" else f"{self.value:+.2f} {unit}"
+        return f"{'pass' if self.met else 'MISS'} ({target.text}; paired median {got})"
+
+
+def judge(fig: Figure, row: Row, base: Row, target: Target) -> Verdict:
+    """Judges ``target`` on the paired median of ``row`` against ``base``."""
+    if target.kind == "ratio":
+        value = paired_ratios(row, base).median
+    else:
+        value = paired_deltas(row, base).median
+    return Verdict(value <= target.limit, value)
+
+
+def ratio_text(s: Summary, name: str) -> str:
+    """``1.02× NAME [q1–q3]`` for a summary of ratios (no IQR for a single value)."""
+    text = f"{fmt_ratio(s.median)}× {name}"
+    if s.n >= 2:
+        text += f" [{fmt_ratio(s.q1)}–{fmt_ratio(s.q3)}]"
     return text
 
 
@@ -109,14 +132,19 @@ def figure_markdown(fig: Figure) -> list[str]:
     better = "higher" if fig.higher_is_better else "lower"
     lines = [f"### {fig.title}", "", f"{fig.params}. Unit: {fig.unit}, {better} is better.", ""]
     lines.append(
-        f"| variant | median ({fig.unit}) | min – max | IQR | ÷ baseline (paired range) | target |"
+        f"| variant | median ({fig.unit}) | min – max | IQR | ÷ baseline, paired: median [IQR] "
+        "| target |"
     )
     lines.append("|---|---:|---:|---:|---|---|")
     for row in fig.rows:
         s = row.summary
         base = fig.row(row.baseline) if row.baseline else None
-        vs = ratio_text(row, base) if base else "(baseline)"
-        target = target_status(fig, row, base) if row.target and base else ""
+        vs = "(baseline)"
+        target = ""
+        if base is not None:
+            vs = ratio_text(paired_ratios(row, base), base.short or base.label)
+            if row.target is not None:
+                target = judge(fig, row, base, row.target).text(row.target, fig.base_unit)
         label = row.label + (f" ({row.note})" if row.note else "")
         lines.append(
             f"| {label} | {fmt(s.median)} | {fmt(s.min)} – {fmt(s.max)} "
@@ -141,7 +169,8 @@ class Headline:
 
 
 def headline_rows(figures: list[Figure], headlines: list[Headline]) -> list[dict[str, Any]]:
-    """The headline comparisons that could be computed (both rows measured)."""
+    """The headline comparisons whose rows were both measured, as time ratios (kvmpy ÷
+    baseline; for throughput figures, the inverse of the throughput ratio)."""
     by_id = {f.id: f for f in figures}
     out: list[dict[str, Any]] = []
     for h in headlines:
@@ -150,51 +179,45 @@ def headline_rows(figures: list[Figure], headlines: list[Headline]) -> list[dict
         base = fig.row(h.base) if fig else None
         if fig is None or row is None or base is None:
             continue
-        a, b = row.summary.median, base.summary.median
-        ratio = a / b if not fig.higher_is_better else b / a
-        pairs = paired_ratios(row, base)
         if fig.higher_is_better:
-            pairs = [1 / p for p in pairs if p]
+            ratios = paired_ratios(base, row)
+        else:
+            ratios = paired_ratios(row, base)
         entry: dict[str, Any] = {
             "label": h.label,
             "figure": h.fig,
             "row": h.row,
             "baseline": h.base,
-            "time_ratio": ratio,
-            "paired_min": min(pairs) if pairs else None,
-            "paired_max": max(pairs) if pairs else None,
-            "value": a,
-            "baseline_value": b,
+            "time_ratio": ratios.as_dict(),
+            "value": row.summary.median,
+            "baseline_value": base.summary.median,
             "unit": fig.unit,
         }
         if h.target is not None:
+            verdict = judge(fig, row, base, h.target)
             entry["target"] = h.target.text
-            entry["target_kind"] = h.target.kind
-            entry["met"] = h.target.met(a, b)
+            entry["met"] = verdict.met
+            entry["verdict"] = verdict.text(h.target, fig.base_unit)
         out.append(entry)
     return out
 
 
 def headline_markdown(rows: list[dict[str, Any]]) -> list[str]:
-    """The headline table: time ratios (kvmpy ÷ baseline) with absolute numbers beside."""
+    """The headline table: paired time ratios with the absolute medians beside them."""
     lines = [
-        "| comparison | time ratio (paired range) | kvmpy | baseline | target |",
+        "| comparison | time ratio, paired: median [IQR] | kvmpy (median) | baseline (median) "
+        "| target |",
         "|---|---:|---:|---:|---|",
     ]
     for h in rows:
-        ratio = f"{h['time_ratio']:.3g}×"
-        if h["paired_min"] is not None and h["paired_max"] != h["paired_min"]:
-            ratio += f" ({h['paired_min']:.3g}–{h['paired_max']:.3g})"
-        target = ""
+        r = h["time_ratio"]
+        ratio = f"{fmt_ratio(r['median'])}×"
+        if r["n"] >= 2:
+            ratio += f" [{fmt_ratio(r['q1'])}–{fmt_ratio(r['q3'])}]"
         unit = h["unit"]
-        if "target" in h:
-            target = f"{'pass' if h['met'] else 'MISS'} ({h['target']}"
-            if h["target_kind"] == "delta":
-                target += f"; {h['value'] - h['baseline_value']:+.2f} {unit.split('/')[0]}"
-            target += ")"
         lines.append(
             f"| {h['label']} | {ratio} | {fmt(h['value'])} {unit} "
-            f"| {fmt(h['baseline_value'])} {unit} | {target} |"
+            f"| {fmt(h['baseline_value'])} {unit} | {h.get('verdict', '')} |"
         )
     return lines
 
@@ -213,11 +236,12 @@ def figure_json(fig: Figure) -> dict[str, Any]:
         }
         if base is not None:
             entry["baseline"] = base.key
-            entry["ratio"] = row.summary.median / base.summary.median
-            entry["paired_ratio_median"] = statistics.median(paired_ratios(row, base))
+            entry["paired_ratio"] = paired_ratios(row, base).as_dict()
+            entry["paired_delta"] = paired_deltas(row, base).as_dict()
             if row.target is not None:
+                verdict = judge(fig, row, base, row.target)
                 entry["target"] = row.target.text
-                entry["met"] = row.target.met(row.summary.median, base.summary.median)
+                entry["met"] = verdict.met
         rows.append(entry)
     return {
         "id": fig.id,

@@ -24,7 +24,6 @@ use vm_memory::{
 };
 
 use crate::error::{Error, Result};
-use crate::vm::VmInner;
 
 pub const PAGE_SIZE: u64 = 4096;
 
@@ -261,7 +260,7 @@ pub fn bytes_arg<'a>(obj: &'a Bound<'_, PyAny>) -> PyResult<Cow<'a, [u8]>> {
 #[pyclass(module = "kvmpy._native", frozen)]
 pub struct MemoryRegion {
     pub region: Arc<Region>,
-    pub vm: Arc<VmInner>,
+    pub vm: Arc<crate::vm::VmHandle>,
 }
 
 #[pymethods]

@@ -24,7 +24,7 @@ use crate::kick::{self, Deadline, Kicker, Registration};
 use crate::regs::{Regs, Sregs};
 use crate::vm::VmInner;
 
-fn gettid() -> libc::pid_t {
+pub fn gettid() -> libc::pid_t {
     // SAFETY: gettid has no preconditions.
     unsafe { libc::gettid() }
 }
@@ -44,6 +44,14 @@ pub struct VcpuInner {
     pending_read: Mutex<Option<PendingRead>>,
     /// Interrupt vectors queued by `interrupt()`, injected when the guest can take them.
     interrupts: Mutex<VecDeque<u32>>,
+    /// How the last run ended.
+    last: Mutex<Option<Last>>,
+}
+
+/// How the last run of a vCPU ended: an owned exit, made into a Python object on demand.
+enum Last {
+    Exit(Exit),
+    Object(Py<PyAny>),
 }
 
 vmm_sys_util::ioctl_iow_nr!(
@@ -104,6 +112,7 @@ impl VcpuInner {
             python_calls: AtomicU64::new(0),
             pending_read: Mutex::new(None),
             interrupts: Mutex::new(VecDeque::new()),
+            last: Mutex::new(None),
         }
     }
 
@@ -112,7 +121,9 @@ impl VcpuInner {
         *self.runner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn begin_run(&self) -> Result<RunGuard<'_>> {
+    /// Marks the vCPU as run by the current thread. `clear_stop` forgets a stop requested
+    /// before the run (background runs clear it when they are started instead).
+    fn begin_run(&self, clear_stop: bool) -> Result<RunGuard<'_>> {
         let mut runner = self.runner.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(tid) = *runner {
             return Err(Error::Busy(if tid == gettid() {
@@ -122,9 +133,51 @@ impl VcpuInner {
             }));
         }
         // A stop requested before this run began is stale; one requested from now on counts.
-        self.kicker.take_stop();
+        if clear_stop {
+            self.kicker.take_stop();
+        }
         *runner = Some(gettid());
         Ok(RunGuard(self))
+    }
+
+    /// Checks that a background run can start, and forgets stale stop requests.
+    pub fn prepare_background_run(&self) -> Result<()> {
+        if self.runner().is_some() {
+            return Err(Error::Busy(format!("vCPU {} is already running", self.id)));
+        }
+        self.kicker.take_stop();
+        Ok(())
+    }
+
+    /// The body of a vCPU thread: runs until the loop ends and records how.
+    pub fn run_in_background(&self, deadline: Option<Instant>) -> PyResult<()> {
+        let _running = self.begin_run(false)?;
+        let last = match self.run_loop(deadline) {
+            Outcome::Exit(exit) => Last::Exit(exit),
+            Outcome::Stopped(obj) => Last::Object(obj),
+            Outcome::Error(e) => {
+                self.set_last(None);
+                return Err(e);
+            }
+        };
+        self.set_last(Some(last));
+        Ok(())
+    }
+
+    fn set_last(&self, last: Option<Last>) {
+        *self.last.lock().unwrap_or_else(|e| e.into_inner()) = last;
+    }
+
+    /// The exit that ended the last run, as a Python object.
+    pub fn last_exit(&self, py: Python<'_>) -> PyResult<Option<Py<PyAny>>> {
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        let obj = match last.as_ref() {
+            None => return Ok(None),
+            Some(Last::Object(obj)) => obj.clone_ref(py),
+            Some(Last::Exit(exit)) => exit::to_python(py, exit, self.id)?,
+        };
+        *last = Some(Last::Object(obj.clone_ref(py)));
+        Ok(Some(obj))
     }
 
     /// Stops a run in progress, waits for it to end, and closes the vCPU fd.
@@ -565,10 +618,25 @@ fn answer_data(ret: &Bound<'_, PyAny>, size: u8, exit: &Exit, who: &str) -> PyRe
     )))
 }
 
+/// The instant `timeout` seconds from now (None: no deadline).
+pub fn deadline_after(timeout: Option<f64>) -> PyResult<Option<Instant>> {
+    match timeout {
+        None => Ok(None),
+        Some(t) if t.is_finite() && t >= 0.0 => {
+            Ok(Instant::now().checked_add(Duration::from_secs_f64(t)))
+        }
+        Some(t) => Err(PyValueError::new_err(format!(
+            "timeout must be a finite number >= 0, got {t}"
+        ))),
+    }
+}
+
 /// A virtual CPU of a `Vm`, created with `vm.create_vcpu()`.
 #[pyclass(module = "kvmpy._native", frozen)]
 pub struct Vcpu {
     pub inner: Arc<VcpuInner>,
+    /// Keeps the VM open while this object exists.
+    pub handle: Arc<crate::vm::VmHandle>,
 }
 
 #[pymethods]
@@ -719,26 +787,21 @@ impl Vcpu {
     /// `KeyboardInterrupt` (when `run()` is called from the main thread).
     #[pyo3(signature = (timeout=None))]
     fn run(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Py<PyAny>> {
-        let deadline = match timeout {
-            None => None,
-            Some(t) if t.is_finite() && t >= 0.0 => {
-                Instant::now().checked_add(Duration::from_secs_f64(t))
-            }
-            Some(t) => {
-                return Err(PyValueError::new_err(format!(
-                    "timeout must be a finite number >= 0, got {t}"
-                )))
-            }
-        };
+        let deadline = deadline_after(timeout)?;
         let inner = &self.inner;
         inner.vm.check_open()?;
-        let _running = inner.begin_run()?;
+        let _running = inner.begin_run(true)?;
         let outcome = py.detach(|| inner.run_loop(deadline));
-        match outcome {
-            Outcome::Exit(exit) => exit::to_python(py, &exit, inner.id),
-            Outcome::Stopped(obj) => Ok(obj),
-            Outcome::Error(e) => Err(e),
-        }
+        let obj = match outcome {
+            Outcome::Exit(exit) => exit::to_python(py, &exit, inner.id)?,
+            Outcome::Stopped(obj) => obj,
+            Outcome::Error(e) => {
+                inner.set_last(None);
+                return Err(e);
+            }
+        };
+        inner.set_last(Some(Last::Object(obj.clone_ref(py))));
+        Ok(obj)
     }
 
     /// Answers the IN or MMIO read that the last `run()` returned because no handler took
@@ -813,11 +876,17 @@ impl Vcpu {
     }
 
     /// Asks a running vCPU to stop: its `run()` returns an exit with reason `"stopped"`.
-    /// Callable from any thread; does nothing if the vCPU is not running.
+    /// Callable from any thread and from handlers; a vCPU that is not running is not
+    /// affected (its next `run()` starts normally).
     fn stop(&self) {
-        if self.inner.runner().is_some() {
-            self.inner.kicker.stop();
-        }
+        self.inner.kicker.stop();
+    }
+
+    /// The exit that ended this vCPU's last run (by `run()` or `vm.start()`), or None
+    /// before the first run or when the run ended with an exception.
+    #[getter]
+    fn last_exit(&self, py: Python<'_>) -> PyResult<Option<Py<PyAny>>> {
+        self.inner.last_exit(py)
     }
 
     /// Counters since the vCPU was created: `exits` (returns from `KVM_RUN`) and

@@ -2,6 +2,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, Weak};
+use std::time::{Duration, Instant};
 
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use pyo3::exceptions::{PyTypeError, PyValueError};
@@ -15,7 +16,8 @@ use crate::dispatch::{Handler, HandlerTable};
 use crate::error::{Error, Result};
 use crate::kvm;
 use crate::memory::{bytes_arg, MemoryMap, MemoryRegion};
-use crate::vcpu::{Vcpu, VcpuInner};
+use crate::runner::RunGroup;
+use crate::vcpu::{gettid, Vcpu, VcpuInner};
 
 /// Where KVM puts the three-page TSS it needs for real mode on Intel hosts: just below the
 /// 4 GiB boundary, where firmware would be, as QEMU and Firecracker do.
@@ -30,14 +32,16 @@ pub struct VmInner {
     vcpus: Mutex<Vcpus>,
     closed: AtomicBool,
     irqchip: bool,
+    /// The vCPU threads of the last `start()`, until `join()`.
+    group: Mutex<Option<Arc<RunGroup>>>,
 }
 
-/// The VM's vCPUs. KVM keeps a vCPU until the VM is destroyed, so its id stays taken even
-/// after its Python object is gone.
+/// The VM's vCPUs. KVM keeps a vCPU until the VM is destroyed, and so does the VM: a vCPU
+/// whose Python object is gone still runs with `Vm.run()`. (Each vCPU refers to its VM;
+/// `shutdown` breaks that cycle.)
 #[derive(Default)]
 struct Vcpus {
-    ids: Vec<u64>,
-    live: Vec<Weak<VcpuInner>>,
+    all: Vec<Arc<VcpuInner>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -90,12 +94,50 @@ impl VmInner {
         lock(&self.memory).write(gpa, data)
     }
 
+    /// Asks every vCPU of the VM to stop, from any thread; does not wait.
+    pub fn stop_all(&self) {
+        for v in self.live_vcpus() {
+            v.kicker.stop();
+        }
+    }
+
+    /// Stops running vCPUs and waits for them (except one run by the calling thread, which
+    /// stops at its next exit), then closes every fd. Call without holding the GIL.
+    pub fn shutdown(&self) {
+        if self.closed.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let me = gettid();
+        let vcpus = self.live_vcpus();
+        for v in &vcpus {
+            if v.runner() == Some(me) {
+                v.kicker.stop();
+            } else {
+                v.close();
+            }
+        }
+        if let Some(group) = lock(&self.group).take() {
+            if group.vcpus.iter().all(|v| v.runner() != Some(me)) {
+                group.wait(None);
+                group.finish();
+            }
+        }
+        lock(&self.vcpus).all.clear();
+        lock(&self.fd).take();
+        lock(&self.memory).clear();
+        self.set_handlers(HandlerTable::default());
+    }
+
+    /// The vCPU of this VM the calling thread is running, if any (we are in its handler).
+    fn vcpu_of_this_thread(&self) -> Option<Arc<VcpuInner>> {
+        let me = gettid();
+        self.live_vcpus()
+            .into_iter()
+            .find(|v| v.runner() == Some(me))
+    }
+
     fn live_vcpus(&self) -> Vec<Arc<VcpuInner>> {
-        lock(&self.vcpus)
-            .live
-            .iter()
-            .filter_map(Weak::upgrade)
-            .collect()
+        lock(&self.vcpus).all.clone()
     }
 }
 
@@ -149,10 +191,60 @@ fn check_callable(handler: &Bound<'_, PyAny>) -> PyResult<()> {
 /// its memory regions.
 #[pyclass(module = "kvmpy._native", frozen, subclass)]
 pub struct Vm {
-    inner: Arc<VmInner>,
+    inner: Arc<VmHandle>,
+}
+
+/// What the Python objects of a VM (`Vm`, `Vcpu`, `MemoryRegion`) hold: when the last of
+/// them goes away, the VM is shut down (running vCPUs stopped, fds closed), while vCPU
+/// threads only hold the `VmInner` itself.
+pub struct VmHandle(pub Arc<VmInner>);
+
+impl std::ops::Deref for VmHandle {
+    type Target = VmInner;
+    fn deref(&self) -> &VmInner {
+        &self.0
+    }
+}
+
+impl Drop for VmHandle {
+    fn drop(&mut self) {
+        if self.0.is_closed() {
+            return;
+        }
+        if self.0.live_vcpus().iter().any(|v| v.runner().is_some()) {
+            // Waiting for vCPU threads that may need the GIL for a handler: release it.
+            Python::attach(|py| py.detach(|| self.0.shutdown()));
+        } else {
+            self.0.shutdown();
+        }
+    }
+}
+
+/// VMs with background runs, stopped by `shutdown_all` when the interpreter exits.
+static BACKGROUND: Mutex<Vec<Weak<VmInner>>> = Mutex::new(Vec::new());
+
+/// Stops every VM that has vCPU threads, before the interpreter goes away (atexit).
+#[pyfunction]
+#[pyo3(name = "_shutdown_all")]
+pub fn shutdown_all(py: Python<'_>) {
+    let vms: Vec<Arc<VmInner>> = lock(&BACKGROUND)
+        .drain(..)
+        .filter_map(|w| w.upgrade())
+        .collect();
+    py.detach(|| vms.iter().for_each(|vm| vm.shutdown()));
 }
 
 impl Vm {
+    /// Joins a finished group's threads, forgets it, and returns its first error.
+    fn finish_group(&self, group: &Arc<RunGroup>) -> Option<PyErr> {
+        let mut current = lock(&self.inner.group);
+        if current.as_ref().is_some_and(|g| Arc::ptr_eq(g, group)) {
+            *current = None;
+        }
+        drop(current);
+        group.finish()
+    }
+
     fn register_io(
         &self,
         py: Python<'_>,
@@ -242,7 +334,7 @@ impl Vm {
                 .map_err(|e| Error::ioctl("KVM_CREATE_PIT2", e))?;
         }
         Ok(Vm {
-            inner: Arc::new(VmInner {
+            inner: Arc::new(VmHandle(Arc::new(VmInner {
                 kvm,
                 fd: Mutex::new(Some(fd)),
                 memory: Mutex::new(MemoryMap::default()),
@@ -250,7 +342,8 @@ impl Vm {
                 vcpus: Mutex::new(Vcpus::default()),
                 closed: AtomicBool::new(false),
                 irqchip,
-            }),
+                group: Mutex::new(None),
+            }))),
         })
     }
 
@@ -294,7 +387,7 @@ impl Vm {
     /// `read`/`write` raise afterwards.
     fn remove_memory(&self, region: &Bound<'_, MemoryRegion>) -> PyResult<()> {
         let region = region.get();
-        if !Arc::ptr_eq(&region.vm, &self.inner) {
+        if !Arc::ptr_eq(&region.vm.0, &self.inner.0) {
             return Err(Error::Memory("the memory region belongs to another VM".into()).into());
         }
         self.inner.check_open()?;
@@ -340,8 +433,7 @@ impl Vm {
         let inner = &self.inner;
         inner.check_open()?;
         let mut vcpus = lock(&inner.vcpus);
-        vcpus.live.retain(|v| v.strong_count() > 0);
-        let used = vcpus.ids.clone();
+        let used: Vec<u64> = vcpus.all.iter().map(|v| v.id).collect();
         let id = match id {
             Some(id) if used.contains(&id) => {
                 return Err(PyValueError::new_err(format!(
@@ -371,10 +463,12 @@ impl Vm {
         let cpuid = kvm::cpuid_for_vcpu(&inner.kvm, id)?;
         fd.set_cpuid2(&cpuid)
             .map_err(|e| Error::ioctl("KVM_SET_CPUID2", e))?;
-        let vcpu = Arc::new(VcpuInner::new(id, Arc::clone(inner), fd));
-        vcpus.ids.push(id);
-        vcpus.live.push(Arc::downgrade(&vcpu));
-        Ok(Vcpu { inner: vcpu })
+        let vcpu = Arc::new(VcpuInner::new(id, Arc::clone(&inner.0), fd));
+        vcpus.all.push(Arc::clone(&vcpu));
+        Ok(Vcpu {
+            inner: vcpu,
+            handle: Arc::clone(inner),
+        })
     }
 
     /// Registers `handler` for port I/O on `ports` (an int or a `range`). Without
@@ -545,7 +639,10 @@ impl Vm {
         self.inner
             .live_vcpus()
             .into_iter()
-            .map(|inner| Vcpu { inner })
+            .map(|inner| Vcpu {
+                inner,
+                handle: Arc::clone(&self.inner),
+            })
             .collect()
     }
 
@@ -559,11 +656,7 @@ impl Vm {
     /// Idempotent. Raises `VcpuBusyError` when called from a handler of this VM's own
     /// vCPU (stop the run with `exit.stop()` and close after `run()` returns).
     fn close(&self, py: Python<'_>) -> PyResult<()> {
-        let inner = &self.inner;
-        let vcpus = inner.live_vcpus();
-        // SAFETY: gettid has no preconditions.
-        let me = unsafe { libc::gettid() };
-        if let Some(v) = vcpus.iter().find(|v| v.runner() == Some(me)) {
+        if let Some(v) = self.inner.vcpu_of_this_thread() {
             return Err(Error::Busy(format!(
                 "cannot close the VM from a handler of its own vCPU {}; call exit.stop() and close \
                  it after run() returns",
@@ -571,18 +664,116 @@ impl Vm {
             ))
             .into());
         }
-        if inner.closed.swap(true, Ordering::SeqCst) {
-            return Ok(());
-        }
-        py.detach(|| {
-            for v in &vcpus {
-                v.close();
-            }
-        });
-        lock(&inner.fd).take();
-        lock(&inner.memory).clear();
-        inner.set_handlers(HandlerTable::default());
+        py.detach(|| self.inner.shutdown());
         Ok(())
+    }
+
+    /// Runs every vCPU on its own native thread until all have stopped, and returns
+    /// their final exits (in `vcpus` order). `timeout` applies to each vCPU. With
+    /// `until="any"` the first vCPU to stop stops the others; with `until="all"` (the
+    /// default) each stops on its own. The first exception a handler raises on any vCPU
+    /// stops them all and is raised here; so is `KeyboardInterrupt` (Ctrl-C).
+    #[pyo3(signature = (timeout=None, *, until="all"))]
+    fn run(&self, py: Python<'_>, timeout: Option<f64>, until: &str) -> PyResult<Vec<Py<PyAny>>> {
+        self.start(timeout, until)?;
+        Ok(self.join(py, None)?.unwrap_or_default())
+    }
+
+    /// Starts every vCPU on its own native thread and returns at once; see `run()`.
+    #[pyo3(signature = (timeout=None, *, until="all"))]
+    fn start(&self, timeout: Option<f64>, until: &str) -> PyResult<()> {
+        let inner = &self.inner;
+        inner.check_open()?;
+        let until_any = match until {
+            "all" => false,
+            "any" => true,
+            other => {
+                return Err(PyValueError::new_err(format!(
+                    "until must be \"all\" or \"any\", not {other:?}"
+                )))
+            }
+        };
+        let deadline = crate::vcpu::deadline_after(timeout)?;
+        let mut group = lock(&inner.group);
+        if group.is_some() {
+            return Err(Error::Busy(
+                "the VM's vCPUs were started and not joined yet: call join()".into(),
+            )
+            .into());
+        }
+        let vcpus = inner.live_vcpus();
+        if vcpus.is_empty() {
+            return Err(PyValueError::new_err(
+                "the VM has no vCPUs: create_vcpu() first",
+            ));
+        }
+        *group = Some(RunGroup::start(&inner.0, vcpus, deadline, until_any)?);
+        let mut background = lock(&BACKGROUND);
+        background.retain(|w| w.strong_count() > 0);
+        if !background
+            .iter()
+            .any(|w| std::ptr::eq(w.as_ptr(), Arc::as_ptr(&inner.0)))
+        {
+            background.push(Arc::downgrade(&inner.0));
+        }
+        Ok(())
+    }
+
+    /// Waits for the vCPUs started by `start()` to stop, at most `timeout` seconds. Returns
+    /// their final exits, or None if they are still running at the timeout. Raises the first
+    /// handler exception, or `KeyboardInterrupt` on Ctrl-C (after stopping every vCPU).
+    #[pyo3(signature = (timeout=None))]
+    fn join(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Option<Vec<Py<PyAny>>>> {
+        let inner = &self.inner;
+        if let Some(v) = inner.vcpu_of_this_thread() {
+            return Err(Error::Busy(format!(
+                "cannot join the VM from a handler of its own vCPU {}",
+                v.id
+            ))
+            .into());
+        }
+        let deadline = crate::vcpu::deadline_after(timeout)?;
+        let Some(group) = lock(&inner.group).clone() else {
+            return Err(PyValueError::new_err("nothing to join: call start() first"));
+        };
+        loop {
+            let step = Duration::from_millis(50);
+            let step = deadline.map_or(step, |d| {
+                step.min(d.saturating_duration_since(Instant::now()))
+            });
+            if py.detach(|| group.wait(Some(step))) {
+                break;
+            }
+            if let Err(e) = py.check_signals() {
+                inner.stop_all();
+                py.detach(|| group.wait(None));
+                self.finish_group(&group);
+                return Err(e);
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return Ok(None);
+            }
+        }
+        if let Some(e) = self.finish_group(&group) {
+            return Err(e);
+        }
+        let mut exits = Vec::with_capacity(group.vcpus.len());
+        for v in &group.vcpus {
+            exits.push(v.last_exit(py)?.unwrap_or_else(|| py.None()));
+        }
+        Ok(Some(exits))
+    }
+
+    /// Asks every vCPU to stop; callable from any thread and from handlers. Their runs
+    /// end with reason `"stopped"`.
+    fn stop(&self) {
+        self.inner.stop_all();
+    }
+
+    /// Whether vCPUs started by `start()` have not been joined yet.
+    #[getter]
+    fn started(&self) -> bool {
+        lock(&self.inner.group).is_some()
     }
 
     fn __enter__(slf: Py<Self>) -> Py<Self> {

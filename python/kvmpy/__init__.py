@@ -7,6 +7,7 @@ with the GIL released; only the exits you register Python handlers for reach Pyt
 
 from __future__ import annotations
 
+import atexit
 from dataclasses import dataclass
 
 from kvmpy._exits import ExitReason
@@ -32,8 +33,12 @@ from kvmpy._native import (
     UnknownExit,
     Vcpu,
     Vm,
+    _shutdown_all,
 )
 from kvmpy.errors import GuestMemoryError, KvmError, KvmUnavailable, VcpuBusyError, VmClosedError
+
+# vCPU threads started by Vm.start() must stop before the interpreter goes away.
+atexit.register(_shutdown_all)
 
 Exit = ExitInfo
 """The base class of every exit object (``kvmpy.Exit`` is ``kvmpy.ExitInfo``)."""

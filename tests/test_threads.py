@@ -1,0 +1,393 @@
+"""Several vCPUs on native threads: start/join/run/stop, failures, interrupts, leaks."""
+
+from __future__ import annotations
+
+import gc
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Callable
+
+import pytest
+
+import kvmpy
+
+from .support import DEV_OUT, EXIT_PORT, LONG_LOAD, ROOT, open_fds, real_mode_vm, user_mode_vm
+
+pytestmark = pytest.mark.kvm
+
+Guest = Callable[[str], bytes]
+
+COUNT, WAIT, SET = LONG_LOAD, LONG_LOAD + 0x100, LONG_LOAD + 0x200
+COUNTER, FLAG = 0x20000, 0x20010
+JMP_SELF = bytes([0xEB, 0xFE])
+
+
+def smp_vm(
+    code: bytes, entries: list[tuple[int, dict[str, int]]]
+) -> tuple[kvmpy.Vm, list[kvmpy.Vcpu]]:
+    """A VM with `code` at 0x10000 and one 64-bit user-mode vCPU per (rip, regs) entry."""
+    vm = kvmpy.Vm()
+    vm.add_memory(0, 2 << 20).write(LONG_LOAD, code)
+    vm.add_exit_port(EXIT_PORT)
+    cpus = []
+    for rip, regs in entries:
+        cpu = vm.create_vcpu()
+        cpu.setup_long_mode(user=True)
+        cpu.set_regs(rip=rip, **regs)
+        cpus.append(cpu)
+    return vm, cpus
+
+
+def vcpu_threads() -> int:
+    """The process's kvmpy vCPU threads (named kvmpy-vcpuN)."""
+    count = 0
+    for task in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{task}/comm") as f:
+                count += f.read().startswith("kvmpy-vcpu")
+        except OSError:
+            pass  # the thread ended meanwhile
+    return count
+
+
+def rss_kib() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGESIZE") // 1024
+
+
+def test_vcpus_share_memory_and_count_atomically(guest: Guest) -> None:
+    n, k = 200_000, 3
+    vm, cpus = smp_vm(guest("smp64"), [(COUNT, {"rdi": n, "rsi": k})] * k)
+    with vm:
+        totals: list[tuple[int, int]] = []
+        vm.on_io(DEV_OUT, lambda e: totals.append((e.vcpu_id, e.value)))
+        exits = vm.run(timeout=60)
+        assert [e.reason for e in exits] == ["exit"] * k
+        assert [e.vcpu_id for e in exits] == [0, 1, 2]
+        assert int.from_bytes(vm.read(COUNTER, 8), "little") == n * k
+        # After the barrier every vCPU saw the final total.
+        assert sorted(totals) == [(i, n * k) for i in range(k)]
+        assert [c.last_exit.reason for c in cpus] == ["exit"] * k  # type: ignore[union-attr]
+
+
+def test_a_vcpu_waits_for_a_flag_another_sets(guest: Guest) -> None:
+    vm, cpus = smp_vm(guest("smp64"), [(WAIT, {}), (SET, {"rdi": 0xC0FFEE, "rsi": 1_000_000})])
+    with vm:
+        seen: list[int] = []
+        vm.on_io(DEV_OUT, lambda e: seen.append(e.value))
+        exits = vm.run(timeout=60)
+        assert [e.reason for e in exits] == ["exit", "exit"]
+        assert seen == [0xC0FFEE]
+
+
+def test_start_join_and_stop() -> None:
+    vm, cpus = smp_vm(JMP_SELF, [(LONG_LOAD, {})] * 2)
+    with vm:
+        vm.start()
+        assert vm.started
+        assert vm.join(timeout=0.1) is None  # still running
+        with pytest.raises(kvmpy.VcpuBusyError, match="join"):
+            vm.start()
+        with pytest.raises(kvmpy.VcpuBusyError):
+            cpus[0].run(timeout=0.1)
+        with pytest.raises(kvmpy.VcpuBusyError):
+            _ = cpus[1].regs
+        vm.stop()
+        exits = vm.join(timeout=10)
+        assert exits is not None and [e.reason for e in exits] == ["stopped", "stopped"]
+        assert not vm.started
+        # State is readable after the stop.
+        assert all(c.regs.rip == LONG_LOAD for c in cpus)
+        assert all(c.sregs.cs.dpl == 3 for c in cpus)
+        with pytest.raises(ValueError, match="nothing to join"):
+            vm.join()
+
+
+def test_timeout_applies_to_each_vcpu() -> None:
+    vm, _ = smp_vm(JMP_SELF, [(LONG_LOAD, {})] * 2)
+    with vm:
+        start = time.monotonic()
+        exits = vm.run(timeout=0.2)
+        assert [e.reason for e in exits] == ["timeout", "timeout"]
+        assert time.monotonic() - start < 20
+
+
+def test_one_vcpu_stopping_alone_or_stopping_all(guest: Guest) -> None:
+    code = guest("smp64")
+    # vCPU 0 finishes quickly (SET with no delay), vCPU 1 waits on a flag nobody sets...
+    vm, _ = smp_vm(code, [(SET, {"rdi": 0, "rsi": 0}), (WAIT, {})])
+    with vm:
+        exits = vm.run(timeout=0.3)  # until="all": vCPU 1 runs on until its timeout
+        assert [e.reason for e in exits] == ["exit", "timeout"]
+    vm, _ = smp_vm(code, [(SET, {"rdi": 0, "rsi": 0}), (WAIT, {})])
+    with vm:
+        exits = vm.run(timeout=30, until="any")  # the first to stop stops the others
+        assert [e.reason for e in exits] == ["exit", "stopped"]
+    with kvmpy.Vm() as vm, pytest.raises(ValueError, match="until"):
+        vm.create_vcpu()
+        vm.start(until="some")  # type: ignore[arg-type]
+
+
+def test_handler_exception_stops_every_vcpu(guest: Guest) -> None:
+    code = guest("smp64")
+    vm, cpus = smp_vm(code, [(WAIT, {}), (WAIT, {}), (SET, {"rdi": 5, "rsi": 0})])
+
+    class Boom(Exception):
+        pass
+
+    def explode(exit: kvmpy.IoExit) -> None:
+        raise Boom(f"vCPU {exit.vcpu_id}")
+
+    with vm:
+        # Only the waiters OUT to 0x11; the setter's exit port ends it first.
+        vm.on_io(DEV_OUT, explode)
+        with pytest.raises(Boom):
+            vm.run(timeout=60)
+        assert not vm.started
+        reasons = sorted(str(c.last_exit.reason) for c in cpus if c.last_exit is not None)
+        assert "exit" in reasons  # the setter finished normally
+
+
+def test_handler_exception_interrupts_vcpus_in_tight_loops(guest: Guest) -> None:
+    # vCPU 0 finds FLAG already set and OUTs it to 0x11 at once; vCPU 1 spins in `jmp $`.
+    vm, cpus = smp_vm(guest("smp64"), [(WAIT, {}), (0x30000, {})])
+    with vm:
+        vm.write(FLAG, (1).to_bytes(8, "little"))
+        vm.write(0x30000, JMP_SELF)
+        vm.on_io(DEV_OUT, lambda e: 1 / 0)
+        start = time.monotonic()
+        with pytest.raises(ZeroDivisionError):
+            vm.run(timeout=60)
+        assert time.monotonic() - start < 30  # the spinner was kicked out, not waited for
+        spinner = cpus[1].last_exit
+        assert spinner is not None and spinner.reason == "stopped"
+
+
+def test_vcpu_interrupt_wakes_a_running_guest() -> None:
+    # Real mode, no irqchip: sti ; jmp $    ISR at 0x1100: mov al, 9 ; out 0xf4, al
+    vm, cpu = real_mode_vm(bytes([0xFB, 0xEB, 0xFE]))
+    with vm:
+        ram = vm.memory_regions[0]
+        ram.write(0x1100, bytes([0xB0, 0x09, 0xE6, EXIT_PORT]))
+        ram.write(0x40 * 4, (0x1100).to_bytes(2, "little") + bytes(2))
+        vm.add_exit_port(EXIT_PORT)
+        vm.start(timeout=30)
+        time.sleep(0.1)
+        cpu.interrupt(0x40)
+        exits = vm.join(timeout=30)
+        assert exits is not None
+        assert isinstance(exits[0], kvmpy.GuestExit) and exits[0].code == 9
+        with pytest.raises(ValueError, match="outside 0..255"):
+            cpu.interrupt(256)
+
+
+def test_halted_guest_wakes_on_an_interrupt_queued_by_its_hlt_handler() -> None:
+    # sti ; hlt ; mov al, 1 ; out 0xf4, al     ISR: mov al, 0x99 ; out 0x11, al ; iret
+    vm, cpu = real_mode_vm(bytes([0xFB, 0xF4, 0xB0, 0x01, 0xE6, EXIT_PORT]))
+    with vm:
+        ram = vm.memory_regions[0]
+        ram.write(0x1100, bytes([0xB0, 0x99, 0xE6, DEV_OUT, 0xCF]))
+        ram.write(0x40 * 4, (0x1100).to_bytes(2, "little") + bytes(2))
+        vm.add_exit_port(EXIT_PORT)
+        seen: list[int] = []
+        vm.on_io(DEV_OUT, lambda e: seen.append(e.value))
+        vm.on_hlt(lambda e: cpu.interrupt(0x40))
+        exit = cpu.run(timeout=10)
+        assert isinstance(exit, kvmpy.GuestExit) and exit.code == 1
+        assert seen == [0x99]
+
+
+def test_irqchip_line_wakes_a_halted_guest() -> None:
+    # Program the PIC (vector base 0x40, only IRQ3 unmasked), sti, tell the host, hlt loop.
+    pic = bytes(
+        [
+            0xB0,
+            0x11,
+            0xE6,
+            0x20,
+            0xB0,
+            0x40,
+            0xE6,
+            0x21,
+            0xB0,
+            0x04,
+            0xE6,
+            0x21,
+            0xB0,
+            0x01,
+            0xE6,
+            0x21,
+            0xB0,
+            0xF7,
+            0xE6,
+            0x21,
+        ]
+    )
+    main = pic + bytes([0xFB, 0xB0, ord("R"), 0xE6, 0x12, 0xF4, 0xEB, 0xFD])
+    isr = bytes([0xB0, 0x20, 0xE6, 0x20, 0xB0, 0x07, 0xE6, EXIT_PORT, 0xCF])  # EOI; exit 7
+    with kvmpy.Vm(irqchip=True) as vm:
+        assert vm.irqchip
+        ram = vm.add_memory(0, 0x80000)
+        ram.write(0x1000, main)
+        ram.write(0x1100, isr)
+        ram.write(0x43 * 4, (0x1100).to_bytes(2, "little") + bytes(2))
+        cpu = vm.create_vcpu()
+        cpu.setup_real_mode(ip=0x1000)
+        vm.add_exit_port(EXIT_PORT)
+        ready = vm.add_console(0x12)
+        halts: list[kvmpy.Exit] = []
+        vm.on_hlt(halts.append)  # never called: the kernel handles HLT with an irqchip
+        vm.start(timeout=30)
+        deadline = time.monotonic() + 20
+        while not ready.output() and time.monotonic() < deadline:
+            time.sleep(0.001)
+        time.sleep(0.05)
+        vm.set_irq_line(3, True)
+        vm.set_irq_line(3, False)
+        exits = vm.join(timeout=30)
+        assert exits is not None and isinstance(exits[0], kvmpy.GuestExit)
+        assert exits[0].code == 7
+        assert halts == []
+        with pytest.raises(ValueError, match="irqchip"):
+            cpu.interrupt(0x40)
+    with kvmpy.Vm() as plain, pytest.raises(ValueError, match="no in-kernel irqchip"):
+        plain.set_irq_line(3, True)
+    with pytest.raises(ValueError, match="pit=True needs irqchip"):
+        kvmpy.Vm(pit=True)
+    kvmpy.Vm(irqchip=True, pit=True).close()
+
+
+def test_close_while_running_stops_the_vcpus() -> None:
+    before = vcpu_threads()
+    vm, _ = smp_vm(JMP_SELF, [(LONG_LOAD, {})] * 2)
+    vm.start()
+    time.sleep(0.05)
+    assert vcpu_threads() == before + 2
+    vm.close()
+    assert vcpu_threads() == before
+    assert vm.closed
+
+
+def test_dropping_the_last_reference_stops_the_vcpus() -> None:
+    gc.collect()
+    before_tasks, before_fds = vcpu_threads(), open_fds()
+    vm, cpus = smp_vm(JMP_SELF, [(LONG_LOAD, {})] * 2)
+    vm.start()
+    time.sleep(0.05)
+    assert vcpu_threads() == before_tasks + 2
+    del vm, cpus
+    gc.collect()
+    assert vcpu_threads() == before_tasks
+    assert open_fds() == before_fds
+
+
+@pytest.mark.parametrize("action", ["close", "join"])
+def test_handler_closing_or_joining_its_vm_gets_an_error(guest: Guest, action: str) -> None:
+    vm, _ = smp_vm(guest("smp64"), [(WAIT, {})])
+    with vm:
+        vm.write(FLAG, (1).to_bytes(8, "little"))  # the waiter OUTs to 0x11 at once
+        vm.on_io(DEV_OUT, lambda e: getattr(vm, action)())
+        with pytest.raises(kvmpy.VcpuBusyError, match=f"cannot {action} the VM from a handler"):
+            vm.run(timeout=30)
+        assert not vm.closed
+
+
+def test_stress_eight_vcpus_with_python_handlers(guest: Guest) -> None:
+    n, k = 300, 8
+    vm = kvmpy.Vm()
+    code = guest("counter64")
+    with vm:
+        vm.add_memory(0, 2 << 20).write(LONG_LOAD, code)
+        vm.add_exit_port(EXIT_PORT)
+        counts = [0] * k
+        values: list[list[int]] = [[] for _ in range(k)]
+
+        @vm.on_io(DEV_OUT)
+        def count(exit: kvmpy.IoExit) -> None:
+            counts[exit.vcpu_id] += 1
+            values[exit.vcpu_id].append(exit.value)
+
+        for _ in range(k):
+            cpu = vm.create_vcpu()
+            cpu.setup_long_mode(user=True)
+            cpu.set_regs(rip=LONG_LOAD, rdi=n)
+        exits = vm.run(timeout=120)
+        assert [e.reason for e in exits] == ["exit"] * k
+        assert counts == [n] * k
+        assert all(v == [i & 0xFF for i in range(n)] for v in values)
+        assert sum(c.stats()["handler_calls"] for c in vm.vcpus) == n * k
+
+
+def test_create_run_close_cycles_keep_fds_and_memory_flat(guest: Guest) -> None:
+    code = guest("smp64")
+
+    def cycle() -> None:
+        vm, _ = smp_vm(code, [(LONG_LOAD + 0x300, {})] * 2)
+        with vm:
+            assert [e.reason for e in vm.run(timeout=30)] == ["exit", "exit"]
+
+    for _ in range(50):  # warm up allocator pools
+        cycle()
+    gc.collect()
+    fds, rss, tasks = open_fds(), rss_kib(), vcpu_threads()
+    for _ in range(1000):
+        cycle()
+    gc.collect()
+    assert open_fds() == fds
+    assert vcpu_threads() == tasks
+    assert rss_kib() - rss < 16 * 1024, "RSS grew by more than 16 MiB over 1,000 cycles"
+
+
+CTRL_C_SCRIPT = textwrap.dedent(
+    """
+    import sys, kvmpy
+    vm = kvmpy.Vm()
+    vm.add_memory(0, 2 << 20).write(0x10000, bytes([0xEB, 0xFE]))
+    cpus = [vm.create_vcpu() for _ in range(2)]
+    for c in cpus:
+        c.setup_long_mode(user=True)
+        c.set_regs(rip=0x10000)
+    print("running", flush=True)
+    try:
+        vm.run(timeout=60)
+    except KeyboardInterrupt:
+        print("interrupted", [str(c.last_exit.reason) for c in cpus], flush=True)
+        sys.exit(3)
+    """
+)
+
+
+def test_ctrl_c_stops_every_vcpu() -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CTRL_C_SCRIPT],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "running"
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert out.strip() == "interrupted ['stopped', 'stopped']", err
+    assert proc.returncode == 3
+
+
+def test_vcpus_run_in_parallel_with_the_main_thread(guest: Guest) -> None:
+    vm, cpu = user_mode_vm(guest("counter64"), rdi=5_000)
+    with vm:
+        console = vm.add_console(DEV_OUT, limit=1 << 16)
+        vm.add_exit_port(EXIT_PORT)
+        vm.start(timeout=60)
+        ticks = 0
+        while vm.join(timeout=0.001) is None:
+            ticks += 1
+        assert len(console.output()) == 5_000
+        assert ticks > 0
+        assert threading.active_count() >= 1
