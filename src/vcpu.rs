@@ -247,8 +247,14 @@ impl VcpuInner {
             Ok(t) => t,
             Err(e) => return e.into(),
         };
+        // Whether the last exit was port I/O or MMIO handled here: KVM finishes such an
+        // access (registers, RIP) only when the guest is entered again.
+        let mut handled_access = false;
         let outcome = loop {
             if self.kicker.take_stop() || self.vm.is_closed() {
+                if handled_access {
+                    self.complete_pending(&mut guard);
+                }
                 break Outcome::Exit(Exit::Stopped);
             }
             let fd = match fd_of(&mut guard) {
@@ -260,6 +266,10 @@ impl VcpuInner {
             }
             let result = exit::run_once(fd);
             self.exits.fetch_add(1, Ordering::Relaxed);
+            handled_access = matches!(
+                result,
+                Ok(RunExit::Io(_)) | Ok(RunExit::Other(Exit::Mmio { .. }))
+            );
             match result {
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                     fd.set_kvm_immediate_exit(0);
@@ -340,7 +350,6 @@ impl VcpuInner {
     fn handle_io<'a>(&'a self, guard: &mut FdGuard<'a>, io: IoRaw) -> PyResult<Option<Outcome>> {
         let table = self.vm.handlers();
         let mut stopped = None;
-        let mut answered = false;
         for i in 0..io.count.max(1) {
             let element = exit::io_element(fd_of(guard)?, io, i);
             let data = if io.is_write {
@@ -365,10 +374,10 @@ impl VcpuInner {
                 }
                 Some(Handler::ExitPort(dev)) => {
                     if io.is_write {
-                        return Ok(Some(Outcome::Exit(Exit::Guest {
-                            port: dev.port,
-                            code: data.value(),
-                        })));
+                        let (port, code) = (dev.port, data.value());
+                        // Finish the OUT so the vCPU's state is consistent when read.
+                        self.complete_pending(guard);
+                        return Ok(Some(Outcome::Exit(Exit::Guest { port, code })));
                     }
                     element.fill(0);
                 }
@@ -376,7 +385,6 @@ impl VcpuInner {
                     let answer = self.call_python(guard, f, &access, io.size)?;
                     if let Some(d) = answer.data {
                         exit::io_element(fd_of(guard)?, io, i).copy_from_slice(d.as_slice());
-                        answered = true;
                     }
                     if answer.stopped.is_some() && stopped.is_none() {
                         stopped = answer.stopped;
@@ -392,9 +400,7 @@ impl VcpuInner {
         }
         match stopped {
             Some(obj) => {
-                if answered {
-                    self.complete_pending(guard);
-                }
+                self.complete_pending(guard);
                 Ok(Some(Outcome::Stopped(obj)))
             }
             None => Ok(None),
@@ -424,9 +430,9 @@ impl VcpuInner {
                 let answer = self.call_python(guard, f, &exit, size)?;
                 if let (Some(d), false) = (answer.data, is_write) {
                     exit::mmio_data(fd_of(guard)?).copy_from_slice(d.as_slice());
-                    if answer.stopped.is_some() {
-                        self.complete_pending(guard);
-                    }
+                }
+                if answer.stopped.is_some() {
+                    self.complete_pending(guard);
                 }
                 Ok(answer.stopped.map(Outcome::Stopped))
             }

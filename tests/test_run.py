@@ -173,6 +173,7 @@ def test_exit_code_is_the_value_written() -> None:
         exit = cpu.run(timeout=10)
         assert isinstance(exit, kvmpy.GuestExit)
         assert exit.code == 0x1234
+        assert cpu.regs.rip == 0x1000 + 5  # the OUT is complete: RIP is past it
         assert "GuestExit(code=4660" in repr(exit)
 
 

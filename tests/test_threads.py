@@ -391,3 +391,21 @@ def test_vcpus_run_in_parallel_with_the_main_thread(guest: Guest) -> None:
         assert len(console.output()) == 5_000
         assert ticks > 0
         assert threading.active_count() >= 1
+
+
+def test_stop_during_a_handler_completes_the_pending_in(guest: Guest) -> None:
+    """vm.stop() while an IN handler runs: the answered IN is completed before the run
+    ends, so the registers read afterwards hold the value and RIP is past the IN."""
+    vm, cpu = real_mode_vm(guest("double_real"))
+    with vm:
+
+        @vm.on_io(0x10)
+        def answer(exit: kvmpy.IoExit) -> int:
+            vm.stop()
+            return 0x1234
+
+        exits = vm.run(timeout=30)
+        assert exits[0].reason == "stopped"
+        regs = cpu.regs
+        assert regs.rax & 0xFFFFFFFF == 0x1234
+        assert guest("double_real")[regs.rip - 0x1000 - 1] == 0xED  # just after `in eax, dx`
