@@ -8,6 +8,7 @@ use std::sync::Arc;
 use pyo3::prelude::*;
 
 use crate::devices::console::ConsoleDev;
+use crate::devices::exception::ExceptionDev;
 use crate::devices::exit_port::ExitPortDev;
 use crate::error::{Error, Result};
 
@@ -18,6 +19,7 @@ pub enum Handler {
     /// Rust devices: handled on the vCPU thread without the GIL.
     Console(Arc<ConsoleDev>),
     ExitPort(Arc<ExitPortDev>),
+    Exception(Arc<ExceptionDev>),
 }
 
 impl Handler {
@@ -26,6 +28,7 @@ impl Handler {
             Handler::Python(f) => Handler::Python(f.clone_ref(py)),
             Handler::Console(d) => Handler::Console(Arc::clone(d)),
             Handler::ExitPort(d) => Handler::ExitPort(Arc::clone(d)),
+            Handler::Exception(d) => Handler::Exception(Arc::clone(d)),
         }
     }
 
@@ -39,6 +42,7 @@ impl Handler {
             Handler::ExitPort(d) => obj
                 .cast::<crate::devices::exit_port::ExitPort>()
                 .is_ok_and(|c| Arc::ptr_eq(&c.get().dev, d)),
+            Handler::Exception(_) => false,
         }
     }
 
@@ -51,6 +55,7 @@ impl Handler {
                 .unwrap_or_else(|_| "a Python handler".into()),
             Handler::Console(_) => "a console".into(),
             Handler::ExitPort(_) => "an exit port".into(),
+            Handler::Exception(_) => "the exception report port".into(),
         }
     }
 }

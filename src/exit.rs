@@ -51,6 +51,7 @@ pub enum Reason {
     InternalError,
     SystemEvent,
     Debug,
+    Exception,
     Unknown,
 }
 
@@ -68,6 +69,7 @@ impl Reason {
             Reason::InternalError => "internal_error",
             Reason::SystemEvent => "system_event",
             Reason::Debug => "debug",
+            Reason::Exception => "exception",
             Reason::Unknown => "unknown",
         }
     }
@@ -121,6 +123,16 @@ pub enum Exit {
         port: u16,
         code: u64,
     },
+    /// A CPU exception reported by the IDT stubs of `setup_long_mode(exceptions=True)`.
+    Exception {
+        vector: u64,
+        error_code: u64,
+        rip: u64,
+        cs: u64,
+        rflags: u64,
+        rsp: u64,
+        cr2: u64,
+    },
     Timeout,
     Stopped,
     /// KVM_EXIT_IRQ_WINDOW_OPEN: the guest can take an interrupt now. Handled by the run
@@ -144,6 +156,7 @@ impl Exit {
             Exit::SystemEvent { .. } => Reason::SystemEvent,
             Exit::Debug { .. } => Reason::Debug,
             Exit::Guest { .. } => Reason::Exit,
+            Exit::Exception { .. } => Reason::Exception,
             Exit::Timeout => Reason::Timeout,
             Exit::Stopped => Reason::Stopped,
             Exit::IrqWindowOpen | Exit::Unknown { .. } => Reason::Unknown,
@@ -504,6 +517,45 @@ pub struct DebugExit {
     dr7: u64,
 }
 
+/// A CPU exception in the guest, reported by the IDT stubs that
+/// `setup_long_mode(exceptions=True)` installs: reason `"exception"`.
+#[pyclass(module = "kvmpy._native", extends = ExitInfo, frozen, get_all)]
+pub struct ExceptionExit {
+    /// The exception vector (0 = #DE, 6 = #UD, 13 = #GP, 14 = #PF, ...).
+    vector: u64,
+    /// The error code the CPU pushed (0 for exceptions without one).
+    error_code: u64,
+    /// The address of the faulting instruction.
+    rip: u64,
+    /// CS at the fault (its low 2 bits are the privilege level).
+    cs: u64,
+    rflags: u64,
+    rsp: u64,
+    /// CR2: the faulting address of a page fault.
+    cr2: u64,
+}
+
+#[pymethods]
+impl ExceptionExit {
+    /// The exception's mnemonic: `"#DE"`, `"#UD"`, `"#GP"`, `"#PF"`, ...
+    #[getter]
+    fn name(&self) -> String {
+        crate::arch::x86_64::idt::name(self.vector)
+    }
+
+    fn __repr__(slf: PyRef<'_, Self>) -> String {
+        format!(
+            "ExceptionExit({} vector={} error_code={:#x} rip={:#x} cr2={:#x}, vcpu_id={})",
+            slf.name(),
+            slf.vector,
+            slf.error_code,
+            slf.rip,
+            slf.cr2,
+            slf.as_super().vcpu_id
+        )
+    }
+}
+
 /// An exit kvmpy does not interpret; `kvm_exit_reason` is the raw `KVM_EXIT_*` number.
 #[pyclass(module = "kvmpy._native", extends = ExitInfo, frozen, get_all)]
 pub struct UnknownExit {
@@ -594,6 +646,27 @@ pub fn to_python(py: Python<'_>, exit: &Exit, vcpu_id: u64) -> PyResult<Py<PyAny
                 pc: *pc,
                 dr6: *dr6,
                 dr7: *dr7,
+            }),
+        )?
+        .into_any(),
+        Exit::Exception {
+            vector,
+            error_code,
+            rip,
+            cs,
+            rflags,
+            rsp,
+            cr2,
+        } => Py::new(
+            py,
+            init.add_subclass(ExceptionExit {
+                vector: *vector,
+                error_code: *error_code,
+                rip: *rip,
+                cs: *cs,
+                rflags: *rflags,
+                rsp: *rsp,
+                cr2: *cr2,
             }),
         )?
         .into_any(),

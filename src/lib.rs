@@ -37,6 +37,7 @@ fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<exit::InternalErrorExit>()?;
     m.add_class::<exit::SystemEventExit>()?;
     m.add_class::<exit::DebugExit>()?;
+    m.add_class::<exit::ExceptionExit>()?;
     m.add_class::<exit::UnknownExit>()?;
     m.add_class::<devices::console::Console>()?;
     m.add_class::<devices::exit_port::ExitPort>()?;

@@ -372,6 +372,16 @@ impl VcpuInner {
                         element.fill(0);
                     }
                 }
+                Some(Handler::Exception(dev)) => {
+                    if !io.is_write {
+                        element.fill(0);
+                        continue;
+                    }
+                    let mut report = [0u8; x86::idt::report::SIZE];
+                    self.vm.read_memory(dev.report, &mut report)?;
+                    self.complete_pending(guard);
+                    return Ok(Some(Outcome::Exit(dev.exit(&report))));
+                }
                 Some(Handler::ExitPort(dev)) => {
                     if io.is_write {
                         let (port, code) = (dev.port, data.value());
@@ -517,6 +527,27 @@ impl VcpuInner {
         });
         *guard = Some(self.lock_run_fd());
         result
+    }
+
+    /// Walks the guest's page tables for `vaddr`.
+    fn translate(&self, vaddr: u64) -> Result<u64> {
+        let s = self.with_fd(|fd| fd.get_sregs().map_err(|e| Error::ioctl("KVM_GET_SREGS", e)))?;
+        x86::paging::translate(s.cr0, s.cr3, s.cr4, s.efer, vaddr, |gpa, size| {
+            let mut buf = [0u8; 8];
+            self.vm.read_memory(gpa, &mut buf[..size]).ok()?;
+            Some(u64::from_le_bytes(buf))
+        })
+        .map_err(|e| match e {
+            x86::paging::WalkError::NotMapped { level } => Error::Memory(format!(
+                "virtual address {vaddr:#x} is not mapped (no present entry at page-table level {level})"
+            )),
+            x86::paging::WalkError::TableOutsideMemory { gpa } => Error::Memory(format!(
+                "virtual address {vaddr:#x}: its page table at {gpa:#x} is outside guest memory"
+            )),
+            x86::paging::WalkError::NonCanonical => {
+                Error::Memory(format!("virtual address {vaddr:#x} is not canonical"))
+            }
+        })
     }
 
     fn set_pending(&self, pending: Option<PendingRead>) {
@@ -757,18 +788,60 @@ impl Vcpu {
     /// Puts the vCPU in 64-bit long mode with paging, at CPL3 (`user=True`, with IOPL=3
     /// so `in`/`out` exit to the host) or CPL0.
     ///
-    /// Writes, at guest physical `tables_addr` (page aligned, in RAM): a GDT at
-    /// `tables_addr`, a TSS whose I/O bitmap allows every port at `+0x1000`, and page
-    /// tables identity-mapping the first `map_gib` GiB with 2 MiB pages (PML4 at
-    /// `+0x4000`, PDPT at `+0x5000`, page directories from `+0x6000`), in all
-    /// `0x6000 + map_gib * 0x1000` bytes. Sets the segments, CR0/CR3/CR4/EFER and
-    /// RFLAGS; the caller sets `rip` (and `rsp` if the guest uses a stack).
-    #[pyo3(signature = (*, user=true, tables_addr=0x1000, map_gib=1))]
-    fn setup_long_mode(&self, user: bool, tables_addr: u64, map_gib: u64) -> PyResult<()> {
-        let layout = x86::LongModeLayout::at(tables_addr, map_gib).map_err(Error::Value)?;
+    /// Writes its structures into guest memory (RAM) from `tables_addr` (page aligned):
+    /// GDT at `+0x0000`, TSS (with an I/O bitmap allowing every port) at `+0x1000`, IDT at
+    /// `+0x4000`, exception stubs at `+0x5000`, their stack at `+0x6000`, PML4 at
+    /// `+0x7000`, PDPT at `+0x8000` and, with 2 MiB pages, one page directory per GiB from
+    /// `+0x9000`: `0x9000 + map_gib * 0x1000` bytes in all (`0x9000` with
+    /// `huge_pages=True`, which maps 1 GiB pages). The first `map_gib` GiB are identity
+    /// mapped, writable and user-accessible.
+    ///
+    /// With `exceptions=True` the IDT's stubs report CPU exceptions: `run()` then returns an
+    /// `ExceptionExit` (reason `"exception"`) with the vector, error code, RIP and CR2,
+    /// instead of the guest triple-faulting (reason `"shutdown"`). They report through
+    /// `exception_port`, which this registers with the VM.
+    ///
+    /// Sets the segments, CR0/CR3/CR4/EFER, GDTR/IDTR, TR and RFLAGS; the caller sets
+    /// `rip` (and `rsp` if the guest uses a stack).
+    #[pyo3(signature = (*, user=true, tables_addr=0x1000, map_gib=1, huge_pages=false, exceptions=false, exception_port=0xf6))]
+    #[allow(clippy::too_many_arguments)]
+    fn setup_long_mode(
+        &self,
+        py: Python<'_>,
+        user: bool,
+        tables_addr: u64,
+        map_gib: u64,
+        huge_pages: bool,
+        exceptions: bool,
+        exception_port: u16,
+    ) -> PyResult<()> {
+        let layout = x86::Layout::at(tables_addr, map_gib, huge_pages).map_err(Error::Value)?;
         let vm = &self.inner.vm;
+        if huge_pages && !vm.supports_1gib_pages()? {
+            return Err(Error::Value(
+                "this host's KVM does not offer 1 GiB pages (CPUID pdpe1gb) to guests; use \
+                 huge_pages=False"
+                    .into(),
+            )
+            .into());
+        }
+        vm.check_memory(layout.gdt, (layout.end() - layout.gdt) as usize)?;
+        if exceptions {
+            vm.register_exception_port(py, exception_port, layout.report)?;
+        }
         vm.write_memory(layout.gdt, &x86::gdt::table_bytes(layout.tss))?;
-        vm.write_memory(layout.tss, &x86::gdt::tss_bytes())?;
+        vm.write_memory(layout.tss, &x86::gdt::tss_bytes(layout.stack_top))?;
+        vm.write_memory(layout.report, &[0; x86::idt::report::SIZE])?;
+        if exceptions {
+            vm.write_memory(
+                layout.idt,
+                &x86::idt::idt_bytes(layout.stubs, x86::gdt::KERNEL_CODE64),
+            )?;
+            vm.write_memory(
+                layout.stubs,
+                &x86::idt::stub_code(layout.stubs, layout.report, exception_port),
+            )?;
+        }
         for (gpa, page) in x86::paging::identity_map(&layout) {
             vm.write_memory(gpa, &page)?;
         }
@@ -776,13 +849,95 @@ impl Vcpu {
             let s = fd
                 .get_sregs()
                 .map_err(|e| Error::ioctl("KVM_GET_SREGS", e))?;
-            let s = x86::long_mode_sregs(&s, &layout, user);
+            let s = x86::long_mode_sregs(&s, &layout, user, exceptions);
             fd.set_sregs(&s)
                 .map_err(|e| Error::ioctl("KVM_SET_SREGS", e))?;
             let mut r = fd.get_regs().map_err(|e| Error::ioctl("KVM_GET_REGS", e))?;
             r.rflags = x86::long_mode_rflags(user);
             fd.set_regs(&r).map_err(|e| Error::ioctl("KVM_SET_REGS", e))
         })?)
+    }
+
+    /// Puts the vCPU in flat 32-bit protected mode with paging off, at CPL0: CS selector
+    /// 0x38 (32-bit code), data selectors 0x10, base 0, limit 4 GiB. Writes the GDT at
+    /// `tables_addr` (page aligned, in RAM; 0x40 bytes). The caller sets `rip` (and
+    /// `rsp`). Interrupts are off (IF=0).
+    #[pyo3(signature = (*, tables_addr=0x1000))]
+    fn setup_protected_mode(&self, tables_addr: u64) -> PyResult<()> {
+        let layout = x86::Layout::at(tables_addr, 1, true).map_err(Error::Value)?;
+        let vm = &self.inner.vm;
+        vm.write_memory(layout.gdt, &x86::gdt::table_bytes(layout.tss))?;
+        Ok(self.inner.with_fd(|fd| {
+            let s = fd
+                .get_sregs()
+                .map_err(|e| Error::ioctl("KVM_GET_SREGS", e))?;
+            let s = x86::protected_mode_sregs(&s, &layout);
+            fd.set_sregs(&s)
+                .map_err(|e| Error::ioctl("KVM_SET_SREGS", e))?;
+            let mut r = fd.get_regs().map_err(|e| Error::ioctl("KVM_GET_REGS", e))?;
+            r.rflags = x86::RFLAGS_RESERVED;
+            fd.set_regs(&r).map_err(|e| Error::ioctl("KVM_SET_REGS", e))
+        })?)
+    }
+
+    /// Translates guest virtual address `vaddr` to a guest physical address by walking the
+    /// vCPU's page tables (per its current CR0/CR3/CR4/EFER), as the CPU would. Raises
+    /// `GuestMemoryError` when the address is not mapped.
+    fn translate(&self, vaddr: u64) -> PyResult<u64> {
+        Ok(self.inner.translate(vaddr)?)
+    }
+
+    /// `KVM_TRANSLATE`: KVM's own translation of `vaddr`, or None if KVM says it is not
+    /// mapped. (Not every KVM implements it for every mode; `translate` does not need it.)
+    fn kvm_translate(&self, vaddr: u64) -> PyResult<Option<u64>> {
+        Ok(self.inner.with_fd(|fd| {
+            let t = fd
+                .translate_gva(vaddr)
+                .map_err(|e| Error::ioctl("KVM_TRANSLATE", e))?;
+            Ok((t.valid != 0).then_some(t.physical_address))
+        })?)
+    }
+
+    /// Reads `n` bytes of guest virtual memory at `vaddr` through the vCPU's page tables
+    /// (the range may cross pages).
+    fn read_virtual<'py>(
+        &self,
+        py: Python<'py>,
+        vaddr: u64,
+        n: usize,
+    ) -> PyResult<Bound<'py, PyBytes>> {
+        let mut out = vec![0u8; 0];
+        out.try_reserve_exact(n)
+            .map_err(|_| Error::Memory(format!("cannot read {n} bytes")))?;
+        let mut addr = vaddr;
+        while out.len() < n {
+            let gpa = self.inner.translate(addr)?;
+            let chunk = ((0x1000 - (addr & 0xfff)) as usize).min(n - out.len());
+            let start = out.len();
+            out.resize(start + chunk, 0);
+            self.inner.vm.read_memory(gpa, &mut out[start..])?;
+            addr = addr.wrapping_add(chunk as u64);
+        }
+        Ok(PyBytes::new(py, &out))
+    }
+
+    /// Writes a bytes-like object to guest virtual memory at `vaddr` through the vCPU's
+    /// page tables (ignoring their write-protection, as a debugger does).
+    fn write_virtual(&self, vaddr: u64, data: &Bound<'_, PyAny>) -> PyResult<()> {
+        let data = crate::memory::bytes_arg(data)?;
+        // Translate every page first so a failure writes nothing.
+        let mut pieces = Vec::new();
+        let (mut addr, mut done) = (vaddr, 0usize);
+        while done < data.len() {
+            let chunk = ((0x1000 - (addr & 0xfff)) as usize).min(data.len() - done);
+            pieces.push((self.inner.translate(addr)?, done, chunk));
+            addr = addr.wrapping_add(chunk as u64);
+            done += chunk;
+        }
+        for (gpa, at, len) in pieces {
+            self.inner.vm.write_memory(gpa, &data[at..at + len])?;
+        }
+        Ok(())
     }
 
     /// Runs the vCPU until an exit no handler takes, a handler stops it, the guest writes

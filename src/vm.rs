@@ -11,6 +11,7 @@ use pyo3::types::{PyBytes, PyCFunction, PyRange, PyTuple};
 use pyo3::{PyTraverseError, PyVisit};
 
 use crate::devices::console::{Console, ConsoleDev};
+use crate::devices::exception::ExceptionDev;
 use crate::devices::exit_port::{ExitPort, ExitPortDev};
 use crate::dispatch::{Handler, HandlerTable};
 use crate::error::{Error, Result};
@@ -86,6 +87,38 @@ impl VmInner {
             fd.get_dirty_log(slot, size)
                 .map_err(|e| Error::ioctl("KVM_GET_DIRTY_LOG", e))
         })
+    }
+
+    /// Whether guests may use 1 GiB pages (CPUID 0x80000001 EDX bit 26).
+    pub fn supports_1gib_pages(&self) -> Result<bool> {
+        Ok(kvm::supported_cpuid(&self.kvm)?
+            .iter()
+            .any(|e| e.function == 0x8000_0001 && e.edx & (1 << 26) != 0))
+    }
+
+    /// Reads guest physical memory.
+    pub fn read_memory(&self, gpa: u64, buf: &mut [u8]) -> Result<()> {
+        lock(&self.memory).read(gpa, buf)
+    }
+
+    /// Fails unless `[gpa, gpa + len)` is guest RAM.
+    pub fn check_memory(&self, gpa: u64, len: usize) -> Result<()> {
+        self.check_open()?;
+        lock(&self.memory).check(gpa, len)
+    }
+
+    /// Registers the exception report port for reports at `report` (idempotent).
+    pub fn register_exception_port(&self, py: Python<'_>, port: u16, report: u64) -> Result<()> {
+        self.check_open()?;
+        let table = self.handlers();
+        if let Some(Handler::Exception(dev)) = table.io(port) {
+            if dev.report == report {
+                return Ok(());
+            }
+        }
+        let dev = Arc::new(ExceptionDev { port, report });
+        self.set_handlers(table.with_io(py, port, u32::from(port) + 1, Handler::Exception(dev))?);
+        Ok(())
     }
 
     /// Writes guest physical memory.

@@ -85,12 +85,15 @@ def test_long_mode_helper_sets_a_consistent_state(vm: kvmpy.Vm) -> None:
     s = cpu.sregs
     assert s.efer & 0x500 == 0x500 and s.cr0 & 0x80000001 == 0x80000001
     assert (s.cs.l, s.cs.dpl, s.ss.dpl, s.cs.selector) == (1, 3, 3, 0x1B)
-    assert s.cr3 == 0x5000 and s.tr.base == 0x2000
+    assert s.cr3 == 0x8000 and s.tr.base == 0x2000
+    assert s.idt.limit == 0  # no exception stubs unless asked for
     assert cpu.regs.rflags == 0x3002
-    pml4 = vm.read(0x5000, 8)
-    assert int.from_bytes(pml4, "little") & ~0xFFF == 0x6000
-    cpu.setup_long_mode(user=False, tables_addr=0x100000, map_gib=4)
-    assert cpu.sregs.cs.dpl == 0 and cpu.sregs.cr3 == 0x104000
+    pml4 = vm.read(0x8000, 8)
+    assert int.from_bytes(pml4, "little") & ~0xFFF == 0x9000
+    cpu.setup_long_mode(user=False, tables_addr=0x100000, map_gib=4, exceptions=True)
+    s = cpu.sregs
+    assert s.cs.dpl == 0 and s.cr3 == 0x107000
+    assert (s.idt.base, s.idt.limit) == (0x104000, 0xFFF)
 
 
 def test_long_mode_helper_bad_inputs(vm: kvmpy.Vm) -> None:
@@ -103,4 +106,5 @@ def test_long_mode_helper_bad_inputs(vm: kvmpy.Vm) -> None:
     with pytest.raises(ValueError, match="1 to 512 GiB"):
         cpu.setup_long_mode(map_gib=0)
     with pytest.raises(kvmpy.GuestMemoryError):
-        cpu.setup_long_mode(tables_addr=0xE000)  # tables run past the end of RAM
+        cpu.setup_long_mode(tables_addr=0x8000)  # tables run past the end of RAM
+    assert vm.read(0x8000, 16) == bytes(16)  # and nothing was written

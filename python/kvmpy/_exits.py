@@ -34,5 +34,8 @@ class ExitReason(StrEnum):
     """A shutdown/reset/crash request: a ``SystemEventExit``."""
     DEBUG = "debug"
     """A debug exit (breakpoint, single step): a ``DebugExit``."""
+    EXCEPTION = "exception"
+    """A CPU exception reported by ``setup_long_mode(exceptions=True)``'s stubs: an
+    ``ExceptionExit``."""
     UNKNOWN = "unknown"
     """Any other ``KVM_EXIT_*``: an ``UnknownExit`` with the raw number."""

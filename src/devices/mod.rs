@@ -1,4 +1,5 @@
 //! Devices handled in Rust on the vCPU thread, without the GIL.
 
 pub mod console;
+pub mod exception;
 pub mod exit_port;

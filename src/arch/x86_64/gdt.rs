@@ -8,6 +8,7 @@ pub const KERNEL_DATA: u16 = 0x10;
 pub const USER_CODE64: u16 = 0x18 | 3;
 pub const USER_DATA: u16 = 0x20 | 3;
 pub const TSS: u16 = 0x28;
+pub const KERNEL_CODE32: u16 = 0x38;
 
 /// Builds a descriptor from access/flags bits (`0xAFAA` style: flags in bits 12..16 of the
 /// upper byte, access byte low), base and limit, as the Intel SDM lays it out.
@@ -23,9 +24,9 @@ pub const fn entry(flags: u16, base: u32, limit: u32) -> u64 {
 /// 65536 ports, and the bitmap's terminating 0xff byte.
 pub const TSS_SIZE: u64 = 0x68 + 8192 + 1;
 
-/// The GDT: null, kernel code/data, user code/data, and a 16-byte 64-bit TSS descriptor
-/// for a TSS at `tss_base`.
-pub fn table(tss_base: u64) -> [u64; 7] {
+/// The GDT: null, kernel code/data, user code/data, a 16-byte 64-bit TSS descriptor for a
+/// TSS at `tss_base`, and 32-bit kernel code.
+pub fn table(tss_base: u64) -> [u64; 8] {
     [
         0,
         entry(0xa09b, 0, 0xfffff), // 64-bit code, DPL0, present, accessed
@@ -34,6 +35,7 @@ pub fn table(tss_base: u64) -> [u64; 7] {
         entry(0xc0f3, 0, 0xfffff), // data, DPL3
         entry(0x008b, tss_base as u32, (TSS_SIZE - 1) as u32), // busy 64-bit TSS
         tss_base >> 32,            // TSS base bits 32..64
+        entry(0xc09b, 0, 0xfffff), // 32-bit code, DPL0
     ]
 }
 
@@ -45,11 +47,14 @@ pub fn table_bytes(tss_base: u64) -> Vec<u8> {
         .collect()
 }
 
-/// The TSS's bytes: all zero (no stacks) but for the I/O map base, which points at an
-/// all-zero bitmap that allows every port, so CPL3 `in`/`out` exit to the host even where
-/// the CPU checks the bitmap regardless of IOPL (as some nested KVMs do).
-pub fn tss_bytes() -> Vec<u8> {
+/// The TSS's bytes: RSP0 and IST1 point at `stack_top` (the exception stack), and the
+/// I/O map base points at an all-zero bitmap that allows every port, so CPL3 `in`/`out`
+/// exit to the host even where the CPU checks the bitmap regardless of IOPL (as some
+/// nested KVMs do).
+pub fn tss_bytes(stack_top: u64) -> Vec<u8> {
     let mut tss = vec![0u8; TSS_SIZE as usize];
+    tss[0x04..0x0c].copy_from_slice(&stack_top.to_le_bytes()); // RSP0
+    tss[0x24..0x2c].copy_from_slice(&stack_top.to_le_bytes()); // IST1
     tss[0x66..0x68].copy_from_slice(&0x68u16.to_le_bytes());
     tss[TSS_SIZE as usize - 1] = 0xff;
     tss
@@ -112,7 +117,13 @@ mod tests {
             (tss.type_, tss.s, tss.base, tss.limit),
             (0xb, 0, 0x5000, 0x2068)
         );
-        let bytes = tss_bytes();
+        let bytes = tss_bytes(0x7000);
+        assert_eq!(
+            u64::from_le_bytes(bytes[0x24..0x2c].try_into().unwrap()),
+            0x7000
+        );
+        let code32 = segment(t[7], KERNEL_CODE32);
+        assert_eq!((code32.db, code32.l, code32.type_), (1, 0, 0xb));
         assert_eq!(u16::from_le_bytes([bytes[0x66], bytes[0x67]]), 0x68);
         assert_eq!(bytes.len(), 0x2069);
         assert_eq!(bytes[0x2068], 0xff);
@@ -122,6 +133,6 @@ mod tests {
     fn entry_matches_known_encoding() {
         // The classic flat 64-bit kernel code descriptor.
         assert_eq!(entry(0xa09b, 0, 0xfffff), 0x00af_9b00_0000_ffff);
-        assert_eq!(table_bytes(0x5000).len(), 56);
+        assert_eq!(table_bytes(0x5000).len(), 64);
     }
 }

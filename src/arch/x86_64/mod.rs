@@ -1,10 +1,15 @@
-//! x86-64 CPU mode setup: GDT entries, identity-mapped page tables and the special
-//! register values that put a vCPU straight into 64-bit long mode.
+//! x86-64 CPU mode setup: GDT and TSS, an IDT whose stubs report exceptions to the host,
+//! identity-mapped page tables, page-table walks, and the special register values that
+//! put a vCPU straight into 32-bit protected mode or 64-bit long mode.
+//!
+//! Everything here is pure (bytes and register values); the callers write the bytes into
+//! guest memory and the registers into the vCPU.
 
 pub mod gdt;
+pub mod idt;
 pub mod paging;
 
-use kvm_bindings::kvm_sregs;
+use kvm_bindings::{kvm_segment, kvm_sregs};
 
 /// CR0 bits.
 pub const CR0_PE: u64 = 1 << 0;
@@ -15,9 +20,11 @@ pub const CR0_WP: u64 = 1 << 16;
 pub const CR0_AM: u64 = 1 << 18;
 pub const CR0_PG: u64 = 1 << 31;
 /// CR4 bits.
+pub const CR4_PSE: u64 = 1 << 4;
 pub const CR4_PAE: u64 = 1 << 5;
 pub const CR4_OSFXSR: u64 = 1 << 9;
 pub const CR4_OSXMMEXCPT: u64 = 1 << 10;
+pub const CR4_LA57: u64 = 1 << 12;
 /// EFER bits.
 pub const EFER_SCE: u64 = 1 << 0;
 pub const EFER_LME: u64 = 1 << 8;
@@ -27,23 +34,39 @@ pub const EFER_NXE: u64 = 1 << 11;
 pub const RFLAGS_RESERVED: u64 = 1 << 1;
 pub const RFLAGS_IOPL3: u64 = 3 << 12;
 
-/// Where the long-mode helper puts its tables in guest memory, from `base`:
-/// GDT at `base`, TSS (with its I/O bitmap) at `base + 0x1000`, PML4 at `base + 0x4000`,
-/// PDPT at `base + 0x5000`, then one page directory per mapped GiB.
+/// Where the mode helpers put their structures in guest memory, from `base`:
+///
+/// | offset | what |
+/// |---|---|
+/// | `0x0000` | GDT |
+/// | `0x1000` | TSS with an I/O bitmap allowing every port (0x2069 bytes) |
+/// | `0x3100` | exception report written by the IDT stubs (7 u64) |
+/// | `0x4000` | IDT (256 gates) |
+/// | `0x5000` | exception stubs (ring-0 code) |
+/// | `0x6000` | exception stack (one page; its top is the TSS's IST1 and RSP0) |
+/// | `0x7000` | PML4 |
+/// | `0x8000` | PDPT |
+/// | `0x9000` | page directories, one per mapped GiB (none with 1 GiB pages) |
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct LongModeLayout {
+pub struct Layout {
     pub gdt: u64,
     pub tss: u64,
+    pub report: u64,
+    pub idt: u64,
+    pub stubs: u64,
+    pub stack_top: u64,
     pub pml4: u64,
     pub pdpt: u64,
     pub pd: u64,
-    /// GiB identity-mapped with 2 MiB pages.
+    /// GiB identity-mapped.
     pub gib: u64,
+    /// Whether the map uses 1 GiB pages (else 2 MiB pages).
+    pub huge: bool,
 }
 
-impl LongModeLayout {
-    /// The layout at `base` (page aligned) mapping `gib` GiB (1 to 512).
-    pub fn at(base: u64, gib: u64) -> Result<Self, String> {
+impl Layout {
+    /// The layout at `base` (page aligned) identity-mapping `gib` GiB (1 to 512).
+    pub fn at(base: u64, gib: u64, huge: bool) -> Result<Self, String> {
         if base % 0x1000 != 0 {
             return Err(format!("table address {base:#x} must be page aligned"));
         }
@@ -52,54 +75,97 @@ impl LongModeLayout {
                 "the identity map must cover 1 to 512 GiB, not {gib}"
             ));
         }
-        Ok(LongModeLayout {
+        if base.checked_add(0x9000 + gib * 0x1000).is_none() {
+            return Err(format!("table address {base:#x} is too high"));
+        }
+        Ok(Layout {
             gdt: base,
             tss: base + 0x1000,
-            pml4: base + 0x4000,
-            pdpt: base + 0x5000,
-            pd: base + 0x6000,
+            report: base + 0x3100,
+            idt: base + 0x4000,
+            stubs: base + 0x5000,
+            stack_top: base + 0x7000,
+            pml4: base + 0x7000,
+            pdpt: base + 0x8000,
+            pd: base + 0x9000,
             gib,
+            huge,
         })
     }
 
-    /// One past the last byte the tables use.
-    #[cfg(test)]
+    /// One past the last byte the structures use.
     pub fn end(&self) -> u64 {
-        self.pd + self.gib * 0x1000
+        if self.huge {
+            self.pd
+        } else {
+            self.pd + self.gib * 0x1000
+        }
     }
 }
 
+fn flat(selector: u16) -> kvm_segment {
+    let table = gdt::table(0);
+    gdt::segment(table[selector as usize >> 3], selector)
+}
+
 /// The special registers for flat 64-bit long mode with paging at `layout`, at CPL3
-/// (`user`) or CPL0. Fields not set here (APIC base, interrupt bitmap) keep `base`'s
-/// values.
-pub fn long_mode_sregs(base: &kvm_sregs, layout: &LongModeLayout, user: bool) -> kvm_sregs {
+/// (`user`) or CPL0. With `idt`, the IDT at `layout.idt` is loaded; otherwise the IDT is
+/// empty (any exception triple-faults). Fields not set here (APIC base, interrupt
+/// bitmap) keep `base`'s values.
+pub fn long_mode_sregs(base: &kvm_sregs, layout: &Layout, user: bool, idt: bool) -> kvm_sregs {
     let mut s = *base;
     let (code, data) = if user {
         (gdt::USER_CODE64, gdt::USER_DATA)
     } else {
         (gdt::KERNEL_CODE64, gdt::KERNEL_DATA)
     };
-    let table = gdt::table(layout.tss);
-    s.cs = gdt::segment(table[code as usize >> 3], code);
-    let ds = gdt::segment(table[data as usize >> 3], data);
+    s.cs = flat(code);
+    let ds = flat(data);
     s.ds = ds;
     s.es = ds;
     s.fs = ds;
     s.gs = ds;
     s.ss = ds;
+    let table = gdt::table(layout.tss);
     s.tr = gdt::segment(table[gdt::TSS as usize >> 3], gdt::TSS);
-    s.ldt = kvm_bindings::kvm_segment {
+    s.tr.base |= table[(gdt::TSS as usize >> 3) + 1] << 32;
+    s.ldt = kvm_segment {
         unusable: 1,
         ..Default::default()
     };
     s.gdt.base = layout.gdt;
     s.gdt.limit = (table.len() * 8 - 1) as u16;
-    s.idt.base = 0;
-    s.idt.limit = 0;
+    s.idt.base = if idt { layout.idt } else { 0 };
+    s.idt.limit = if idt {
+        (idt::VECTORS * 16 - 1) as u16
+    } else {
+        0
+    };
     s.cr0 = CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_AM | CR0_PG;
     s.cr3 = layout.pml4;
     s.cr4 = CR4_PAE | CR4_OSFXSR | CR4_OSXMMEXCPT;
     s.efer = EFER_SCE | EFER_LME | EFER_LMA | EFER_NXE;
+    s
+}
+
+/// The special registers for flat 32-bit protected mode with paging off, at CPL0: code
+/// selector 0x38, data selectors 0x10, base 0, limit 4 GiB. Keeps `base`'s TR (the reset
+/// state's busy 32-bit TSS), IDT, APIC base and interrupt bitmap.
+pub fn protected_mode_sregs(base: &kvm_sregs, layout: &Layout) -> kvm_sregs {
+    let mut s = *base;
+    s.cs = flat(gdt::KERNEL_CODE32);
+    let ds = flat(gdt::KERNEL_DATA);
+    s.ds = ds;
+    s.es = ds;
+    s.fs = ds;
+    s.gs = ds;
+    s.ss = ds;
+    s.gdt.base = layout.gdt;
+    s.gdt.limit = (gdt::table(layout.tss).len() * 8 - 1) as u16;
+    s.cr0 = CR0_PE | CR0_ET | CR0_NE;
+    s.cr3 = 0;
+    s.cr4 = 0;
+    s.efer = 0;
     s
 }
 
@@ -117,35 +183,51 @@ mod tests {
     use super::*;
 
     #[test]
-    fn layout_places_tables_in_consecutive_pages() {
-        let l = LongModeLayout::at(0x1000, 2).unwrap();
+    fn layout_places_structures_in_their_pages() {
+        let l = Layout::at(0x1000, 2, false).unwrap();
         assert_eq!(
-            (l.gdt, l.tss, l.pml4, l.pdpt, l.pd),
-            (0x1000, 0x2000, 0x5000, 0x6000, 0x7000)
+            (l.gdt, l.tss, l.idt, l.stubs),
+            (0x1000, 0x2000, 0x5000, 0x6000)
         );
-        assert_eq!(l.end(), 0x9000);
-        assert!(l.tss + gdt::TSS_SIZE <= l.pml4);
-        assert!(LongModeLayout::at(0x1001, 1).is_err());
-        assert!(LongModeLayout::at(0x1000, 0).is_err());
-        assert!(LongModeLayout::at(0x1000, 513).is_err());
+        assert_eq!((l.pml4, l.pdpt, l.pd), (0x8000, 0x9000, 0xa000));
+        assert!(l.tss + gdt::TSS_SIZE <= l.report);
+        assert!(l.report + 56 <= l.idt);
+        assert_eq!(l.stack_top, l.pml4);
+        assert_eq!(l.end(), 0xc000);
+        assert_eq!(Layout::at(0x1000, 2, true).unwrap().end(), 0xa000);
+        assert!(Layout::at(0x1001, 1, false).is_err());
+        assert!(Layout::at(0x1000, 0, false).is_err());
+        assert!(Layout::at(0x1000, 513, false).is_err());
+        assert!(Layout::at(u64::MAX - 0xfff, 1, false).is_err());
     }
 
     #[test]
     fn user_mode_runs_at_cpl3_with_paging() {
-        let l = LongModeLayout::at(0x1000, 1).unwrap();
-        let s = long_mode_sregs(&kvm_sregs::default(), &l, true);
-        assert_eq!(s.cs.dpl, 3);
-        assert_eq!(s.cs.selector & 3, 3);
-        assert_eq!(s.cs.l, 1);
-        assert_eq!(s.ss.dpl, 3);
-        assert_eq!(s.ss.selector & 3, 3);
-        assert_eq!(s.cr3, 0x5000);
-        assert_eq!(s.tr.base, 0x2000);
+        let l = Layout::at(0x1000, 1, false).unwrap();
+        let s = long_mode_sregs(&kvm_sregs::default(), &l, true, true);
+        assert_eq!((s.cs.dpl, s.cs.selector & 3, s.cs.l), (3, 3, 1));
+        assert_eq!((s.ss.dpl, s.ss.selector & 3), (3, 3));
+        assert_eq!(s.cr3, l.pml4);
+        assert_eq!(s.tr.base, l.tss);
+        assert_eq!((s.idt.base, s.idt.limit), (l.idt, 4095));
         assert_ne!(s.cr0 & CR0_PG, 0);
         assert_ne!(s.efer & EFER_LMA, 0);
         assert_eq!(long_mode_rflags(true) & RFLAGS_IOPL3, RFLAGS_IOPL3);
-        let k = long_mode_sregs(&kvm_sregs::default(), &l, false);
-        assert_eq!(k.cs.dpl, 0);
-        assert_eq!(k.cs.selector, gdt::KERNEL_CODE64);
+        let k = long_mode_sregs(&kvm_sregs::default(), &l, false, false);
+        assert_eq!((k.cs.dpl, k.cs.selector), (0, gdt::KERNEL_CODE64));
+        assert_eq!(k.idt.limit, 0);
+    }
+
+    #[test]
+    fn protected_mode_is_flat_32_bit_without_paging() {
+        let l = Layout::at(0x1000, 1, false).unwrap();
+        let s = protected_mode_sregs(&kvm_sregs::default(), &l);
+        assert_eq!(
+            (s.cs.selector, s.cs.db, s.cs.l, s.cs.limit),
+            (0x38, 1, 0, 0xffff_ffff)
+        );
+        assert_eq!((s.ds.selector, s.ds.db), (0x10, 1));
+        assert_eq!(s.cr0 & (CR0_PE | CR0_PG), CR0_PE);
+        assert_eq!(s.efer, 0);
     }
 }

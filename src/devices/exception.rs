@@ -1,0 +1,30 @@
+//! The port through which the exception stubs of `setup_long_mode(exceptions=True)`
+//! report a CPU exception; the run then ends with an `"exception"` exit.
+
+use crate::arch::x86_64::idt::report;
+use crate::exit::Exit;
+
+pub struct ExceptionDev {
+    pub port: u16,
+    /// Guest physical address of the report the stubs fill in.
+    pub report: u64,
+}
+
+impl ExceptionDev {
+    /// The exit for the report in `bytes` (read from guest memory at `self.report`).
+    pub fn exit(&self, bytes: &[u8; report::SIZE]) -> Exit {
+        let field = |at: u64| {
+            let at = at as usize;
+            u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8-byte slot"))
+        };
+        Exit::Exception {
+            vector: field(report::VECTOR),
+            error_code: field(report::ERROR_CODE),
+            rip: field(report::RIP),
+            cs: field(report::CS),
+            rflags: field(report::RFLAGS),
+            rsp: field(report::RSP),
+            cr2: field(report::CR2),
+        }
+    }
+}
