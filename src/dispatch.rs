@@ -10,6 +10,8 @@ use pyo3::prelude::*;
 use crate::devices::console::ConsoleDev;
 use crate::devices::exception::ExceptionDev;
 use crate::devices::exit_port::ExitPortDev;
+use crate::devices::hostcall::HostCallDev;
+use crate::devices::uart::UartDev;
 use crate::error::{Error, Result};
 
 /// Who handles an exit.
@@ -20,6 +22,8 @@ pub enum Handler {
     Console(Arc<ConsoleDev>),
     ExitPort(Arc<ExitPortDev>),
     Exception(Arc<ExceptionDev>),
+    Uart(Arc<UartDev>),
+    HostCall(Arc<HostCallDev>),
 }
 
 impl Handler {
@@ -29,6 +33,8 @@ impl Handler {
             Handler::Console(d) => Handler::Console(Arc::clone(d)),
             Handler::ExitPort(d) => Handler::ExitPort(Arc::clone(d)),
             Handler::Exception(d) => Handler::Exception(Arc::clone(d)),
+            Handler::Uart(d) => Handler::Uart(Arc::clone(d)),
+            Handler::HostCall(d) => Handler::HostCall(Arc::clone(d)),
         }
     }
 
@@ -42,7 +48,10 @@ impl Handler {
             Handler::ExitPort(d) => obj
                 .cast::<crate::devices::exit_port::ExitPort>()
                 .is_ok_and(|c| Arc::ptr_eq(&c.get().dev, d)),
-            Handler::Exception(_) => false,
+            Handler::Uart(d) => obj
+                .cast::<crate::devices::uart::Uart>()
+                .is_ok_and(|c| Arc::ptr_eq(&c.get().dev, d)),
+            Handler::Exception(_) | Handler::HostCall(_) => false,
         }
     }
 
@@ -56,6 +65,8 @@ impl Handler {
             Handler::Console(_) => "a console".into(),
             Handler::ExitPort(_) => "an exit port".into(),
             Handler::Exception(_) => "the exception report port".into(),
+            Handler::Uart(_) => "a UART".into(),
+            Handler::HostCall(_) => "the host-call port".into(),
         }
     }
 }
@@ -205,8 +216,16 @@ impl HandlerTable {
         let io = self.io.iter().map(|r| &r.handler);
         let mmio = self.mmio.iter().map(|r| &r.handler);
         for h in io.chain(mmio) {
-            if let Handler::Python(p) = h {
-                f(p)?;
+            match h {
+                Handler::Python(p) => f(p)?,
+                Handler::HostCall(dev) => {
+                    if let Ok(functions) = dev.functions.try_lock() {
+                        for h in functions.values() {
+                            f(&h.f)?;
+                        }
+                    }
+                }
+                _ => {}
             }
         }
         if let Some(h) = &self.hlt {
@@ -234,7 +253,10 @@ mod tests {
     use super::*;
 
     fn exit_port(port: u16) -> Handler {
-        Handler::ExitPort(Arc::new(ExitPortDev { port }))
+        Handler::ExitPort(Arc::new(ExitPortDev {
+            port,
+            debug_exit: false,
+        }))
     }
 
     #[test]

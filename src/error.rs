@@ -32,6 +32,9 @@ pub enum Error {
     /// The vCPU cannot be used from this thread right now.
     #[error("{0}")]
     Busy(String),
+    /// KVM refused a request that has no errno of its own.
+    #[error("{0}")]
+    Refused(String),
     /// A bad argument value.
     #[error("{0}")]
     Value(String),
@@ -58,6 +61,7 @@ impl From<Error> for PyErr {
             Error::Memory(_) => GuestMemoryError::new_err((msg,)),
             Error::Closed(_) => VmClosedError::new_err((msg,)),
             Error::Busy(_) => VcpuBusyError::new_err((msg,)),
+            Error::Refused(_) => KvmError::new_err((msg,)),
             Error::Value(_) => PyValueError::new_err(msg),
             Error::Type(_) => PyTypeError::new_err(msg),
         }

@@ -205,7 +205,7 @@ pub fn capability_number(cap: &Bound<'_, PyAny>) -> PyResult<u32> {
 }
 
 /// One entry of a CPUID table.
-#[pyclass(module = "kvmpy._native", frozen, get_all, eq)]
+#[pyclass(module = "kvmpy._native", frozen, get_all, eq, from_py_object)]
 #[derive(Clone, PartialEq, Eq)]
 pub struct CpuidEntry {
     pub function: u32,
@@ -219,11 +219,52 @@ pub struct CpuidEntry {
 
 #[pymethods]
 impl CpuidEntry {
+    #[new]
+    #[pyo3(signature = (function, index=0, flags=0, eax=0, ebx=0, ecx=0, edx=0))]
+    fn new(function: u32, index: u32, flags: u32, eax: u32, ebx: u32, ecx: u32, edx: u32) -> Self {
+        CpuidEntry {
+            function,
+            index,
+            flags,
+            eax,
+            ebx,
+            ecx,
+            edx,
+        }
+    }
+
     fn __repr__(&self) -> String {
         format!(
             "CpuidEntry(function={:#x}, index={:#x}, flags={:#x}, eax={:#010x}, ebx={:#010x}, ecx={:#010x}, edx={:#010x})",
             self.function, self.index, self.flags, self.eax, self.ebx, self.ecx, self.edx
         )
+    }
+}
+
+impl CpuidEntry {
+    pub fn from_kvm(e: &kvm_cpuid_entry2) -> Self {
+        CpuidEntry {
+            function: e.function,
+            index: e.index,
+            flags: e.flags,
+            eax: e.eax,
+            ebx: e.ebx,
+            ecx: e.ecx,
+            edx: e.edx,
+        }
+    }
+
+    pub fn to_kvm(&self) -> kvm_cpuid_entry2 {
+        kvm_cpuid_entry2 {
+            function: self.function,
+            index: self.index,
+            flags: self.flags,
+            eax: self.eax,
+            ebx: self.ebx,
+            ecx: self.ecx,
+            edx: self.edx,
+            ..Default::default()
+        }
     }
 }
 
@@ -295,15 +336,7 @@ impl PyKvm {
     fn supported_cpuid(&self) -> PyResult<Vec<CpuidEntry>> {
         Ok(supported_cpuid(&self.kvm)?
             .iter()
-            .map(|e| CpuidEntry {
-                function: e.function,
-                index: e.index,
-                flags: e.flags,
-                eax: e.eax,
-                ebx: e.ebx,
-                ecx: e.ecx,
-                edx: e.edx,
-            })
+            .map(CpuidEntry::from_kvm)
             .collect())
     }
 

@@ -41,6 +41,7 @@ fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<exit::UnknownExit>()?;
     m.add_class::<devices::console::Console>()?;
     m.add_class::<devices::exit_port::ExitPort>()?;
+    m.add_class::<devices::uart::Uart>()?;
     m.add_function(wrap_pyfunction!(vm::shutdown_all, m)?)?;
     m.add("KVM_API_VERSION", kvm::KVM_API_VERSION)?;
     Ok(())

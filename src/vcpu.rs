@@ -17,10 +17,12 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
 
 use crate::arch::x86_64 as x86;
+use crate::devices::hostcall::HostCallDev;
 use crate::dispatch::Handler;
 use crate::error::{Error, Result};
 use crate::exit::{self, Data, Exit, IoRaw, RunExit};
 use crate::kick::{self, Deadline, Kicker, Registration};
+use crate::kvm::CpuidEntry;
 use crate::regs::{Regs, Sregs};
 use crate::vm::VmInner;
 
@@ -372,6 +374,24 @@ impl VcpuInner {
                         element.fill(0);
                     }
                 }
+                Some(Handler::Uart(dev)) => {
+                    for (k, b) in element.iter_mut().enumerate() {
+                        let port = io.port.wrapping_add(k as u16);
+                        if io.is_write {
+                            dev.write(port, *b);
+                        } else {
+                            *b = dev.read(port);
+                        }
+                    }
+                }
+                Some(Handler::HostCall(dev)) => {
+                    if io.is_write {
+                        let dev = Arc::clone(dev);
+                        self.host_call(guard, &dev, data.value() as u32)?;
+                    } else {
+                        element.fill(0);
+                    }
+                }
                 Some(Handler::Exception(dev)) => {
                     if !io.is_write {
                         element.fill(0);
@@ -384,7 +404,7 @@ impl VcpuInner {
                 }
                 Some(Handler::ExitPort(dev)) => {
                     if io.is_write {
-                        let (port, code) = (dev.port, data.value());
+                        let (port, code) = (dev.port, dev.code(data.value()));
                         // Finish the OUT so the vCPU's state is consistent when read.
                         self.complete_pending(guard);
                         return Ok(Some(Outcome::Exit(Exit::Guest { port, code })));
@@ -461,6 +481,59 @@ impl VcpuInner {
             Exit::IrqWindowOpen => Ok(None),
             other => Ok(Some(Outcome::Exit(other))),
         }
+    }
+
+    /// Calls host function `number` with the guest's argument registers and puts the
+    /// result in RAX. The vCPU lock is released while Python runs, as for handlers.
+    fn host_call<'a>(
+        &'a self,
+        guard: &mut FdGuard<'a>,
+        dev: &HostCallDev,
+        number: u32,
+    ) -> PyResult<()> {
+        let r = fd_of(guard)?
+            .get_regs()
+            .map_err(|e| Error::ioctl("KVM_GET_REGS", e))?;
+        let args = [r.rdi, r.rsi, r.rdx, r.r10, r.r8, r.r9];
+        guard.take();
+        self.python_calls.fetch_add(1, Ordering::Relaxed);
+        let result = Python::attach(|py| -> PyResult<u64> {
+            let Some((f, nargs)) = dev.get(py, number) else {
+                return Err(PyValueError::new_err(format!(
+                    "the guest called host function {number} (port {:#x}), which is not registered",
+                    dev.port
+                )));
+            };
+            let args = pyo3::types::PyTuple::new(py, &args[..nargs])?;
+            let ret = f.call1(py, args)?;
+            let ret = ret.bind(py);
+            if ret.is_none() {
+                return Ok(0);
+            }
+            if ret.cast::<pyo3::types::PyInt>().is_err() {
+                return Err(PyTypeError::new_err(format!(
+                    "host function {number} ({}) returned {}; it must return an int or None",
+                    describe(f.bind(py)),
+                    type_name(ret)
+                )));
+            }
+            ret.extract::<u64>()
+                .or_else(|_| ret.extract::<i64>().map(|v| v as u64))
+                .map_err(|_| {
+                    PyValueError::new_err(format!(
+                        "host function {number} ({}) returned {ret}, which does not fit in 64 bits",
+                        describe(f.bind(py))
+                    ))
+                })
+        });
+        *guard = Some(self.lock_run_fd());
+        let value = result?;
+        let fd = fd_of(guard)?;
+        let mut r = fd.get_regs().map_err(|e| Error::ioctl("KVM_GET_REGS", e))?;
+        r.rax = value;
+        fd.set_regs(&r)
+            .map_err(|e| Error::ioctl("KVM_SET_REGS", e))?;
+        Ok(())
     }
 
     /// Re-enters the guest with `immediate_exit` set so KVM completes a pending IN or MMIO
@@ -878,6 +951,85 @@ impl Vcpu {
             r.rflags = x86::RFLAGS_RESERVED;
             fd.set_regs(&r).map_err(|e| Error::ioctl("KVM_SET_REGS", e))
         })?)
+    }
+
+    /// The vCPU's CPUID table (`KVM_GET_CPUID2`). New vCPUs get the host's supported
+    /// CPUID with the hypervisor bit and their APIC id set.
+    fn get_cpuid(&self) -> PyResult<Vec<CpuidEntry>> {
+        Ok(self.inner.with_fd(|fd| {
+            let cpuid = fd
+                .get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+                .map_err(|e| Error::ioctl("KVM_GET_CPUID2", e))?;
+            Ok(cpuid.as_slice().iter().map(CpuidEntry::from_kvm).collect())
+        })?)
+    }
+
+    /// Replaces the vCPU's CPUID table (`KVM_SET_CPUID2`). Do it before the first run: KVM
+    /// refuses changes once the vCPU has run.
+    fn set_cpuid(&self, entries: Vec<CpuidEntry>) -> PyResult<()> {
+        let raw: Vec<_> = entries.iter().map(CpuidEntry::to_kvm).collect();
+        let cpuid = kvm_bindings::CpuId::from_entries(&raw).map_err(|_| {
+            Error::Value(format!(
+                "too many CPUID entries ({}, at most {})",
+                raw.len(),
+                kvm_bindings::KVM_MAX_CPUID_ENTRIES
+            ))
+        })?;
+        Ok(self.inner.with_fd(|fd| {
+            fd.set_cpuid2(&cpuid)
+                .map_err(|e| Error::ioctl("KVM_SET_CPUID2", e))
+        })?)
+    }
+
+    /// Reads model-specific registers: `{index: value}` for each index. Raises
+    /// `KvmError` naming the first MSR KVM refused.
+    fn get_msrs(&self, indices: Vec<u32>) -> PyResult<std::collections::BTreeMap<u32, u64>> {
+        let entries: Vec<_> = indices
+            .iter()
+            .map(|&index| kvm_bindings::kvm_msr_entry {
+                index,
+                ..Default::default()
+            })
+            .collect();
+        let mut msrs = kvm_bindings::Msrs::from_entries(&entries)
+            .map_err(|_| Error::Value(format!("too many MSRs ({})", entries.len())))?;
+        let n = self.inner.with_fd(|fd| {
+            fd.get_msrs(&mut msrs)
+                .map_err(|e| Error::ioctl("KVM_GET_MSRS", e))
+        })?;
+        if n < indices.len() {
+            return Err(
+                Error::Refused(format!("KVM refused to read MSR {:#x}", indices[n])).into(),
+            );
+        }
+        Ok(msrs.as_slice().iter().map(|e| (e.index, e.data)).collect())
+    }
+
+    /// Writes model-specific registers from `{index: value}`. Raises `KvmError` naming the
+    /// first MSR KVM refused (the ones before it were written).
+    fn set_msrs(&self, values: std::collections::BTreeMap<u32, u64>) -> PyResult<()> {
+        let entries: Vec<_> = values
+            .iter()
+            .map(|(&index, &data)| kvm_bindings::kvm_msr_entry {
+                index,
+                data,
+                ..Default::default()
+            })
+            .collect();
+        let msrs = kvm_bindings::Msrs::from_entries(&entries)
+            .map_err(|_| Error::Value(format!("too many MSRs ({})", entries.len())))?;
+        let n = self.inner.with_fd(|fd| {
+            fd.set_msrs(&msrs)
+                .map_err(|e| Error::ioctl("KVM_SET_MSRS", e))
+        })?;
+        if n < entries.len() {
+            return Err(Error::Refused(format!(
+                "KVM refused to write {:#x} to MSR {:#x}",
+                entries[n].data, entries[n].index
+            ))
+            .into());
+        }
+        Ok(())
     }
 
     /// Translates guest virtual address `vaddr` to a guest physical address by walking the

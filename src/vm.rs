@@ -13,6 +13,8 @@ use pyo3::{PyTraverseError, PyVisit};
 use crate::devices::console::{Console, ConsoleDev};
 use crate::devices::exception::ExceptionDev;
 use crate::devices::exit_port::{ExitPort, ExitPortDev};
+use crate::devices::hostcall::{arg_count, HostCallDev, HostFn};
+use crate::devices::uart::{Uart, UartDev};
 use crate::dispatch::{Handler, HandlerTable};
 use crate::error::{Error, Result};
 use crate::kvm;
@@ -268,6 +270,50 @@ pub fn shutdown_all(py: Python<'_>) {
 }
 
 impl Vm {
+    fn exit_port(&self, py: Python<'_>, port: i64, debug_exit: bool) -> PyResult<ExitPort> {
+        let port = single_port(port)?;
+        let dev = Arc::new(ExitPortDev { port, debug_exit });
+        self.register_io(
+            py,
+            (port, u32::from(port) + 1),
+            Handler::ExitPort(Arc::clone(&dev)),
+        )?;
+        Ok(ExitPort { dev })
+    }
+
+    fn register_host_function(&self, number: u32, f: &Bound<'_, PyAny>, port: u16) -> PyResult<()> {
+        let py = f.py();
+        self.inner.check_open()?;
+        check_callable(f)?;
+        let nargs = arg_count(f)?;
+        let table = self.inner.handlers();
+        let dev = match table.io(port) {
+            Some(Handler::HostCall(dev)) => Arc::clone(dev),
+            _ => {
+                let dev = Arc::new(HostCallDev::new(port));
+                let new = table.with_io(
+                    py,
+                    port,
+                    u32::from(port) + 1,
+                    Handler::HostCall(Arc::clone(&dev)),
+                )?;
+                self.inner.set_handlers(new);
+                dev
+            }
+        };
+        dev.functions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(
+                number,
+                HostFn {
+                    f: f.clone().unbind(),
+                    nargs,
+                },
+            );
+        Ok(())
+    }
+
     /// Joins a finished group's threads, forgets it, and returns its first error.
     fn finish_group(&self, group: &Arc<RunGroup>) -> Option<PyErr> {
         let mut current = lock(&self.inner.group);
@@ -630,14 +676,64 @@ impl Vm {
     /// Adds an exit port: a guest OUT to `port` ends `run()` with a `GuestExit` whose
     /// `reason` is `"exit"` and `code` the value written.
     fn add_exit_port(&self, py: Python<'_>, port: i64) -> PyResult<ExitPort> {
-        let port = single_port(port)?;
-        let dev = Arc::new(ExitPortDev { port });
+        self.exit_port(py, port, false)
+    }
+
+    /// Adds QEMU's isa-debug-exit device on `port`: a guest write of v ends `run()` with a
+    /// `GuestExit` whose `code` is `(v << 1) | 1`, as with `qemu -device isa-debug-exit`.
+    #[pyo3(signature = (port=0xf4))]
+    fn add_debug_exit(&self, py: Python<'_>, port: i64) -> PyResult<ExitPort> {
+        self.exit_port(py, port, true)
+    }
+
+    /// Adds a 16550-style UART on ports `port..port+8`, handled natively (no Python call
+    /// per byte): read what the guest sent with `uart.output()`, give it input with
+    /// `uart.feed(data)`. Keeps the last `limit` bytes of output.
+    #[pyo3(signature = (port=0x3f8, *, limit=1 << 20))]
+    fn add_uart(&self, py: Python<'_>, port: i64, limit: usize) -> PyResult<Uart> {
+        if limit == 0 {
+            return Err(PyValueError::new_err("UART limit must be positive"));
+        }
+        let base = single_port(port)?;
+        if u32::from(base) + 8 > 0x10000 {
+            return Err(PyValueError::new_err(format!(
+                "a UART at {base:#x} would run past port 0xffff"
+            )));
+        }
+        let dev = Arc::new(UartDev::new(base, limit));
         self.register_io(
             py,
-            (port, u32::from(port) + 1),
-            Handler::ExitPort(Arc::clone(&dev)),
+            (base, u32::from(base) + 8),
+            Handler::Uart(Arc::clone(&dev)),
         )?;
-        Ok(ExitPort { dev })
+        Ok(Uart { dev })
+    }
+
+    /// Registers `handler` as host function `number` (0 to 2**32-1), which guests call
+    /// with `out <port>, eax` (EAX = number; arguments in RDI, RSI, RDX, R10, R8, R9; the
+    /// result comes back in RAX). The handler gets as many arguments as it declares
+    /// positional parameters and returns an int (or None for 0). Without `handler`, returns
+    /// a decorator. All host functions of a VM share one port.
+    #[pyo3(signature = (number, handler=None, *, port=0xf5))]
+    fn host_function<'py>(
+        slf: &Bound<'py, Self>,
+        number: u32,
+        handler: Option<&Bound<'py, PyAny>>,
+        port: i64,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let port = single_port(port)?;
+        match handler {
+            Some(h) => {
+                slf.get().register_host_function(number, h, port)?;
+                Ok(h.clone())
+            }
+            None => {
+                let vm = slf.clone().unbind();
+                Self::decorator(slf.py(), move |f| {
+                    vm.get().register_host_function(number, f, port)
+                })
+            }
+        }
     }
 
     /// Whether the VM has an in-kernel irqchip.

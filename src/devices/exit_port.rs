@@ -6,6 +6,19 @@ use pyo3::prelude::*;
 
 pub struct ExitPortDev {
     pub port: u16,
+    /// QEMU's isa-debug-exit convention: a write of v ends the run with code (v << 1) | 1.
+    pub debug_exit: bool,
+}
+
+impl ExitPortDev {
+    /// The exit code for a guest write of `value`.
+    pub fn code(&self, value: u64) -> u64 {
+        if self.debug_exit {
+            (value << 1) | 1
+        } else {
+            value
+        }
+    }
 }
 
 /// A port whose OUT ends the run: `run()` returns a `GuestExit` with `code` set to the value
@@ -23,7 +36,21 @@ impl ExitPort {
         self.dev.port
     }
 
+    /// Whether codes follow the isa-debug-exit convention ((value << 1) | 1).
+    #[getter]
+    fn debug_exit(&self) -> bool {
+        self.dev.debug_exit
+    }
+
     fn __repr__(&self) -> String {
-        format!("ExitPort(port={:#x})", self.dev.port)
+        format!(
+            "ExitPort(port={:#x}{})",
+            self.dev.port,
+            if self.dev.debug_exit {
+                ", debug_exit"
+            } else {
+                ""
+            }
+        )
     }
 }

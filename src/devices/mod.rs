@@ -3,3 +3,5 @@
 pub mod console;
 pub mod exception;
 pub mod exit_port;
+pub mod hostcall;
+pub mod uart;

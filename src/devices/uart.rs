@@ -1,0 +1,189 @@
+//! A 16550 UART subset, enough for guests that poll the line status register before
+//! writing: transmit, receive (from bytes the host feeds), LSR/IIR/LCR/MCR/scratch and the
+//! divisor latch. No interrupts and no FIFO timing.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+
+use pyo3::prelude::*;
+use pyo3::types::PyBytes;
+
+use crate::memory::bytes_arg;
+
+const THR_RBR_DLL: u16 = 0;
+const IER_DLM: u16 = 1;
+const IIR_FCR: u16 = 2;
+const LCR: u16 = 3;
+const MCR: u16 = 4;
+const LSR: u16 = 5;
+const MSR: u16 = 6;
+const SCR: u16 = 7;
+
+const LCR_DLAB: u8 = 0x80;
+const LSR_DATA_READY: u8 = 0x01;
+const LSR_THR_EMPTY: u8 = 0x20;
+const LSR_TRANSMITTER_EMPTY: u8 = 0x40;
+const IIR_NO_INTERRUPT: u8 = 0x01;
+const IIR_FIFO_ENABLED: u8 = 0xc0;
+const MSR_CTS_DSR_DCD: u8 = 0xb0;
+
+#[derive(Default)]
+struct Regs {
+    ier: u8,
+    lcr: u8,
+    mcr: u8,
+    scr: u8,
+    fcr: u8,
+    dll: u8,
+    dlm: u8,
+    input: VecDeque<u8>,
+    output: Vec<u8>,
+}
+
+/// The UART's state, shared by the handler table and the Python object.
+pub struct UartDev {
+    pub base: u16,
+    limit: usize,
+    regs: Mutex<Regs>,
+}
+
+impl UartDev {
+    pub fn new(base: u16, limit: usize) -> Self {
+        UartDev {
+            base,
+            limit,
+            regs: Mutex::new(Regs {
+                dll: 12, // 9600 baud, as after a BIOS
+                ..Default::default()
+            }),
+        }
+    }
+
+    fn regs(&self) -> std::sync::MutexGuard<'_, Regs> {
+        self.regs.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A guest OUT of `value` to `port`.
+    pub fn write(&self, port: u16, value: u8) {
+        let mut r = self.regs();
+        let dlab = r.lcr & LCR_DLAB != 0;
+        match port.wrapping_sub(self.base) {
+            THR_RBR_DLL if dlab => r.dll = value,
+            THR_RBR_DLL => {
+                r.output.push(value);
+                if r.output.len() > self.limit {
+                    let cut = r.output.len() - self.limit / 2;
+                    r.output.drain(..cut);
+                }
+            }
+            IER_DLM if dlab => r.dlm = value,
+            IER_DLM => r.ier = value & 0x0f,
+            IIR_FCR => {
+                r.fcr = value;
+                if value & 0x02 != 0 {
+                    r.input.clear(); // receive FIFO reset
+                }
+            }
+            LCR => r.lcr = value,
+            MCR => r.mcr = value & 0x1f,
+            SCR => r.scr = value,
+            _ => {} // LSR and MSR are read-only
+        }
+    }
+
+    /// A guest IN from `port`.
+    pub fn read(&self, port: u16) -> u8 {
+        let mut r = self.regs();
+        let dlab = r.lcr & LCR_DLAB != 0;
+        match port.wrapping_sub(self.base) {
+            THR_RBR_DLL if dlab => r.dll,
+            THR_RBR_DLL => r.input.pop_front().unwrap_or(0),
+            IER_DLM if dlab => r.dlm,
+            IER_DLM => r.ier,
+            IIR_FCR => IIR_NO_INTERRUPT | if r.fcr & 1 != 0 { IIR_FIFO_ENABLED } else { 0 },
+            LCR => r.lcr,
+            MCR => r.mcr,
+            LSR => {
+                LSR_THR_EMPTY
+                    | LSR_TRANSMITTER_EMPTY
+                    | if r.input.is_empty() {
+                        0
+                    } else {
+                        LSR_DATA_READY
+                    }
+            }
+            MSR => MSR_CTS_DSR_DCD,
+            SCR => r.scr,
+            _ => 0xff,
+        }
+    }
+}
+
+/// A 16550-style UART on 8 ports from `port`, handled natively: what the guest transmits
+/// is collected (`output()`), what you `feed()` it the guest can receive. LSR always says
+/// the transmitter is ready, so guests that poll it before writing work.
+#[pyclass(module = "kvmpy._native", frozen)]
+pub struct Uart {
+    pub dev: Arc<UartDev>,
+}
+
+#[pymethods]
+impl Uart {
+    /// The UART's base port.
+    #[getter]
+    fn port(&self) -> u16 {
+        self.dev.base
+    }
+
+    /// What the guest has transmitted so far.
+    fn output<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        PyBytes::new(py, &self.dev.regs().output)
+    }
+
+    /// Returns what the guest has transmitted and empties the buffer.
+    fn take<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        PyBytes::new(py, &std::mem::take(&mut self.dev.regs().output))
+    }
+
+    /// Queues bytes for the guest to receive.
+    fn feed(&self, data: &Bound<'_, PyAny>) -> PyResult<()> {
+        let data = bytes_arg(data)?;
+        self.dev.regs().input.extend(data.iter());
+        Ok(())
+    }
+
+    fn __repr__(&self) -> String {
+        format!("Uart(port={:#x})", self.dev.base)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transmit_receive_and_line_status() {
+        let u = UartDev::new(0x3f8, 1024);
+        assert_eq!(u.read(0x3fd) & LSR_THR_EMPTY, LSR_THR_EMPTY);
+        assert_eq!(u.read(0x3fd) & LSR_DATA_READY, 0);
+        u.write(0x3f8, b'h');
+        u.write(0x3f8, b'i');
+        assert_eq!(u.regs().output, b"hi");
+        u.regs().input.extend(b"ok");
+        assert_eq!(u.read(0x3fd) & LSR_DATA_READY, LSR_DATA_READY);
+        assert_eq!(
+            (u.read(0x3f8), u.read(0x3f8), u.read(0x3f8)),
+            (b'o', b'k', 0)
+        );
+        // The divisor latch hides THR/IER while DLAB is set.
+        u.write(0x3fb, 0x83);
+        u.write(0x3f8, 1);
+        u.write(0x3f9, 0);
+        assert_eq!((u.read(0x3f8), u.read(0x3f9)), (1, 0));
+        u.write(0x3fb, 0x03);
+        assert_eq!(u.regs().output, b"hi");
+        u.write(0x3ff, 0x5a);
+        assert_eq!(u.read(0x3ff), 0x5a);
+        assert_eq!(u.read(0x3fa) & 1, 1); // no interrupt pending
+    }
+}
