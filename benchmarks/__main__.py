@@ -23,8 +23,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
-from contextlib import ExitStack, closing
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, closing, contextmanager
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime
 from functools import partial
@@ -41,6 +41,7 @@ from benchmarks.common import (
     guest_path,
     interleave,
     machine_info,
+    process_mappings,
 )
 from benchmarks.report import (
     Figure,
@@ -117,6 +118,11 @@ SMOKE = Config(
 )
 
 
+def runs(n: int) -> str:
+    """``1 run``, ``2 runs``, ..."""
+    return f"{n} run" if n == 1 else f"{n} runs"
+
+
 class Runner:
     """Runs the figures with one compiled C baseline and the guests."""
 
@@ -158,7 +164,7 @@ class Runner:
             "1. Exit round trip (guest OUT → host → guest)",
             "µs/exit",
             f"counter64: {n:,} OUTs to port 0x11 + 1 to the exit port per run, "
-            f"{cfg.exit_reps} runs each (+{cfg.warmup} warm-up), interleaved; "
+            f"{runs(cfg.exit_reps)} each (+{cfg.warmup} warm-up), interleaved; "
             "one VM per variant for all its runs",
         )
         fig.rows = [
@@ -209,8 +215,9 @@ class Runner:
             "compute",
             "2. Guest compute (compute64: imul, add, dec, jnz per iteration)",
             "ns/iteration",
-            f"N = {n:,} iterations in KVM and natively, {un:,} under Unicorn; "
-            f"{cfg.compute_reps} runs each, interleaved",
+            f"N = {n:,} iterations in KVM and natively"
+            + ("" if self.unicorn_missing else f", {un:,} under Unicorn")
+            + f"; {runs(cfg.compute_reps)} each, interleaved",
         )
         fig.rows = [
             Row("rawc", "raw C, KVM", v["rawc"], short="raw C"),
@@ -225,9 +232,14 @@ class Runner:
     def create(self) -> Figure:
         """Figure 3: VM creation, per VM."""
         cfg, k = self.cfg, self.cfg.create_k
+        # KVM_CREATE_VM costs more in a process with more memory mappings (see BENCHMARKS.md),
+        # and this Python process has many more than the small C program: a second C row
+        # pads the C process to as many mappings, to tell that cost from kvmpy's own.
+        maps = process_mappings()
         v = interleave(
             {
                 "rawc": lambda: self.raw("create", k)["seconds"] * 1e6 / k,
+                "rawc_padded": lambda: self.raw("create", k, maps)["seconds"] * 1e6 / k,
                 "kvmpy": lambda: kvmpy_cases.create(k) * 1e6 / k,
                 "purepy": lambda: rawpy.create(k) * 1e6 / k,
             },
@@ -238,7 +250,7 @@ class Runner:
             "create",
             "3. VM creation (VM + 64 MiB memory slot + 1 vCPU with CPUID, then close)",
             "µs/VM",
-            f"{k} VMs created and closed per run, {cfg.reps} runs each, interleaved",
+            f"{k} VMs created and closed per run, {runs(cfg.reps)} each, interleaved",
         )
         fig.rows = [
             Row("rawc", "raw C", v["rawc"]),
@@ -250,7 +262,18 @@ class Runner:
                 CREATE_TARGET,
             ),
             Row("purepy", "plain Python, fcntl.ioctl + ctypes", v["purepy"], "rawc"),
+            Row(
+                "rawc_padded",
+                f"raw C in a process padded to {maps} memory mappings, as many as this runner",
+                v["rawc_padded"],
+                "rawc",
+            ),
         ]
+        kvmpy_row, padded = fig.rows[1], fig.rows[3]
+        fig.notes.append(
+            "kvmpy ÷ raw C with as many memory mappings (paired median): "
+            f"{paired_ratios(kvmpy_row, padded).median:.3g}×."
+        )
         return fig
 
     def regs(self) -> Figure:
@@ -270,7 +293,7 @@ class Runner:
             "regs",
             "4. Register round trip (read all general registers, write them back)",
             "µs/round trip",
-            f"{k:,} round trips per run, {cfg.reps} runs each, interleaved",
+            f"{k:,} round trips per run, {runs(cfg.reps)} each, interleaved",
         )
         fig.rows = [
             Row("rawc", "raw C: KVM_GET_REGS + KVM_SET_REGS", v["rawc"], short="raw C"),
@@ -311,7 +334,7 @@ class Runner:
             "multi",
             "5. Multi-vCPU exit throughput (one VM, one thread per vCPU, all exits summed)",
             "exits/s",
-            f"counter64 with {n:,} device exits per vCPU, {cfg.multi_reps} runs each, interleaved",
+            f"counter64 with {n:,} device exits per vCPU, {runs(cfg.multi_reps)} each, interleaved",
             higher_is_better=True,
         )
         for vcpus in (1, 2):
@@ -367,7 +390,8 @@ def machine_markdown(m: dict[str, Any]) -> list[str]:
     lines = [
         f"- CPU: {m['cpu']}, {m['cpus']} CPUs; kernel {m['kernel']}; nested: {nested}",
         f"- kvmpy {m['kvmpy']} ({m['kvmpy_build']} build), Python {m['python']}, "
-        f"Unicorn {m['unicorn'] or 'not installed'}, {m['cc']}",
+        f"Unicorn {m['unicorn'] or 'not installed'}, {m['cc']}; "
+        f"repository at {m['git'] or 'unknown commit'}",
         "",
         "`python -m kvmpy info`:",
         "",
@@ -407,7 +431,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--only", metavar="FIGS", help=f"comma-separated figures to run, of: {','.join(FIGURES)}"
     )
+    parser.add_argument(
+        "--cpu",
+        type=int,
+        metavar="N",
+        help="CPU to pin the single-vCPU figures to (default: the last allowed CPU; "
+        "-1: no pinning). The multi-vCPU figure always runs on all allowed CPUs.",
+    )
     return parser.parse_args(argv)
+
+
+@contextmanager
+def pinned(cpu: int | None) -> Iterator[None]:
+    """Runs the body with this thread (and the processes and threads it starts) pinned
+    to ``cpu``; does nothing for None."""
+    if cpu is None:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {cpu})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -436,6 +482,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.smoke and os.environ.get("KVMPY_REQUIRE_KVM") != "1":
             print("benchmarks: smoke run skipped (nothing to measure without KVM)", file=sys.stderr)
             return 0
+        return 2
+    allowed = sorted(os.sched_getaffinity(0))
+    pin_cpu: int | None = allowed[-1] if args.cpu is None else args.cpu
+    if pin_cpu is not None and pin_cpu < 0:
+        pin_cpu = None
+    if pin_cpu is not None and pin_cpu not in allowed:
+        print(
+            f"benchmarks: --cpu {pin_cpu} is not one of the allowed CPUs {allowed}", file=sys.stderr
+        )
         return 2
     started = time.monotonic()
     date = datetime.now().astimezone()
@@ -466,8 +521,13 @@ def main(argv: list[str] | None = None) -> int:
             results: list[Figure] = []
             for name in figures:
                 t0 = time.monotonic()
-                print(f"[{name}] running...", file=sys.stderr, flush=True)
-                results.append(steps[name]())
+                # Single-threaded figures run on one CPU, the runner and the C baseline's
+                # process alike, so paired runs meet the same CPU (much less noise).
+                cpu = None if name == "multi" else pin_cpu
+                where = "all CPUs" if cpu is None else f"CPU {cpu}"
+                print(f"[{name}] running on {where}...", file=sys.stderr, flush=True)
+                with pinned(cpu):
+                    results.append(steps[name]())
                 print(f"[{name}] done in {time.monotonic() - t0:.1f} s", file=sys.stderr)
     except (BenchError, subprocess.SubprocessError, OSError) as e:
         print(f"benchmarks: {e}", file=sys.stderr)
@@ -483,6 +543,13 @@ def main(argv: list[str] | None = None) -> int:
         f"date: {date.strftime('%Y-%m-%d %H:%M %Z')}.",
         "",
         *machine_markdown(machine)[:2],
+        "- "
+        + (
+            "no CPU pinning"
+            if pin_cpu is None
+            else f"single-vCPU figures pinned to CPU {pin_cpu} (the runner and the C "
+            "baseline alike); the multi-vCPU figure runs on all CPUs"
+        ),
         "",
         "### Headline: time ratios (< 1: kvmpy faster; > 1: kvmpy slower)",
         "",
@@ -501,7 +568,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": date.isoformat(),
         "mode": "smoke" if args.smoke else "full",
         "seconds": elapsed,
-        "config": asdict(cfg),
+        "config": {**asdict(cfg), "pinned_cpu": pin_cpu},
         "machine": machine,
         "headline": headlines,
         "figures": [figure_json(f) for f in results],

@@ -214,6 +214,12 @@ def interleave(
 # ---------------------------------------------------------------------------- machine
 
 
+def process_mappings() -> int:
+    """How many memory mappings (VMAs) this process has."""
+    with open("/proc/self/maps", encoding="ascii", errors="replace") as f:
+        return sum(1 for _ in f)
+
+
 def _cpuinfo_field(name: str) -> str:
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
@@ -260,7 +266,14 @@ def machine_info() -> dict[str, Any]:
         unicorn_version: str | None = str(importlib.import_module("unicorn").__version__)
     except ImportError:
         unicorn_version = None
+    git = subprocess.run(
+        ["git", "-C", str(ROOT), "describe", "--always", "--dirty"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     return {
+        "git": git.stdout.strip() or None,
         "cpu": _cpuinfo_field("model name") or platform.processor() or "unknown",
         "cpus": os.cpu_count(),
         "nested": "hypervisor" in flags,

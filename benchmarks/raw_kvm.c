@@ -5,7 +5,8 @@
  *
  *   raw_kvm compute GUEST.bin N      compute64: N LCG steps inside the VM
  *   raw_kvm native  N                the same N LCG steps in this process, no VM
- *   raw_kvm create  N                N x (VM + 64 MiB memory slot + 1 vCPU, then close)
+ *   raw_kvm create  N [MAPS]         N x (VM + 64 MiB memory slot + 1 vCPU, then close),
+ *                                    optionally with the process padded to MAPS mappings
  *   raw_kvm regs    N                N x (KVM_GET_REGS + KVM_SET_REGS)
  *   raw_kvm multi   GUEST.bin N T    one VM, T vCPUs on T threads, each runs counter64 N
  *   raw_kvm serve   GUEST.bin        counter64 (N OUTs to 0x11, then OUT to 0xF4) on one VM
@@ -264,7 +265,33 @@ static void mode_native(uint64_t n) {
            (unsigned long long)n, dt, (unsigned long long)x);
 }
 
-static void mode_create(uint64_t n) {
+static uint64_t count_mappings(void) {
+    FILE *f = fopen("/proc/self/maps", "r");
+    if (!f) DIE("open /proc/self/maps");
+    uint64_t lines = 0;
+    int ch;
+    while ((ch = fgetc(f)) != EOF) lines += ch == '\n';
+    fclose(f);
+    return lines;
+}
+
+/* Adds small anonymous mappings (each split in two by mprotect, so they never merge) until
+ * this process has at least `target` memory mappings (VMAs), like a big Python process. */
+static uint64_t pad_mappings(uint64_t target) {
+    uint64_t have = count_mappings();
+    while (have < target) {
+        for (int i = 0; i < 64 && have < target; i++, have += 2) {
+            uint8_t *p = mmap(NULL, 8192, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
+                              -1, 0);
+            if (p == MAP_FAILED || mprotect(p, 4096, PROT_READ) < 0) DIE("mmap padding");
+        }
+        have = count_mappings();
+    }
+    return have;
+}
+
+static void mode_create(uint64_t n, uint64_t mappings) {
+    uint64_t have = pad_mappings(mappings);
     double t0 = now();
     for (uint64_t i = 0; i < n; i++) {
         vm_t v;
@@ -275,7 +302,8 @@ static void mode_create(uint64_t n) {
         vm_destroy(&v);
     }
     double dt = now() - t0;
-    printf("{\"mode\": \"create\", \"n\": %llu, \"seconds\": %.9f}\n", (unsigned long long)n, dt);
+    printf("{\"mode\": \"create\", \"n\": %llu, \"mappings\": %llu, \"seconds\": %.9f}\n",
+           (unsigned long long)n, (unsigned long long)have, dt);
 }
 
 static void mode_regs(uint64_t n) {
@@ -379,7 +407,7 @@ static void mode_multi(const char *bin, uint64_t n, int threads) {
 
 int main(int argc, char **argv) {
     if (argc < 3) {
-        fprintf(stderr, "usage: raw_kvm compute GUEST.bin N | native|create|regs N | "
+        fprintf(stderr, "usage: raw_kvm compute GUEST.bin N | native|regs N | create N [MAPS] | "
                         "multi GUEST.bin N THREADS | serve GUEST.bin\n");
         return 2;
     }
@@ -390,7 +418,8 @@ int main(int argc, char **argv) {
     }
     open_kvm();
     if (!strcmp(mode, "compute") && argc == 4) mode_compute(argv[2], parse_u64(argv[3]));
-    else if (!strcmp(mode, "create") && argc == 3) mode_create(parse_u64(argv[2]));
+    else if (!strcmp(mode, "create") && (argc == 3 || argc == 4))
+        mode_create(parse_u64(argv[2]), argc == 4 ? parse_u64(argv[3]) : 0);
     else if (!strcmp(mode, "regs") && argc == 3) mode_regs(parse_u64(argv[2]));
     else if (!strcmp(mode, "serve") && argc == 3) mode_serve(argv[2]);
     else if (!strcmp(mode, "multi") && argc == 5)

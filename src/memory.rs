@@ -260,7 +260,9 @@ pub fn bytes_arg<'a>(obj: &'a Bound<'_, PyAny>) -> PyResult<Cow<'a, [u8]>> {
 #[pyclass(module = "kvmpy._native", frozen)]
 pub struct MemoryRegion {
     pub region: Arc<Region>,
-    pub vm: Arc<crate::vm::VmHandle>,
+    pub vm: Arc<crate::vm::VmInner>,
+    /// Keeps the VM open while this object (or a view of it) exists.
+    pub owner: Py<crate::vm::Vm>,
 }
 
 #[pymethods]
@@ -345,6 +347,13 @@ impl MemoryRegion {
             }
         }
         Ok(pages)
+    }
+
+    fn __traverse__(
+        &self,
+        visit: pyo3::PyVisit<'_>,
+    ) -> std::result::Result<(), pyo3::PyTraverseError> {
+        visit.call(&self.owner)
     }
 
     fn __len__(&self) -> usize {

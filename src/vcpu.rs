@@ -746,7 +746,7 @@ pub fn deadline_after(timeout: Option<f64>) -> PyResult<Option<Instant>> {
 pub struct Vcpu {
     pub inner: Arc<VcpuInner>,
     /// Keeps the VM open while this object exists.
-    pub handle: Arc<crate::vm::VmHandle>,
+    pub owner: Py<crate::vm::Vm>,
 }
 
 #[pymethods]
@@ -1214,5 +1214,18 @@ impl Vcpu {
 
     fn __repr__(&self) -> String {
         format!("Vcpu(id={})", self.inner.id)
+    }
+
+    /// The VM this vCPU belongs to.
+    #[getter]
+    fn vm(&self, py: Python<'_>) -> Py<crate::vm::Vm> {
+        self.owner.clone_ref(py)
+    }
+
+    fn __traverse__(
+        &self,
+        visit: pyo3::PyVisit<'_>,
+    ) -> std::result::Result<(), pyo3::PyTraverseError> {
+        visit.call(&self.owner)
     }
 }

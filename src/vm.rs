@@ -229,9 +229,9 @@ pub struct Vm {
     inner: Arc<VmHandle>,
 }
 
-/// What the Python objects of a VM (`Vm`, `Vcpu`, `MemoryRegion`) hold: when the last of
-/// them goes away, the VM is shut down (running vCPUs stopped, fds closed), while vCPU
-/// threads only hold the `VmInner` itself.
+/// The `Vm` object's hold on the VM (its `Vcpu` and `MemoryRegion` objects keep the `Vm`
+/// object alive, visibly to the garbage collector): when the `Vm` object goes away, the VM
+/// is shut down (running vCPUs stopped, fds closed). vCPU threads only hold `VmInner`.
 pub struct VmHandle(pub Arc<VmInner>);
 
 impl std::ops::Deref for VmHandle {
@@ -431,13 +431,13 @@ impl Vm {
     /// `dirty_log=True` KVM logs written pages (see `MemoryRegion.dirty_pages`).
     #[pyo3(signature = (guest_addr, size, *, readonly=false, dirty_log=false))]
     fn add_memory(
-        &self,
+        slf: &Bound<'_, Self>,
         guest_addr: u64,
         size: u64,
         readonly: bool,
         dirty_log: bool,
     ) -> PyResult<MemoryRegion> {
-        let inner = &self.inner;
+        let inner = &slf.get().inner;
         inner.check_open()?;
         if readonly && !kvm::has_cap(&inner.kvm, Cap::ReadonlyMem) {
             return Err(
@@ -458,7 +458,8 @@ impl Vm {
         })?;
         Ok(MemoryRegion {
             region,
-            vm: Arc::clone(inner),
+            vm: Arc::clone(&inner.0),
+            owner: slf.clone().unbind(),
         })
     }
 
@@ -466,7 +467,7 @@ impl Vm {
     /// `read`/`write` raise afterwards.
     fn remove_memory(&self, region: &Bound<'_, MemoryRegion>) -> PyResult<()> {
         let region = region.get();
-        if !Arc::ptr_eq(&region.vm.0, &self.inner.0) {
+        if !Arc::ptr_eq(&region.vm, &self.inner.0) {
             return Err(Error::Memory("the memory region belongs to another VM".into()).into());
         }
         self.inner.check_open()?;
@@ -477,13 +478,15 @@ impl Vm {
 
     /// The VM's memory regions, by guest address.
     #[getter]
-    fn memory_regions(&self) -> Vec<MemoryRegion> {
-        lock(&self.inner.memory)
+    fn memory_regions(slf: &Bound<'_, Self>) -> Vec<MemoryRegion> {
+        let inner = &slf.get().inner;
+        lock(&inner.memory)
             .regions()
             .iter()
             .map(|r| MemoryRegion {
                 region: Arc::clone(r),
-                vm: Arc::clone(&self.inner),
+                vm: Arc::clone(&inner.0),
+                owner: slf.clone().unbind(),
             })
             .collect()
     }
@@ -508,8 +511,8 @@ impl Vm {
     /// Creates a vCPU. `id` defaults to the lowest id not in use. The vCPU gets the host's
     /// supported CPUID (with the hypervisor bit and its APIC id set).
     #[pyo3(signature = (id=None))]
-    fn create_vcpu(&self, id: Option<u64>) -> PyResult<Vcpu> {
-        let inner = &self.inner;
+    fn create_vcpu(slf: &Bound<'_, Self>, id: Option<u64>) -> PyResult<Vcpu> {
+        let inner = &slf.get().inner;
         inner.check_open()?;
         let mut vcpus = lock(&inner.vcpus);
         let used: Vec<u64> = vcpus.all.iter().map(|v| v.id).collect();
@@ -546,7 +549,7 @@ impl Vm {
         vcpus.all.push(Arc::clone(&vcpu));
         Ok(Vcpu {
             inner: vcpu,
-            handle: Arc::clone(inner),
+            owner: slf.clone().unbind(),
         })
     }
 
@@ -764,13 +767,14 @@ impl Vm {
 
     /// The VM's vCPUs, by creation order.
     #[getter]
-    fn vcpus(&self) -> Vec<Vcpu> {
-        self.inner
+    fn vcpus(slf: &Bound<'_, Self>) -> Vec<Vcpu> {
+        slf.get()
+            .inner
             .live_vcpus()
             .into_iter()
             .map(|inner| Vcpu {
                 inner,
-                handle: Arc::clone(&self.inner),
+                owner: slf.clone().unbind(),
             })
             .collect()
     }

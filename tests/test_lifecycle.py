@@ -79,6 +79,22 @@ def test_dropping_objects_without_close_releases_fds(guest: Guest) -> None:
     assert open_fds() == before
 
 
+def test_cycles_through_vcpus_and_regions_are_collected(guest: Guest) -> None:
+    """Handlers that refer to the vCPU or a memory region (not only the VM) form reference
+    cycles through Rust; the garbage collector still frees them and their fds."""
+    gc.collect()
+    before = open_fds()
+    for _ in range(10):
+        vm, cpu = real_mode_vm(guest("hello_real"))
+        ram = vm.memory_regions[0]
+        vm.on_io(CONSOLE, lambda e, cpu=cpu, ram=ram: (cpu.regs, ram.read(0, 1)) and None)
+        assert cpu.run(timeout=10).reason == "hlt"
+        assert cpu.vm is vm
+        del vm, cpu, ram
+    gc.collect()
+    assert open_fds() == before
+
+
 def test_create_run_close_cycles_do_not_leak(guest: Guest) -> None:
     code = guest("counter64")
     gc.collect()

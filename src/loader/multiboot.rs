@@ -1,0 +1,1 @@
+//! Multiboot v1.
