@@ -9,6 +9,8 @@ mod error;
 mod exit;
 mod kick;
 mod kvm;
+mod load;
+mod loader;
 mod memory;
 mod regs;
 mod runner;
@@ -42,6 +44,7 @@ fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<devices::console::Console>()?;
     m.add_class::<devices::exit_port::ExitPort>()?;
     m.add_class::<devices::uart::Uart>()?;
+    m.add_class::<load::LoadedImage>()?;
     m.add_function(wrap_pyfunction!(vm::shutdown_all, m)?)?;
     m.add("KVM_API_VERSION", kvm::KVM_API_VERSION)?;
     Ok(())

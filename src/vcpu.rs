@@ -623,6 +623,36 @@ impl VcpuInner {
         })
     }
 
+    /// Writes a GDT at `tables_addr` and puts the vCPU in flat 32-bit protected mode.
+    pub fn setup_protected_mode(&self, tables_addr: u64) -> Result<()> {
+        let layout = x86::Layout::at(tables_addr, 1, true).map_err(Error::Value)?;
+        self.vm.check_memory(layout.gdt, 0x40)?;
+        self.vm
+            .write_memory(layout.gdt, &x86::gdt::table_bytes(layout.tss))?;
+        self.with_fd(|fd| {
+            let s = fd
+                .get_sregs()
+                .map_err(|e| Error::ioctl("KVM_GET_SREGS", e))?;
+            let s = x86::protected_mode_sregs(&s, &layout);
+            fd.set_sregs(&s)
+                .map_err(|e| Error::ioctl("KVM_SET_SREGS", e))?;
+            let mut r = fd.get_regs().map_err(|e| Error::ioctl("KVM_GET_REGS", e))?;
+            r.rflags = x86::RFLAGS_RESERVED;
+            fd.set_regs(&r).map_err(|e| Error::ioctl("KVM_SET_REGS", e))
+        })
+    }
+
+    /// Sets RIP, RAX and RBX, as boot protocols hand over.
+    pub fn set_boot_registers(&self, rip: u64, rax: u64, rbx: u64) -> Result<()> {
+        self.with_fd(|fd| {
+            let mut r = fd.get_regs().map_err(|e| Error::ioctl("KVM_GET_REGS", e))?;
+            r.rip = rip;
+            r.rax = rax;
+            r.rbx = rbx;
+            fd.set_regs(&r).map_err(|e| Error::ioctl("KVM_SET_REGS", e))
+        })
+    }
+
     fn set_pending(&self, pending: Option<PendingRead>) {
         *self.pending_read.lock().unwrap_or_else(|e| e.into_inner()) = pending;
     }
@@ -937,20 +967,7 @@ impl Vcpu {
     /// `rsp`). Interrupts are off (IF=0).
     #[pyo3(signature = (*, tables_addr=0x1000))]
     fn setup_protected_mode(&self, tables_addr: u64) -> PyResult<()> {
-        let layout = x86::Layout::at(tables_addr, 1, true).map_err(Error::Value)?;
-        let vm = &self.inner.vm;
-        vm.write_memory(layout.gdt, &x86::gdt::table_bytes(layout.tss))?;
-        Ok(self.inner.with_fd(|fd| {
-            let s = fd
-                .get_sregs()
-                .map_err(|e| Error::ioctl("KVM_GET_SREGS", e))?;
-            let s = x86::protected_mode_sregs(&s, &layout);
-            fd.set_sregs(&s)
-                .map_err(|e| Error::ioctl("KVM_SET_SREGS", e))?;
-            let mut r = fd.get_regs().map_err(|e| Error::ioctl("KVM_GET_REGS", e))?;
-            r.rflags = x86::RFLAGS_RESERVED;
-            fd.set_regs(&r).map_err(|e| Error::ioctl("KVM_SET_REGS", e))
-        })?)
+        Ok(self.inner.setup_protected_mode(tables_addr)?)
     }
 
     /// The vCPU's CPUID table (`KVM_GET_CPUID2`). New vCPUs get the host's supported

@@ -18,6 +18,7 @@ use crate::devices::uart::{Uart, UartDev};
 use crate::dispatch::{Handler, HandlerTable};
 use crate::error::{Error, Result};
 use crate::kvm;
+use crate::load::{self, LoadedImage};
 use crate::memory::{bytes_arg, MemoryMap, MemoryRegion};
 use crate::runner::RunGroup;
 use crate::vcpu::{gettid, Vcpu, VcpuInner};
@@ -96,6 +97,15 @@ impl VmInner {
         Ok(kvm::supported_cpuid(&self.kvm)?
             .iter()
             .any(|e| e.function == 0x8000_0001 && e.edx & (1 << 26) != 0))
+    }
+
+    /// The `[start, end)` guest-physical ranges of the memory regions, by address.
+    pub fn region_ranges(&self) -> Vec<(u64, u64)> {
+        lock(&self.memory)
+            .regions()
+            .iter()
+            .map(|r| (r.guest_addr, r.end()))
+            .collect()
     }
 
     /// Reads guest physical memory.
@@ -506,6 +516,56 @@ impl Vm {
         let data = bytes_arg(data)?;
         lock(&self.inner.memory).write(gpa, &data)?;
         Ok(())
+    }
+
+    /// Writes a flat binary image (bytes-like, or a path to read) at guest physical
+    /// `address`; it must lie entirely in RAM.
+    fn load_flat(&self, image: &Bound<'_, PyAny>, address: u64) -> PyResult<()> {
+        let data = load::image_bytes(image)?;
+        Ok(load::load_flat(&self.inner, &data, address)?)
+    }
+
+    /// Loads an ELF executable (32- or 64-bit x86; bytes-like, or a path to read): each
+    /// PT_LOAD segment at its physical address, zero-filled past its file size. Every
+    /// segment and the entry point must lie in RAM. Returns a `LoadedImage` with the entry
+    /// point and the symbol table. Set the vCPU's mode and `rip` yourself.
+    fn load_elf(&self, image: &Bound<'_, PyAny>) -> PyResult<LoadedImage> {
+        let data = load::image_bytes(image)?;
+        Ok(load::load_elf(&self.inner, &data)?)
+    }
+
+    /// Boots a Multiboot v1 kernel as QEMU's `-kernel` does: loads it (ELF, or the a.out
+    /// kludge), its `modules` (each bytes-like, a path, or a `(data, cmdline)` tuple) and
+    /// the multiboot information (memory map, `cmdline`, modules) after the kernel, and
+    /// puts `cpu` in 32-bit protected mode at the entry point with EAX = 0x2BADB002 and
+    /// EBX = the information's address. The GDT goes at `tables_addr`.
+    #[pyo3(signature = (cpu, kernel, *, cmdline="", modules=None, tables_addr=0x1000))]
+    fn load_multiboot(
+        &self,
+        cpu: &Bound<'_, Vcpu>,
+        kernel: &Bound<'_, PyAny>,
+        cmdline: &str,
+        modules: Option<Vec<Bound<'_, PyAny>>>,
+        tables_addr: u64,
+    ) -> PyResult<LoadedImage> {
+        let vcpu = &cpu.get().inner;
+        if !Arc::ptr_eq(&vcpu.vm, &self.inner.0) {
+            return Err(PyValueError::new_err("the vCPU belongs to another VM"));
+        }
+        let kernel = load::image_bytes(kernel)?;
+        let modules = modules
+            .unwrap_or_default()
+            .iter()
+            .map(load::module_arg)
+            .collect::<PyResult<Vec<_>>>()?;
+        Ok(load::load_multiboot(
+            &self.inner,
+            vcpu,
+            &kernel,
+            cmdline,
+            &modules,
+            tables_addr,
+        )?)
     }
 
     /// Creates a vCPU. `id` defaults to the lowest id not in use. The vCPU gets the host's

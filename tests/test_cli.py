@@ -68,9 +68,7 @@ def readme_examples() -> list[str]:
 
 @pytest.mark.kvm
 @pytest.mark.parametrize("index", range(len(readme_examples())))
-def test_readme_examples_run(
-    index: int, guest_dir: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_readme_examples_run(index: int, guest_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(ROOT)  # examples use paths relative to the repository
     code = readme_examples()[index]
     namespace: dict[str, object] = {"__name__": "readme_example"}

@@ -1,5 +1,6 @@
 """Type stubs of kvmpy's native core (``kvmpy._native``)."""
 
+import os
 from collections.abc import Callable
 from typing import Any, Literal, TypeVar, final, overload
 
@@ -9,6 +10,7 @@ from kvmpy._exits import ExitReason
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 _BytesLike = bytes | bytearray | memoryview
+_Image = _BytesLike | str | os.PathLike[str]
 
 __all__ = [
     "KVM_API_VERSION",
@@ -24,6 +26,7 @@ __all__ = [
     "InternalErrorExit",
     "IoExit",
     "Kvm",
+    "LoadedImage",
     "MemoryRegion",
     "MmioExit",
     "Regs",
@@ -84,6 +87,19 @@ class Kvm:
     def check_extension(self, cap: str | int) -> int: ...
     def capabilities(self) -> dict[str, int]: ...
     def supported_cpuid(self) -> list[CpuidEntry]: ...
+
+@final
+class LoadedImage:
+    @property
+    def entry(self) -> int: ...
+    @property
+    def bits(self) -> int: ...
+    @property
+    def segments(self) -> list[tuple[int, int]]: ...
+    @property
+    def symbols(self) -> dict[str, int]: ...
+    @property
+    def boot_info(self) -> int | None: ...
 
 @final
 class MemoryRegion:
@@ -378,6 +394,17 @@ class Vm:
     def read(self, gpa: int, n: int) -> bytes: ...
     def write(self, gpa: int, data: _BytesLike) -> None: ...
     def create_vcpu(self, id: int | None = None) -> Vcpu: ...
+    def load_flat(self, image: _Image, address: int) -> None: ...
+    def load_elf(self, image: _Image) -> LoadedImage: ...
+    def load_multiboot(
+        self,
+        cpu: Vcpu,
+        kernel: _Image,
+        *,
+        cmdline: str = "",
+        modules: list[_Image | tuple[_Image, str]] | None = None,
+        tables_addr: int = 0x1000,
+    ) -> LoadedImage: ...
     @property
     def vcpus(self) -> list[Vcpu]: ...
     @overload

@@ -252,7 +252,11 @@ mod tests {
 
     #[test]
     fn not_elf() {
-        for bytes in [&b""[..], b"\x7fEL", b"MZ\x90\x00 not an elf at all, just some bytes"] {
+        for bytes in [
+            &b""[..],
+            b"\x7fEL",
+            b"MZ\x90\x00 not an elf at all, just some bytes",
+        ] {
             let err = parse_elf(bytes).unwrap_err();
             assert!(matches!(err, LoadError::NotElf), "{err}");
         }
@@ -270,7 +274,8 @@ mod tests {
             let err = parse_elf(&bytes[..len]).unwrap_err();
             assert!(matches!(err, LoadError::MalformedElf(_)), "{len}: {err}");
             assert!(
-                err.to_string().starts_with("truncated or malformed ELF file: "),
+                err.to_string()
+                    .starts_with("truncated or malformed ELF file: "),
                 "{err}"
             );
         }
@@ -374,7 +379,7 @@ mod tests {
                 err,
                 LoadError::FileSizeExceedsMemSize {
                     index: 0,
-                    file_size: 9,
+                    file_size: 8,
                     mem_size: 2
                 }
             ),

@@ -7,6 +7,7 @@
 //! - [`elf`]: ELF32/ELF64 x86 executables ([`parse_elf`]).
 //! - [`multiboot`]: Multiboot v1 kernels ([`load_kernel`]) and the
 //!   `multiboot_info` structure handed to them ([`build_boot_info`]).
+//! - [`check_placement`]: whether loaded segments fit in guest RAM.
 
 pub mod elf;
 pub mod multiboot;
@@ -14,11 +15,9 @@ pub mod multiboot;
 #[cfg(test)]
 mod test_elf;
 
-pub use elf::{parse_elf, ElfImage, Symbol};
-pub use multiboot::{
-    build_boot_info, find_header, load_kernel, BootInfo, Module, MultibootHeader,
-    MultibootKernel,
-};
+// The entry points; the result and argument types live in `elf` and `multiboot`.
+pub use elf::parse_elf;
+pub use multiboot::{build_boot_info, load_kernel, Module};
 
 /// A piece of guest memory to fill: `data` at `gpa`, then zeros up to `mem_size` bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -158,9 +157,7 @@ pub enum LoadError {
         checksum: u32,
     },
     /// The multiboot header requests a video mode (flag bit 2).
-    #[error(
-        "the multiboot header requests a video mode (flag bit 2), which is not supported"
-    )]
+    #[error("the multiboot header requests a video mode (flag bit 2), which is not supported")]
     UnsupportedVideoMode,
     /// The multiboot header requires a feature (flag bit 3..=15) we do not know.
     #[error(
@@ -244,7 +241,11 @@ mod tests {
 
     #[test]
     fn placement_ok() {
-        let segs = [seg(0x100000, 0x1000), seg(0x200000, 0x600000), seg(0x1000, 0x10)];
+        let segs = [
+            seg(0x100000, 0x1000),
+            seg(0x200000, 0x600000),
+            seg(0x1000, 0x10),
+        ];
         check_placement(&segs, 0x100000, RAM).unwrap();
         check_placement(&segs, 0x7fffff, RAM).unwrap();
         check_placement(&segs, 0x100f, RAM).unwrap();
@@ -277,8 +278,12 @@ mod tests {
         let err = check_placement(&[seg(u64::MAX, 2)], 0, &[(0, u64::MAX)]).unwrap_err();
         assert!(matches!(err, LoadError::SegmentOutsideRam { index: 0, .. }));
         // Across two adjacent ranges: must fit inside one.
-        let err = check_placement(&[seg(0xf00, 0x200)], 0xf00, &[(0, 0x1000), (0x1000, 0x2000)])
-            .unwrap_err();
+        let err = check_placement(
+            &[seg(0xf00, 0x200)],
+            0xf00,
+            &[(0, 0x1000), (0x1000, 0x2000)],
+        )
+        .unwrap_err();
         assert!(matches!(err, LoadError::SegmentOutsideRam { index: 0, .. }));
     }
 

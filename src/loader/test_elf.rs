@@ -50,9 +50,7 @@ fn put_at(buf: &mut [u8], at: usize, value: u64, size: usize) {
 }
 
 fn align(buf: &mut Vec<u8>, to: usize) {
-    while buf.len() % to != 0 {
-        buf.push(0);
-    }
+    buf.resize(buf.len().next_multiple_of(to), 0);
 }
 
 const DYN_BASE: u64 = 0x800000;
@@ -128,12 +126,12 @@ impl ElfBuilder {
         let dyn_off = blob.len();
         let base = DYN_BASE;
         for (tag, val) in [
-            (4, base + hash_off as u64),        // DT_HASH
-            (5, base + str_off as u64),         // DT_STRTAB
-            (6, base),                          // DT_SYMTAB
-            (10, strtab.len() as u64),          // DT_STRSZ
+            (4, base + hash_off as u64),         // DT_HASH
+            (5, base + str_off as u64),          // DT_STRTAB
+            (6, base),                           // DT_SYMTAB
+            (10, strtab.len() as u64),           // DT_STRSZ
             (11, (symtab.len() / nsyms) as u64), // DT_SYMENT
-            (0, 0),                             // DT_NULL
+            (0, 0),                              // DT_NULL
         ] {
             put(&mut blob, tag, w);
             put(&mut blob, val, w);
