@@ -695,3 +695,88 @@ pub fn stop_requested(obj: &Bound<'_, PyAny>) -> bool {
         .map(|e| e.get().stopped())
         .unwrap_or(false)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Exits that a test guest cannot provoke on every host (FAIL_ENTRY, SYSTEM_EVENT,
+    /// DEBUG without guest debugging, unknown reasons) still become the right objects.
+    #[test]
+    fn every_exit_kind_becomes_its_python_class() {
+        Python::initialize();
+        Python::attach(|py| {
+            let cases: Vec<(Exit, &str, Vec<(&str, u64)>)> = vec![
+                (
+                    Exit::FailEntry {
+                        hardware_reason: 0x21,
+                        cpu: 1,
+                    },
+                    "FailEntryExit",
+                    vec![("hardware_entry_failure_reason", 0x21), ("cpu", 1)],
+                ),
+                (
+                    Exit::SystemEvent {
+                        kind: 2,
+                        data: vec![9],
+                    },
+                    "SystemEventExit",
+                    vec![("event_type", 2)],
+                ),
+                (
+                    Exit::Debug {
+                        exception: 1,
+                        pc: 0x1000,
+                        dr6: 0xff0,
+                        dr7: 0x400,
+                    },
+                    "DebugExit",
+                    vec![("exception", 1), ("pc", 0x1000), ("dr6", 0xff0)],
+                ),
+                (
+                    Exit::Unknown { raw: 99 },
+                    "UnknownExit",
+                    vec![("kvm_exit_reason", 99)],
+                ),
+                (
+                    Exit::InternalError {
+                        suberror: 1,
+                        data: vec![],
+                    },
+                    "InternalErrorExit",
+                    vec![("suberror", 1)],
+                ),
+                (
+                    Exit::Guest {
+                        port: 0xf4,
+                        code: 3,
+                    },
+                    "GuestExit",
+                    vec![("code", 3), ("port", 0xf4)],
+                ),
+                (Exit::Shutdown, "ExitInfo", vec![]),
+            ];
+            for (exit, class, fields) in cases {
+                let obj = to_python(py, &exit, 5).unwrap();
+                let obj = obj.bind(py);
+                assert_eq!(obj.get_type().name().unwrap().to_string(), class);
+                assert_eq!(obj.getattr("vcpu_id").unwrap().extract::<u64>().unwrap(), 5);
+                for (field, value) in fields {
+                    let got: u64 = obj.getattr(field).unwrap().extract().unwrap();
+                    assert_eq!(got, value, "{class}.{field}");
+                }
+                assert!(!stop_requested(obj));
+                obj.call_method0("stop").unwrap();
+                assert!(stop_requested(obj));
+            }
+        });
+    }
+
+    #[test]
+    fn data_is_little_endian_and_bounded() {
+        let d = Data::new(&[0x34, 0x12]);
+        assert_eq!((d.as_slice(), d.value()), (&[0x34u8, 0x12][..], 0x1234));
+        assert_eq!(Data::new(&[1; 12]).as_slice().len(), 8);
+        assert_eq!(Exit::Timeout.reason().as_str(), "timeout");
+    }
+}
