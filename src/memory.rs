@@ -402,9 +402,6 @@ impl MemoryRegion {
         }
         Ok(())
     }
-
-    /// Nothing to release: the view's reference to the region keeps the memory mapped.
-    unsafe fn __releasebuffer__(&self, _view: *mut ffi::Py_buffer) {}
 }
 
 impl MemoryRegion {
