@@ -27,25 +27,10 @@ LOAD_ADDR = 0x10000
 DEVICE_PORT = 0x11
 EXIT_PORT = 0xF4
 GUEST_RAM = 2 << 20
-LCG_MUL = 6364136223846793005
-LCG_ADD = 1442695040888963407
 
 
 class BenchError(RuntimeError):
     """A benchmark could not run (missing tool, failed build, wrong guest result)."""
-
-
-def lcg(n: int) -> int:
-    """``n`` steps of the guests' LCG from 0 (x = x * MUL + ADD mod 2**64), in O(log n)."""
-    mask = 2**64 - 1
-    acc_mul, acc_add = 1, 0
-    mul, add = LCG_MUL, LCG_ADD
-    while n:
-        if n & 1:
-            acc_mul, acc_add = (acc_mul * mul) & mask, (acc_add * mul + add) & mask
-        mul, add = (mul * mul) & mask, ((mul + 1) * add) & mask
-        n >>= 1
-    return acc_add
 
 
 # ---------------------------------------------------------------------------- guests

@@ -6,7 +6,8 @@ import threading
 import time
 
 import kvmpy
-from benchmarks.common import DEVICE_PORT, EXIT_PORT, GUEST_RAM, LOAD_ADDR, BenchError, lcg
+from benchmarks.common import DEVICE_PORT, EXIT_PORT, GUEST_RAM, LOAD_ADDR, BenchError
+from kvmpy.__main__ import lcg
 
 
 def _ignore(exit: kvmpy.IoExit) -> None:

@@ -11,7 +11,8 @@ import importlib
 import time
 from typing import Any
 
-from benchmarks.common import DEVICE_PORT, EXIT_PORT, GUEST_RAM, LOAD_ADDR, BenchError, lcg
+from benchmarks.common import DEVICE_PORT, EXIT_PORT, GUEST_RAM, LOAD_ADDR, BenchError
+from kvmpy.__main__ import lcg
 
 
 def unavailable() -> str | None:

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import kvmpy
@@ -43,3 +47,21 @@ def user_mode_vm(code: bytes, rdi: int = 0) -> tuple[kvmpy.Vm, kvmpy.Vcpu]:
 
 def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
+
+
+def interrupt_script(script: str) -> tuple[str, int]:
+    """Runs `script` in a fresh interpreter; once it prints "running", waits a moment and
+    sends SIGINT (Ctrl-C). Returns its remaining output and its exit status."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "running"
+    time.sleep(0.2)  # let it enter the guest
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    return out.strip() + err, proc.returncode

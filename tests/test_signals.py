@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import signal
-import subprocess
-import sys
 import textwrap
 import time
 
@@ -12,7 +9,7 @@ import pytest
 
 import kvmpy
 
-from .support import ROOT
+from .support import interrupt_script
 
 pytestmark = pytest.mark.kvm
 
@@ -38,22 +35,11 @@ SCRIPT = textwrap.dedent(
 
 
 def test_ctrl_c_stops_the_guest_and_raises_keyboard_interrupt() -> None:
-    proc = subprocess.Popen(
-        [sys.executable, "-c", SCRIPT],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-    )
-    assert proc.stdout is not None
-    assert proc.stdout.readline().strip() == "running"
-    time.sleep(0.2)  # let it enter the guest
     start = time.monotonic()
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=30)
-    assert time.monotonic() - start < 20
-    assert out.strip() == "interrupted True", err
-    assert proc.returncode == 3
+    out, status = interrupt_script(SCRIPT)
+    assert time.monotonic() - start < 25
+    assert out == "interrupted True"
+    assert status == 3
 
 
 def test_emulation_failure_is_an_internal_error_exit() -> None:

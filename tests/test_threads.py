@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import gc
 import os
-import signal
-import subprocess
-import sys
 import textwrap
 import threading
 import time
@@ -16,7 +13,15 @@ import pytest
 
 import kvmpy
 
-from .support import DEV_OUT, EXIT_PORT, LONG_LOAD, ROOT, open_fds, real_mode_vm, user_mode_vm
+from .support import (
+    DEV_OUT,
+    EXIT_PORT,
+    LONG_LOAD,
+    interrupt_script,
+    open_fds,
+    real_mode_vm,
+    user_mode_vm,
+)
 
 pytestmark = pytest.mark.kvm
 
@@ -363,20 +368,9 @@ CTRL_C_SCRIPT = textwrap.dedent(
 
 
 def test_ctrl_c_stops_every_vcpu() -> None:
-    proc = subprocess.Popen(
-        [sys.executable, "-c", CTRL_C_SCRIPT],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-    )
-    assert proc.stdout is not None
-    assert proc.stdout.readline().strip() == "running"
-    time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=30)
-    assert out.strip() == "interrupted ['stopped', 'stopped']", err
-    assert proc.returncode == 3
+    out, status = interrupt_script(CTRL_C_SCRIPT)
+    assert out == "interrupted ['stopped', 'stopped']"
+    assert status == 3
 
 
 def test_vcpus_run_in_parallel_with_the_main_thread(guest: Guest) -> None:
