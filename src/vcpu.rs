@@ -571,8 +571,8 @@ impl VcpuInner {
         self.python_calls.fetch_add(1, Ordering::Relaxed);
         let result = Python::attach(|py| -> PyResult<Answer> {
             let obj = exit::to_python(py, exit, self.id)?;
-            let ret = f.call1(py, (obj.clone_ref(py),))?;
-            let ret = ret.bind(py);
+            let ret = call_one(f.bind(py), obj.bind(py))?;
+            let ret = &ret;
             let stopped = exit::stop_requested(obj.bind(py)).then_some(obj);
             let data = if reads {
                 if ret.is_none() && stopped.is_some() {
@@ -674,6 +674,23 @@ fn fd_of<'a>(guard: &'a mut FdGuard<'_>) -> Result<&'a mut VcpuFd> {
         .as_mut()
         .and_then(|g| g.as_mut())
         .ok_or(Error::Closed("vCPU"))
+}
+
+/// Calls `f(arg)` without building an argument tuple (with the limited API of Python
+/// 3.11, `PyObject_CallFunctionObjArgs` passes the arguments on the C stack).
+fn call_one<'py>(f: &Bound<'py, PyAny>, arg: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
+    let py = f.py();
+    // SAFETY: both pointers are live objects borrowed for the call and the GIL is held; the
+    // argument list is NULL-terminated as the function requires; the result is a new
+    // reference or NULL with a Python error set, which `from_owned_ptr_or_err` handles.
+    unsafe {
+        let ret = pyo3::ffi::PyObject_CallFunctionObjArgs(
+            f.as_ptr(),
+            arg.as_ptr(),
+            std::ptr::null_mut::<pyo3::ffi::PyObject>(),
+        );
+        Bound::from_owned_ptr_or_err(py, ret)
+    }
 }
 
 fn type_name(obj: &Bound<'_, PyAny>) -> String {
