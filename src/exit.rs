@@ -706,7 +706,8 @@ mod tests {
     fn every_exit_kind_becomes_its_python_class() {
         Python::initialize();
         Python::attach(|py| {
-            let cases: Vec<(Exit, &str, Vec<(&str, u64)>)> = vec![
+            type Case = (Exit, &'static str, Vec<(&'static str, u64)>);
+            let cases: Vec<Case> = vec![
                 (
                     Exit::FailEntry {
                         hardware_reason: 0x21,
