@@ -75,6 +75,8 @@ impl VmInner {
         Arc::clone(&self.handlers.read().unwrap_or_else(|e| e.into_inner()))
     }
 
+    /// Installs a new table. Tables are changed read-copy-update style from methods that
+    /// hold the GIL, which keeps two changes from racing.
     fn set_handlers(&self, table: HandlerTable) {
         *self.handlers.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(table);
     }
