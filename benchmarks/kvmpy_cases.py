@@ -85,13 +85,20 @@ def create(k: int, mem_size: int = 64 << 20) -> float:
     return time.perf_counter() - start
 
 
-def regs(k: int, *, set_regs: bool) -> float:
+def regs(k: int, *, set_regs: bool, after_run: bool = False) -> float:
     """Seconds for ``k`` register round trips: ``r = cpu.regs`` then ``cpu.regs = r``, or
-    with ``set_regs`` then ``cpu.set_regs(rax=...)`` (which reads the registers again)."""
+    with ``set_regs`` then ``cpu.set_regs(rax=...)`` (which reads the registers again).
+    With ``after_run`` the vCPU first runs once (to an exit port), as in a harness that
+    resets registers between runs."""
     with kvmpy.Vm() as vm:
-        vm.add_memory(0, GUEST_RAM)
+        vm.add_memory(0, GUEST_RAM).write(LOAD_ADDR, bytes([0xE6, EXIT_PORT]))  # out 0xf4, al
         cpu = vm.create_vcpu()
         cpu.setup_long_mode(user=True)
+        if after_run:
+            vm.add_exit_port(EXIT_PORT)
+            cpu.set_regs(rip=LOAD_ADDR)
+            if cpu.run(timeout=10).reason != "exit":
+                raise BenchError("the register benchmark's guest did not reach its exit port")
         start = time.perf_counter()
         if set_regs:
             for i in range(k):

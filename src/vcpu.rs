@@ -7,11 +7,12 @@
 //! returned to the caller.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, TryLockError};
 use std::time::{Duration, Instant};
 
-use kvm_ioctls::VcpuFd;
+use kvm_bindings::kvm_regs;
+use kvm_ioctls::{SyncReg, VcpuFd};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
@@ -48,6 +49,11 @@ pub struct VcpuInner {
     interrupts: Mutex<VecDeque<u32>>,
     /// How the last run ended.
     last: Mutex<Option<Last>>,
+    /// Whether the general registers are mirrored in `kvm_run` (KVM_CAP_SYNC_REGS).
+    sync_regs: bool,
+    /// Whether KVM has filled the mirror: from the first return of `KVM_RUN` on, registers
+    /// are read and written there instead of with ioctls.
+    regs_mirrored: AtomicBool,
 }
 
 /// How the last run of a vCPU ended: an owned exit, made into a Python object on demand.
@@ -102,7 +108,12 @@ impl Drop for RunGuard<'_> {
 }
 
 impl VcpuInner {
-    pub fn new(id: u64, vm: Arc<VmInner>, fd: VcpuFd) -> Self {
+    /// Wraps a new vCPU fd; with `sync_regs`, KVM is asked to mirror the general registers
+    /// in `kvm_run` on every exit.
+    pub fn new(id: u64, vm: Arc<VmInner>, mut fd: VcpuFd, sync_regs: bool) -> Self {
+        if sync_regs {
+            fd.set_sync_valid_reg(SyncReg::Register);
+        }
         VcpuInner {
             id,
             vm,
@@ -115,12 +126,43 @@ impl VcpuInner {
             pending_read: Mutex::new(None),
             interrupts: Mutex::new(VecDeque::new()),
             last: Mutex::new(None),
+            sync_regs,
+            regs_mirrored: AtomicBool::new(false),
         }
     }
 
     /// The thread running this vCPU, if any.
     pub fn runner(&self) -> Option<libc::pid_t> {
         *self.runner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The general registers: from `kvm_run`'s mirror once KVM has filled it (no ioctl),
+    /// otherwise with `KVM_GET_REGS`. Changes made with `write_regs` are included.
+    fn read_regs(&self, fd: &mut VcpuFd) -> Result<kvm_regs> {
+        if self.regs_mirrored.load(Ordering::Relaxed) {
+            return Ok(fd.sync_regs_mut().regs);
+        }
+        fd.get_regs().map_err(|e| Error::ioctl("KVM_GET_REGS", e))
+    }
+
+    /// Sets the general registers: in `kvm_run`'s mirror, marked dirty so KVM loads them
+    /// when the guest is entered next (before it completes a pending I/O, as KVM_SET_REGS
+    /// would), or with `KVM_SET_REGS` before the first run.
+    fn write_regs(&self, fd: &mut VcpuFd, regs: &kvm_regs) -> Result<()> {
+        if self.regs_mirrored.load(Ordering::Relaxed) {
+            fd.sync_regs_mut().regs = *regs;
+            fd.set_sync_dirty_reg(SyncReg::Register);
+            return Ok(());
+        }
+        fd.set_regs(regs)
+            .map_err(|e| Error::ioctl("KVM_SET_REGS", e))
+    }
+
+    /// Reads the registers, lets `f` change them, writes them back.
+    fn update_regs(&self, fd: &mut VcpuFd, f: impl FnOnce(&mut kvm_regs)) -> Result<()> {
+        let mut r = self.read_regs(fd)?;
+        f(&mut r);
+        self.write_regs(fd, &r)
     }
 
     /// Marks the vCPU as run by the current thread. `clear_stop` forgets a stop requested
@@ -268,6 +310,10 @@ impl VcpuInner {
             }
             let result = exit::run_once(fd);
             self.exits.fetch_add(1, Ordering::Relaxed);
+            if self.sync_regs {
+                // KVM stores the registers in kvm_run on every return from KVM_RUN.
+                self.regs_mirrored.store(true, Ordering::Relaxed);
+            }
             handled_access = matches!(
                 result,
                 Ok(RunExit::Io(_)) | Ok(RunExit::Other(Exit::Mmio { .. }))
@@ -491,9 +537,7 @@ impl VcpuInner {
         dev: &HostCallDev,
         number: u32,
     ) -> PyResult<()> {
-        let r = fd_of(guard)?
-            .get_regs()
-            .map_err(|e| Error::ioctl("KVM_GET_REGS", e))?;
+        let r = self.read_regs(fd_of(guard)?)?;
         let args = [r.rdi, r.rsi, r.rdx, r.r10, r.r8, r.r9];
         guard.take();
         self.python_calls.fetch_add(1, Ordering::Relaxed);
@@ -528,11 +572,7 @@ impl VcpuInner {
         });
         *guard = Some(self.lock_run_fd());
         let value = result?;
-        let fd = fd_of(guard)?;
-        let mut r = fd.get_regs().map_err(|e| Error::ioctl("KVM_GET_REGS", e))?;
-        r.rax = value;
-        fd.set_regs(&r)
-            .map_err(|e| Error::ioctl("KVM_SET_REGS", e))?;
+        self.update_regs(fd_of(guard)?, |r| r.rax = value)?;
         Ok(())
     }
 
@@ -636,20 +676,18 @@ impl VcpuInner {
             let s = x86::protected_mode_sregs(&s, &layout);
             fd.set_sregs(&s)
                 .map_err(|e| Error::ioctl("KVM_SET_SREGS", e))?;
-            let mut r = fd.get_regs().map_err(|e| Error::ioctl("KVM_GET_REGS", e))?;
-            r.rflags = x86::RFLAGS_RESERVED;
-            fd.set_regs(&r).map_err(|e| Error::ioctl("KVM_SET_REGS", e))
+            self.update_regs(fd, |r| r.rflags = x86::RFLAGS_RESERVED)
         })
     }
 
     /// Sets RIP, RAX and RBX, as boot protocols hand over.
     pub fn set_boot_registers(&self, rip: u64, rax: u64, rbx: u64) -> Result<()> {
         self.with_fd(|fd| {
-            let mut r = fd.get_regs().map_err(|e| Error::ioctl("KVM_GET_REGS", e))?;
-            r.rip = rip;
-            r.rax = rax;
-            r.rbx = rbx;
-            fd.set_regs(&r).map_err(|e| Error::ioctl("KVM_SET_REGS", e))
+            self.update_regs(fd, |r| {
+                r.rip = rip;
+                r.rax = rax;
+                r.rbx = rbx;
+            })
         })
     }
 
@@ -807,19 +845,14 @@ impl Vcpu {
     /// A snapshot of the general purpose registers, `rip` and `rflags`.
     #[getter]
     fn regs(&self) -> PyResult<Regs> {
-        Ok(self.inner.with_fd(|fd| {
-            fd.get_regs()
-                .map(|r| Regs::from_kvm(&r))
-                .map_err(|e| Error::ioctl("KVM_GET_REGS", e))
-        })?)
+        let inner = &self.inner;
+        Ok(inner.with_fd(|fd| inner.read_regs(fd).map(|r| Regs::from_kvm(&r)))?)
     }
 
     #[setter(regs)]
     fn set_regs_obj(&self, regs: Regs) -> PyResult<()> {
-        Ok(self.inner.with_fd(|fd| {
-            fd.set_regs(&regs.to_kvm())
-                .map_err(|e| Error::ioctl("KVM_SET_REGS", e))
-        })?)
+        let inner = &self.inner;
+        Ok(inner.with_fd(|fd| inner.write_regs(fd, &regs.to_kvm()))?)
     }
 
     /// Sets the named registers, leaving the others as they are:
@@ -828,12 +861,11 @@ impl Vcpu {
     fn set_regs(&self, fields: Option<&Bound<'_, PyDict>>) -> PyResult<()> {
         let mut guard = self.inner.lock_fd()?;
         let fd = guard.as_mut().ok_or(Error::Closed("vCPU"))?;
-        let mut regs = fd.get_regs().map_err(|e| Error::ioctl("KVM_GET_REGS", e))?;
+        let mut regs = self.inner.read_regs(fd)?;
         if let Some(f) = fields {
             Regs::apply(&mut regs, f)?;
         }
-        fd.set_regs(&regs)
-            .map_err(|e| Error::ioctl("KVM_SET_REGS", e))?;
+        self.inner.write_regs(fd, &regs)?;
         Ok(())
     }
 
@@ -898,10 +930,10 @@ impl Vcpu {
             s.efer &= !(x86::EFER_LME | x86::EFER_LMA);
             fd.set_sregs(&s)
                 .map_err(|e| Error::ioctl("KVM_SET_SREGS", e))?;
-            let mut r = fd.get_regs().map_err(|e| Error::ioctl("KVM_GET_REGS", e))?;
-            r.rip = u64::from(ip);
-            r.rflags = x86::RFLAGS_RESERVED;
-            fd.set_regs(&r).map_err(|e| Error::ioctl("KVM_SET_REGS", e))
+            self.inner.update_regs(fd, |r| {
+                r.rip = u64::from(ip);
+                r.rflags = x86::RFLAGS_RESERVED;
+            })
         })?)
     }
 
@@ -972,9 +1004,8 @@ impl Vcpu {
             let s = x86::long_mode_sregs(&s, &layout, user, exceptions);
             fd.set_sregs(&s)
                 .map_err(|e| Error::ioctl("KVM_SET_SREGS", e))?;
-            let mut r = fd.get_regs().map_err(|e| Error::ioctl("KVM_GET_REGS", e))?;
-            r.rflags = x86::long_mode_rflags(user);
-            fd.set_regs(&r).map_err(|e| Error::ioctl("KVM_SET_REGS", e))
+            self.inner
+                .update_regs(fd, |r| r.rflags = x86::long_mode_rflags(user))
         })?)
     }
 

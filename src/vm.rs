@@ -607,7 +607,12 @@ impl Vm {
         let cpuid = kvm::cpuid_for_vcpu(&inner.kvm, id)?;
         fd.set_cpuid2(&cpuid)
             .map_err(|e| Error::ioctl("KVM_SET_CPUID2", e))?;
-        let vcpu = Arc::new(VcpuInner::new(id, Arc::clone(&inner.0), fd));
+        let sync_regs = inner
+            .kvm
+            .check_extension_raw(kvm_bindings::KVM_CAP_SYNC_REGS.into())
+            & kvm_bindings::KVM_SYNC_X86_REGS as i32
+            != 0;
+        let vcpu = Arc::new(VcpuInner::new(id, Arc::clone(&inner.0), fd, sync_regs));
         vcpus.all.push(Arc::clone(&vcpu));
         Ok(Vcpu {
             inner: vcpu,

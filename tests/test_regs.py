@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 
 import kvmpy
+
+from .support import DEV_OUT, EXIT_PORT, LONG_LOAD, user_mode_vm
+
+Guest = Callable[[str], bytes]
 
 pytestmark = pytest.mark.kvm
 
@@ -108,3 +114,27 @@ def test_long_mode_helper_bad_inputs(vm: kvmpy.Vm) -> None:
     with pytest.raises(kvmpy.GuestMemoryError):
         cpu.setup_long_mode(tables_addr=0x8000)  # tables run past the end of RAM
     assert vm.read(0x8000, 16) == bytes(16)  # and nothing was written
+
+
+def test_registers_set_between_runs_reach_the_guest(guest: Guest) -> None:
+    """After the first run registers live in kvm_run (KVM_CAP_SYNC_REGS where the host
+    has it); what is written there between runs is what the guest starts with."""
+    vm, cpu = user_mode_vm(guest("counter64"), rdi=5)
+    with vm:
+        console = vm.add_console(DEV_OUT)
+        vm.add_exit_port(EXIT_PORT)
+        assert cpu.run(timeout=10).reason == "exit"
+        assert console.take() == bytes(range(5))
+        for n in (3, 0, 7):
+            cpu.set_regs(rip=LONG_LOAD, rdi=n)
+            assert (cpu.regs.rip, cpu.regs.rdi) == (LONG_LOAD, n)
+            assert cpu.run(timeout=10).reason == "exit"
+            assert console.take() == bytes(range(n))
+        # Whole-object assignment and the mode helpers take the same path.
+        r = cpu.regs
+        r.rip, r.rdi = LONG_LOAD, 2
+        cpu.regs = r
+        cpu.setup_long_mode(user=True)  # rewrites RFLAGS, keeps RIP/RDI
+        assert (cpu.regs.rip, cpu.regs.rdi, cpu.regs.rflags) == (LONG_LOAD, 2, 0x3002)
+        assert cpu.run(timeout=10).reason == "exit"
+        assert console.take() == bytes(range(2))
