@@ -1168,8 +1168,13 @@ impl Vcpu {
         let deadline = deadline_after(timeout)?;
         let inner = &self.inner;
         inner.vm.check_open()?;
-        let _running = inner.begin_run(true)?;
-        let outcome = py.detach(|| inner.run_loop(deadline));
+        // The run begins and ends (its runner cleared) with the GIL released, so whoever
+        // waits for the run to end, e.g. a VM shutting down while the interpreter exits,
+        // never waits on this thread getting the GIL back.
+        let outcome = py.detach(|| -> Result<Outcome> {
+            let _running = inner.begin_run(true)?;
+            Ok(inner.run_loop(deadline))
+        })?;
         let obj = match outcome {
             Outcome::Exit(exit) => exit::to_python(py, &exit, inner.id)?,
             Outcome::Stopped(obj) => obj,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import textwrap
 import time
 
@@ -62,3 +64,30 @@ def test_emulation_failure_is_an_internal_error_exit() -> None:
         assert exit.suberror == 1  # KVM_INTERNAL_ERROR_EMULATION
         assert isinstance(exit.data, list)
         assert "InternalErrorExit(suberror=1" in repr(exit)
+
+
+def test_interpreter_exits_while_a_daemon_thread_runs_a_vcpu() -> None:
+    script = textwrap.dedent(
+        """
+        import threading, time, kvmpy
+        vm = kvmpy.Vm()
+        vm.add_memory(0, 2 << 20).write(0x10000, bytes([0xEB, 0xFE]))
+        cpu = vm.create_vcpu()
+        cpu.setup_long_mode(user=True)
+        cpu.set_regs(rip=0x10000)
+        threading.Thread(target=cpu.run, daemon=True).start()
+        other = kvmpy.Vm()
+        other.add_memory(0, 2 << 20).write(0x10000, bytes([0xEB, 0xFE]))
+        c2 = other.create_vcpu()
+        c2.setup_long_mode(user=True)
+        c2.set_regs(rip=0x10000)
+        other.start()  # a background run nobody joins
+        time.sleep(0.2)
+        print("bye", flush=True)
+        """
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=30
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "bye"
