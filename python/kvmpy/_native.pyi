@@ -46,6 +46,7 @@ def _shutdown_all() -> None: ...
 
 @final
 class CpuidEntry:
+    """One entry of a CPUID table."""
     def __new__(
         cls,
         function: int,
@@ -73,55 +74,100 @@ class CpuidEntry:
 
 @final
 class Kvm:
+    """The host's KVM: API version, capabilities and supported CPUID.
+
+    All VMs share one open `/dev/kvm`; creating a `Kvm` raises `KvmUnavailable` when
+    it cannot be opened.
+    """
     def __new__(cls) -> Kvm: ...
     @property
-    def api_version(self) -> int: ...
+    def api_version(self) -> int:
+        """The KVM API version (always 12)."""
     @property
-    def vcpu_mmap_size(self) -> int: ...
+    def vcpu_mmap_size(self) -> int:
+        """Size in bytes of a vCPU's shared `kvm_run` area."""
     @property
-    def recommended_vcpus(self) -> int: ...
+    def recommended_vcpus(self) -> int:
+        """Recommended number of vCPUs per VM."""
     @property
-    def max_vcpus(self) -> int: ...
+    def max_vcpus(self) -> int:
+        """Maximum number of vCPUs per VM."""
     @property
-    def max_memslots(self) -> int: ...
-    def check_extension(self, cap: str | int) -> int: ...
-    def capabilities(self) -> dict[str, int]: ...
-    def supported_cpuid(self) -> list[CpuidEntry]: ...
+    def max_memslots(self) -> int:
+        """Maximum number of memory slots per VM."""
+    def check_extension(self, cap: str | int) -> int:
+        """`KVM_CHECK_EXTENSION`: 0 when unsupported, otherwise a positive, capability-specific
+        value.
+        """
+    def capabilities(self) -> dict[str, int]:
+        """Every named capability and its `KVM_CHECK_EXTENSION` value."""
+    def supported_cpuid(self) -> list[CpuidEntry]:
+        """`KVM_GET_SUPPORTED_CPUID`: the CPUID entries this host's KVM can give a guest."""
 
 @final
 class LoadedImage:
+    """What a loader put in guest memory."""
     @property
-    def entry(self) -> int: ...
+    def entry(self) -> int:
+        """The entry point."""
     @property
-    def bits(self) -> int: ...
+    def bits(self) -> int:
+        """32 or 64 (the ELF class; 32 for Multiboot kernels loaded with the a.out kludge)."""
     @property
-    def segments(self) -> list[tuple[int, int]]: ...
+    def segments(self) -> list[tuple[int, int]]:
+        """`(guest address, size in memory)` of each loaded segment."""
     @property
-    def symbols(self) -> dict[str, int]: ...
+    def symbols(self) -> dict[str, int]:
+        """Symbol name -> address, from the ELF symbol table (empty for other images)."""
     @property
-    def boot_info(self) -> int | None: ...
+    def boot_info(self) -> int | None:
+        """Guest physical address of the multiboot_info structure (Multiboot kernels only)."""
 
 @final
 class MemoryRegion:
+    """A region of guest physical memory backed by host memory.
+
+    Offsets given to `read`/`write` are relative to the region's start. The region also
+    supports the buffer protocol: `memoryview(region)` is a live, writable view of guest
+    memory that stays valid for as long as it exists, even after the region is removed
+    or the VM closed.
+    """
     @property
-    def guest_addr(self) -> int: ...
+    def guest_addr(self) -> int:
+        """Guest physical address of the region's first byte."""
     @property
-    def size(self) -> int: ...
+    def size(self) -> int:
+        """Size of the region in bytes."""
     @property
-    def slot(self) -> int: ...
+    def slot(self) -> int:
+        """The KVM memory slot number."""
     @property
-    def readonly(self) -> bool: ...
+    def readonly(self) -> bool:
+        """Whether guest writes to the region exit as MMIO writes instead of landing."""
     @property
-    def dirty_log(self) -> bool: ...
+    def dirty_log(self) -> bool:
+        """Whether KVM logs the pages the guest writes."""
     @property
-    def attached(self) -> bool: ...
-    def read(self, offset: int, n: int) -> bytes: ...
-    def write(self, offset: int, data: _BytesLike) -> None: ...
-    def dirty_pages(self) -> list[int]: ...
+    def attached(self) -> bool:
+        """Whether the region is still part of its VM (not removed, VM not closed)."""
+    def read(self, offset: int, n: int) -> bytes:
+        """Reads `n` bytes at region offset `offset`."""
+    def write(self, offset: int, data: _BytesLike) -> None:
+        """Writes a bytes-like object at region offset `offset`."""
+    def dirty_pages(self) -> list[int]:
+        """The region-relative byte offsets of the pages the guest wrote since the last call
+        (`KVM_GET_DIRTY_LOG`, which also resets the log). Needs `dirty_log=True`.
+        """
     def __len__(self) -> int: ...
 
 @final
 class Regs:
+    """The general purpose registers, `rip` and `rflags` of a vCPU (`KVM_GET_REGS`).
+
+    A snapshot: change fields and assign it back with `cpu.regs = regs`, or use
+    `cpu.set_regs(rax=..., rip=...)`.
+    """
+
     rax: int
     rbx: int
     rcx: int
@@ -141,10 +187,13 @@ class Regs:
     rip: int
     rflags: int
     def __new__(cls, **fields: int) -> Regs: ...
-    def as_dict(self) -> dict[str, int]: ...
+    def as_dict(self) -> dict[str, int]:
+        """The registers as a dict."""
 
 @final
 class Segment:
+    """One segment register's visible and hidden state (`struct kvm_segment`)."""
+
     base: int
     limit: int
     selector: int
@@ -176,12 +225,21 @@ class Segment:
 
 @final
 class DTable:
+    """A descriptor table register (GDTR/IDTR)."""
+
     base: int
     limit: int
     def __new__(cls, base: int = 0, limit: int = 0xFFFF) -> DTable: ...
 
 @final
 class Sregs:
+    """The special registers of a vCPU (`KVM_GET_SREGS`): segments, descriptor tables,
+    control registers, EFER and the APIC base.
+
+    A snapshot, like `Regs`: assign it back with `cpu.sregs = sregs`, or use
+    `cpu.set_sregs(cr0=..., cs=Segment(...))`.
+    """
+
     cs: Segment
     ds: Segment
     es: Segment
@@ -203,72 +261,109 @@ class Sregs:
 
 @disjoint_base
 class ExitInfo:
+    """What `run()` returns and what a handler receives: why the vCPU left the guest.
+
+    `reason` is a `kvmpy.ExitReason`, a str enum that compares equal to `"io"`, `"mmio"`,
+    `"hlt"`, ... Kinds with more to say are subclasses (`IoExit`, `MmioExit`, ...).
+    """
     @property
-    def reason(self) -> ExitReason: ...
+    def reason(self) -> ExitReason:
+        """Why the vCPU exited."""
     @property
-    def vcpu_id(self) -> int: ...
+    def vcpu_id(self) -> int:
+        """The id of the vCPU that exited."""
     @property
-    def stopped(self) -> bool: ...
-    def stop(self) -> None: ...
+    def stopped(self) -> bool:
+        """Whether `stop()` was called on this exit."""
+    def stop(self) -> None:
+        """From a handler: stop the run after this exit; `run()` then returns this exit."""
 
 @final
 class IoExit(ExitInfo):
+    """A port I/O exit (`in`/`out`)."""
     @property
-    def port(self) -> int: ...
+    def port(self) -> int:
+        """The I/O port."""
     @property
-    def size(self) -> int: ...
+    def size(self) -> int:
+        """Access size in bytes: 1, 2 or 4."""
     @property
-    def count(self) -> int: ...
+    def count(self) -> int:
+        """Number of elements of string I/O (`rep outsb`); handlers see one element at a time."""
     @property
-    def is_write(self) -> bool: ...
+    def is_write(self) -> bool:
+        """True for OUT, False for IN."""
     @property
-    def data(self) -> bytes: ...
+    def data(self) -> bytes:
+        """The bytes the guest wrote (OUT), or `b""` for IN."""
     @property
-    def value(self) -> int: ...
+    def value(self) -> int:
+        """The bytes the guest wrote as a little-endian integer (0 for IN)."""
 
 @final
 class MmioExit(ExitInfo):
+    """An MMIO exit: an access to guest physical memory with no RAM behind it."""
     @property
-    def address(self) -> int: ...
+    def address(self) -> int:
+        """Guest physical address of the access."""
     @property
-    def size(self) -> int: ...
+    def size(self) -> int:
+        """Access size in bytes (1 to 8)."""
     @property
-    def is_write(self) -> bool: ...
+    def is_write(self) -> bool:
+        """True for a write, False for a read."""
     @property
-    def data(self) -> bytes: ...
+    def data(self) -> bytes:
+        """The bytes the guest wrote, or `b""` for a read."""
     @property
-    def value(self) -> int: ...
+    def value(self) -> int:
+        """The bytes the guest wrote as a little-endian integer (0 for a read)."""
 
 @final
 class GuestExit(ExitInfo):
+    """The guest wrote to an exit port (`vm.add_exit_port`): `code` is the value written."""
     @property
-    def code(self) -> int: ...
+    def code(self) -> int:
+        """The value the guest wrote."""
     @property
-    def port(self) -> int: ...
+    def port(self) -> int:
+        """The exit port."""
 
 @final
 class FailEntryExit(ExitInfo):
+    """`KVM_EXIT_FAIL_ENTRY`: the hardware refused to enter the guest (invalid guest state)."""
     @property
-    def hardware_entry_failure_reason(self) -> int: ...
+    def hardware_entry_failure_reason(self) -> int:
+        """The hardware's reason code (a VMX exit reason or an SVM error code)."""
     @property
-    def cpu(self) -> int: ...
+    def cpu(self) -> int:
+        """The host CPU the entry failed on."""
 
 @final
 class InternalErrorExit(ExitInfo):
+    """`KVM_EXIT_INTERNAL_ERROR`: KVM could not handle something, for example an instruction
+    its emulator does not know.
+    """
     @property
-    def suberror(self) -> int: ...
+    def suberror(self) -> int:
+        """`KVM_INTERNAL_ERROR_*` (1 = emulation failure, 2 = simultaneous exception, ...)."""
     @property
-    def data(self) -> list[int]: ...
+    def data(self) -> list[int]:
+        """Extra words KVM reported."""
 
 @final
 class SystemEventExit(ExitInfo):
+    """`KVM_EXIT_SYSTEM_EVENT`: the guest asked for a shutdown, reset or crash report."""
     @property
-    def event_type(self) -> int: ...
+    def event_type(self) -> int:
+        """`KVM_SYSTEM_EVENT_*` (1 = shutdown, 2 = reset, 3 = crash, ...)."""
     @property
-    def data(self) -> list[int]: ...
+    def data(self) -> list[int]:
+        """Extra words KVM reported."""
 
 @final
 class DebugExit(ExitInfo):
+    """`KVM_EXIT_DEBUG`: a breakpoint or single step (with guest debugging enabled)."""
     @property
     def exception(self) -> int: ...
     @property
@@ -280,66 +375,111 @@ class DebugExit(ExitInfo):
 
 @final
 class ExceptionExit(ExitInfo):
+    """A CPU exception in the guest, reported by the IDT stubs that
+    `setup_long_mode(exceptions=True)` installs: reason `"exception"`.
+    """
     @property
-    def vector(self) -> int: ...
+    def vector(self) -> int:
+        """The exception vector (0 = #DE, 6 = #UD, 13 = #GP, 14 = #PF, ...)."""
     @property
-    def error_code(self) -> int: ...
+    def error_code(self) -> int:
+        """The error code the CPU pushed (0 for exceptions without one)."""
     @property
-    def rip(self) -> int: ...
+    def rip(self) -> int:
+        """The address of the faulting instruction."""
     @property
-    def cs(self) -> int: ...
+    def cs(self) -> int:
+        """CS at the fault (its low 2 bits are the privilege level)."""
     @property
     def rflags(self) -> int: ...
     @property
     def rsp(self) -> int: ...
     @property
-    def cr2(self) -> int: ...
+    def cr2(self) -> int:
+        """CR2: the faulting address of a page fault."""
     @property
-    def name(self) -> str: ...
+    def name(self) -> str:
+        """The exception's mnemonic: `"#DE"`, `"#UD"`, `"#GP"`, `"#PF"`, ..."""
 
 @final
 class UnknownExit(ExitInfo):
+    """An exit kvmpy does not interpret; `kvm_exit_reason` is the raw `KVM_EXIT_*` number."""
     @property
     def kvm_exit_reason(self) -> int: ...
 
 @final
 class Console:
+    """A console device on one I/O port, handled natively (no Python call per byte).
+
+    Every byte the guest writes with OUT to the port is collected; IN from the port reads 0.
+    At most `limit` bytes are kept: past that the oldest output is dropped.
+    """
     @property
-    def port(self) -> int: ...
-    def output(self) -> bytes: ...
-    def take(self) -> bytes: ...
-    def clear(self) -> None: ...
+    def port(self) -> int:
+        """The console's I/O port."""
+    def output(self) -> bytes:
+        """What the guest has written so far."""
+    def take(self) -> bytes:
+        """Returns what the guest has written and empties the buffer."""
+    def clear(self) -> None:
+        """Empties the buffer."""
 
 @final
 class ExitPort:
+    """A port whose OUT ends the run: `run()` returns a `GuestExit` with `code` set to the value
+    written (1, 2 or 4 bytes, little endian). IN from the port reads 0.
+    """
     @property
-    def port(self) -> int: ...
+    def port(self) -> int:
+        """The exit port."""
     @property
-    def debug_exit(self) -> bool: ...
+    def debug_exit(self) -> bool:
+        """Whether codes follow the isa-debug-exit convention ((value << 1) | 1)."""
 
 @final
 class Uart:
+    """A 16550-style UART on 8 ports from `port`, handled natively: what the guest transmits
+    is collected (`output()`), what you `feed()` it the guest can receive. LSR always says
+    the transmitter is ready, so guests that poll it before writing work.
+    """
     @property
-    def port(self) -> int: ...
-    def output(self) -> bytes: ...
-    def take(self) -> bytes: ...
-    def feed(self, data: _BytesLike) -> None: ...
+    def port(self) -> int:
+        """The UART's base port."""
+    def output(self) -> bytes:
+        """What the guest has transmitted so far."""
+    def take(self) -> bytes:
+        """Returns what the guest has transmitted and empties the buffer."""
+    def feed(self, data: _BytesLike) -> None:
+        """Queues bytes for the guest to receive."""
 
 @final
 class Vcpu:
+    """A virtual CPU of a `Vm`, created with `vm.create_vcpu()`."""
     @property
-    def id(self) -> int: ...
+    def id(self) -> int:
+        """The vCPU id (its APIC id)."""
     @property
-    def regs(self) -> Regs: ...
+    def regs(self) -> Regs:
+        """A snapshot of the general purpose registers, `rip` and `rflags`."""
     @regs.setter
     def regs(self, regs: Regs) -> None: ...
-    def set_regs(self, **fields: int) -> None: ...
+    def set_regs(self, **fields: int) -> None:
+        """Sets the named registers, leaving the others as they are:
+        `cpu.set_regs(rip=0x1000, rsp=0x8000, rflags=2)`.
+        """
     @property
-    def sregs(self) -> Sregs: ...
+    def sregs(self) -> Sregs:
+        """A snapshot of the special registers: segments, GDT/IDT, control registers, EFER."""
     @sregs.setter
     def sregs(self, sregs: Sregs) -> None: ...
-    def set_sregs(self, **fields: int | Segment | DTable) -> None: ...
-    def setup_real_mode(self, *, cs: int = 0, ip: int = 0) -> None: ...
+    def set_sregs(self, **fields: int | Segment | DTable) -> None:
+        """Sets the named special registers, leaving the others as they are:
+        `cpu.set_sregs(cr0=0x11, cs=kvmpy.Segment(selector=0, base=0))`.
+        """
+    def setup_real_mode(self, *, cs: int = 0, ip: int = 0) -> None:
+        """Puts the vCPU in 16-bit real mode with `CS = cs` (base `cs * 16`) and `IP = ip`;
+        the data and stack segments are set to 0.
+        """
     def setup_long_mode(
         self,
         *,
@@ -349,53 +489,176 @@ class Vcpu:
         huge_pages: bool = False,
         exceptions: bool = False,
         exception_port: int = 0xF6,
-    ) -> None: ...
-    def setup_protected_mode(self, *, tables_addr: int = 0x1000) -> None: ...
-    def get_cpuid(self) -> list[CpuidEntry]: ...
-    def set_cpuid(self, entries: list[CpuidEntry]) -> None: ...
-    def get_msrs(self, indices: list[int]) -> dict[int, int]: ...
-    def set_msrs(self, values: dict[int, int]) -> None: ...
-    def translate(self, vaddr: int) -> int: ...
-    def kvm_translate(self, vaddr: int) -> int | None: ...
-    def read_virtual(self, vaddr: int, n: int) -> bytes: ...
-    def write_virtual(self, vaddr: int, data: _BytesLike) -> None: ...
-    def run(self, timeout: float | None = None) -> ExitInfo: ...
-    def respond(self, value: int | bytes) -> None: ...
-    def interrupt(self, vector: int) -> None: ...
+    ) -> None:
+        """Puts the vCPU in 64-bit long mode with paging, at CPL3 (`user=True`, with IOPL=3
+        so `in`/`out` exit to the host) or CPL0.
+
+        Writes its structures into guest memory (RAM) from `tables_addr` (page aligned):
+        GDT at `+0x0000`, TSS (with an I/O bitmap allowing every port) at `+0x1000`, IDT at
+        `+0x4000`, exception stubs at `+0x5000`, their stack at `+0x6000`, PML4 at
+        `+0x7000`, PDPT at `+0x8000` and, with 2 MiB pages, one page directory per GiB from
+        `+0x9000`: `0x9000 + map_gib * 0x1000` bytes in all (`0x9000` with
+        `huge_pages=True`, which maps 1 GiB pages). The first `map_gib` GiB are identity
+        mapped, writable and user-accessible.
+
+        With `exceptions=True` the IDT's stubs report CPU exceptions: `run()` then returns an
+        `ExceptionExit` (reason `"exception"`) with the vector, error code, RIP and CR2,
+        instead of the guest triple-faulting (reason `"shutdown"`). They report through
+        `exception_port`, which this registers with the VM.
+
+        Sets the segments, CR0/CR3/CR4/EFER, GDTR/IDTR, TR and RFLAGS; the caller sets
+        `rip` (and `rsp` if the guest uses a stack).
+        """
+    def setup_protected_mode(self, *, tables_addr: int = 0x1000) -> None:
+        """Puts the vCPU in flat 32-bit protected mode with paging off, at CPL0: CS selector
+        0x38 (32-bit code), data selectors 0x10, base 0, limit 4 GiB. Writes the GDT at
+        `tables_addr` (page aligned, in RAM; 0x40 bytes). The caller sets `rip` (and
+        `rsp`). Interrupts are off (IF=0).
+        """
+    def get_cpuid(self) -> list[CpuidEntry]:
+        """The vCPU's CPUID table (`KVM_GET_CPUID2`). New vCPUs get the host's supported
+        CPUID with the hypervisor bit and their APIC id set.
+        """
+    def set_cpuid(self, entries: list[CpuidEntry]) -> None:
+        """Replaces the vCPU's CPUID table (`KVM_SET_CPUID2`). Do it before the first run: KVM
+        refuses changes once the vCPU has run.
+        """
+    def get_msrs(self, indices: list[int]) -> dict[int, int]:
+        """Reads model-specific registers: `{index: value}` for each index. Raises
+        `KvmError` naming the first MSR KVM refused.
+        """
+    def set_msrs(self, values: dict[int, int]) -> None:
+        """Writes model-specific registers from `{index: value}`. Raises `KvmError` naming the
+        first MSR KVM refused (the ones before it were written).
+        """
+    def translate(self, vaddr: int) -> int:
+        """Translates guest virtual address `vaddr` to a guest physical address by walking the
+        vCPU's page tables (per its current CR0/CR3/CR4/EFER), as the CPU would. Raises
+        `GuestMemoryError` when the address is not mapped.
+        """
+    def kvm_translate(self, vaddr: int) -> int | None:
+        """`KVM_TRANSLATE`: KVM's own translation of `vaddr`, or None if KVM says it is not
+        mapped. (Not every KVM implements it for every mode; `translate` does not need it.)
+        """
+    def read_virtual(self, vaddr: int, n: int) -> bytes:
+        """Reads `n` bytes of guest virtual memory at `vaddr` through the vCPU's page tables
+        (the range may cross pages).
+        """
+    def write_virtual(self, vaddr: int, data: _BytesLike) -> None:
+        """Writes a bytes-like object to guest virtual memory at `vaddr` through the vCPU's
+        page tables (ignoring their write-protection, as a debugger does).
+        """
+    def run(self, timeout: float | None = None) -> ExitInfo:
+        """Runs the vCPU until an exit no handler takes, a handler stops it, the guest writes
+        to an exit port, or `timeout` seconds pass; returns that exit.
+
+        The GIL is released while the guest runs. The first exception a handler raises
+        stops the vCPU and is re-raised here. Ctrl-C stops the guest and raises
+        `KeyboardInterrupt` (when `run()` is called from the main thread).
+        """
+    def respond(self, value: int | bytes) -> None:
+        """Answers the IN or MMIO read that the last `run()` returned because no handler took
+        it: `value` (an int, or bytes of the access size) is what the guest reads when it
+        runs again. Without an answer the guest reads zeros.
+        """
+    def interrupt(self, vector: int) -> None:
+        """Queues interrupt `vector` (0-255) for the guest (`KVM_INTERRUPT`, for VMs without
+        an in-kernel irqchip; with one, use `vm.set_irq_line`). It is injected as soon as
+        the guest accepts interrupts (IF=1): at once if the vCPU is running, otherwise at
+        the next `run()`. A vCPU halted in `hlt` wakes up to take it.
+        """
     @property
-    def last_exit(self) -> ExitInfo | None: ...
-    def stop(self) -> None: ...
-    def stats(self) -> dict[str, int]: ...
+    def last_exit(self) -> ExitInfo | None:
+        """The exit that ended this vCPU's last run (by `run()` or `vm.start()`), or None
+        before the first run or when the run ended with an exception.
+        """
+    def stop(self) -> None:
+        """Asks a running vCPU to stop: its `run()` returns an exit with reason `"stopped"`.
+        Callable from any thread and from handlers; a vCPU that is not running is not
+        affected (its next `run()` starts normally).
+        """
+    def stats(self) -> dict[str, int]:
+        """Counters since the vCPU was created: `exits` (returns from `KVM_RUN`) and
+        `handler_calls` (Python handler calls, the only times the run loop takes the GIL).
+        """
     @property
-    def vm(self) -> Vm: ...
+    def vm(self) -> Vm:
+        """The VM this vCPU belongs to."""
 
 @disjoint_base
 class Vm:
+    """A KVM virtual machine.
+
+    Holds guest memory regions, vCPUs and exit handlers. Use it as a context manager or
+    call `close()`: closing stops running vCPUs, closes every KVM fd the VM owns and detaches
+    its memory regions.
+    """
     def __new__(cls, *, irqchip: bool = False, pit: bool = False) -> Vm: ...
     @property
-    def irqchip(self) -> bool: ...
-    def set_irq_line(self, irq: int, level: bool) -> None: ...
+    def irqchip(self) -> bool:
+        """Whether the VM has an in-kernel irqchip."""
+    def set_irq_line(self, irq: int, level: bool) -> None:
+        """Sets the level of interrupt line `irq` of the in-kernel irqchip (`KVM_IRQ_LINE`):
+        `set_irq_line(4, True)` then `set_irq_line(4, False)` makes an edge. Lines 0-15 go
+        to the PIC and the IOAPIC, 16-23 to the IOAPIC.
+        """
     def run(
         self, timeout: float | None = None, *, until: Literal["all", "any"] = "all"
-    ) -> list[ExitInfo]: ...
-    def start(
-        self, timeout: float | None = None, *, until: Literal["all", "any"] = "all"
-    ) -> None: ...
-    def join(self, timeout: float | None = None) -> list[ExitInfo] | None: ...
-    def stop(self) -> None: ...
+    ) -> list[ExitInfo]:
+        """Runs every vCPU on its own native thread until all have stopped, and returns
+        their final exits (in `vcpus` order). `timeout` applies to each vCPU. With
+        `until="any"` the first vCPU to stop stops the others; with `until="all"` (the
+        default) each stops on its own. The first exception a handler raises on any vCPU
+        stops them all and is raised here; so is `KeyboardInterrupt` (Ctrl-C).
+        """
+    def start(self, timeout: float | None = None, *, until: Literal["all", "any"] = "all") -> None:
+        """Starts every vCPU on its own native thread and returns at once; see `run()`."""
+    def join(self, timeout: float | None = None) -> list[ExitInfo] | None:
+        """Waits for the vCPUs started by `start()` to stop, at most `timeout` seconds. Returns
+        their final exits, or None if they are still running at the timeout. Raises the first
+        handler exception, or `KeyboardInterrupt` on Ctrl-C (after stopping every vCPU).
+        """
+    def stop(self) -> None:
+        """Asks every vCPU to stop; callable from any thread and from handlers. Their runs
+        end with reason `"stopped"`.
+        """
     @property
-    def started(self) -> bool: ...
+    def started(self) -> bool:
+        """Whether vCPUs started by `start()` have not been joined yet."""
     def add_memory(
         self, guest_addr: int, size: int, *, readonly: bool = False, dirty_log: bool = False
-    ) -> MemoryRegion: ...
-    def remove_memory(self, region: MemoryRegion) -> None: ...
+    ) -> MemoryRegion:
+        """Adds `size` bytes of RAM at guest physical address `guest_addr` (both page
+        aligned). With `readonly=True` guest writes exit as MMIO writes; with
+        `dirty_log=True` KVM logs written pages (see `MemoryRegion.dirty_pages`).
+        """
+    def remove_memory(self, region: MemoryRegion) -> None:
+        """Removes a region from the guest's address space. Views of it stay valid; its
+        `read`/`write` raise afterwards.
+        """
     @property
-    def memory_regions(self) -> list[MemoryRegion]: ...
-    def read(self, gpa: int, n: int) -> bytes: ...
-    def write(self, gpa: int, data: _BytesLike) -> None: ...
-    def create_vcpu(self, id: int | None = None) -> Vcpu: ...
-    def load_flat(self, image: _Image, address: int) -> None: ...
-    def load_elf(self, image: _Image) -> LoadedImage: ...
+    def memory_regions(self) -> list[MemoryRegion]:
+        """The VM's memory regions, by guest address."""
+    def read(self, gpa: int, n: int) -> bytes:
+        """Reads `n` bytes of guest physical memory at `gpa`; the range may span regions but
+        must lie entirely in guest RAM.
+        """
+    def write(self, gpa: int, data: _BytesLike) -> None:
+        """Writes a bytes-like object to guest physical memory at `gpa`."""
+    def create_vcpu(self, id: int | None = None) -> Vcpu:
+        """Creates a vCPU. `id` defaults to the lowest id not in use. The vCPU gets the host's
+        supported CPUID (with the hypervisor bit and its APIC id set).
+        """
+    def load_flat(self, image: _Image, address: int) -> None:
+        """Writes a flat binary image (bytes-like, or a path to read) at guest physical
+        `address`; it must lie entirely in RAM.
+        """
+    def load_elf(self, image: _Image) -> LoadedImage:
+        """Loads an ELF executable (32- or 64-bit x86; bytes-like, or a path to read): each
+        PT_LOAD segment at its physical address, zero-filled past its file size. Every
+        segment and the entry point must lie in RAM. Returns a `LoadedImage` with the entry
+        point and the symbol table. Set the vCPU's mode and `rip` yourself.
+        """
     def load_multiboot(
         self,
         cpu: Vcpu,
@@ -404,34 +667,100 @@ class Vm:
         cmdline: str = "",
         modules: list[_Image | tuple[_Image, str]] | None = None,
         tables_addr: int = 0x1000,
-    ) -> LoadedImage: ...
+    ) -> LoadedImage:
+        """Boots a Multiboot v1 kernel as QEMU's `-kernel` does: loads it (ELF, or the a.out
+        kludge), its `modules` (each bytes-like, a path, or a `(data, cmdline)` tuple) and
+        the multiboot information (memory map, `cmdline`, modules) after the kernel, and
+        puts `cpu` in 32-bit protected mode at the entry point with EAX = 0x2BADB002 and
+        EBX = the information's address. The GDT goes at `tables_addr`.
+        """
     @property
-    def vcpus(self) -> list[Vcpu]: ...
+    def vcpus(self) -> list[Vcpu]:
+        """The VM's vCPUs, by creation order."""
     @overload
-    def on_io(self, ports: int | range, handler: _F) -> _F: ...
+    def on_io(self, ports: int | range, handler: _F) -> _F:
+        """Registers `handler` for port I/O on `ports` (an int or a `range`). Without
+        `handler`, returns a decorator. The handler gets an `IoExit`; for an IN it returns
+        the value the guest reads (an int, or bytes of the access size), for an OUT it
+        returns None. Returns the handler.
+        """
     @overload
-    def on_io(self, ports: int | range, handler: None = None) -> Callable[[_F], _F]: ...
+    def on_io(self, ports: int | range, handler: None = None) -> Callable[[_F], _F]:
+        """Registers `handler` for port I/O on `ports` (an int or a `range`). Without
+        `handler`, returns a decorator. The handler gets an `IoExit`; for an IN it returns
+        the value the guest reads (an int, or bytes of the access size), for an OUT it
+        returns None. Returns the handler.
+        """
     @overload
-    def on_mmio(self, address: int, size: int, handler: _F) -> _F: ...
+    def on_mmio(self, address: int, size: int, handler: _F) -> _F:
+        """Registers `handler` for MMIO accesses to `[address, address + size)`, which must not
+        overlap RAM. Without `handler`, returns a decorator. The handler gets an `MmioExit`;
+        for a read it returns the data (an int, or bytes of the access size).
+        """
     @overload
-    def on_mmio(self, address: int, size: int, handler: None = None) -> Callable[[_F], _F]: ...
+    def on_mmio(self, address: int, size: int, handler: None = None) -> Callable[[_F], _F]:
+        """Registers `handler` for MMIO accesses to `[address, address + size)`, which must not
+        overlap RAM. Without `handler`, returns a decorator. The handler gets an `MmioExit`;
+        for a read it returns the data (an int, or bytes of the access size).
+        """
     @overload
-    def on_hlt(self, handler: _F) -> _F: ...
+    def on_hlt(self, handler: _F) -> _F:
+        """Registers `handler` for HLT exits (it returns None to resume the guest after the
+        `hlt`, or calls `exit.stop()`). Without `handler`, returns a decorator. Without an
+        HLT handler, `run()` returns on HLT.
+        """
     @overload
-    def on_hlt(self, handler: None = None) -> Callable[[_F], _F]: ...
-    def remove_handler(self, handler: object) -> int: ...
-    def add_console(self, port: int = 0x3F8, *, limit: int = 1 << 20) -> Console: ...
-    def add_exit_port(self, port: int) -> ExitPort: ...
-    def add_debug_exit(self, port: int = 0xF4) -> ExitPort: ...
-    def add_uart(self, port: int = 0x3F8, *, limit: int = 1 << 20) -> Uart: ...
+    def on_hlt(self, handler: None = None) -> Callable[[_F], _F]:
+        """Registers `handler` for HLT exits (it returns None to resume the guest after the
+        `hlt`, or calls `exit.stop()`). Without `handler`, returns a decorator. Without an
+        HLT handler, `run()` returns on HLT.
+        """
+    def remove_handler(self, handler: object) -> int:
+        """Removes every registration of `handler` (a function, a `Console` or an `ExitPort`).
+        Returns how many were removed; raises `ValueError` if there were none.
+        """
+    def add_console(self, port: int = 0x3F8, *, limit: int = 1 << 20) -> Console:
+        """Adds a console on `port`, handled natively: OUT bytes are collected (read them with
+        `console.output()`), with no Python call per byte. Keeps the last `limit` bytes.
+        """
+    def add_exit_port(self, port: int) -> ExitPort:
+        """Adds an exit port: a guest OUT to `port` ends `run()` with a `GuestExit` whose
+        `reason` is `"exit"` and `code` the value written.
+        """
+    def add_debug_exit(self, port: int = 0xF4) -> ExitPort:
+        """Adds QEMU's isa-debug-exit device on `port`: a guest write of v ends `run()` with a
+        `GuestExit` whose `code` is `(v << 1) | 1`, as with `qemu -device isa-debug-exit`.
+        """
+    def add_uart(self, port: int = 0x3F8, *, limit: int = 1 << 20) -> Uart:
+        """Adds a 16550-style UART on ports `port..port+8`, handled natively (no Python call
+        per byte): read what the guest sent with `uart.output()`, give it input with
+        `uart.feed(data)`. Keeps the last `limit` bytes of output.
+        """
     @overload
-    def host_function(self, number: int, handler: _F, *, port: int = 0xF5) -> _F: ...
+    def host_function(self, number: int, handler: _F, *, port: int = 0xF5) -> _F:
+        """Registers `handler` as host function `number` (0 to 2**32-1), which guests call
+        with `out <port>, eax` (EAX = number; arguments in RDI, RSI, RDX, R10, R8, R9; the
+        result comes back in RAX). The handler gets as many arguments as it declares
+        positional parameters and returns an int (or None for 0). Without `handler`, returns
+        a decorator. All host functions of a VM share one port.
+        """
     @overload
     def host_function(
         self, number: int, handler: None = None, *, port: int = 0xF5
-    ) -> Callable[[_F], _F]: ...
+    ) -> Callable[[_F], _F]:
+        """Registers `handler` as host function `number` (0 to 2**32-1), which guests call
+        with `out <port>, eax` (EAX = number; arguments in RDI, RSI, RDX, R10, R8, R9; the
+        result comes back in RAX). The handler gets as many arguments as it declares
+        positional parameters and returns an int (or None for 0). Without `handler`, returns
+        a decorator. All host functions of a VM share one port.
+        """
     @property
-    def closed(self) -> bool: ...
-    def close(self) -> None: ...
+    def closed(self) -> bool:
+        """Whether `close()` was called."""
+    def close(self) -> None:
+        """Stops running vCPUs, closes the VM's and vCPUs' fds and detaches memory regions.
+        Idempotent. Raises `VcpuBusyError` when called from a handler of this VM's own
+        vCPU (stop the run with `exit.stop()` and close after `run()` returns).
+        """
     def __enter__(self) -> Vm: ...
     def __exit__(self, *args: object) -> None: ...
