@@ -1,0 +1,35 @@
+"""The type stubs' docstrings match the native module's (so editors show the real docs)."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+
+import kvmpy._native as native
+
+from .support import ROOT
+
+
+def words(text: str) -> str:
+    return " ".join(text.split())
+
+
+def test_stub_docstrings_match_the_runtime() -> None:
+    tree = ast.parse((ROOT / "python" / "kvmpy" / "_native.pyi").read_text())
+    checked = 0
+    for node in tree.body:
+        if not isinstance(node, ast.ClassDef):
+            continue
+        cls = getattr(native, node.name)
+        stub_doc = ast.get_docstring(node)
+        if stub_doc is not None:
+            assert words(stub_doc) == words(inspect.cleandoc(cls.__doc__)), node.name
+            checked += 1
+        for item in node.body:
+            if isinstance(item, ast.FunctionDef) and ast.get_docstring(item) is not None:
+                runtime = inspect.cleandoc(cls.__dict__[item.name].__doc__)
+                assert words(ast.get_docstring(item) or "") == words(runtime), (
+                    f"{node.name}.{item.name}"
+                )
+                checked += 1
+    assert checked > 100
