@@ -234,14 +234,19 @@ static uint64_t parse_u64(const char *s) {
     return v;
 }
 
+/* One VM with the guest `bin` loaded and one vCPU in 64-bit user mode with RDI = rdi. */
+static void boot_one(vm_t *v, vcpu_t *c, const char *bin, uint64_t rdi) {
+    vm_create(v, GUEST_MEM);
+    load_guest(v, bin);
+    write_tables(v);
+    vcpu_create(v, c, 0);
+    setup_long(c, rdi);
+}
+
 static void mode_compute(const char *bin, uint64_t n) {
     vm_t v;
     vcpu_t c;
-    vm_create(&v, GUEST_MEM);
-    load_guest(&v, bin);
-    write_tables(&v);
-    vcpu_create(&v, &c, 0);
-    setup_long(&c, n);
+    boot_one(&v, &c, bin, n);
     loop_result_t R = run_loop(&c);
     struct kvm_regs gr;
     if (ioctl(c.fd, KVM_GET_REGS, &gr) < 0) DIE("KVM_GET_REGS");
@@ -329,11 +334,7 @@ static void mode_regs(uint64_t n) {
 static void mode_serve(const char *bin) {
     vm_t v;
     vcpu_t c;
-    vm_create(&v, GUEST_MEM);
-    load_guest(&v, bin);
-    write_tables(&v);
-    vcpu_create(&v, &c, 0);
-    setup_long(&c, 0);
+    boot_one(&v, &c, bin, 0);
     char line[64];
     while (fgets(line, sizeof line, stdin)) {
         line[strcspn(line, "\n")] = 0;
