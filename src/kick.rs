@@ -81,7 +81,8 @@ impl Kicker {
 
     /// Whether a stop was requested, clearing the request.
     pub fn take_stop(&self) -> bool {
-        self.stop.swap(false, Ordering::SeqCst)
+        // Load first: the run loop asks on every exit, and a plain load is cheaper than a swap.
+        self.stop.load(Ordering::SeqCst) && self.stop.swap(false, Ordering::SeqCst)
     }
 
     /// Whether a stop is pending (without clearing it).

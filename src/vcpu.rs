@@ -47,6 +47,8 @@ pub struct VcpuInner {
     pending_read: Mutex<Option<PendingRead>>,
     /// Interrupt vectors queued by `interrupt()`, injected when the guest can take them.
     interrupts: Mutex<VecDeque<u32>>,
+    /// Whether `interrupts` is non-empty, so the run loop need not lock it on every exit.
+    interrupts_queued: AtomicBool,
     /// How the last run ended.
     last: Mutex<Option<Last>>,
     /// Whether the general registers are mirrored in `kvm_run` (KVM_CAP_SYNC_REGS).
@@ -125,6 +127,7 @@ impl VcpuInner {
             python_calls: AtomicU64::new(0),
             pending_read: Mutex::new(None),
             interrupts: Mutex::new(VecDeque::new()),
+            interrupts_queued: AtomicBool::new(false),
             last: Mutex::new(None),
             sync_regs,
             regs_mirrored: AtomicBool::new(false),
@@ -355,6 +358,9 @@ impl VcpuInner {
     /// Injects the next queued interrupt if the guest can take it now, otherwise asks KVM
     /// to exit as soon as it can (`request_interrupt_window`).
     fn inject_interrupt(&self, fd: &mut VcpuFd) -> Result<()> {
+        if !self.interrupts_queued.load(Ordering::Acquire) {
+            return Ok(());
+        }
         let mut queue = self.interrupts.lock().unwrap_or_else(|e| e.into_inner());
         let Some(&vector) = queue.front() else {
             return Ok(());
@@ -372,6 +378,8 @@ impl VcpuInner {
                 ));
             }
             queue.pop_front();
+            self.interrupts_queued
+                .store(!queue.is_empty(), Ordering::Release);
         }
         fd.get_kvm_run().request_interrupt_window = u8::from(!queue.is_empty());
         Ok(())
@@ -379,19 +387,15 @@ impl VcpuInner {
 
     /// Queues an interrupt and kicks the vCPU so a running guest gets it promptly.
     fn queue_interrupt(&self, vector: u32) {
-        self.interrupts
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push_back(vector);
+        let mut queue = self.interrupts.lock().unwrap_or_else(|e| e.into_inner());
+        queue.push_back(vector);
+        self.interrupts_queued.store(true, Ordering::Release);
+        drop(queue);
         self.kicker.kick();
     }
 
     fn has_queued_interrupts(&self) -> bool {
-        !self
-            .interrupts
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_empty()
+        self.interrupts_queued.load(Ordering::Acquire)
     }
 
     /// Handles a port I/O exit, element by element for string I/O.
