@@ -145,6 +145,6 @@ def test_vcpu_ids(vm: kvmpy.Vm) -> None:
         vm.create_vcpu(id=1)
     with pytest.raises(ValueError, match="out of range"):
         vm.create_vcpu(id=1 << 20)
-    with pytest.raises(OverflowError):
+    with pytest.raises(ValueError, match="outside the range"):
         vm.create_vcpu(id=-1)
     assert repr(c) == "Vcpu(id=7)"

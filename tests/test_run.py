@@ -335,7 +335,12 @@ def test_stop_from_another_thread() -> None:
         exit = cpu.run(timeout=30)
         timer.join()
         assert exit.reason == "stopped"
-        cpu.stop()  # not running: nothing happens
+        # A stop requested while the vCPU is not running is kept for its next run, which
+        # returns "stopped" at once; the run after that runs normally.
+        cpu.stop()
+        before = cpu.stats()["exits"]
+        assert cpu.run(timeout=5).reason == "stopped"
+        assert cpu.stats()["exits"] == before  # the guest was not entered
         assert cpu.run(timeout=0.05).reason == "timeout"
 
 

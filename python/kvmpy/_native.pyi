@@ -37,12 +37,16 @@ __all__ = [
     "UnknownExit",
     "Vcpu",
     "Vm",
+    "_exit_reasons",
+    "_kick_signal",
     "_shutdown_all",
 ]
 
 KVM_API_VERSION: int
 
 def _shutdown_all() -> None: ...
+def _exit_reasons() -> list[str]: ...
+def _kick_signal() -> int: ...
 
 @final
 class CpuidEntry:
@@ -573,9 +577,10 @@ class Vcpu:
         before the first run or when the run ended with an exception.
         """
     def stop(self) -> None:
-        """Asks a running vCPU to stop: its `run()` returns an exit with reason `"stopped"`.
-        Callable from any thread and from handlers; a vCPU that is not running is not
-        affected (its next `run()` starts normally).
+        """Asks the vCPU to stop: its `run()` returns an exit with reason `"stopped"`.
+        Callable from any thread and from handlers. A stop requested while the vCPU is not
+        running is kept for its next run, which then returns `"stopped"` at once without
+        entering the guest: a stop is never lost to a run that is just starting.
         """
     def stats(self) -> dict[str, int]:
         """Counters since the vCPU was created: `exits` (returns from `KVM_RUN`) and
@@ -620,17 +625,25 @@ class Vm:
         """
     def stop(self) -> None:
         """Asks every vCPU to stop; callable from any thread and from handlers. Their runs
-        end with reason `"stopped"`.
+        end with reason `"stopped"`; a vCPU that is not running stops its next run at once.
         """
     @property
     def started(self) -> bool:
         """Whether vCPUs started by `start()` have not been joined yet."""
     def add_memory(
-        self, guest_addr: int, size: int, *, readonly: bool = False, dirty_log: bool = False
+        self,
+        guest_addr: int,
+        size: int,
+        *,
+        readonly: bool = False,
+        dirty_log: bool = False,
+        overcommit: bool = False,
     ) -> MemoryRegion:
         """Adds `size` bytes of RAM at guest physical address `guest_addr` (both page
         aligned). With `readonly=True` guest writes exit as MMIO writes; with
-        `dirty_log=True` KVM logs written pages (see `MemoryRegion.dirty_pages`).
+        `dirty_log=True` KVM logs written pages (see `MemoryRegion.dirty_pages`). A region
+        larger than the host's memory is refused unless `overcommit=True`: KVM allocates
+        metadata for every page of a region when it is added.
         """
     def remove_memory(self, region: MemoryRegion) -> None:
         """Removes a region from the guest's address space. Views of it stay valid; its

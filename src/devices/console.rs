@@ -1,9 +1,9 @@
 //! A write-only console: collects the bytes a guest writes to one port.
 
-use std::sync::{Arc, Mutex};
+use std::any::Any;
+use std::sync::Mutex;
 
-use pyo3::prelude::*;
-use pyo3::types::PyBytes;
+use crate::engine::{Action, Device, Result, VcpuCtx};
 
 /// The console's state, shared by the handler table and the Python object.
 pub struct ConsoleDev {
@@ -33,7 +33,8 @@ impl ConsoleDev {
         }
     }
 
-    fn take(&self, clear: bool) -> Vec<u8> {
+    /// What the guest wrote; with `clear`, the buffer is emptied.
+    pub fn take(&self, clear: bool) -> Vec<u8> {
         let mut buf = self.buf.lock().unwrap_or_else(|e| e.into_inner());
         if clear {
             std::mem::take(&mut *buf)
@@ -43,40 +44,18 @@ impl ConsoleDev {
     }
 }
 
-/// A console device on one I/O port, handled natively (no Python call per byte).
-///
-/// Every byte the guest writes with OUT to the port is collected; IN from the port reads 0.
-/// At most `limit` bytes are kept: past that the oldest output is dropped.
-#[pyclass(module = "kvmpy._native", frozen)]
-pub struct Console {
-    pub dev: Arc<ConsoleDev>,
-}
-
-#[pymethods]
-impl Console {
-    /// The console's I/O port.
-    #[getter]
-    fn port(&self) -> u16 {
-        self.dev.port
+impl Device for ConsoleDev {
+    fn name(&self) -> String {
+        format!("a console on port {:#x}", self.port)
     }
 
-    /// What the guest has written so far.
-    fn output<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
-        PyBytes::new(py, &self.dev.take(false))
+    fn io_out(&self, _ctx: &mut VcpuCtx<'_, '_>, _port: u16, data: &[u8]) -> Result<Action> {
+        self.write(data);
+        Ok(Action::Continue)
     }
 
-    /// Returns what the guest has written and empties the buffer.
-    fn take<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
-        PyBytes::new(py, &self.dev.take(true))
-    }
-
-    /// Empties the buffer.
-    fn clear(&self) {
-        self.dev.take(true);
-    }
-
-    fn __repr__(&self) -> String {
-        format!("Console(port={:#x})", self.dev.port)
+    fn as_any(&self) -> &dyn Any {
+        self
     }
 }
 

@@ -1,8 +1,10 @@
 //! The port through which the exception stubs of `setup_long_mode(exceptions=True)`
 //! report a CPU exception; the run then ends with an `"exception"` exit.
 
+use std::any::Any;
+
 use crate::arch::x86_64::idt::report;
-use crate::exit::Exit;
+use crate::engine::{Action, Device, Exit, Result, VcpuCtx};
 
 pub struct ExceptionDev {
     pub port: u16,
@@ -26,5 +28,21 @@ impl ExceptionDev {
             rsp: field(report::RSP),
             cr2: field(report::CR2),
         }
+    }
+}
+
+impl Device for ExceptionDev {
+    fn name(&self) -> String {
+        "the exception report port".into()
+    }
+
+    fn io_out(&self, ctx: &mut VcpuCtx<'_, '_>, _port: u16, _data: &[u8]) -> Result<Action> {
+        let mut bytes = [0u8; report::SIZE];
+        ctx.vm().read_memory(self.report, &mut bytes)?;
+        Ok(Action::Exit(self.exit(&bytes)))
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
     }
 }

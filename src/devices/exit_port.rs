@@ -1,8 +1,8 @@
 //! An exit port: a guest OUT to it ends `run()` with reason `"exit"`.
 
-use std::sync::Arc;
+use std::any::Any;
 
-use pyo3::prelude::*;
+use crate::engine::{Action, Data, Device, Exit, Result, VcpuCtx};
 
 pub struct ExitPortDev {
     pub port: u16,
@@ -21,36 +21,19 @@ impl ExitPortDev {
     }
 }
 
-/// A port whose OUT ends the run: `run()` returns a `GuestExit` with `code` set to the value
-/// written (1, 2 or 4 bytes, little endian). IN from the port reads 0.
-#[pyclass(module = "kvmpy._native", frozen)]
-pub struct ExitPort {
-    pub dev: Arc<ExitPortDev>,
-}
-
-#[pymethods]
-impl ExitPort {
-    /// The exit port.
-    #[getter]
-    fn port(&self) -> u16 {
-        self.dev.port
+impl Device for ExitPortDev {
+    fn name(&self) -> String {
+        format!("an exit port on {:#x}", self.port)
     }
 
-    /// Whether codes follow the isa-debug-exit convention ((value << 1) | 1).
-    #[getter]
-    fn debug_exit(&self) -> bool {
-        self.dev.debug_exit
+    fn io_out(&self, _ctx: &mut VcpuCtx<'_, '_>, port: u16, data: &[u8]) -> Result<Action> {
+        Ok(Action::Exit(Exit::Guest {
+            port,
+            code: self.code(Data::new(data).value()),
+        }))
     }
 
-    fn __repr__(&self) -> String {
-        format!(
-            "ExitPort(port={:#x}{})",
-            self.dev.port,
-            if self.dev.debug_exit {
-                ", debug_exit"
-            } else {
-                ""
-            }
-        )
+    fn as_any(&self) -> &dyn Any {
+        self
     }
 }

@@ -1,26 +1,31 @@
-//! Host calls: a guest calls a Python function by number through one port.
+//! Host calls: a guest calls a host function by number through one port.
 //!
 //! ABI: the guest executes `out <port>, eax` with EAX = the function number, arguments in
 //! RDI, RSI, RDX, R10, R8, R9 (as Linux system calls); when the guest continues, RAX holds
-//! the function's result (an int; None is 0).
+//! the function's result.
 
+use std::any::Any;
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, MutexGuard};
 
-use pyo3::prelude::*;
+use crate::engine::{Action, Data, Device, Error, Result, VcpuCtx};
 
 /// Argument registers, in order.
 pub const ARG_REGS: [&str; 6] = ["rdi", "rsi", "rdx", "r10", "r8", "r9"];
 
-/// A registered host function and how many arguments it takes.
-pub struct HostFn {
-    pub f: Py<PyAny>,
-    pub nargs: usize,
+/// A function the guest can call.
+pub trait HostFunction: Send + Sync + 'static {
+    /// Called with the six argument registers; returns what lands in RAX.
+    fn call(&self, ctx: &mut VcpuCtx<'_, '_>, args: [u64; 6]) -> Result<u64>;
+
+    /// For the face: to find the function again by type (garbage collection).
+    fn as_any(&self) -> &dyn Any;
 }
 
+/// The host-call port and its functions.
 pub struct HostCallDev {
     pub port: u16,
-    pub functions: Mutex<HashMap<u32, HostFn>>,
+    functions: Mutex<HashMap<u32, Arc<dyn HostFunction>>>,
 }
 
 impl HostCallDev {
@@ -31,43 +36,45 @@ impl HostCallDev {
         }
     }
 
-    /// The function registered as `number`, with its argument count.
-    pub fn get(&self, py: Python<'_>, number: u32) -> Option<(Py<PyAny>, usize)> {
-        let functions = self.functions.lock().unwrap_or_else(|e| e.into_inner());
-        functions.get(&number).map(|h| (h.f.clone_ref(py), h.nargs))
+    /// The functions, by number.
+    pub fn functions(&self) -> MutexGuard<'_, HashMap<u32, Arc<dyn HostFunction>>> {
+        self.functions.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The functions, unless another thread is changing them right now.
+    pub fn try_functions(&self) -> Option<MutexGuard<'_, HashMap<u32, Arc<dyn HostFunction>>>> {
+        self.functions.try_lock().ok()
+    }
+
+    /// Registers (or replaces) function `number`.
+    pub fn register(&self, number: u32, f: Arc<dyn HostFunction>) {
+        self.functions().insert(number, f);
     }
 }
 
-/// How many of the six argument registers `f` takes: its positional parameters, or all six
-/// if it takes `*args`.
-pub fn arg_count(f: &Bound<'_, PyAny>) -> PyResult<usize> {
-    let py = f.py();
-    let inspect = py.import("inspect")?;
-    let params = inspect
-        .call_method1("signature", (f,))?
-        .getattr("parameters")?
-        .call_method0("values")?;
-    let kind = inspect.getattr("Parameter")?;
-    let positional = [
-        kind.getattr("POSITIONAL_ONLY")?,
-        kind.getattr("POSITIONAL_OR_KEYWORD")?,
-    ];
-    let var_positional = kind.getattr("VAR_POSITIONAL")?;
-    let mut n = 0;
-    for p in params.try_iter()? {
-        let k = p?.getattr("kind")?;
-        if k.eq(&var_positional)? {
-            return Ok(ARG_REGS.len());
-        }
-        if positional.iter().any(|x| k.eq(x).unwrap_or(false)) {
-            n += 1;
-        }
+impl Device for HostCallDev {
+    fn name(&self) -> String {
+        "the host-call port".into()
     }
-    if n > ARG_REGS.len() {
-        return Err(pyo3::exceptions::PyValueError::new_err(format!(
-            "a host function takes at most {} arguments (RDI, RSI, RDX, R10, R8, R9), this one takes {n}",
-            ARG_REGS.len()
-        )));
+
+    fn io_out(&self, ctx: &mut VcpuCtx<'_, '_>, _port: u16, data: &[u8]) -> Result<Action> {
+        let number = Data::new(data).value() as u32;
+        let f = self.functions().get(&number).cloned().ok_or_else(|| {
+            Error::Value(format!(
+                "the guest called host function {number} (port {:#x}), which is not registered",
+                self.port
+            ))
+        })?;
+        let r = ctx.regs()?;
+        let result = f.call(ctx, [r.rdi, r.rsi, r.rdx, r.r10, r.r8, r.r9])?;
+        // The function may have changed other registers through the vCPU: keep those.
+        let mut regs = ctx.regs()?;
+        regs.rax = result;
+        ctx.set_regs(&regs)?;
+        Ok(Action::Continue)
     }
-    Ok(n)
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
 }

@@ -1,4 +1,5 @@
-//! Devices handled in Rust on the vCPU thread, without the GIL.
+//! Devices on the bus, one file each: every one implements `engine::Device` and runs on
+//! the vCPU thread without Python.
 
 pub mod console;
 pub mod exception;

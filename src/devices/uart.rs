@@ -2,13 +2,11 @@
 //! writing: transmit, receive (from bytes the host feeds), LSR/IIR/LCR/MCR/scratch and the
 //! divisor latch. No interrupts and no FIFO timing.
 
+use std::any::Any;
 use std::collections::VecDeque;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
-use pyo3::prelude::*;
-use pyo3::types::PyBytes;
-
-use crate::memory::bytes_arg;
+use crate::engine::{Action, Device, Result, VcpuCtx};
 
 const THR_RBR_DLL: u16 = 0;
 const IER_DLM: u16 = 1;
@@ -61,6 +59,21 @@ impl UartDev {
 
     fn regs(&self) -> std::sync::MutexGuard<'_, Regs> {
         self.regs.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// What the guest has transmitted; with `clear`, the buffer is emptied.
+    pub fn output(&self, clear: bool) -> Vec<u8> {
+        let mut regs = self.regs();
+        if clear {
+            std::mem::take(&mut regs.output)
+        } else {
+            regs.output.clone()
+        }
+    }
+
+    /// Queues bytes for the guest to receive.
+    pub fn feed(&self, data: &[u8]) {
+        self.regs().input.extend(data.iter());
     }
 
     /// A guest OUT of `value` to `port`.
@@ -119,41 +132,31 @@ impl UartDev {
     }
 }
 
-/// A 16550-style UART on 8 ports from `port`, handled natively: what the guest transmits
-/// is collected (`output()`), what you `feed()` it the guest can receive. LSR always says
-/// the transmitter is ready, so guests that poll it before writing work.
-#[pyclass(module = "kvmpy._native", frozen)]
-pub struct Uart {
-    pub dev: Arc<UartDev>,
-}
-
-#[pymethods]
-impl Uart {
-    /// The UART's base port.
-    #[getter]
-    fn port(&self) -> u16 {
-        self.dev.base
+impl Device for UartDev {
+    fn name(&self) -> String {
+        format!(
+            "a UART on ports {:#x}..{:#x}",
+            self.base,
+            u32::from(self.base) + 8
+        )
     }
 
-    /// What the guest has transmitted so far.
-    fn output<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
-        PyBytes::new(py, &self.dev.regs().output)
+    fn io_in(&self, _ctx: &mut VcpuCtx<'_, '_>, port: u16, data: &mut [u8]) -> Result<Action> {
+        for (k, b) in data.iter_mut().enumerate() {
+            *b = self.read(port.wrapping_add(k as u16));
+        }
+        Ok(Action::Continue)
     }
 
-    /// Returns what the guest has transmitted and empties the buffer.
-    fn take<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
-        PyBytes::new(py, &std::mem::take(&mut self.dev.regs().output))
+    fn io_out(&self, _ctx: &mut VcpuCtx<'_, '_>, port: u16, data: &[u8]) -> Result<Action> {
+        for (k, b) in data.iter().enumerate() {
+            self.write(port.wrapping_add(k as u16), *b);
+        }
+        Ok(Action::Continue)
     }
 
-    /// Queues bytes for the guest to receive.
-    fn feed(&self, data: &Bound<'_, PyAny>) -> PyResult<()> {
-        let data = bytes_arg(data)?;
-        self.dev.regs().input.extend(data.iter());
-        Ok(())
-    }
-
-    fn __repr__(&self) -> String {
-        format!("Uart(port={:#x})", self.dev.base)
+    fn as_any(&self) -> &dyn Any {
+        self
     }
 }
 

@@ -7,6 +7,7 @@
 
 pub mod gdt;
 pub mod idt;
+pub mod modes;
 pub mod paging;
 
 use kvm_bindings::{kvm_segment, kvm_sregs};

@@ -1,22 +1,21 @@
-//! Several vCPUs on native threads: `Vm.start()`, `join()`, `run()` and `stop()`.
+//! Several vCPUs on native threads: a run group.
 //!
-//! Each vCPU of a group runs the same run loop as `Vcpu.run()`, on a thread of its own.
-//! Rust devices run truly in parallel; Python handlers run one at a time under the GIL.
-//! The first handler exception stops every vCPU of the VM and is kept for `join()`.
+//! Each vCPU of a group runs the same run loop as a single run, on a thread of its own.
+//! Every member's run is marked as in progress before any thread starts, so a stop of
+//! the group (the first error, `until_any`, a close) reaches members whose thread has not
+//! begun yet. The first error stops every vCPU of the VM and is kept for `finish`.
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use pyo3::PyErr;
-
-use crate::error::{Error, Result};
-use crate::vcpu::VcpuInner;
-use crate::vm::VmInner;
+use crate::engine::error::{Error, Result};
+use crate::engine::vcpu::VcpuCore;
+use crate::engine::vm::VmCore;
 
 /// One `Vm.start()`: its vCPUs, their threads and the first error.
 pub struct RunGroup {
-    pub vcpus: Vec<Arc<VcpuInner>>,
+    pub vcpus: Vec<Arc<VcpuCore>>,
     until_any: bool,
     state: Mutex<GroupState>,
     changed: Condvar,
@@ -25,7 +24,7 @@ pub struct RunGroup {
 #[derive(Default)]
 struct GroupState {
     running: usize,
-    error: Option<PyErr>,
+    error: Option<Error>,
     handles: Vec<JoinHandle<()>>,
 }
 
@@ -36,13 +35,16 @@ impl RunGroup {
 
     /// Starts a thread per vCPU. With `until_any`, the first vCPU to stop stops the others.
     pub fn start(
-        vm: &Arc<VmInner>,
-        vcpus: Vec<Arc<VcpuInner>>,
+        vm: &Arc<VmCore>,
+        vcpus: Vec<Arc<VcpuCore>>,
         deadline: Option<Instant>,
         until_any: bool,
     ) -> Result<Arc<Self>> {
-        for v in &vcpus {
-            v.prepare_background_run()?;
+        for (i, v) in vcpus.iter().enumerate() {
+            if let Err(e) = v.reserve() {
+                vcpus[..i].iter().for_each(|v| v.unreserve());
+                return Err(e);
+            }
         }
         let group = Arc::new(RunGroup {
             vcpus: vcpus.clone(),
@@ -64,7 +66,8 @@ impl RunGroup {
                 Err(e) => {
                     // Account for the threads that will never run, stop the others.
                     group.state().running -= group.vcpus.len() - i;
-                    vm.stop_all();
+                    group.vcpus[i..].iter().for_each(|v| v.unreserve());
+                    vm.stop_all_runs();
                     group.wait(None);
                     group.finish();
                     return Err(Error::Value(format!("cannot start a vCPU thread: {e}")));
@@ -74,11 +77,11 @@ impl RunGroup {
         Ok(group)
     }
 
-    fn vcpu_thread(&self, vm: &VmInner, vcpu: &VcpuInner, deadline: Option<Instant>) {
+    fn vcpu_thread(&self, vm: &VmCore, vcpu: &VcpuCore, deadline: Option<Instant>) {
         let result = vcpu.run_in_background(deadline);
         let failed = result.is_err();
         if failed || self.until_any {
-            vm.stop_all();
+            vm.stop_all_runs();
         }
         let mut state = self.state();
         if let Err(e) = result {
@@ -112,7 +115,7 @@ impl RunGroup {
 
     /// Joins the finished threads and returns the first error, if any. Call after `wait`
     /// returned true.
-    pub fn finish(&self) -> Option<PyErr> {
+    pub fn finish(&self) -> Option<Error> {
         let (handles, error) = {
             let mut state = self.state();
             (std::mem::take(&mut state.handles), state.error.take())

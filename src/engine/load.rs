@@ -1,17 +1,12 @@
 //! Loading guest images into a VM: flat binaries, ELF executables and Multiboot v1
-//! kernels. The parsing is in `loader` (pure); this is the glue to guest memory, vCPUs and
-//! Python.
+//! kernels. The parsing is in `loader` (pure); this is the glue to guest memory and vCPUs.
 
 use std::collections::BTreeMap;
 
-use pyo3::prelude::*;
-use pyo3::types::{PyString, PyTuple};
-
-use crate::error::{Error, Result};
+use crate::engine::error::{Error, Result};
+use crate::engine::vcpu::VcpuCore;
+use crate::engine::vm::VmCore;
 use crate::loader::{self, LoadError, Segment};
-use crate::memory::bytes_arg;
-use crate::vcpu::VcpuInner;
-use crate::vm::VmInner;
 
 impl From<LoadError> for Error {
     fn from(e: LoadError) -> Self {
@@ -20,53 +15,21 @@ impl From<LoadError> for Error {
 }
 
 /// What a loader put in guest memory.
-#[pyclass(module = "kvmpy._native", frozen, get_all)]
 pub struct LoadedImage {
     /// The entry point.
-    entry: u64,
+    pub entry: u64,
     /// 32 or 64 (the ELF class; 32 for Multiboot kernels loaded with the a.out kludge).
-    bits: u8,
+    pub bits: u8,
     /// `(guest address, size in memory)` of each loaded segment.
-    segments: Vec<(u64, u64)>,
+    pub segments: Vec<(u64, u64)>,
     /// Symbol name -> address, from the ELF symbol table (empty for other images).
-    symbols: BTreeMap<String, u64>,
+    pub symbols: BTreeMap<String, u64>,
     /// Guest physical address of the multiboot_info structure (Multiboot kernels only).
-    boot_info: Option<u64>,
-}
-
-#[pymethods]
-impl LoadedImage {
-    fn __repr__(&self) -> String {
-        format!(
-            "LoadedImage(entry={:#x}, bits={}, segments={}, symbols={}{})",
-            self.entry,
-            self.bits,
-            self.segments.len(),
-            self.symbols.len(),
-            self.boot_info
-                .map(|a| format!(", boot_info={a:#x}"))
-                .unwrap_or_default()
-        )
-    }
-}
-
-/// The bytes of an image argument: a path (str or os.PathLike), read from disk, or a
-/// bytes-like object.
-pub fn image_bytes(obj: &Bound<'_, PyAny>) -> PyResult<Vec<u8>> {
-    let py = obj.py();
-    let is_path = obj.is_instance_of::<PyString>()
-        || obj.is_instance(&py.import("os")?.getattr("PathLike")?)?;
-    if is_path {
-        let path: std::path::PathBuf = obj.extract()?;
-        return std::fs::read(&path).map_err(|e| {
-            pyo3::exceptions::PyOSError::new_err(format!("cannot read {}: {e}", path.display()))
-        });
-    }
-    Ok(bytes_arg(obj)?.into_owned())
+    pub boot_info: Option<u64>,
 }
 
 /// Guest RAM as `[start, end)` ranges, adjacent regions merged.
-fn ram_ranges(vm: &VmInner) -> Vec<(u64, u64)> {
+fn ram_ranges(vm: &VmCore) -> Vec<(u64, u64)> {
     let mut ranges: Vec<(u64, u64)> = Vec::new();
     for (start, end) in vm.region_ranges() {
         match ranges.last_mut() {
@@ -77,7 +40,7 @@ fn ram_ranges(vm: &VmInner) -> Vec<(u64, u64)> {
     ranges
 }
 
-fn write_segments(vm: &VmInner, segments: &[Segment]) -> Result<()> {
+fn write_segments(vm: &VmCore, segments: &[Segment]) -> Result<()> {
     for s in segments {
         vm.write_memory(s.gpa, &s.data)?;
         let zeros = s.mem_size - s.data.len() as u64;
@@ -90,13 +53,13 @@ fn write_segments(vm: &VmInner, segments: &[Segment]) -> Result<()> {
 }
 
 /// Writes a flat binary at `address`.
-pub fn load_flat(vm: &VmInner, data: &[u8], address: u64) -> Result<()> {
+pub fn load_flat(vm: &VmCore, data: &[u8], address: u64) -> Result<()> {
     vm.check_memory(address, data.len())?;
     vm.write_memory(address, data)
 }
 
 /// Loads an ELF executable's PT_LOAD segments at their physical addresses.
-pub fn load_elf(vm: &VmInner, data: &[u8]) -> Result<LoadedImage> {
+pub fn load_elf(vm: &VmCore, data: &[u8]) -> Result<LoadedImage> {
     vm.check_open()?;
     let image = loader::parse_elf(data)?;
     loader::check_placement(&image.segments, image.entry, &ram_ranges(vm))
@@ -115,25 +78,12 @@ pub fn load_elf(vm: &VmInner, data: &[u8]) -> Result<LoadedImage> {
     })
 }
 
-/// A module argument: bytes-like/path, or `(bytes-like/path, cmdline)`.
-pub fn module_arg(item: &Bound<'_, PyAny>) -> PyResult<(Vec<u8>, String)> {
-    if let Ok(t) = item.cast::<PyTuple>() {
-        if t.len() != 2 {
-            return Err(pyo3::exceptions::PyTypeError::new_err(
-                "a module is bytes, a path, or a (data, cmdline) tuple",
-            ));
-        }
-        return Ok((image_bytes(&t.get_item(0)?)?, t.get_item(1)?.extract()?));
-    }
-    Ok((image_bytes(item)?, String::new()))
-}
-
 /// Loads a Multiboot v1 kernel, its modules and the multiboot_info structure, and puts
 /// `vcpu` in the state the specification prescribes: 32-bit protected mode, paging off,
 /// EAX = 0x2BADB002, EBX = the info structure, EIP = the entry point.
 pub fn load_multiboot(
-    vm: &VmInner,
-    vcpu: &VcpuInner,
+    vm: &VmCore,
+    vcpu: &VcpuCore,
     kernel: &[u8],
     cmdline: &str,
     modules: &[(Vec<u8>, String)],

@@ -1,17 +1,9 @@
-//! Errors of the native core and their mapping onto the Python exceptions of
-//! `kvmpy.errors`.
+//! Errors of the engine. The Python face maps each kind onto an exception of
+//! `kvmpy.errors` (see `py::error`).
 
-use pyo3::exceptions::{PyTypeError, PyValueError};
-use pyo3::PyErr;
 use vmm_sys_util::errno;
 
-pyo3::import_exception!(kvmpy.errors, KvmError);
-pyo3::import_exception!(kvmpy.errors, KvmUnavailable);
-pyo3::import_exception!(kvmpy.errors, GuestMemoryError);
-pyo3::import_exception!(kvmpy.errors, VmClosedError);
-pyo3::import_exception!(kvmpy.errors, VcpuBusyError);
-
-/// Everything that can go wrong in the native core.
+/// Everything that can go wrong in the engine.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// `/dev/kvm` cannot be used.
@@ -41,6 +33,10 @@ pub enum Error {
     /// An argument or a handler's result of the wrong type.
     #[error("{0}")]
     Type(String),
+    /// A device's own error (for the Python face: the exception a handler raised), carried
+    /// through the run loop unchanged.
+    #[error("{0}")]
+    Device(Box<dyn std::error::Error + Send + Sync>),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -50,20 +46,12 @@ impl Error {
     pub fn ioctl(what: &'static str, source: errno::Error) -> Self {
         Error::Ioctl { what, source }
     }
-}
 
-impl From<Error> for PyErr {
-    fn from(err: Error) -> PyErr {
-        let msg = err.to_string();
-        match err {
-            Error::Unavailable(_) => KvmUnavailable::new_err((msg,)),
-            Error::Ioctl { source, .. } => KvmError::new_err((msg, source.errno())),
-            Error::Memory(_) => GuestMemoryError::new_err((msg,)),
-            Error::Closed(_) => VmClosedError::new_err((msg,)),
-            Error::Busy(_) => VcpuBusyError::new_err((msg,)),
-            Error::Refused(_) => KvmError::new_err((msg,)),
-            Error::Value(_) => PyValueError::new_err(msg),
-            Error::Type(_) => PyTypeError::new_err(msg),
+    /// The errno of a failed system call.
+    pub fn errno(&self) -> Option<i32> {
+        match self {
+            Error::Ioctl { source, .. } => Some(source.errno()),
+            _ => None,
         }
     }
 }

@@ -1,289 +1,13 @@
-//! The ONE place where a `KVM_RUN` result becomes an owned [`Exit`], and the Python
-//! objects that present exits to handlers and to `run()`'s caller.
+//! The Python objects that present exits to handlers and to `run()`'s caller: one class
+//! per kind of [`Exit`] with fields, all made by [`to_python`].
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use kvm_bindings::{kvm_run, KVM_EXIT_INTERNAL_ERROR};
-use kvm_ioctls::{VcpuExit, VcpuFd};
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::PyBytes;
-use vmm_sys_util::errno;
 
-/// Data of one port or MMIO access, stored inline: no allocation per exit.
-#[derive(Clone, Copy, Default)]
-pub struct Data {
-    buf: [u8; 8],
-    len: u8,
-}
-
-impl Data {
-    pub fn new(bytes: &[u8]) -> Self {
-        let mut d = Data {
-            buf: [0; 8],
-            len: bytes.len().min(8) as u8,
-        };
-        d.buf[..d.len as usize].copy_from_slice(&bytes[..d.len as usize]);
-        d
-    }
-
-    pub fn as_slice(&self) -> &[u8] {
-        &self.buf[..self.len as usize]
-    }
-
-    /// The bytes as a little-endian unsigned integer.
-    pub fn value(&self) -> u64 {
-        u64::from_le_bytes(self.buf)
-    }
-}
-
-/// Why `run()` returned or a handler was called; compares equal to its str value.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Reason {
-    Io,
-    Mmio,
-    Hlt,
-    Shutdown,
-    Exit,
-    Timeout,
-    Stopped,
-    FailEntry,
-    InternalError,
-    SystemEvent,
-    Debug,
-    Exception,
-    Unknown,
-}
-
-impl Reason {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Reason::Io => "io",
-            Reason::Mmio => "mmio",
-            Reason::Hlt => "hlt",
-            Reason::Shutdown => "shutdown",
-            Reason::Exit => "exit",
-            Reason::Timeout => "timeout",
-            Reason::Stopped => "stopped",
-            Reason::FailEntry => "fail_entry",
-            Reason::InternalError => "internal_error",
-            Reason::SystemEvent => "system_event",
-            Reason::Debug => "debug",
-            Reason::Exception => "exception",
-            Reason::Unknown => "unknown",
-        }
-    }
-}
-
-/// An exit of `KVM_RUN`, owned (it no longer borrows the `kvm_run` area).
-///
-/// String port I/O (`rep outsb`/`rep insb`) is split into one `Io` per element before it
-/// gets here, so `data` always holds a single access of at most 8 bytes.
-#[derive(Clone)]
-pub enum Exit {
-    /// Port I/O; for an IN, `data` is empty until a handler answers. `count` is the
-    /// element count of string I/O (`rep insb`/`outsb`), 1 otherwise.
-    Io {
-        port: u16,
-        size: u8,
-        count: u32,
-        is_write: bool,
-        data: Data,
-    },
-    /// An access to guest physical memory that no memory slot backs (or a write to a
-    /// read-only slot).
-    Mmio {
-        addr: u64,
-        size: u8,
-        is_write: bool,
-        data: Data,
-    },
-    Hlt,
-    Shutdown,
-    FailEntry {
-        hardware_reason: u64,
-        cpu: u32,
-    },
-    InternalError {
-        suberror: u32,
-        data: Vec<u64>,
-    },
-    SystemEvent {
-        kind: u32,
-        data: Vec<u64>,
-    },
-    Debug {
-        exception: u32,
-        pc: u64,
-        dr6: u64,
-        dr7: u64,
-    },
-    /// The guest wrote `code` to an exit port.
-    Guest {
-        port: u16,
-        code: u64,
-    },
-    /// A CPU exception reported by the IDT stubs of `setup_long_mode(exceptions=True)`.
-    Exception {
-        vector: u64,
-        error_code: u64,
-        rip: u64,
-        cs: u64,
-        rflags: u64,
-        rsp: u64,
-        cr2: u64,
-    },
-    Timeout,
-    Stopped,
-    /// KVM_EXIT_IRQ_WINDOW_OPEN: the guest can take an interrupt now. Handled by the run
-    /// loop (it injects the queued interrupt), never shown to Python.
-    IrqWindowOpen,
-    /// An exit kvmpy has no special support for; `raw` is `KVM_EXIT_*`.
-    Unknown {
-        raw: u32,
-    },
-}
-
-impl Exit {
-    pub fn reason(&self) -> Reason {
-        match self {
-            Exit::Io { .. } => Reason::Io,
-            Exit::Mmio { .. } => Reason::Mmio,
-            Exit::Hlt => Reason::Hlt,
-            Exit::Shutdown => Reason::Shutdown,
-            Exit::FailEntry { .. } => Reason::FailEntry,
-            Exit::InternalError { .. } => Reason::InternalError,
-            Exit::SystemEvent { .. } => Reason::SystemEvent,
-            Exit::Debug { .. } => Reason::Debug,
-            Exit::Guest { .. } => Reason::Exit,
-            Exit::Exception { .. } => Reason::Exception,
-            Exit::Timeout => Reason::Timeout,
-            Exit::Stopped => Reason::Stopped,
-            Exit::IrqWindowOpen | Exit::Unknown { .. } => Reason::Unknown,
-        }
-    }
-}
-
-/// Where the data of a port I/O exit lives in `kvm_run`, to walk string I/O element by
-/// element.
-#[derive(Clone, Copy)]
-pub struct IoRaw {
-    pub port: u16,
-    pub size: u8,
-    pub count: u32,
-    pub is_write: bool,
-}
-
-/// What one `KVM_RUN` produced.
-pub enum RunExit {
-    /// Port I/O: handled per element by the caller (see [`IoRaw`]).
-    Io(IoRaw),
-    Other(Exit),
-}
-
-/// Runs `KVM_RUN` once and converts its result into an owned value: the only `match`
-/// over [`VcpuExit`] in the crate.
-pub fn run_once(vcpu: &mut VcpuFd) -> Result<RunExit, errno::Error> {
-    enum Later {
-        Io,
-        Internal,
-        Raw,
-    }
-    let exit = match vcpu.run()? {
-        VcpuExit::IoOut(..) | VcpuExit::IoIn(..) => Err(Later::Io),
-        VcpuExit::MmioRead(addr, data) => Ok(Exit::Mmio {
-            addr,
-            size: data.len() as u8,
-            is_write: false,
-            data: Data::default(),
-        }),
-        VcpuExit::MmioWrite(addr, data) => Ok(Exit::Mmio {
-            addr,
-            size: data.len() as u8,
-            is_write: true,
-            data: Data::new(data),
-        }),
-        VcpuExit::Hlt => Ok(Exit::Hlt),
-        VcpuExit::IrqWindowOpen => Ok(Exit::IrqWindowOpen),
-        VcpuExit::Shutdown => Ok(Exit::Shutdown),
-        VcpuExit::FailEntry(hardware_reason, cpu) => Ok(Exit::FailEntry {
-            hardware_reason,
-            cpu,
-        }),
-        VcpuExit::InternalError => Err(Later::Internal),
-        VcpuExit::SystemEvent(kind, data) => Ok(Exit::SystemEvent {
-            kind,
-            data: data.to_vec(),
-        }),
-        VcpuExit::Debug(arch) => Ok(Exit::Debug {
-            exception: arch.exception,
-            pc: arch.pc,
-            dr6: arch.dr6,
-            dr7: arch.dr7,
-        }),
-        VcpuExit::Unsupported(raw) => Ok(Exit::Unknown { raw }),
-        _ => Err(Later::Raw),
-    };
-    // The arms above cannot touch `vcpu` while the exit borrows it; finish those here.
-    Ok(match exit {
-        Ok(exit) => RunExit::Other(exit),
-        Err(Later::Io) => RunExit::Io(io_raw(vcpu)),
-        Err(Later::Internal) => RunExit::Other(internal_error(vcpu.get_kvm_run())),
-        Err(Later::Raw) => RunExit::Other(Exit::Unknown {
-            raw: vcpu.get_kvm_run().exit_reason,
-        }),
-    })
-}
-
-fn io_raw(vcpu: &mut VcpuFd) -> IoRaw {
-    let run = vcpu.get_kvm_run();
-    // SAFETY: exit_reason is KVM_EXIT_IO (the caller matched an I/O exit), so `io` is the
-    // active member of the union.
-    let io = unsafe { run.__bindgen_anon_1.io };
-    IoRaw {
-        port: io.port,
-        size: io.size,
-        count: io.count,
-        is_write: u32::from(io.direction) == kvm_bindings::KVM_EXIT_IO_OUT,
-    }
-}
-
-fn internal_error(run: &mut kvm_run) -> Exit {
-    debug_assert_eq!(run.exit_reason, KVM_EXIT_INTERNAL_ERROR);
-    // SAFETY: exit_reason is KVM_EXIT_INTERNAL_ERROR, so `internal` is the active member.
-    let internal = unsafe { run.__bindgen_anon_1.internal };
-    let n = (internal.ndata as usize).min(internal.data.len());
-    Exit::InternalError {
-        suberror: internal.suberror,
-        data: internal.data[..n].to_vec(),
-    }
-}
-
-/// The bytes of element `index` of the current port I/O exit.
-pub fn io_element(vcpu: &mut VcpuFd, io: IoRaw, index: u32) -> &mut [u8] {
-    let run = vcpu.get_kvm_run();
-    // SAFETY: exit_reason is KVM_EXIT_IO, so `io` is the active member.
-    let offset = unsafe { run.__bindgen_anon_1.io.data_offset } as usize;
-    let start = offset + index as usize * io.size as usize;
-    let base = run as *mut kvm_run as *mut u8;
-    // SAFETY: the kernel places the `count * size` data bytes at `data_offset` inside the
-    // mmap'd kvm_run area, which lives as long as `vcpu`; index < count, so the element is
-    // inside that range, and the returned borrow is tied to `vcpu`.
-    unsafe { std::slice::from_raw_parts_mut(base.add(start), io.size as usize) }
-}
-
-/// The data buffer of the current MMIO exit.
-pub fn mmio_data(vcpu: &mut VcpuFd) -> &mut [u8] {
-    let run = vcpu.get_kvm_run();
-    // SAFETY: exit_reason is KVM_EXIT_MMIO (the caller got an MMIO exit and has not
-    // re-entered the guest), so `mmio` is the active member.
-    let mmio = unsafe { &mut run.__bindgen_anon_1.mmio };
-    let len = (mmio.len as usize).min(mmio.data.len());
-    &mut mmio.data[..len]
-}
-
-// ---------------------------------------------------------------------------------------
-// Python objects
+use crate::engine::{Data, Exit, Reason};
 
 static EXIT_REASON: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
 
@@ -756,10 +480,50 @@ mod tests {
                     vec![("code", 3), ("port", 0xf4)],
                 ),
                 (Exit::Shutdown, "ExitInfo", vec![]),
+                (Exit::Hlt, "ExitInfo", vec![]),
+                (Exit::Timeout, "ExitInfo", vec![]),
+                (Exit::Stopped, "ExitInfo", vec![]),
+                (
+                    Exit::Io {
+                        port: 0x10,
+                        size: 1,
+                        count: 1,
+                        is_write: true,
+                        data: Data::new(&[7]),
+                    },
+                    "IoExit",
+                    vec![("port", 0x10), ("value", 7)],
+                ),
+                (
+                    Exit::Mmio {
+                        addr: 0xd000,
+                        size: 4,
+                        is_write: false,
+                        data: Data::default(),
+                    },
+                    "MmioExit",
+                    vec![("address", 0xd000), ("size", 4)],
+                ),
+                (
+                    Exit::Exception {
+                        vector: 14,
+                        error_code: 2,
+                        rip: 0x1000,
+                        cs: 0x1b,
+                        rflags: 2,
+                        rsp: 0,
+                        cr2: 8,
+                    },
+                    "ExceptionExit",
+                    vec![("vector", 14), ("cr2", 8)],
+                ),
             ];
+            let mut seen = std::collections::BTreeSet::new();
             for (exit, class, fields) in cases {
                 let obj = to_python(py, &exit, 5).unwrap();
                 let obj = obj.bind(py);
+                assert_eq!(obj.cast::<ExitInfo>().unwrap().get().reason, exit.reason());
+                seen.insert(exit.reason());
                 assert_eq!(obj.get_type().name().unwrap().to_string(), class);
                 assert_eq!(obj.getattr("vcpu_id").unwrap().extract::<u64>().unwrap(), 5);
                 for (field, value) in fields {
@@ -770,14 +534,17 @@ mod tests {
                 obj.call_method0("stop").unwrap();
                 assert!(stop_requested(obj));
             }
+            // Every reason a run can end with has been turned into an object above.
+            for r in Reason::ALL {
+                assert!(seen.contains(&r), "{r:?}");
+            }
         });
     }
+}
 
-    #[test]
-    fn data_is_little_endian_and_bounded() {
-        let d = Data::new(&[0x34, 0x12]);
-        assert_eq!((d.as_slice(), d.value()), (&[0x34u8, 0x12][..], 0x1234));
-        assert_eq!(Data::new(&[1; 12]).as_slice().len(), 8);
-        assert_eq!(Exit::Timeout.reason().as_str(), "timeout");
-    }
+/// Every exit reason's name, for checking `kvmpy.ExitReason` against the engine's list.
+#[pyfunction]
+#[pyo3(name = "_exit_reasons")]
+pub fn exit_reasons() -> Vec<&'static str> {
+    Reason::ALL.iter().map(|r| r.as_str()).collect()
 }

@@ -1,0 +1,273 @@
+//! Guest memory: anonymous host mappings registered as KVM memory slots.
+//!
+//! A region's host mapping is reference counted. Two rules keep every access sound:
+//! - a mapping registered with KVM stays mapped until KVM can no longer touch it: the slot
+//!   is deleted, or the VM fd and every vCPU fd are closed. [`Mappings`] holds them for
+//!   that: the VM and every vCPU fd own a reference to it, and closing the VM does not
+//!   release it while a vCPU fd is still open (KVM keeps its memory slots alive as long as
+//!   any vCPU fd is);
+//! - the face's region objects and the buffers they export hold their own reference, so a
+//!   view outlives removal and close.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY};
+use kvm_ioctls::VmFd;
+use vm_memory::{
+    Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestRegionMmap, MmapRegion,
+};
+
+use crate::engine::error::{Error, Result};
+
+pub const PAGE_SIZE: u64 = 4096;
+
+/// One guest memory region, shared by the VM's memory map and its Python object.
+pub struct Region {
+    pub mem: Arc<GuestRegionMmap>,
+    pub guest_addr: u64,
+    pub size: u64,
+    pub slot: u32,
+    pub readonly: bool,
+    pub dirty_log: bool,
+    /// Whether the region is still part of its VM's guest memory.
+    attached: AtomicBool,
+}
+
+/// The host mappings KVM may access: every region whose slot is registered. Shared by the
+/// VM (with its fd) and every vCPU fd; see the module's documentation.
+#[derive(Default)]
+pub struct Mappings(Mutex<Vec<Arc<GuestRegionMmap>>>);
+
+impl Mappings {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Arc<GuestRegionMmap>>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn add(&self, mem: &Arc<GuestRegionMmap>) {
+        self.lock().push(Arc::clone(mem));
+    }
+
+    fn remove(&self, mem: &Arc<GuestRegionMmap>) {
+        self.lock().retain(|m| !Arc::ptr_eq(m, mem));
+    }
+
+    /// How many mappings are held.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.lock().is_empty()
+    }
+}
+
+impl Region {
+    pub fn end(&self) -> u64 {
+        self.guest_addr + self.size
+    }
+
+    /// Whether the region is still part of its VM (not removed, VM not closed).
+    pub fn attached(&self) -> bool {
+        self.attached.load(Ordering::SeqCst)
+    }
+
+    pub fn check_range(&self, offset: u64, len: u64) -> Result<()> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.size => Ok(()),
+            _ => Err(Error::Memory(format!(
+                "offset {offset:#x} + {len:#x} bytes is outside the region (size {:#x})",
+                self.size
+            ))),
+        }
+    }
+}
+
+/// The guest memory of one VM.
+#[derive(Default)]
+pub struct MemoryMap {
+    /// Sorted by guest address.
+    regions: Vec<Arc<Region>>,
+    guest: GuestMemoryMmap,
+    /// What KVM may touch; outlives this map while a vCPU fd is open.
+    mappings: Arc<Mappings>,
+}
+
+/// Checks an address range for the basic rules of a memory slot.
+pub fn check_layout(guest_addr: u64, size: u64) -> Result<()> {
+    if size == 0 {
+        return Err(Error::Memory("memory region size must not be zero".into()));
+    }
+    if size % PAGE_SIZE != 0 || guest_addr % PAGE_SIZE != 0 {
+        return Err(Error::Memory(format!(
+            "memory region guest_addr {guest_addr:#x} and size {size:#x} must be multiples of the \
+             page size ({PAGE_SIZE:#x})"
+        )));
+    }
+    if guest_addr.checked_add(size).is_none() {
+        return Err(Error::Memory(format!(
+            "memory region {guest_addr:#x} + {size:#x} overflows the guest address space"
+        )));
+    }
+    Ok(())
+}
+
+impl MemoryMap {
+    /// The mappings KVM may access, for a vCPU fd to hold.
+    pub fn mappings(&self) -> Arc<Mappings> {
+        Arc::clone(&self.mappings)
+    }
+
+    /// The region overlapping `[start, end)`, if any.
+    pub fn overlapping(&self, start: u64, end: u64) -> Option<&Arc<Region>> {
+        self.regions
+            .iter()
+            .find(|r| r.guest_addr < end && start < r.end())
+    }
+
+    fn free_slot(&self, max: usize) -> Result<u32> {
+        (0..max as u32)
+            .find(|s| self.regions.iter().all(|r| r.slot != *s))
+            .ok_or_else(|| Error::Memory(format!("all {max} KVM memory slots are in use")))
+    }
+
+    /// Maps a new region and registers it with KVM.
+    pub fn add(
+        &mut self,
+        vm: &VmFd,
+        max_slots: usize,
+        guest_addr: u64,
+        size: u64,
+        readonly: bool,
+        dirty_log: bool,
+    ) -> Result<Arc<Region>> {
+        check_layout(guest_addr, size)?;
+        if let Some(r) = self.overlapping(guest_addr, guest_addr + size) {
+            return Err(Error::Memory(format!(
+                "memory region {guest_addr:#x}..{:#x} overlaps region {:#x}..{:#x} (slot {})",
+                guest_addr + size,
+                r.guest_addr,
+                r.end(),
+                r.slot
+            )));
+        }
+        let slot = self.free_slot(max_slots)?;
+        let len = usize::try_from(size)
+            .map_err(|_| Error::Memory(format!("memory region size {size:#x} is too large")))?;
+        let mmap = MmapRegion::new(len).map_err(|e| {
+            Error::Memory(format!("cannot map {size:#x} bytes of guest memory: {e}"))
+        })?;
+        let mem = GuestRegionMmap::new(mmap, GuestAddress(guest_addr)).ok_or_else(|| {
+            Error::Memory(format!(
+                "memory region {guest_addr:#x} + {size:#x} is invalid"
+            ))
+        })?;
+        let mem = Arc::new(mem);
+        let mut flags = 0;
+        if readonly {
+            flags |= KVM_MEM_READONLY;
+        }
+        if dirty_log {
+            flags |= KVM_MEM_LOG_DIRTY_PAGES;
+        }
+        let desc = kvm_userspace_memory_region {
+            slot,
+            flags,
+            guest_phys_addr: guest_addr,
+            memory_size: size,
+            userspace_addr: mem.as_ptr() as u64,
+        };
+        // SAFETY: the host range [userspace_addr, +size) is a live mapping owned by `mem`, and
+        // `self.mappings` keeps `mem` mapped until the slot is deleted again (`remove`) or
+        // the VM fd and every vCPU fd are closed, so KVM never sees a dangling address.
+        unsafe { vm.set_user_memory_region(desc) }
+            .map_err(|e| Error::ioctl("KVM_SET_USER_MEMORY_REGION", e))?;
+        self.mappings.add(&mem);
+        let guest = self
+            .guest
+            .insert_region(Arc::clone(&mem))
+            .map_err(|e| Error::Memory(format!("cannot add memory region: {e}")))?;
+        self.guest = guest;
+        let region = Arc::new(Region {
+            mem,
+            guest_addr,
+            size,
+            slot,
+            readonly,
+            dirty_log,
+            attached: AtomicBool::new(true),
+        });
+        let at = self.regions.partition_point(|r| r.guest_addr < guest_addr);
+        self.regions.insert(at, Arc::clone(&region));
+        Ok(region)
+    }
+
+    /// Deletes a region's KVM slot and drops it from the map.
+    pub fn remove(&mut self, vm: &VmFd, region: &Arc<Region>) -> Result<()> {
+        let Some(at) = self.regions.iter().position(|r| Arc::ptr_eq(r, region)) else {
+            return Err(Error::Memory(format!(
+                "memory region at {:#x} is not part of this VM (already removed?)",
+                region.guest_addr
+            )));
+        };
+        let desc = kvm_userspace_memory_region {
+            slot: region.slot,
+            flags: 0,
+            guest_phys_addr: region.guest_addr,
+            memory_size: 0,
+            userspace_addr: 0,
+        };
+        // SAFETY: a zero memory_size deletes the slot; KVM stops using the host mapping.
+        unsafe { vm.set_user_memory_region(desc) }
+            .map_err(|e| Error::ioctl("KVM_SET_USER_MEMORY_REGION", e))?;
+        self.mappings.remove(&region.mem);
+        let (guest, _) = self
+            .guest
+            .remove_region(GuestAddress(region.guest_addr), region.size)
+            .map_err(|e| Error::Memory(format!("cannot remove memory region: {e}")))?;
+        self.guest = guest;
+        self.regions.remove(at);
+        region.attached.store(false, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Forgets every region; used when the VM is closed. The mappings stay mapped for as
+    /// long as a vCPU fd that KVM could still run holds them.
+    pub fn clear(&mut self) {
+        for r in self.regions.drain(..) {
+            r.attached.store(false, Ordering::SeqCst);
+        }
+        self.guest = GuestMemoryMmap::default();
+    }
+
+    /// Fails unless `[gpa, gpa + len)` lies entirely in guest memory.
+    pub fn check(&self, gpa: u64, len: usize) -> Result<()> {
+        if len == 0 || self.guest.check_range(GuestAddress(gpa), len) {
+            Ok(())
+        } else {
+            Err(outside(gpa, len))
+        }
+    }
+
+    pub fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<()> {
+        self.guest
+            .read_slice(buf, GuestAddress(gpa))
+            .map_err(|_| outside(gpa, buf.len()))
+    }
+
+    pub fn write(&self, gpa: u64, data: &[u8]) -> Result<()> {
+        self.guest
+            .write_slice(data, GuestAddress(gpa))
+            .map_err(|_| outside(gpa, data.len()))
+    }
+
+    pub fn regions(&self) -> &[Arc<Region>] {
+        &self.regions
+    }
+}
+
+fn outside(gpa: u64, len: usize) -> Error {
+    Error::Memory(format!(
+        "guest physical range {gpa:#x} + {len:#x} bytes is not entirely inside guest memory"
+    ))
+}

@@ -1,0 +1,29 @@
+//! The engine: VMs, vCPUs and their run loop, guest memory, the device bus, kicks, exits
+//! and run groups. It knows nothing of Python: the face (`py`) drives it, and so can Rust
+//! code and tests.
+
+pub mod bus;
+pub mod error;
+pub mod exit;
+pub mod kick;
+pub mod kvm;
+pub mod load;
+pub mod memory;
+pub mod run;
+pub mod runner;
+pub mod setup;
+pub mod vcpu;
+pub mod vm;
+
+pub use bus::{Action, Bus, Device, Token};
+pub use error::{Error, Result};
+pub use exit::{Data, Exit, Reason};
+pub use run::{Outcome, RunOptions, VcpuCtx};
+pub use vcpu::VcpuCore;
+pub use vm::{RegionOptions, VmCore};
+
+/// The calling thread's id.
+pub fn gettid() -> libc::pid_t {
+    // SAFETY: gettid has no preconditions.
+    unsafe { libc::gettid() }
+}

@@ -1,0 +1,374 @@
+//! The run loop: `KVM_RUN`, decode the exit once, hand it to the device the bus names,
+//! write the device's answer back, re-enter. Called with no interpreter lock held.
+
+use std::time::Instant;
+
+use kvm_bindings::kvm_regs;
+
+use crate::engine::bus::{Action, Device, Token};
+use crate::engine::error::{Error, Result};
+use crate::engine::exit::{self, Data, Exit, IoRaw, RunExit};
+use crate::engine::gettid;
+use crate::engine::kick::{self, Timer};
+use crate::engine::vcpu::{fd_of, FdGuard, Last, PendingRead, VcpuCore};
+use crate::engine::vm::VmCore;
+
+/// How a run ended.
+pub enum Outcome {
+    /// An exit nobody handled, a device's exit, a stop or a timeout.
+    Exit(Exit),
+    /// A device stopped the run with its own token.
+    Stopped(Token),
+    Error(Error),
+}
+
+impl From<Error> for Outcome {
+    fn from(e: Error) -> Self {
+        Outcome::Error(e)
+    }
+}
+
+/// What a run may be told.
+#[derive(Default)]
+pub struct RunOptions<'a> {
+    /// When the run ends with a `Timeout` exit.
+    pub deadline: Option<Instant>,
+    /// Called when `KVM_RUN` was interrupted by a signal that was not a kick (Ctrl-C):
+    /// an error ends the run with that error.
+    pub on_signal: Option<&'a dyn Fn() -> Result<()>>,
+}
+
+/// What a device may do to the vCPU whose exit it handles.
+pub struct VcpuCtx<'a, 'g> {
+    vcpu: &'a VcpuCore,
+    guard: &'g mut FdGuard<'a>,
+    /// The element count of the string I/O being handled (1 otherwise).
+    pub io_count: u32,
+}
+
+impl<'a> VcpuCtx<'a, '_> {
+    pub fn vcpu(&self) -> &'a VcpuCore {
+        self.vcpu
+    }
+
+    pub fn vm(&self) -> &'a VmCore {
+        &self.vcpu.vm
+    }
+
+    /// The vCPU's general registers.
+    pub fn regs(&mut self) -> Result<kvm_regs> {
+        let holder = fd_of(self.guard)?;
+        self.vcpu.read_regs(&mut holder.fd)
+    }
+
+    /// Sets the vCPU's general registers (they take effect when the guest is entered).
+    pub fn set_regs(&mut self, regs: &kvm_regs) -> Result<()> {
+        let holder = fd_of(self.guard)?;
+        self.vcpu.write_regs(&mut holder.fd, regs)
+    }
+
+    /// Runs `f` with the vCPU's lock released, so that code `f` calls may use the vCPU
+    /// (read its registers, say) from this thread.
+    pub fn unlocked<R>(&mut self, f: impl FnOnce() -> R) -> R {
+        self.guard.take();
+        let result = f();
+        *self.guard = Some(self.vcpu.lock_run_fd());
+        result
+    }
+}
+
+/// `KVM_SET_SIGNAL_MASK`'s argument for the 64 signals of x86-64's kernel sigset.
+#[repr(C)]
+struct SignalMask {
+    len: u32,
+    sigset: u64,
+}
+
+vmm_sys_util::ioctl_iow_nr!(
+    KVM_SET_SIGNAL_MASK,
+    kvm_bindings::KVMIO,
+    0x8b,
+    kvm_bindings::kvm_signal_mask
+);
+
+/// Where the loop goes after one exit.
+enum Flow {
+    /// Re-enter; `true` if KVM must complete an access before the state can be read.
+    Continue(bool),
+    Done(Outcome),
+}
+
+impl VcpuCore {
+    /// Runs the vCPU on the calling thread until an exit ends the run.
+    pub fn run(&self, options: &RunOptions<'_>) -> Outcome {
+        match self.begin_run(false) {
+            Ok(_running) => self.run_loop(options),
+            Err(e) => Outcome::Error(e),
+        }
+    }
+
+    /// The body of a thread of a run group: runs a reserved run and records how it ended.
+    pub fn run_in_background(&self, deadline: Option<Instant>) -> Result<()> {
+        let _running = self.begin_run(true)?;
+        let options = RunOptions {
+            deadline,
+            on_signal: None,
+        };
+        match self.run_loop(&options) {
+            Outcome::Exit(exit) => self.set_last(Some(Last::Exit(exit))),
+            Outcome::Stopped(token) => self.set_last(Some(Last::Token(token))),
+            Outcome::Error(e) => {
+                self.set_last(None);
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    fn run_loop(&self, options: &RunOptions<'_>) -> Outcome {
+        if self.vm.is_closed() {
+            return Outcome::Exit(Exit::Stopped);
+        }
+        let signal = match kick::signal() {
+            Ok(s) => s,
+            Err(e) => return e.into(),
+        };
+        let blocked = match kick::Blocked::new(signal) {
+            Ok(b) => b,
+            Err(e) => return e.into(),
+        };
+        let mut guard: FdGuard<'_> = Some(self.lock_run_fd());
+        if let Err(e) = self.prepare(&mut guard, signal, blocked.run_mask, options.deadline) {
+            return e.into();
+        }
+        self.kicker.attach_thread();
+        self.set_pending(None);
+        let outcome = self.exits_until_done(&mut guard, options);
+        if let Ok(holder) = fd_of(&mut guard) {
+            Timer::disarm(&mut holder.timer);
+            holder.fd.set_kvm_immediate_exit(0);
+        }
+        outcome
+    }
+
+    /// Sets the vCPU up for this thread: `KVM_RUN` unblocks the kick signal, and a timer
+    /// kicks the thread at the deadline.
+    fn prepare<'a>(
+        &'a self,
+        guard: &mut FdGuard<'a>,
+        signal: libc::c_int,
+        run_mask: u64,
+        deadline: Option<Instant>,
+    ) -> Result<()> {
+        let holder = fd_of(guard)?;
+        holder.fd.set_kvm_immediate_exit(0);
+        let me = (gettid(), run_mask);
+        if holder.sigmask != Some(me) {
+            let mask = SignalMask {
+                len: 8,
+                sigset: run_mask,
+            };
+            // SAFETY: KVM_SET_SIGNAL_MASK reads a kvm_signal_mask header followed by `len`
+            // (8) bytes of sigset, which is exactly `SignalMask`'s layout; the reference
+            // lives across the call; the result is checked.
+            let ret = unsafe {
+                vmm_sys_util::ioctl::ioctl_with_ref(&holder.fd, KVM_SET_SIGNAL_MASK(), &mask)
+            };
+            if ret != 0 {
+                return Err(Error::ioctl(
+                    "KVM_SET_SIGNAL_MASK",
+                    vmm_sys_util::errno::Error::last(),
+                ));
+            }
+            holder.sigmask = Some(me);
+        }
+        match deadline {
+            Some(at) => Timer::arm(&mut holder.timer, signal, at),
+            None => Ok(()),
+        }
+    }
+
+    fn exits_until_done<'a>(
+        &'a self,
+        guard: &mut FdGuard<'a>,
+        options: &RunOptions<'_>,
+    ) -> Outcome {
+        let mut handled_access = false;
+        loop {
+            if self.kicker.stop_requested() || self.vm.is_closed() {
+                if handled_access {
+                    self.complete_pending(guard);
+                }
+                return Outcome::Exit(Exit::Stopped);
+            }
+            match self.step(guard, options) {
+                Ok(Flow::Continue(handled)) => handled_access = handled,
+                Ok(Flow::Done(outcome)) => return outcome,
+                Err(e) => return e.into(),
+            }
+        }
+    }
+
+    /// One `KVM_RUN` and the handling of its exit.
+    fn step<'a>(&'a self, guard: &mut FdGuard<'a>, options: &RunOptions<'_>) -> Result<Flow> {
+        let holder = fd_of(guard)?;
+        self.inject_interrupt(&mut holder.fd)?;
+        let result = exit::run_once(&mut holder.fd);
+        self.count_exit();
+        match result {
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                self.interrupted(guard, options)
+            }
+            Err(e) => Err(Error::ioctl("KVM_RUN", e)),
+            Ok(RunExit::Io(io)) => self.dispatch_io(guard, io),
+            Ok(RunExit::Other(exit)) => self.dispatch(guard, exit),
+        }
+    }
+
+    /// `KVM_RUN` returned `EINTR`: a kick, the deadline, or another signal.
+    fn interrupted<'a>(
+        &'a self,
+        guard: &mut FdGuard<'a>,
+        options: &RunOptions<'_>,
+    ) -> Result<Flow> {
+        fd_of(guard)?.fd.set_kvm_immediate_exit(0);
+        if let Some(signal) = kick::chosen_signal() {
+            kick::consume(signal);
+        }
+        self.kicker.kick_seen();
+        if self.kicker.stop_requested() {
+            return Ok(Flow::Continue(false));
+        }
+        if options.deadline.is_some_and(|d| Instant::now() >= d) {
+            return Ok(Flow::Done(Outcome::Exit(Exit::Timeout)));
+        }
+        if let Some(check) = options.on_signal {
+            check()?;
+        }
+        Ok(Flow::Continue(false))
+    }
+
+    /// Port I/O, element by element for string I/O.
+    fn dispatch_io<'a>(&'a self, guard: &mut FdGuard<'a>, io: IoRaw) -> Result<Flow> {
+        let bus = self.vm.bus();
+        let Some(device) = bus.io(io.port) else {
+            let element = exit::io_element(&mut fd_of(guard)?.fd, io, 0);
+            let data = if io.is_write {
+                Data::new(element)
+            } else {
+                self.set_pending(Some(PendingRead::Io { io, index: 0 }));
+                Data::default()
+            };
+            return Ok(Flow::Done(Outcome::Exit(Exit::Io {
+                port: io.port,
+                size: io.size,
+                count: io.count,
+                is_write: io.is_write,
+                data,
+            })));
+        };
+        let mut stopped = None;
+        for i in 0..io.count {
+            let mut data = Data::new(exit::io_element(&mut fd_of(guard)?.fd, io, i));
+            let mut ctx = VcpuCtx {
+                vcpu: self,
+                guard,
+                io_count: io.count,
+            };
+            let action = if io.is_write {
+                device.io_out(&mut ctx, io.port, data.as_slice())?
+            } else {
+                let action = device.io_in(&mut ctx, io.port, data.as_mut_slice())?;
+                exit::io_element(&mut fd_of(guard)?.fd, io, i).copy_from_slice(data.as_slice());
+                action
+            };
+            match action {
+                Action::Continue => {}
+                Action::Exit(exit) => return Ok(self.finish_access(guard, Outcome::Exit(exit))),
+                Action::Stop(token) => {
+                    stopped.get_or_insert(token);
+                }
+            }
+        }
+        Ok(match stopped {
+            Some(token) => self.finish_access(guard, Outcome::Stopped(token)),
+            None => Flow::Continue(true),
+        })
+    }
+
+    /// Every exit but port I/O.
+    fn dispatch<'a>(&'a self, guard: &mut FdGuard<'a>, exit: Exit) -> Result<Flow> {
+        let bus = self.vm.bus();
+        let action = match exit {
+            Exit::Mmio {
+                addr,
+                size,
+                is_write,
+                data,
+            } => {
+                let Some(device) = bus.mmio(addr) else {
+                    if !is_write {
+                        self.set_pending(Some(PendingRead::Mmio { addr, size }));
+                    }
+                    return Ok(Flow::Done(Outcome::Exit(exit)));
+                };
+                self.mmio(guard, device.as_ref(), addr, size, is_write, data)?
+            }
+            Exit::Hlt if self.has_queued_interrupts() => return Ok(Flow::Continue(false)),
+            Exit::Hlt => match bus.hlt() {
+                Some(device) => device.hlt(&mut self.ctx(guard))?,
+                None => return Ok(Flow::Done(Outcome::Exit(exit))),
+            },
+            Exit::IrqWindowOpen => return Ok(Flow::Continue(false)),
+            other => return Ok(Flow::Done(Outcome::Exit(other))),
+        };
+        Ok(match action {
+            Action::Continue => Flow::Continue(true),
+            Action::Exit(exit) => self.finish_access(guard, Outcome::Exit(exit)),
+            Action::Stop(token) => self.finish_access(guard, Outcome::Stopped(token)),
+        })
+    }
+
+    fn mmio<'a>(
+        &'a self,
+        guard: &mut FdGuard<'a>,
+        device: &dyn Device,
+        addr: u64,
+        size: u8,
+        is_write: bool,
+        mut data: Data,
+    ) -> Result<Action> {
+        if is_write {
+            return device.mmio_write(&mut self.ctx(guard), addr, data.as_slice());
+        }
+        data.set_len(size);
+        let action = device.mmio_read(&mut self.ctx(guard), addr, data.as_mut_slice())?;
+        exit::mmio_data(&mut fd_of(guard)?.fd).copy_from_slice(data.as_slice());
+        Ok(action)
+    }
+
+    fn ctx<'a, 'g>(&'a self, guard: &'g mut FdGuard<'a>) -> VcpuCtx<'a, 'g> {
+        VcpuCtx {
+            vcpu: self,
+            guard,
+            io_count: 1,
+        }
+    }
+
+    /// Ends the run after a handled access, completing the access first.
+    fn finish_access<'a>(&'a self, guard: &mut FdGuard<'a>, outcome: Outcome) -> Flow {
+        self.complete_pending(guard);
+        Flow::Done(outcome)
+    }
+
+    /// Re-enters the guest with `immediate_exit` set so KVM completes a pending IN or MMIO
+    /// read (the KVM API requires this before the vCPU's state is read).
+    fn complete_pending<'a>(&'a self, guard: &mut FdGuard<'a>) {
+        if let Ok(holder) = fd_of(guard) {
+            holder.fd.set_kvm_immediate_exit(1);
+            // Expected to fail with EINTR once the pending access is completed.
+            let _ = holder.fd.run();
+            holder.fd.set_kvm_immediate_exit(0);
+        }
+    }
+}

@@ -1,0 +1,408 @@
+//! A vCPU: its fd, who runs it, and everything the face or a device may do to it between
+//! two entries into the guest. The run loop itself is in `run.rs`.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, TryLockError};
+use std::time::Duration;
+
+use kvm_bindings::{kvm_regs, kvm_sregs};
+use kvm_ioctls::{SyncReg, VcpuFd};
+
+use crate::engine::bus::Token;
+use crate::engine::error::{Error, Result};
+use crate::engine::exit::{self, Data, Exit, IoRaw};
+use crate::engine::gettid;
+use crate::engine::kick::{Kicker, Timer};
+use crate::engine::memory::Mappings;
+use crate::engine::vm::VmCore;
+
+/// A vCPU fd and what lives exactly as long as it. Fields drop in order: the fd is closed
+/// before the guest memory it could touch is released.
+pub struct VcpuFdHolder {
+    pub fd: VcpuFd,
+    /// The timeout timer, created on the first run with a deadline.
+    pub timer: Option<Timer>,
+    /// The thread and signal mask `KVM_SET_SIGNAL_MASK` was last given for.
+    pub sigmask: Option<(libc::pid_t, u64)>,
+    _memory: Arc<Mappings>,
+}
+
+/// How the last run of a vCPU ended.
+pub enum Last {
+    Exit(Exit),
+    /// A device's token (the face caches its Python exit object here too).
+    Token(Token),
+}
+
+/// A read exit returned to the caller, waiting for `respond()`.
+#[derive(Clone, Copy)]
+pub enum PendingRead {
+    Io { io: IoRaw, index: u32 },
+    Mmio { addr: u64, size: u8 },
+}
+
+vmm_sys_util::ioctl_iow_nr!(
+    KVM_INTERRUPT,
+    kvm_bindings::KVMIO,
+    0x86,
+    kvm_bindings::kvm_interrupt
+);
+
+/// The state of one vCPU, shared by the face's object, its VM and its run threads.
+pub struct VcpuCore {
+    pub id: u64,
+    pub vm: Arc<VmCore>,
+    fd: Mutex<Option<VcpuFdHolder>>,
+    /// The thread id running the vCPU, if any.
+    runner: Mutex<Option<libc::pid_t>>,
+    run_ended: Condvar,
+    pub kicker: Kicker,
+    exits: AtomicU64,
+    handler_calls: AtomicU64,
+    /// The IN or MMIO read that a run returned unanswered, until the next run.
+    pending_read: Mutex<Option<PendingRead>>,
+    /// Interrupt vectors queued by `queue_interrupt`, injected when the guest can take them.
+    interrupts: Mutex<VecDeque<u32>>,
+    /// Whether `interrupts` is non-empty, so the run loop need not lock it on every exit.
+    interrupts_queued: AtomicBool,
+    last: Mutex<Option<Last>>,
+    /// Whether the general registers are mirrored in `kvm_run` (KVM_CAP_SYNC_REGS).
+    sync_regs: bool,
+    /// Whether KVM has filled the mirror: from the first return of `KVM_RUN` on, registers
+    /// are read and written there instead of with ioctls.
+    regs_mirrored: AtomicBool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Clears the vCPU's runner when a run ends, however it ends.
+pub struct RunGuard<'a>(&'a VcpuCore);
+
+impl Drop for RunGuard<'_> {
+    fn drop(&mut self) {
+        let mut runner = lock(&self.0.runner);
+        *runner = None;
+        self.0.kicker.end();
+        drop(runner);
+        self.0.run_ended.notify_all();
+    }
+}
+
+/// The run loop's hold on the vCPU fd: `None` while a device has released it.
+pub type FdGuard<'a> = Option<MutexGuard<'a, Option<VcpuFdHolder>>>;
+
+/// The fd behind a run loop's guard.
+pub fn fd_of<'a>(guard: &'a mut FdGuard<'_>) -> Result<&'a mut VcpuFdHolder> {
+    guard
+        .as_mut()
+        .and_then(|g| g.as_mut())
+        .ok_or(Error::Closed("vCPU"))
+}
+
+impl VcpuCore {
+    /// Wraps a new vCPU fd, which keeps `memory` mapped for as long as it is open. With
+    /// `sync_regs`, KVM mirrors the general registers in `kvm_run` on every exit.
+    pub fn new(
+        id: u64,
+        vm: Arc<VmCore>,
+        mut fd: VcpuFd,
+        sync_regs: bool,
+        memory: Arc<Mappings>,
+    ) -> Self {
+        if sync_regs {
+            fd.set_sync_valid_reg(SyncReg::Register);
+        }
+        VcpuCore {
+            id,
+            vm,
+            fd: Mutex::new(Some(VcpuFdHolder {
+                fd,
+                timer: None,
+                sigmask: None,
+                _memory: memory,
+            })),
+            runner: Mutex::new(None),
+            run_ended: Condvar::new(),
+            kicker: Kicker::default(),
+            exits: AtomicU64::new(0),
+            handler_calls: AtomicU64::new(0),
+            pending_read: Mutex::new(None),
+            interrupts: Mutex::new(VecDeque::new()),
+            interrupts_queued: AtomicBool::new(false),
+            last: Mutex::new(None),
+            sync_regs,
+            regs_mirrored: AtomicBool::new(false),
+        }
+    }
+
+    /// The thread running this vCPU, if any.
+    pub fn runner(&self) -> Option<libc::pid_t> {
+        *lock(&self.runner)
+    }
+
+    /// Marks the vCPU as run by the calling thread. `reserved`: a run group already marked
+    /// the run as in progress (`reserve`). A stop requested before this is kept: it ends
+    /// this run at once.
+    pub fn begin_run(&self, reserved: bool) -> Result<RunGuard<'_>> {
+        let mut runner = lock(&self.runner);
+        if let Some(tid) = *runner {
+            return Err(Error::Busy(if tid == gettid() {
+                format!(
+                    "vCPU {} is already running on this thread (run() called from its own \
+                     handler?)",
+                    self.id
+                )
+            } else {
+                format!("vCPU {} is already running on another thread", self.id)
+            }));
+        }
+        if !reserved && !self.kicker.begin() {
+            return Err(Error::Busy(format!(
+                "vCPU {} is about to run on another thread",
+                self.id
+            )));
+        }
+        *runner = Some(gettid());
+        Ok(RunGuard(self))
+    }
+
+    /// Marks a background run as in progress before its thread starts, so a stop of the
+    /// group reaches it even then.
+    pub fn reserve(&self) -> Result<()> {
+        let runner = lock(&self.runner);
+        if runner.is_some() || !self.kicker.begin() {
+            return Err(Error::Busy(format!("vCPU {} is already running", self.id)));
+        }
+        Ok(())
+    }
+
+    /// Undoes `reserve` for a run that never started.
+    pub fn unreserve(&self) {
+        self.kicker.end();
+    }
+
+    pub fn set_last(&self, last: Option<Last>) {
+        *lock(&self.last) = last;
+    }
+
+    /// How the last run ended (None before the first, or after a run that failed).
+    pub fn last(&self) -> MutexGuard<'_, Option<Last>> {
+        lock(&self.last)
+    }
+
+    /// Stops a run in progress, waits for it to end, and closes the vCPU fd.
+    pub fn close(&self) {
+        self.kicker.stop_run();
+        let mut runner = lock(&self.runner);
+        while runner.is_some() {
+            runner = self
+                .run_ended
+                .wait_timeout(runner, Duration::from_millis(100))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        drop(runner);
+        lock(&self.fd).take();
+    }
+
+    /// Locks the fd for a quick operation. Fails (rather than blocking) when another thread
+    /// is running the vCPU.
+    fn lock_fd(&self) -> Result<MutexGuard<'_, Option<VcpuFdHolder>>> {
+        if let Some(tid) = self.runner() {
+            if tid != gettid() {
+                return Err(Error::Busy(format!(
+                    "vCPU {} is running on another thread; stop it first",
+                    self.id
+                )));
+            }
+        }
+        match self.fd.try_lock() {
+            Ok(g) => Ok(g),
+            Err(TryLockError::Poisoned(e)) => Ok(e.into_inner()),
+            Err(TryLockError::WouldBlock) => {
+                Err(Error::Busy(format!("vCPU {} is running", self.id)))
+            }
+        }
+    }
+
+    /// Runs `f` on the vCPU fd (not while another thread runs the vCPU).
+    pub fn with_fd<T>(&self, f: impl FnOnce(&mut VcpuFd) -> Result<T>) -> Result<T> {
+        let mut guard = self.lock_fd()?;
+        let holder = guard.as_mut().ok_or(Error::Closed("vCPU"))?;
+        f(&mut holder.fd)
+    }
+
+    /// The run loop's lock on the fd (blocking).
+    pub fn lock_run_fd(&self) -> MutexGuard<'_, Option<VcpuFdHolder>> {
+        lock(&self.fd)
+    }
+
+    /// The general registers: from `kvm_run`'s mirror once KVM has filled it (no ioctl),
+    /// otherwise with `KVM_GET_REGS`.
+    pub fn read_regs(&self, fd: &mut VcpuFd) -> Result<kvm_regs> {
+        if self.regs_mirrored.load(Ordering::Relaxed) {
+            return Ok(fd.sync_regs_mut().regs);
+        }
+        fd.get_regs().map_err(|e| Error::ioctl("KVM_GET_REGS", e))
+    }
+
+    /// Sets the general registers: in `kvm_run`'s mirror, marked dirty so KVM loads them
+    /// when the guest is entered next (before it completes a pending I/O, as KVM_SET_REGS
+    /// would), or with `KVM_SET_REGS` before the first run.
+    pub fn write_regs(&self, fd: &mut VcpuFd, regs: &kvm_regs) -> Result<()> {
+        if self.regs_mirrored.load(Ordering::Relaxed) {
+            fd.sync_regs_mut().regs = *regs;
+            fd.set_sync_dirty_reg(SyncReg::Register);
+            return Ok(());
+        }
+        fd.set_regs(regs)
+            .map_err(|e| Error::ioctl("KVM_SET_REGS", e))
+    }
+
+    /// Reads the registers, lets `f` change them, writes them back.
+    pub fn update_regs(&self, fd: &mut VcpuFd, f: impl FnOnce(&mut kvm_regs)) -> Result<()> {
+        let mut r = self.read_regs(fd)?;
+        f(&mut r);
+        self.write_regs(fd, &r)
+    }
+
+    /// The general registers.
+    pub fn regs(&self) -> Result<kvm_regs> {
+        self.with_fd(|fd| self.read_regs(fd))
+    }
+
+    /// Sets the general registers.
+    pub fn set_regs(&self, regs: &kvm_regs) -> Result<()> {
+        self.with_fd(|fd| self.write_regs(fd, regs))
+    }
+
+    /// The special registers (`KVM_GET_SREGS`).
+    pub fn sregs(&self) -> Result<kvm_sregs> {
+        self.with_fd(|fd| fd.get_sregs().map_err(|e| Error::ioctl("KVM_GET_SREGS", e)))
+    }
+
+    /// Sets the special registers (`KVM_SET_SREGS`).
+    pub fn set_sregs(&self, sregs: &kvm_sregs) -> Result<()> {
+        self.with_fd(|fd| {
+            fd.set_sregs(sregs)
+                .map_err(|e| Error::ioctl("KVM_SET_SREGS", e))
+        })
+    }
+
+    /// Notes that KVM has returned from `KVM_RUN` once more.
+    pub(crate) fn count_exit(&self) {
+        self.exits.fetch_add(1, Ordering::Relaxed);
+        if self.sync_regs {
+            // KVM stores the registers in kvm_run on every return from KVM_RUN.
+            self.regs_mirrored.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Counts a call into a handler that needed the face's interpreter (for `stats`).
+    pub fn count_handler_call(&self) {
+        self.handler_calls.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// `(exits, handler_calls)` since the vCPU was created.
+    pub fn stats(&self) -> (u64, u64) {
+        (
+            self.exits.load(Ordering::Relaxed),
+            self.handler_calls.load(Ordering::Relaxed),
+        )
+    }
+
+    pub(crate) fn set_pending(&self, pending: Option<PendingRead>) {
+        *lock(&self.pending_read) = pending;
+    }
+
+    /// Answers the IN or MMIO read the last run returned unanswered: `answer` gets the
+    /// access's size and the unanswered exit and returns the bytes the guest reads.
+    pub fn respond(&self, answer: impl FnOnce(u8, &Exit) -> Result<Data>) -> Result<()> {
+        let mut guard = self.lock_fd()?;
+        let fd = &mut guard.as_mut().ok_or(Error::Closed("vCPU"))?.fd;
+        let mut pending = lock(&self.pending_read);
+        let Some(read) = *pending else {
+            return Err(Error::Value(
+                "no IN or MMIO read is waiting for data (respond() answers the exit the last \
+                 run() returned)"
+                    .into(),
+            ));
+        };
+        let (size, unanswered) = match read {
+            PendingRead::Io { io, .. } => (
+                io.size,
+                Exit::Io {
+                    port: io.port,
+                    size: io.size,
+                    count: io.count,
+                    is_write: false,
+                    data: Data::default(),
+                },
+            ),
+            PendingRead::Mmio { addr, size } => (
+                size,
+                Exit::Mmio {
+                    addr,
+                    size,
+                    is_write: false,
+                    data: Data::default(),
+                },
+            ),
+        };
+        let data = answer(size, &unanswered)?;
+        match read {
+            PendingRead::Io { io, index } => {
+                exit::io_element(fd, io, index).copy_from_slice(data.as_slice())
+            }
+            PendingRead::Mmio { .. } => exit::mmio_data(fd).copy_from_slice(data.as_slice()),
+        }
+        *pending = None;
+        Ok(())
+    }
+
+    /// Queues an interrupt and kicks the vCPU so a running guest gets it promptly.
+    pub fn queue_interrupt(&self, vector: u32) {
+        let mut queue = lock(&self.interrupts);
+        queue.push_back(vector);
+        self.interrupts_queued.store(true, Ordering::Release);
+        drop(queue);
+        self.kicker.kick();
+    }
+
+    pub(crate) fn has_queued_interrupts(&self) -> bool {
+        self.interrupts_queued.load(Ordering::Acquire)
+    }
+
+    /// Injects the next queued interrupt if the guest can take it now, otherwise asks KVM
+    /// to exit as soon as it can (`request_interrupt_window`).
+    pub(crate) fn inject_interrupt(&self, fd: &mut VcpuFd) -> Result<()> {
+        if !self.has_queued_interrupts() {
+            return Ok(());
+        }
+        let mut queue = lock(&self.interrupts);
+        let Some(&vector) = queue.front() else {
+            return Ok(());
+        };
+        let run = fd.get_kvm_run();
+        if run.ready_for_interrupt_injection != 0 && run.if_flag != 0 {
+            let irq = kvm_bindings::kvm_interrupt { irq: vector };
+            // SAFETY: KVM_INTERRUPT reads one kvm_interrupt from the given reference, which
+            // lives across the call; the fd is a vCPU fd; the result is checked.
+            let ret = unsafe { vmm_sys_util::ioctl::ioctl_with_ref(fd, KVM_INTERRUPT(), &irq) };
+            if ret != 0 {
+                return Err(Error::ioctl(
+                    "KVM_INTERRUPT",
+                    vmm_sys_util::errno::Error::last(),
+                ));
+            }
+            queue.pop_front();
+            self.interrupts_queued
+                .store(!queue.is_empty(), Ordering::Release);
+        }
+        fd.get_kvm_run().request_interrupt_window = u8::from(!queue.is_empty());
+        Ok(())
+    }
+}

@@ -1,0 +1,268 @@
+//! The devices that call Python: a handler registered with `on_io`/`on_mmio`/`on_hlt`,
+//! and a host function. Each takes the GIL once per call, with the vCPU's lock released
+//! so the handler can use its own vCPU.
+
+use std::any::Any;
+
+use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyInt, PyTuple};
+
+use crate::devices::hostcall::HostFunction;
+use crate::engine::{Action, Data, Device, Exit, Result, VcpuCtx};
+use crate::py::error::through_engine;
+use crate::py::exit;
+use crate::py::gil;
+
+/// A Python callable on the bus.
+pub struct PyHandler {
+    pub f: Py<PyAny>,
+}
+
+impl PyHandler {
+    /// Calls the handler with the exit; `answer` is the data of a read, which the
+    /// handler's return value fills.
+    fn call(
+        &self,
+        ctx: &mut VcpuCtx<'_, '_>,
+        exit: Exit,
+        answer: Option<&mut [u8]>,
+    ) -> Result<Action> {
+        let vcpu = ctx.vcpu();
+        vcpu.count_handler_call();
+        let size = answer.as_ref().map_or(0, |a| a.len() as u8);
+        let reads = answer.is_some();
+        let result = ctx.unlocked(|| {
+            gil::attached(|py| -> PyResult<(Option<Data>, Option<Py<PyAny>>)> {
+                let obj = exit::to_python(py, &exit, vcpu.id)?;
+                let f = self.f.bind(py);
+                let ret = call_one(f, obj.bind(py))?;
+                let stopped = exit::stop_requested(obj.bind(py)).then_some(obj);
+                if !reads {
+                    if !ret.is_none() {
+                        return Err(PyTypeError::new_err(format!(
+                            "handler {} returned {} for {}; handlers of writes and HLT must \
+                             return None",
+                            describe(f),
+                            type_name(&ret),
+                            describe_exit(&exit)
+                        )));
+                    }
+                    return Ok((None, stopped));
+                }
+                if ret.is_none() && stopped.is_some() {
+                    return Ok((None, stopped));
+                }
+                let data = answer_data(&ret, size, &exit, || format!("handler {}", describe(f)))?;
+                Ok((Some(data), stopped))
+            })
+        });
+        let (data, stopped) = result.map_err(through_engine)?;
+        if let (Some(d), Some(buf)) = (data, answer) {
+            buf.copy_from_slice(d.as_slice());
+        }
+        Ok(match stopped {
+            Some(obj) => Action::Stop(Box::new(obj)),
+            None => Action::Continue,
+        })
+    }
+}
+
+impl Device for PyHandler {
+    fn name(&self) -> String {
+        gil::attached(|py| describe(self.f.bind(py)))
+    }
+
+    fn io_in(&self, ctx: &mut VcpuCtx<'_, '_>, port: u16, data: &mut [u8]) -> Result<Action> {
+        let exit = Exit::Io {
+            port,
+            size: data.len() as u8,
+            count: ctx.io_count,
+            is_write: false,
+            data: Data::default(),
+        };
+        self.call(ctx, exit, Some(data))
+    }
+
+    fn io_out(&self, ctx: &mut VcpuCtx<'_, '_>, port: u16, data: &[u8]) -> Result<Action> {
+        let exit = Exit::Io {
+            port,
+            size: data.len() as u8,
+            count: ctx.io_count,
+            is_write: true,
+            data: Data::new(data),
+        };
+        self.call(ctx, exit, None)
+    }
+
+    fn mmio_read(&self, ctx: &mut VcpuCtx<'_, '_>, addr: u64, data: &mut [u8]) -> Result<Action> {
+        let exit = Exit::Mmio {
+            addr,
+            size: data.len() as u8,
+            is_write: false,
+            data: Data::default(),
+        };
+        self.call(ctx, exit, Some(data))
+    }
+
+    fn mmio_write(&self, ctx: &mut VcpuCtx<'_, '_>, addr: u64, data: &[u8]) -> Result<Action> {
+        let exit = Exit::Mmio {
+            addr,
+            size: data.len() as u8,
+            is_write: true,
+            data: Data::new(data),
+        };
+        self.call(ctx, exit, None)
+    }
+
+    fn hlt(&self, ctx: &mut VcpuCtx<'_, '_>) -> Result<Action> {
+        self.call(ctx, Exit::Hlt, None)
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+/// A Python function registered as a host function.
+pub struct PyHostFunction {
+    pub f: Py<PyAny>,
+    pub number: u32,
+    pub nargs: usize,
+}
+
+impl HostFunction for PyHostFunction {
+    fn call(&self, ctx: &mut VcpuCtx<'_, '_>, args: [u64; 6]) -> Result<u64> {
+        ctx.vcpu().count_handler_call();
+        let number = self.number;
+        let result = ctx.unlocked(|| {
+            gil::attached(|py| -> PyResult<u64> {
+                let f = self.f.bind(py);
+                let ret = f.call1(PyTuple::new(py, &args[..self.nargs])?)?;
+                if ret.is_none() {
+                    return Ok(0);
+                }
+                if ret.cast::<PyInt>().is_err() {
+                    return Err(PyTypeError::new_err(format!(
+                        "host function {number} ({}) returned {}; it must return an int or None",
+                        describe(f),
+                        type_name(&ret)
+                    )));
+                }
+                ret.extract::<u64>()
+                    .or_else(|_| ret.extract::<i64>().map(|v| v as u64))
+                    .map_err(|_| {
+                        PyValueError::new_err(format!(
+                            "host function {number} ({}) returned {ret}, which does not fit in \
+                             64 bits",
+                            describe(f)
+                        ))
+                    })
+            })
+        });
+        result.map_err(through_engine)
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+/// Calls `f(arg)` without building an argument tuple (with the limited API of Python
+/// 3.11, `PyObject_CallFunctionObjArgs` passes the arguments on the C stack).
+fn call_one<'py>(f: &Bound<'py, PyAny>, arg: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
+    let py = f.py();
+    // SAFETY: both pointers are live objects borrowed for the call and the GIL is held; the
+    // argument list is NULL-terminated as the function requires; the result is a new
+    // reference or NULL with a Python error set, which `from_owned_ptr_or_err` handles.
+    unsafe {
+        let ret = pyo3::ffi::PyObject_CallFunctionObjArgs(
+            f.as_ptr(),
+            arg.as_ptr(),
+            std::ptr::null_mut::<pyo3::ffi::PyObject>(),
+        );
+        Bound::from_owned_ptr_or_err(py, ret)
+    }
+}
+
+pub fn type_name(obj: &Bound<'_, PyAny>) -> String {
+    obj.get_type()
+        .name()
+        .map(|n| n.to_string())
+        .unwrap_or_else(|_| "?".into())
+}
+
+pub fn describe(f: &Bound<'_, PyAny>) -> String {
+    f.getattr("__qualname__")
+        .and_then(|n| n.extract::<String>())
+        .unwrap_or_else(|_| f.repr().map(|r| r.to_string()).unwrap_or_default())
+}
+
+fn describe_exit(exit: &Exit) -> String {
+    match exit {
+        Exit::Io {
+            port,
+            size,
+            is_write,
+            ..
+        } => format!(
+            "{} of {size} byte(s) on port {port:#x}",
+            if *is_write { "OUT" } else { "IN" }
+        ),
+        Exit::Mmio {
+            addr,
+            size,
+            is_write,
+            ..
+        } => format!(
+            "MMIO {} of {size} byte(s) at {addr:#x}",
+            if *is_write { "write" } else { "read" }
+        ),
+        Exit::Hlt => "HLT".into(),
+        other => other.reason().as_str().into(),
+    }
+}
+
+/// Converts a read handler's return value into `size` bytes of data; `who` names the
+/// handler in an error (built only when there is one).
+pub fn answer_data(
+    ret: &Bound<'_, PyAny>,
+    size: u8,
+    exit: &Exit,
+    who: impl FnOnce() -> String,
+) -> PyResult<Data> {
+    let size = size as usize;
+    if let Ok(v) = ret.extract::<u64>() {
+        if size == 8 || v >> (8 * size) == 0 {
+            return Ok(Data::new(&v.to_le_bytes()[..size]));
+        }
+    } else if let Ok(v) = ret.extract::<i64>() {
+        if size == 8 || v >= -(1i64 << (8 * size - 1)) {
+            return Ok(Data::new(&v.to_le_bytes()[..size]));
+        }
+    } else if let Ok(b) = ret.cast::<PyBytes>() {
+        let bytes = b.as_bytes();
+        if bytes.len() == size {
+            return Ok(Data::new(bytes));
+        }
+        return Err(PyValueError::new_err(format!(
+            "{} returned {} bytes for {}; it must return exactly {size}",
+            who(),
+            bytes.len(),
+            describe_exit(exit)
+        )));
+    } else if ret.cast::<PyInt>().is_err() {
+        return Err(PyTypeError::new_err(format!(
+            "{} returned {} for {}; it must return an int or {size} bytes",
+            who(),
+            type_name(ret),
+            describe_exit(exit)
+        )));
+    }
+    Err(PyValueError::new_err(format!(
+        "{} returned {} for {}, which does not fit in {size} byte(s)",
+        who(),
+        ret,
+        describe_exit(exit)
+    )))
+}

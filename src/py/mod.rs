@@ -1,0 +1,15 @@
+//! The Python face: the `kvmpy._native` classes over the engine. Conversions, the
+//! devices that call Python, and the GIL helpers live here; the engine never sees Python.
+
+pub mod args;
+pub mod devices;
+pub mod error;
+pub mod exit;
+pub mod gil;
+pub mod handler;
+pub mod kvm;
+pub mod load;
+pub mod memory;
+pub mod regs;
+pub mod vcpu;
+pub mod vm;

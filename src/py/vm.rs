@@ -1,0 +1,762 @@
+//! The `Vm` class: memory, vCPUs, handlers and devices, running every vCPU on threads.
+
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyCFunction, PyRange, PyTuple};
+use pyo3::{PyTraverseError, PyVisit};
+
+use crate::devices::console::ConsoleDev;
+use crate::devices::exit_port::ExitPortDev;
+use crate::devices::hostcall::HostCallDev;
+use crate::devices::uart::UartDev;
+use crate::engine::load;
+use crate::engine::runner::RunGroup;
+use crate::engine::{Device, Error, RegionOptions, VmCore};
+use crate::py::args::{bytes_arg, deadline_after, Int};
+use crate::py::devices::{Console, ExitPort, Uart};
+use crate::py::gil;
+use crate::py::handler::{PyHandler, PyHostFunction};
+use crate::py::load::{image_bytes, module_arg, LoadedImage};
+use crate::py::memory::MemoryRegion;
+use crate::py::vcpu::{last_exit, Vcpu};
+
+/// Parses a port argument: an int or a `range` with step 1. Returns `[start, end)`.
+fn port_range(ports: &Bound<'_, PyAny>) -> PyResult<(u16, u32)> {
+    if let Ok(r) = ports.cast::<PyRange>() {
+        let (start, stop, step): (i64, i64, i64) = (
+            r.getattr("start")?.extract()?,
+            r.getattr("stop")?.extract()?,
+            r.getattr("step")?.extract()?,
+        );
+        if step != 1 || start >= stop || start < 0 || stop > 0x10000 {
+            return Err(PyValueError::new_err(format!(
+                "port range must be a non-empty range(start, stop) with step 1 inside 0..0x10000, got {}",
+                ports.repr()?
+            )));
+        }
+        return Ok((start as u16, stop as u32));
+    }
+    match ports.extract::<i64>() {
+        Ok(p) if (0..=0xffff).contains(&p) => Ok((p as u16, p as u32 + 1)),
+        Ok(p) => Err(PyValueError::new_err(format!(
+            "I/O port {p:#x} is outside 0..0xffff"
+        ))),
+        Err(_) => Err(PyTypeError::new_err(
+            "ports must be an int or a range of ints",
+        )),
+    }
+}
+
+fn single_port(port: i64) -> PyResult<u16> {
+    u16::try_from(port)
+        .map_err(|_| PyValueError::new_err(format!("I/O port {port:#x} is outside 0..0xffff")))
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn check_callable(handler: &Bound<'_, PyAny>) -> PyResult<()> {
+    if handler.is_callable() {
+        Ok(())
+    } else {
+        Err(PyTypeError::new_err(format!(
+            "handler must be callable, got {}",
+            handler.get_type().name()?
+        )))
+    }
+}
+
+/// A KVM virtual machine.
+///
+/// Holds guest memory regions, vCPUs and exit handlers. Use it as a context manager or
+/// call `close()`: closing stops running vCPUs, closes every KVM fd the VM owns and detaches
+/// its memory regions.
+#[pyclass(module = "kvmpy._native", frozen, subclass)]
+pub struct Vm {
+    pub inner: Arc<VmHandle>,
+}
+
+/// The `Vm` object's hold on the VM (its `Vcpu` and `MemoryRegion` objects keep the `Vm`
+/// object alive, visibly to the garbage collector): when the `Vm` object goes away, the VM
+/// is shut down (running vCPUs stopped, fds closed). vCPU threads only hold `VmCore`.
+pub struct VmHandle(pub Arc<VmCore>);
+
+impl std::ops::Deref for VmHandle {
+    type Target = VmCore;
+    fn deref(&self) -> &VmCore {
+        &self.0
+    }
+}
+
+impl Drop for VmHandle {
+    fn drop(&mut self) {
+        if self.0.is_closed() {
+            return;
+        }
+        if self.0.vcpus().iter().any(|v| v.runner().is_some()) {
+            // Waiting for vCPU threads that may need the GIL for a handler: release it.
+            gil::attached(|py| gil::released(py, || self.0.shutdown()));
+        } else {
+            self.0.shutdown();
+        }
+    }
+}
+
+/// VMs with background runs, stopped by `shutdown_all` when the interpreter exits.
+static BACKGROUND: Mutex<Vec<Weak<VmCore>>> = Mutex::new(Vec::new());
+
+/// Stops every VM that has vCPU threads, before the interpreter goes away (atexit).
+#[pyfunction]
+#[pyo3(name = "_shutdown_all")]
+pub fn shutdown_all(py: Python<'_>) {
+    let vms: Vec<Arc<VmCore>> = lock(&BACKGROUND)
+        .drain(..)
+        .filter_map(|w| w.upgrade())
+        .collect();
+    gil::released(py, || vms.iter().for_each(|vm| vm.shutdown()));
+}
+
+impl Vm {
+    fn core(&self) -> &Arc<VmCore> {
+        &self.inner.0
+    }
+
+    fn register_io(&self, (start, end): (u16, u32), device: Arc<dyn Device>) -> PyResult<()> {
+        Ok(self
+            .inner
+            .update_bus(|bus| Ok((bus.with_io(start, end, device)?, ())))?)
+    }
+
+    fn register_mmio(&self, address: u64, size: u64, device: Arc<dyn Device>) -> PyResult<()> {
+        self.inner.check_open()?;
+        if size == 0 {
+            return Err(Error::Memory("MMIO range size must not be zero".into()).into());
+        }
+        let end = address.checked_add(size).ok_or_else(|| {
+            Error::Memory(format!("MMIO range {address:#x} + {size:#x} overflows"))
+        })?;
+        if let Some((s, e)) = self
+            .inner
+            .with_memory(|m| m.overlapping(address, end).map(|r| (r.guest_addr, r.end())))
+        {
+            return Err(Error::Memory(format!(
+                "MMIO range {address:#x}..{end:#x} overlaps memory region {s:#x}..{e:#x}: accesses \
+                 there go to RAM and never exit"
+            ))
+            .into());
+        }
+        Ok(self
+            .inner
+            .update_bus(|bus| Ok((bus.with_mmio(address, end, device)?, ())))?)
+    }
+
+    fn register_hlt(&self, f: &Bound<'_, PyAny>) -> PyResult<()> {
+        let device: Arc<dyn Device> = Arc::new(PyHandler {
+            f: f.clone().unbind(),
+        });
+        Ok(self
+            .inner
+            .update_bus(|bus| Ok((bus.with_hlt(Some(device)), ())))?)
+    }
+
+    fn exit_port(&self, port: i64, debug_exit: bool) -> PyResult<ExitPort> {
+        let port = single_port(port)?;
+        let dev = Arc::new(ExitPortDev { port, debug_exit });
+        self.register_io((port, u32::from(port) + 1), dev.clone())?;
+        Ok(ExitPort { dev })
+    }
+
+    fn register_host_function(&self, number: u32, f: &Bound<'_, PyAny>, port: u16) -> PyResult<()> {
+        check_callable(f)?;
+        let nargs = arg_count(f)?;
+        let function = Arc::new(PyHostFunction {
+            f: f.clone().unbind(),
+            number,
+            nargs,
+        });
+        Ok(self.inner.update_bus(|bus| {
+            let existing = bus
+                .io(port)
+                .and_then(|d| d.as_any().downcast_ref::<HostCallDev>());
+            if let Some(dev) = existing {
+                dev.register(number, function);
+                return Ok((bus.clone(), ()));
+            }
+            let dev = Arc::new(HostCallDev::new(port));
+            dev.register(number, function);
+            Ok((bus.with_io(port, u32::from(port) + 1, dev)?, ()))
+        })?)
+    }
+
+    /// Returns a decorator that registers the function it decorates with `register`.
+    fn decorator<'py>(
+        py: Python<'py>,
+        register: impl Fn(&Bound<'_, PyAny>) -> PyResult<()> + Send + Sync + 'static,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let f =
+            PyCFunction::new_closure(py, None, None, move |args: &Bound<'_, PyTuple>, _kwargs| {
+                let func = args.get_item(0)?;
+                check_callable(&func)?;
+                register(&func)?;
+                Ok::<_, PyErr>(func.unbind())
+            })?;
+        Ok(f.into_any())
+    }
+
+    /// `register(vm, handler)` now, or a decorator that does it.
+    fn handler_or_decorator<'py>(
+        slf: &Bound<'py, Self>,
+        handler: Option<&Bound<'py, PyAny>>,
+        register: impl Fn(&Vm, &Bound<'_, PyAny>) -> PyResult<()> + Send + Sync + 'static,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        match handler {
+            Some(h) => {
+                check_callable(h)?;
+                register(slf.get(), h)?;
+                Ok(h.clone())
+            }
+            None => {
+                let vm = slf.clone().unbind();
+                Self::decorator(slf.py(), move |f| register(vm.get(), f))
+            }
+        }
+    }
+
+    fn wrap_vcpu(slf: &Bound<'_, Self>, inner: Arc<crate::engine::VcpuCore>) -> Vcpu {
+        Vcpu {
+            inner,
+            owner: slf.clone().unbind(),
+        }
+    }
+
+    fn wrap_region(
+        slf: &Bound<'_, Self>,
+        region: Arc<crate::engine::memory::Region>,
+    ) -> MemoryRegion {
+        MemoryRegion {
+            region,
+            vm: Arc::clone(slf.get().core()),
+            owner: slf.clone().unbind(),
+        }
+    }
+}
+
+#[pymethods]
+impl Vm {
+    /// Creates a VM. With `irqchip=True` KVM emulates the PIC, IOAPIC and local APICs in
+    /// the kernel (raise interrupts with `set_irq_line`; HLT is then handled in the kernel
+    /// and never reaches `on_hlt`); with `pit=True` (needs `irqchip`) also the PIT timer.
+    #[new]
+    #[pyo3(signature = (*, irqchip=false, pit=false))]
+    fn new(irqchip: bool, pit: bool) -> PyResult<Self> {
+        Ok(Vm {
+            inner: Arc::new(VmHandle(VmCore::new(irqchip, pit)?)),
+        })
+    }
+
+    /// Adds `size` bytes of RAM at guest physical address `guest_addr` (both page
+    /// aligned). With `readonly=True` guest writes exit as MMIO writes; with
+    /// `dirty_log=True` KVM logs written pages (see `MemoryRegion.dirty_pages`). A region
+    /// larger than the host's memory is refused unless `overcommit=True`: KVM allocates
+    /// metadata for every page of a region when it is added.
+    #[pyo3(signature = (guest_addr, size, *, readonly=false, dirty_log=false, overcommit=false))]
+    fn add_memory(
+        slf: &Bound<'_, Self>,
+        guest_addr: Int<u64>,
+        size: Int<u64>,
+        readonly: bool,
+        dirty_log: bool,
+        overcommit: bool,
+    ) -> PyResult<MemoryRegion> {
+        let opts = RegionOptions {
+            readonly,
+            dirty_log,
+            overcommit,
+        };
+        let region = slf.get().inner.add_memory(guest_addr.0, size.0, opts)?;
+        Ok(Self::wrap_region(slf, region))
+    }
+
+    /// Removes a region from the guest's address space. Views of it stay valid; its
+    /// `read`/`write` raise afterwards.
+    fn remove_memory(&self, region: &Bound<'_, MemoryRegion>) -> PyResult<()> {
+        let region = region.get();
+        if !Arc::ptr_eq(&region.vm, self.core()) {
+            return Err(Error::Memory("the memory region belongs to another VM".into()).into());
+        }
+        Ok(self.inner.remove_memory(&region.region)?)
+    }
+
+    /// The VM's memory regions, by guest address.
+    #[getter]
+    fn memory_regions(slf: &Bound<'_, Self>) -> Vec<MemoryRegion> {
+        let regions = slf.get().inner.with_memory(|m| m.regions().to_vec());
+        regions
+            .into_iter()
+            .map(|r| Self::wrap_region(slf, r))
+            .collect()
+    }
+
+    /// Reads `n` bytes of guest physical memory at `gpa`; the range may span regions but
+    /// must lie entirely in guest RAM.
+    fn read<'py>(
+        &self,
+        py: Python<'py>,
+        gpa: Int<u64>,
+        n: Int<usize>,
+    ) -> PyResult<Bound<'py, PyBytes>> {
+        self.inner.check_open()?;
+        let (gpa, n) = (gpa.0, n.0);
+        self.inner.with_memory(|memory| {
+            memory.check(gpa, n)?;
+            PyBytes::new_with(py, n, |buf| Ok(memory.read(gpa, buf)?))
+        })
+    }
+
+    /// Writes a bytes-like object to guest physical memory at `gpa`.
+    fn write(&self, gpa: Int<u64>, data: &Bound<'_, PyAny>) -> PyResult<()> {
+        let data = bytes_arg(data)?;
+        Ok(self.inner.write_memory(gpa.0, &data)?)
+    }
+
+    /// Writes a flat binary image (bytes-like, or a path to read) at guest physical
+    /// `address`; it must lie entirely in RAM.
+    fn load_flat(&self, image: &Bound<'_, PyAny>, address: Int<u64>) -> PyResult<()> {
+        let data = image_bytes(image)?;
+        Ok(load::load_flat(&self.inner, &data, address.0)?)
+    }
+
+    /// Loads an ELF executable (32- or 64-bit x86; bytes-like, or a path to read): each
+    /// PT_LOAD segment at its physical address, zero-filled past its file size. Every
+    /// segment and the entry point must lie in RAM. Returns a `LoadedImage` with the entry
+    /// point and the symbol table. Set the vCPU's mode and `rip` yourself.
+    fn load_elf(&self, image: &Bound<'_, PyAny>) -> PyResult<LoadedImage> {
+        let data = image_bytes(image)?;
+        Ok(load::load_elf(&self.inner, &data)?.into())
+    }
+
+    /// Boots a Multiboot v1 kernel as QEMU's `-kernel` does: loads it (ELF, or the a.out
+    /// kludge), its `modules` (each bytes-like, a path, or a `(data, cmdline)` tuple) and
+    /// the multiboot information (memory map, `cmdline`, modules) after the kernel, and
+    /// puts `cpu` in 32-bit protected mode at the entry point with EAX = 0x2BADB002 and
+    /// EBX = the information's address. The GDT goes at `tables_addr`.
+    #[pyo3(signature = (cpu, kernel, *, cmdline="", modules=None, tables_addr=Int(0x1000)))]
+    fn load_multiboot(
+        &self,
+        cpu: &Bound<'_, Vcpu>,
+        kernel: &Bound<'_, PyAny>,
+        cmdline: &str,
+        modules: Option<Vec<Bound<'_, PyAny>>>,
+        tables_addr: Int<u64>,
+    ) -> PyResult<LoadedImage> {
+        let vcpu = &cpu.get().inner;
+        if !Arc::ptr_eq(&vcpu.vm, self.core()) {
+            return Err(PyValueError::new_err("the vCPU belongs to another VM"));
+        }
+        let kernel = image_bytes(kernel)?;
+        let modules = modules
+            .unwrap_or_default()
+            .iter()
+            .map(module_arg)
+            .collect::<PyResult<Vec<_>>>()?;
+        let image =
+            load::load_multiboot(&self.inner, vcpu, &kernel, cmdline, &modules, tables_addr.0)?;
+        Ok(image.into())
+    }
+
+    /// Creates a vCPU. `id` defaults to the lowest id not in use. The vCPU gets the host's
+    /// supported CPUID (with the hypervisor bit and its APIC id set).
+    #[pyo3(signature = (id=None))]
+    fn create_vcpu(slf: &Bound<'_, Self>, id: Option<Int<u64>>) -> PyResult<Vcpu> {
+        let inner = slf.get().inner.0.create_vcpu(id.map(|i| i.0))?;
+        Ok(Self::wrap_vcpu(slf, inner))
+    }
+
+    /// Registers `handler` for port I/O on `ports` (an int or a `range`). Without
+    /// `handler`, returns a decorator. The handler gets an `IoExit`; for an IN it returns
+    /// the value the guest reads (an int, or bytes of the access size), for an OUT it
+    /// returns None. Returns the handler.
+    #[pyo3(signature = (ports, handler=None))]
+    fn on_io<'py>(
+        slf: &Bound<'py, Self>,
+        ports: &Bound<'py, PyAny>,
+        handler: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let range = port_range(ports)?;
+        Self::handler_or_decorator(slf, handler, move |vm, f| {
+            vm.register_io(
+                range,
+                Arc::new(PyHandler {
+                    f: f.clone().unbind(),
+                }),
+            )
+        })
+    }
+
+    /// Registers `handler` for MMIO accesses to `[address, address + size)`, which must not
+    /// overlap RAM. Without `handler`, returns a decorator. The handler gets an `MmioExit`;
+    /// for a read it returns the data (an int, or bytes of the access size).
+    #[pyo3(signature = (address, size, handler=None))]
+    fn on_mmio<'py>(
+        slf: &Bound<'py, Self>,
+        address: Int<u64>,
+        size: Int<u64>,
+        handler: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let (address, size) = (address.0, size.0);
+        Self::handler_or_decorator(slf, handler, move |vm, f| {
+            vm.register_mmio(
+                address,
+                size,
+                Arc::new(PyHandler {
+                    f: f.clone().unbind(),
+                }),
+            )
+        })
+    }
+
+    /// Registers `handler` for HLT exits (it returns None to resume the guest after the
+    /// `hlt`, or calls `exit.stop()`). Without `handler`, returns a decorator. Without an
+    /// HLT handler, `run()` returns on HLT.
+    #[pyo3(signature = (handler=None))]
+    fn on_hlt<'py>(
+        slf: &Bound<'py, Self>,
+        handler: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        Self::handler_or_decorator(slf, handler, |vm, f| vm.register_hlt(f))
+    }
+
+    /// Removes every registration of `handler` (a function, a `Console` or an `ExitPort`).
+    /// Returns how many were removed; raises `ValueError` if there were none.
+    fn remove_handler(&self, handler: &Bound<'_, PyAny>) -> PyResult<usize> {
+        let py = handler.py();
+        let target: Option<*const ()> = if let Ok(c) = handler.cast::<Console>() {
+            Some(Arc::as_ptr(&c.get().dev) as *const ())
+        } else if let Ok(e) = handler.cast::<ExitPort>() {
+            Some(Arc::as_ptr(&e.get().dev) as *const ())
+        } else if let Ok(u) = handler.cast::<Uart>() {
+            Some(Arc::as_ptr(&u.get().dev) as *const ())
+        } else {
+            None
+        };
+        let matches = |d: &Arc<dyn Device>| match target {
+            Some(p) => Arc::as_ptr(d) as *const () == p,
+            None => d
+                .as_any()
+                .downcast_ref::<PyHandler>()
+                .is_some_and(|h| h.f.bind(py).is(handler)),
+        };
+        let removed = self.inner.update_bus(|bus| {
+            let (bus, removed) = bus.without(matches);
+            if removed == 0 {
+                return Err(Error::Value(format!(
+                    "{} is not registered with this VM",
+                    handler.repr().map(|r| r.to_string()).unwrap_or_default()
+                )));
+            }
+            Ok((bus, removed))
+        })?;
+        Ok(removed)
+    }
+
+    /// Adds a console on `port`, handled natively: OUT bytes are collected (read them with
+    /// `console.output()`), with no Python call per byte. Keeps the last `limit` bytes.
+    #[pyo3(signature = (port=0x3f8, *, limit=Int(1 << 20)))]
+    fn add_console(&self, port: i64, limit: Int<usize>) -> PyResult<Console> {
+        if limit.0 == 0 {
+            return Err(PyValueError::new_err("console limit must be positive"));
+        }
+        let port = single_port(port)?;
+        let dev = Arc::new(ConsoleDev::new(port, limit.0));
+        self.register_io((port, u32::from(port) + 1), dev.clone())?;
+        Ok(Console { dev })
+    }
+
+    /// Adds an exit port: a guest OUT to `port` ends `run()` with a `GuestExit` whose
+    /// `reason` is `"exit"` and `code` the value written.
+    fn add_exit_port(&self, port: i64) -> PyResult<ExitPort> {
+        self.exit_port(port, false)
+    }
+
+    /// Adds QEMU's isa-debug-exit device on `port`: a guest write of v ends `run()` with a
+    /// `GuestExit` whose `code` is `(v << 1) | 1`, as with `qemu -device isa-debug-exit`.
+    #[pyo3(signature = (port=0xf4))]
+    fn add_debug_exit(&self, port: i64) -> PyResult<ExitPort> {
+        self.exit_port(port, true)
+    }
+
+    /// Adds a 16550-style UART on ports `port..port+8`, handled natively (no Python call
+    /// per byte): read what the guest sent with `uart.output()`, give it input with
+    /// `uart.feed(data)`. Keeps the last `limit` bytes of output.
+    #[pyo3(signature = (port=0x3f8, *, limit=Int(1 << 20)))]
+    fn add_uart(&self, port: i64, limit: Int<usize>) -> PyResult<Uart> {
+        if limit.0 == 0 {
+            return Err(PyValueError::new_err("UART limit must be positive"));
+        }
+        let base = single_port(port)?;
+        if u32::from(base) + 8 > 0x10000 {
+            return Err(PyValueError::new_err(format!(
+                "a UART at {base:#x} would run past port 0xffff"
+            )));
+        }
+        let dev = Arc::new(UartDev::new(base, limit.0));
+        self.register_io((base, u32::from(base) + 8), dev.clone())?;
+        Ok(Uart { dev })
+    }
+
+    /// Registers `handler` as host function `number` (0 to 2**32-1), which guests call
+    /// with `out <port>, eax` (EAX = number; arguments in RDI, RSI, RDX, R10, R8, R9; the
+    /// result comes back in RAX). The handler gets as many arguments as it declares
+    /// positional parameters and returns an int (or None for 0). Without `handler`, returns
+    /// a decorator. All host functions of a VM share one port.
+    #[pyo3(signature = (number, handler=None, *, port=0xf5))]
+    fn host_function<'py>(
+        slf: &Bound<'py, Self>,
+        number: Int<u32>,
+        handler: Option<&Bound<'py, PyAny>>,
+        port: i64,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let (number, port) = (number.0, single_port(port)?);
+        Self::handler_or_decorator(slf, handler, move |vm, f| {
+            vm.register_host_function(number, f, port)
+        })
+    }
+
+    /// Whether the VM has an in-kernel irqchip.
+    #[getter]
+    fn irqchip(&self) -> bool {
+        self.inner.has_irqchip()
+    }
+
+    /// Sets the level of interrupt line `irq` of the in-kernel irqchip (`KVM_IRQ_LINE`):
+    /// `set_irq_line(4, True)` then `set_irq_line(4, False)` makes an edge. Lines 0-15 go
+    /// to the PIC and the IOAPIC, 16-23 to the IOAPIC.
+    fn set_irq_line(&self, irq: Int<u32>, level: bool) -> PyResult<()> {
+        Ok(self.inner.set_irq_line(irq.0, level)?)
+    }
+
+    /// The VM's vCPUs, by creation order.
+    #[getter]
+    fn vcpus(slf: &Bound<'_, Self>) -> Vec<Vcpu> {
+        slf.get()
+            .inner
+            .vcpus()
+            .into_iter()
+            .map(|inner| Self::wrap_vcpu(slf, inner))
+            .collect()
+    }
+
+    /// Whether `close()` was called.
+    #[getter]
+    fn closed(&self) -> bool {
+        self.inner.is_closed()
+    }
+
+    /// Stops running vCPUs, closes the VM's and vCPUs' fds and detaches memory regions.
+    /// Idempotent. Raises `VcpuBusyError` when called from a handler of this VM's own
+    /// vCPU (stop the run with `exit.stop()` and close after `run()` returns).
+    fn close(&self, py: Python<'_>) -> PyResult<()> {
+        if let Some(v) = self.inner.vcpu_of_this_thread() {
+            return Err(Error::Busy(format!(
+                "cannot close the VM from a handler of its own vCPU {}; call exit.stop() and close \
+                 it after run() returns",
+                v.id
+            ))
+            .into());
+        }
+        gil::released(py, || self.inner.shutdown());
+        Ok(())
+    }
+
+    /// Runs every vCPU on its own native thread until all have stopped, and returns
+    /// their final exits (in `vcpus` order). `timeout` applies to each vCPU. With
+    /// `until="any"` the first vCPU to stop stops the others; with `until="all"` (the
+    /// default) each stops on its own. The first exception a handler raises on any vCPU
+    /// stops them all and is raised here; so is `KeyboardInterrupt` (Ctrl-C).
+    #[pyo3(signature = (timeout=None, *, until="all"))]
+    fn run(&self, py: Python<'_>, timeout: Option<f64>, until: &str) -> PyResult<Vec<Py<PyAny>>> {
+        self.start(timeout, until)?;
+        Ok(self.join(py, None)?.unwrap_or_default())
+    }
+
+    /// Starts every vCPU on its own native thread and returns at once; see `run()`.
+    #[pyo3(signature = (timeout=None, *, until="all"))]
+    fn start(&self, timeout: Option<f64>, until: &str) -> PyResult<()> {
+        let until_any = match until {
+            "all" => false,
+            "any" => true,
+            other => {
+                return Err(PyValueError::new_err(format!(
+                    "until must be \"all\" or \"any\", not {other:?}"
+                )))
+            }
+        };
+        let deadline = deadline_after(timeout)?;
+        self.core().start(deadline, until_any)?;
+        let mut background = lock(&BACKGROUND);
+        background.retain(|w| w.strong_count() > 0);
+        if !background
+            .iter()
+            .any(|w| std::ptr::eq(w.as_ptr(), Arc::as_ptr(self.core())))
+        {
+            background.push(Arc::downgrade(self.core()));
+        }
+        Ok(())
+    }
+
+    /// Waits for the vCPUs started by `start()` to stop, at most `timeout` seconds. Returns
+    /// their final exits, or None if they are still running at the timeout. Raises the first
+    /// handler exception, or `KeyboardInterrupt` on Ctrl-C (after stopping every vCPU).
+    #[pyo3(signature = (timeout=None))]
+    fn join(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Option<Vec<Py<PyAny>>>> {
+        let inner = &self.inner;
+        if let Some(v) = inner.vcpu_of_this_thread() {
+            return Err(Error::Busy(format!(
+                "cannot join the VM from a handler of its own vCPU {}",
+                v.id
+            ))
+            .into());
+        }
+        let deadline = deadline_after(timeout)?;
+        let Some(group) = inner.group() else {
+            return Err(PyValueError::new_err("nothing to join: call start() first"));
+        };
+        loop {
+            let step = Duration::from_millis(50);
+            let step = deadline.map_or(step, |d| {
+                step.min(d.saturating_duration_since(Instant::now()))
+            });
+            if gil::released(py, || group.wait(Some(step))) {
+                break;
+            }
+            if let Err(e) = py.check_signals() {
+                inner.stop_all_runs();
+                gil::released(py, || group.wait(None));
+                self.finish_group(&group);
+                return Err(e);
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return Ok(None);
+            }
+        }
+        if let Some(e) = self.finish_group(&group) {
+            return Err(e.into());
+        }
+        let mut exits = Vec::with_capacity(group.vcpus.len());
+        for v in &group.vcpus {
+            match last_exit(py, v)? {
+                Some(exit) => exits.push(exit),
+                // A run that never began because the VM was closed under it.
+                None => return Err(Error::Closed("VM").into()),
+            }
+        }
+        Ok(Some(exits))
+    }
+
+    /// Asks every vCPU to stop; callable from any thread and from handlers. Their runs
+    /// end with reason `"stopped"`; a vCPU that is not running stops its next run at once.
+    fn stop(&self) {
+        self.inner.request_stop_all();
+    }
+
+    /// Whether vCPUs started by `start()` have not been joined yet.
+    #[getter]
+    fn started(&self) -> bool {
+        self.inner.group().is_some()
+    }
+
+    fn __enter__(slf: Py<Self>) -> Py<Self> {
+        slf
+    }
+
+    #[pyo3(signature = (*_args))]
+    fn __exit__(&self, py: Python<'_>, _args: &Bound<'_, PyTuple>) -> PyResult<()> {
+        self.close(py)
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "Vm(regions={}, vcpus={}{})",
+            self.inner.with_memory(|m| m.regions().len()),
+            self.inner.vcpus().len(),
+            if self.inner.is_closed() {
+                ", closed"
+            } else {
+                ""
+            }
+        )
+    }
+
+    fn __traverse__(&self, visit: PyVisit<'_>) -> std::result::Result<(), PyTraverseError> {
+        // Handlers often close over the VM itself; let the garbage collector see them.
+        for device in self.inner.bus().devices() {
+            let any = device.as_any();
+            if let Some(h) = any.downcast_ref::<PyHandler>() {
+                visit.call(&h.f)?;
+            } else if let Some(dev) = any.downcast_ref::<HostCallDev>() {
+                let Some(functions) = dev.try_functions() else {
+                    continue;
+                };
+                for f in functions.values() {
+                    if let Some(h) = f.as_any().downcast_ref::<PyHostFunction>() {
+                        visit.call(&h.f)?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn __clear__(&self) {
+        let _ = self
+            .inner
+            .update_bus(|_| Ok((crate::engine::Bus::default(), ())));
+    }
+}
+
+impl Vm {
+    /// Joins a finished group's threads, forgets it, and returns its first error.
+    fn finish_group(&self, group: &Arc<RunGroup>) -> Option<Error> {
+        self.inner.forget_group(group);
+        group.finish()
+    }
+}
+
+/// How many of the six argument registers `f` takes: its positional parameters, or all six
+/// if it takes `*args`.
+fn arg_count(f: &Bound<'_, PyAny>) -> PyResult<usize> {
+    use crate::devices::hostcall::ARG_REGS;
+    let py = f.py();
+    let inspect = py.import("inspect")?;
+    let params = inspect
+        .call_method1("signature", (f,))?
+        .getattr("parameters")?
+        .call_method0("values")?;
+    let kind = inspect.getattr("Parameter")?;
+    let positional = [
+        kind.getattr("POSITIONAL_ONLY")?,
+        kind.getattr("POSITIONAL_OR_KEYWORD")?,
+    ];
+    let var_positional = kind.getattr("VAR_POSITIONAL")?;
+    let mut n = 0;
+    for p in params.try_iter()? {
+        let k = p?.getattr("kind")?;
+        if k.eq(&var_positional)? {
+            return Ok(ARG_REGS.len());
+        }
+        if positional.iter().any(|x| k.eq(x).unwrap_or(false)) {
+            n += 1;
+        }
+    }
+    if n > ARG_REGS.len() {
+        return Err(PyValueError::new_err(format!(
+            "a host function takes at most {} arguments (RDI, RSI, RDX, R10, R8, R9), this one takes {n}",
+            ARG_REGS.len()
+        )));
+    }
+    Ok(n)
+}
