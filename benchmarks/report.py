@@ -83,7 +83,10 @@ def fmt(value: float) -> str:
 
 
 def fmt_delta(value: float) -> str:
-    """A signed difference with three significant digits (``+0.263``, ``-1.20``)."""
+    """A signed difference with two decimals, as the verdicts show it (``+0.26``), or with
+    three significant digits when large (``+1,250``)."""
+    if abs(value) < 100:
+        return f"{value:+.2f}"
     return ("-" if value < 0 else "+") + fmt(abs(value))
 
 
