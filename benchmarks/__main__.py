@@ -8,7 +8,8 @@ Measures, in one run and interleaved repetition by repetition:
 2. guest compute (an LCG loop): C without a VM, raw C KVM, kvmpy, Unicorn;
 3. VM creation (VM + 64 MiB + 1 vCPU, then close): raw C, kvmpy, plain Python;
 4. register round trip (read + write the general registers): raw C, kvmpy, plain Python;
-5. multi-vCPU exit throughput with 1 and 2 vCPUs: raw C, kvmpy Rust devices, Python handlers.
+5. multi-vCPU exit throughput with 1 and 2 vCPUs: raw C, kvmpy Rust devices, Python handlers;
+6. a run with a timeout: kvmpy's ``cpu.run()`` against ``cpu.run(timeout=10.0)``, one exit each.
 
 Prints a markdown report (median, spread, ratios, targets) and writes every repetition's
 value as JSON. Targets are reported as pass/MISS and never fail the run.
@@ -58,13 +59,14 @@ from benchmarks.report import (
     paired_ratios,
 )
 
-FIGURES = ("exits", "compute", "create", "regs", "multi")
+FIGURES = ("exits", "compute", "create", "regs", "multi", "timeout")
 DEFAULT_JSON = Path(__file__).resolve().parent / "results.json"
 
 RUST_EXIT_TARGET = Target("ratio", 1.05, "≤ 1.05× raw C")
 PYTHON_EXIT_TARGET = Target("delta", 0.3, "≤ raw C + 0.3 µs")
 CREATE_TARGET = Target("ratio", 1.2, "≤ 1.2× raw C")
 COMPUTE_TARGET = Target("ratio", 1.02, "≤ 1.02× raw C")
+TIMEOUT_TARGET = Target("delta", 1.0, "≤ 1 µs more per run")
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,9 @@ class Config:
     multi_n: int
     """Device exits per vCPU per run in the multi-vCPU figure."""
     multi_reps: int
+    timeout_k: int
+    """Runs (one exit each) per repetition in the timeout figure."""
+    timeout_reps: int
 
 
 FULL = Config(
@@ -104,6 +109,8 @@ FULL = Config(
     regs_k=5_000,
     multi_n=5_000,
     multi_reps=21,
+    timeout_k=1_000,
+    timeout_reps=201,
 )
 SMOKE = Config(
     reps=2,
@@ -117,6 +124,8 @@ SMOKE = Config(
     regs_k=200,
     multi_n=200,
     multi_reps=1,
+    timeout_k=20,
+    timeout_reps=2,
 )
 
 
@@ -418,6 +427,46 @@ class Runner:
         fig.notes.append("The ratio column is throughput ÷ raw C with as many vCPUs.")
         return fig
 
+    def timeout(self) -> Figure:
+        """Figure 6: a run with a timeout against one without, per run of one exit."""
+        cfg, k = self.cfg, self.cfg.timeout_k
+        with closing(kvmpy_cases.Runs()) as guest:
+            # Both variants run the same vCPU, alternately.
+            v = interleave(
+                {
+                    "plain": lambda: guest(k, None) * 1e6 / k,
+                    "timeout": lambda: guest(k, 10.0) * 1e6 / k,
+                },
+                cfg.timeout_reps,
+                cfg.warmup,
+            )
+        fig = Figure(
+            "timeout",
+            "6. Run with a timeout (a run that ends at its first exit)",
+            "µs/run",
+            f"`out 0xf4, al` to an exit port, then a jump back to it: one exit per run; "
+            f"{k:,} runs per repetition, {runs(cfg.timeout_reps)} each (+{cfg.warmup} "
+            "warm-up), interleaved on one vCPU",
+        )
+        fig.rows = [
+            Row("plain", "kvmpy: `cpu.run()`", v["plain"], short="no timeout"),
+            Row(
+                "timeout",
+                "kvmpy: `cpu.run(timeout=10.0)`",
+                v["timeout"],
+                "plain",
+                TIMEOUT_TARGET,
+            ),
+        ]
+        delta = paired_deltas(fig.rows[1], fig.rows[0])
+        fig.notes.append(
+            "A timeout's cost per run, paired run by run: median "
+            f"{delta.median:+.2f} µs (IQR {delta.q1:+.2f} to {delta.q3:+.2f}). kvmpy arms a "
+            "one-shot POSIX timer (timer_create + timer_settime) for each run with a timeout "
+            "and deletes it when the run ends; the timer never fires here."
+        )
+        return fig
+
 
 HEADLINES = [
     Headline("Exit, Rust device: kvmpy ÷ raw C", "exits", "rust", "rawc", RUST_EXIT_TARGET),
@@ -441,6 +490,14 @@ HEADLINES = [
     Headline("2 vCPUs, Rust devices: kvmpy ÷ raw C (time per exit)", "multi", "rust2", "rawc2"),
     Headline(
         "2 vCPUs, Python handlers: kvmpy ÷ raw C (time per exit)", "multi", "python2", "rawc2"
+    ),
+    Headline(
+        "Run with a timeout − run without (per run)",
+        "timeout",
+        "timeout",
+        "plain",
+        TIMEOUT_TARGET,
+        kind="delta",
     ),
 ]
 
@@ -525,7 +582,12 @@ def main(argv: list[str] | None = None) -> int:
             print("benchmarks: --reps must be >= 1", file=sys.stderr)
             return 2
         cfg = replace(
-            cfg, reps=args.reps, exit_reps=args.reps, compute_reps=args.reps, multi_reps=args.reps
+            cfg,
+            reps=args.reps,
+            exit_reps=args.reps,
+            compute_reps=args.reps,
+            multi_reps=args.reps,
+            timeout_reps=args.reps,
         )
     figures = FIGURES
     if args.only:
@@ -578,6 +640,7 @@ def main(argv: list[str] | None = None) -> int:
                 "create": runner.create,
                 "regs": runner.regs,
                 "multi": runner.multi,
+                "timeout": runner.timeout,
             }
             results: list[Figure] = []
             for name in figures:
