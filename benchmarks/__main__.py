@@ -3,11 +3,13 @@
 Measures, in one run and interleaved repetition by repetition:
 
 1. exit round trip (guest OUT -> host -> guest): raw C, kvmpy with a Rust device, kvmpy with
-   a Python handler, plain Python on the KVM API, Unicorn with a Python hook;
+   a Python handler, a minimal C extension calling a Python handler (the floor for any
+   binding that does), plain Python on the KVM API, Unicorn with a Python hook;
 2. guest compute (an LCG loop): C without a VM, raw C KVM, kvmpy, Unicorn;
 3. VM creation (VM + 64 MiB + 1 vCPU, then close): raw C, kvmpy, plain Python;
 4. register round trip (read + write the general registers): raw C, kvmpy, plain Python;
-5. multi-vCPU exit throughput with 1 and 2 vCPUs: raw C, kvmpy Rust devices, Python handlers.
+5. multi-vCPU exit throughput with 1 and 2 vCPUs: raw C, kvmpy Rust devices, Python handlers;
+6. a run with a timeout: kvmpy's ``cpu.run()`` against ``cpu.run(timeout=10.0)``, one exit each.
 
 Prints a markdown report (median, spread, ratios, targets) and writes every repetition's
 value as JSON. Targets are reported as pass/MISS and never fail the run.
@@ -29,9 +31,10 @@ from dataclasses import asdict, dataclass, replace
 from datetime import datetime
 from functools import partial
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
-from benchmarks import kvmpy_cases, rawpy, unicorn_cases
+from benchmarks import cext_cases, kvmpy_cases, rawpy, unicorn_cases
 from benchmarks.common import (
     BenchError,
     ExitServer,
@@ -56,13 +59,14 @@ from benchmarks.report import (
     paired_ratios,
 )
 
-FIGURES = ("exits", "compute", "create", "regs", "multi")
+FIGURES = ("exits", "compute", "create", "regs", "multi", "timeout")
 DEFAULT_JSON = Path(__file__).resolve().parent / "results.json"
 
 RUST_EXIT_TARGET = Target("ratio", 1.05, "≤ 1.05× raw C")
-PYTHON_EXIT_TARGET = Target("delta", 0.6, "≤ raw C + 0.6 µs")
+PYTHON_EXIT_TARGET = Target("delta", 0.3, "≤ raw C + 0.3 µs")
 CREATE_TARGET = Target("ratio", 1.2, "≤ 1.2× raw C")
 COMPUTE_TARGET = Target("ratio", 1.02, "≤ 1.02× raw C")
+TIMEOUT_TARGET = Target("delta", 1.0, "≤ 1 µs more per run")
 
 
 @dataclass(frozen=True)
@@ -88,6 +92,9 @@ class Config:
     multi_n: int
     """Device exits per vCPU per run in the multi-vCPU figure."""
     multi_reps: int
+    timeout_k: int
+    """Runs (one exit each) per repetition in the timeout figure."""
+    timeout_reps: int
 
 
 FULL = Config(
@@ -102,6 +109,8 @@ FULL = Config(
     regs_k=5_000,
     multi_n=5_000,
     multi_reps=21,
+    timeout_k=1_000,
+    timeout_reps=201,
 )
 SMOKE = Config(
     reps=2,
@@ -115,6 +124,8 @@ SMOKE = Config(
     regs_k=200,
     multi_n=200,
     multi_reps=1,
+    timeout_k=20,
+    timeout_reps=2,
 )
 
 
@@ -126,10 +137,16 @@ def runs(n: int) -> str:
 class Runner:
     """Runs the figures with one compiled C baseline and the guests."""
 
-    def __init__(self, cfg: Config, raw: RawKvm, unicorn_missing: str | None) -> None:
+    def __init__(
+        self, cfg: Config, raw: RawKvm, unicorn_missing: str | None, build_dir: Path
+    ) -> None:
         self.cfg = cfg
         self.raw = raw
         self.unicorn_missing = unicorn_missing
+        self.build_dir = build_dir
+        """Where C code compiled at run time goes (a temporary directory)."""
+        self.cext_missing = cext_cases.unavailable()
+        self._cext: ModuleType | None = None
         self.counter = guest_bytes("counter64")
         self.counter_path = guest_path("counter64")
         self.compute = guest_bytes("compute64")
@@ -138,6 +155,12 @@ class Runner:
     def _skipped_unicorn(self, fig: Figure) -> None:
         if self.unicorn_missing:
             fig.notes.append(f"Unicorn rows skipped: {self.unicorn_missing}.")
+
+    def cext(self) -> ModuleType:
+        """The C-extension floor (``cext_exit.c``), compiled and loaded on first use."""
+        if self._cext is None:
+            self._cext = cext_cases.build(self.build_dir)
+        return self._cext
 
     def exits(self) -> Figure:
         """Figure 1: the exit round trip, per exit."""
@@ -154,8 +177,13 @@ class Runner:
                 "rawc": lambda: rawc(n) * per_exit,
                 "rust": lambda: rust(n) * per_exit,
                 "python": lambda: python(n) * per_exit,
-                "purepy": lambda: purepy(n) * per_exit,
             }
+            if not self.cext_missing:
+                floor = stack.enter_context(
+                    closing(cext_cases.Exits(self.cext(), self.counter_path))
+                )
+                variants["cext"] = lambda: floor(n) * per_exit
+            variants["purepy"] = lambda: purepy(n) * per_exit
             if not self.unicorn_missing:
                 variants["unicorn"] = lambda: unicorn_cases.exits(code, n) * per_exit
             v = interleave(variants, cfg.exit_reps, cfg.warmup)
@@ -179,8 +207,10 @@ class Runner:
                 "rawc",
                 PYTHON_EXIT_TARGET,
             ),
-            Row("purepy", "plain Python, fcntl.ioctl + ctypes", v["purepy"], "rawc"),
         ]
+        if "cext" in v:
+            fig.rows.append(Row("cext", "C extension + Python handler (floor)", v["cext"], "rawc"))
+        fig.rows.append(Row("purepy", "plain Python, fcntl.ioctl + ctypes", v["purepy"], "rawc"))
         if "unicorn" in v:
             fig.rows.append(
                 Row(
@@ -191,12 +221,32 @@ class Runner:
                     note="emulated: no VM exit",
                 )
             )
-        overhead = paired_deltas(fig.rows[2], fig.rows[1])
+        rawc_row, rust_row, python_row = fig.rows[0], fig.rows[1], fig.rows[2]
+        overhead = paired_deltas(python_row, rust_row)
         fig.notes.append(
             "kvmpy's Python-handler overhead over its Rust device, paired run by run: "
             f"median {overhead.median:+.2f} µs/exit (IQR {overhead.q1:+.2f} to "
             f"{overhead.q3:+.2f})."
         )
+        cext_row = fig.row("cext")
+        if cext_row is not None:
+            fig.notes.append(
+                "The C-extension floor (`benchmarks/cext_exit.c`) is the least a binding that "
+                "calls Python on each exit must do: release the GIL around `KVM_RUN`, then "
+                "build an int (the port) and a bytes object (the data) and call "
+                "`handler(port, data)` (a Python function that does nothing)."
+            )
+            floor = paired_deltas(cext_row, rawc_row)
+            kvmpy_delta = paired_deltas(python_row, rawc_row)
+            beyond = paired_deltas(python_row, cext_row)
+            fig.notes.append(
+                "Per exit against raw C, paired medians: C-extension floor "
+                f"{floor.median:+.2f} µs, kvmpy's Python handler {kvmpy_delta.median:+.2f} µs; "
+                f"kvmpy beyond the floor: {beyond.median:+.2f} µs/exit (IQR {beyond.q1:+.2f} "
+                f"to {beyond.q3:+.2f})."
+            )
+        else:
+            fig.notes.append(f"C-extension floor skipped: {self.cext_missing}.")
         self._skipped_unicorn(fig)
         return fig
 
@@ -377,10 +427,54 @@ class Runner:
         fig.notes.append("The ratio column is throughput ÷ raw C with as many vCPUs.")
         return fig
 
+    def timeout(self) -> Figure:
+        """Figure 6: a run with a timeout against one without, per run of one exit."""
+        cfg, k = self.cfg, self.cfg.timeout_k
+        with closing(kvmpy_cases.Runs()) as guest:
+            # Both variants run the same vCPU, alternately.
+            v = interleave(
+                {
+                    "plain": lambda: guest(k, None) * 1e6 / k,
+                    "timeout": lambda: guest(k, 10.0) * 1e6 / k,
+                },
+                cfg.timeout_reps,
+                cfg.warmup,
+            )
+        fig = Figure(
+            "timeout",
+            "6. Run with a timeout (a run that ends at its first exit)",
+            "µs/run",
+            f"`out 0xf4, al` to an exit port, then a jump back to it: one exit per run; "
+            f"{k:,} runs per repetition, {runs(cfg.timeout_reps)} each (+{cfg.warmup} "
+            "warm-up), interleaved on one vCPU",
+        )
+        fig.rows = [
+            Row("plain", "kvmpy: `cpu.run()`", v["plain"], short="no timeout"),
+            Row(
+                "timeout",
+                "kvmpy: `cpu.run(timeout=10.0)`",
+                v["timeout"],
+                "plain",
+                TIMEOUT_TARGET,
+            ),
+        ]
+        delta = paired_deltas(fig.rows[1], fig.rows[0])
+        fig.notes.append(
+            "A timeout's cost per run, paired run by run: median "
+            f"{delta.median:+.2f} µs (IQR {delta.q1:+.2f} to {delta.q3:+.2f}). kvmpy arms a "
+            "one-shot POSIX timer (timer_create + timer_settime) for each run with a timeout "
+            "and deletes it when the run ends; the timer never fires here."
+        )
+        return fig
+
 
 HEADLINES = [
     Headline("Exit, Rust device: kvmpy ÷ raw C", "exits", "rust", "rawc", RUST_EXIT_TARGET),
     Headline("Exit, Python handler: kvmpy ÷ raw C", "exits", "python", "rawc", PYTHON_EXIT_TARGET),
+    Headline("Exit, C-extension floor: − raw C", "exits", "cext", "rawc", kind="delta"),
+    Headline(
+        "Exit, Python handler: kvmpy − C-extension floor", "exits", "python", "cext", kind="delta"
+    ),
     Headline("Exit, Python handler: kvmpy ÷ plain Python ioctl loop", "exits", "python", "purepy"),
     Headline("Exit, Python handler: kvmpy ÷ Unicorn (Python hook)", "exits", "python", "unicorn"),
     Headline("Compute: kvmpy ÷ raw C", "compute", "kvmpy", "rawc", COMPUTE_TARGET),
@@ -396,6 +490,14 @@ HEADLINES = [
     Headline("2 vCPUs, Rust devices: kvmpy ÷ raw C (time per exit)", "multi", "rust2", "rawc2"),
     Headline(
         "2 vCPUs, Python handlers: kvmpy ÷ raw C (time per exit)", "multi", "python2", "rawc2"
+    ),
+    Headline(
+        "Run with a timeout − run without (per run)",
+        "timeout",
+        "timeout",
+        "plain",
+        TIMEOUT_TARGET,
+        kind="delta",
     ),
 ]
 
@@ -480,7 +582,12 @@ def main(argv: list[str] | None = None) -> int:
             print("benchmarks: --reps must be >= 1", file=sys.stderr)
             return 2
         cfg = replace(
-            cfg, reps=args.reps, exit_reps=args.reps, compute_reps=args.reps, multi_reps=args.reps
+            cfg,
+            reps=args.reps,
+            exit_reps=args.reps,
+            compute_reps=args.reps,
+            multi_reps=args.reps,
+            timeout_reps=args.reps,
         )
     figures = FIGURES
     if args.only:
@@ -526,13 +633,14 @@ def main(argv: list[str] | None = None) -> int:
                     "`maturin develop --release` for meaningful timings",
                     file=sys.stderr,
                 )
-            runner = Runner(cfg, raw, unicorn_missing)
+            runner = Runner(cfg, raw, unicorn_missing, Path(tmp))
             steps = {
                 "exits": runner.exits,
                 "compute": runner.compute_fig,
                 "create": runner.create,
                 "regs": runner.regs,
                 "multi": runner.multi,
+                "timeout": runner.timeout,
             }
             results: list[Figure] = []
             for name in figures:
@@ -567,7 +675,7 @@ def main(argv: list[str] | None = None) -> int:
             "baseline alike); the multi-vCPU figure runs on all CPUs"
         ),
         "",
-        "### Headline: time ratios (< 1: kvmpy faster; > 1: kvmpy slower)",
+        "### Headline: paired time ratios (÷; < 1: kvmpy faster) and differences (−; < 0: faster)",
         "",
         *headline_markdown(headlines),
         "",

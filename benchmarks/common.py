@@ -62,14 +62,20 @@ def guest_bytes(name: str) -> bytes:
 # ---------------------------------------------------------------------------- raw C
 
 
-def compile_raw_kvm(out_dir: Path) -> Path:
-    """Compiles ``raw_kvm.c`` with ``cc -O2`` into ``out_dir``; returns the executable."""
+def find_cc() -> str:
+    """The C compiler ``cc``; fails if it is not on PATH."""
     cc = shutil.which("cc")
     if cc is None:
         raise BenchError(
             "no C compiler: `cc` is not on PATH. The raw-KVM baseline (benchmarks/raw_kvm.c) "
             "needs one; install gcc or clang."
         )
+    return cc
+
+
+def compile_raw_kvm(out_dir: Path) -> Path:
+    """Compiles ``raw_kvm.c`` with ``cc -O2`` into ``out_dir``; returns the executable."""
+    cc = find_cc()
     exe = out_dir / "raw_kvm"
     cmd = [cc, "-O2", "-Wall", "-Wextra", "-o", str(exe), str(RAW_KVM_SOURCE), "-pthread"]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)

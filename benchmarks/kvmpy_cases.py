@@ -54,6 +54,52 @@ class Exits:
         self.vm.close()
 
 
+class Runs:
+    """A guest that does one OUT to an exit port per run, on one kvmpy VM kept for many runs:
+    each ``cpu.run()`` enters the guest once and returns on that OUT (reason "exit"); the
+    next run finishes the OUT and jumps back to it."""
+
+    CODE = bytes([0xE6, EXIT_PORT, 0xEB, 0xFC])  # 1: out 0xf4, al; jmp 1b
+
+    def __init__(self) -> None:
+        self.vm = kvmpy.Vm()
+        self.vm.add_memory(0, GUEST_RAM).write(LOAD_ADDR, self.CODE)
+        self.vm.add_exit_port(EXIT_PORT)
+        self.cpu = self.vm.create_vcpu()
+        self.cpu.setup_long_mode(user=True)
+        self.cpu.set_regs(rip=LOAD_ADDR)
+
+    def __call__(self, k: int, timeout: float | None) -> float:
+        """Seconds for ``k`` runs, each ``cpu.run()`` or, with ``timeout``,
+        ``cpu.run(timeout=timeout)``."""
+        cpu = self.cpu
+        other = 0
+        before = cpu.stats()["exits"]
+        if timeout is None:
+            start = time.perf_counter()
+            for _ in range(k):
+                if cpu.run().reason != "exit":
+                    other += 1
+            elapsed = time.perf_counter() - start
+        else:
+            start = time.perf_counter()
+            for _ in range(k):
+                if cpu.run(timeout=timeout).reason != "exit":
+                    other += 1
+            elapsed = time.perf_counter() - start
+        exits = cpu.stats()["exits"] - before
+        if other or exits != k:
+            raise BenchError(
+                f"kvmpy runs (timeout={timeout}): {other} of {k} runs did not end at the exit "
+                f"port, {exits} exits"
+            )
+        return elapsed
+
+    def close(self) -> None:
+        """Closes the VM."""
+        self.vm.close()
+
+
 def compute(code: bytes, n: int) -> float:
     """Seconds for compute64 with ``n`` LCG iterations (run() call to exit port)."""
     with kvmpy.Vm() as vm:

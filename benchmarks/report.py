@@ -82,6 +82,14 @@ def fmt(value: float) -> str:
     return f"{value:.3g}"
 
 
+def fmt_delta(value: float) -> str:
+    """A signed difference with two decimals, as the verdicts show it (``+0.26``), or with
+    three significant digits when large (``+1,250``)."""
+    if abs(value) < 100:
+        return f"{value:+.2f}"
+    return ("-" if value < 0 else "+") + fmt(abs(value))
+
+
 def fmt_ratio(value: float) -> str:
     """A ratio with three significant digits."""
     return f"{value:,.0f}" if value >= 1000 else f"{value:.3g}"
@@ -159,18 +167,21 @@ def figure_markdown(fig: Figure) -> list[str]:
 
 @dataclass(frozen=True)
 class Headline:
-    """One headline comparison: ``row`` of figure ``fig`` against row ``base``."""
+    """One headline comparison: ``row`` of figure ``fig`` against row ``base``, shown as
+    their paired time ratio or, with ``kind="delta"``, their paired difference."""
 
     label: str
     fig: str
     row: str
     base: str
     target: Target | None = None
+    kind: Literal["ratio", "delta"] = "ratio"
 
 
 def headline_rows(figures: list[Figure], headlines: list[Headline]) -> list[dict[str, Any]]:
     """The headline comparisons whose rows were both measured, as time ratios (kvmpy ÷
-    baseline; for throughput figures, the inverse of the throughput ratio)."""
+    baseline; for throughput figures, the inverse of the throughput ratio) and differences
+    (kvmpy − baseline, in the figure's unit)."""
     by_id = {f.id: f for f in figures}
     out: list[dict[str, Any]] = []
     for h in headlines:
@@ -188,7 +199,9 @@ def headline_rows(figures: list[Figure], headlines: list[Headline]) -> list[dict
             "figure": h.fig,
             "row": h.row,
             "baseline": h.base,
+            "kind": h.kind,
             "time_ratio": ratios.as_dict(),
+            "delta": paired_deltas(row, base).as_dict(),
             "value": row.summary.median,
             "baseline_value": base.summary.median,
             "unit": fig.unit,
@@ -203,20 +216,26 @@ def headline_rows(figures: list[Figure], headlines: list[Headline]) -> list[dict
 
 
 def headline_markdown(rows: list[dict[str, Any]]) -> list[str]:
-    """The headline table: paired time ratios with the absolute medians beside them."""
+    """The headline table: paired time ratios (÷ rows) or differences (− rows), with the
+    absolute medians beside them."""
     lines = [
-        "| comparison | time ratio, paired: median [IQR] | kvmpy (median) | baseline (median) "
-        "| target |",
+        "| comparison | paired: median [IQR] | measured (median) | baseline (median) | target |",
         "|---|---:|---:|---:|---|",
     ]
     for h in rows:
-        r = h["time_ratio"]
-        ratio = f"{fmt_ratio(r['median'])}×"
-        if r["n"] >= 2:
-            ratio += f" [{fmt_ratio(r['q1'])}–{fmt_ratio(r['q3'])}]"
         unit = h["unit"]
+        if h.get("kind") == "delta":
+            d = h["delta"]
+            paired = f"{fmt_delta(d['median'])} {unit}"
+            if d["n"] >= 2:
+                paired += f" [{fmt_delta(d['q1'])} to {fmt_delta(d['q3'])}]"
+        else:
+            r = h["time_ratio"]
+            paired = f"{fmt_ratio(r['median'])}×"
+            if r["n"] >= 2:
+                paired += f" [{fmt_ratio(r['q1'])}–{fmt_ratio(r['q3'])}]"
         lines.append(
-            f"| {h['label']} | {ratio} | {fmt(h['value'])} {unit} "
+            f"| {h['label']} | {paired} | {fmt(h['value'])} {unit} "
             f"| {fmt(h['baseline_value'])} {unit} | {h.get('verdict', '')} |"
         )
     return lines
