@@ -97,50 +97,36 @@ pub fn consume(signal: libc::c_int) {
     while unsafe { libc::sigtimedwait(&set, null_mut(), &zero) } == signal {}
 }
 
-/// Blocks the kick signal in the calling thread while it lives (restoring the thread's
-/// mask when it goes, which delivers a kick still pending to the empty handler).
-pub struct Blocked {
-    signal: libc::c_int,
-    was_blocked: bool,
-    /// The thread's mask before, without the kick: what `KVM_RUN` runs with.
-    pub run_mask: u64,
+thread_local! {
+    /// The mask `KVM_RUN` runs with on this thread, once the kick is blocked here.
+    static RUN_MASK: std::cell::Cell<Option<u64>> = const { std::cell::Cell::new(None) };
 }
 
-impl Blocked {
-    pub fn new(signal: libc::c_int) -> Result<Self> {
-        let set = sigset_of(&[signal]);
-        // SAFETY: an all-zero sigset_t is valid storage for the old mask.
-        let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
-        // SAFETY: `set` and `old` are valid for the call; the result is checked.
-        let ret = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, &mut old) };
-        if ret != 0 {
-            return Err(Error::ioctl(
-                "pthread_sigmask",
-                vmm_sys_util::errno::Error::new(ret),
-            ));
-        }
-        // SAFETY: `old` was filled by pthread_sigmask.
-        let was_blocked = unsafe { libc::sigismember(&old, signal) } == 1;
-        // The kernel's sigset for the first 64 signals is the first 8 bytes of sigset_t.
-        // SAFETY: sigset_t is at least 8 bytes long and any bit pattern is a valid u64.
-        let raw = unsafe { std::ptr::read_unaligned(&old as *const libc::sigset_t as *const u64) };
-        let run_mask = raw & !(1u64 << (signal - 1));
-        Ok(Blocked {
-            signal,
-            was_blocked,
-            run_mask,
-        })
+/// Blocks the kick signal in the calling thread, for good: a thread that has run a vCPU
+/// keeps it blocked (it is kvmpy's own signal), which spares two system calls per run. A
+/// kick left pending is consumed by the next `KVM_RUN` (a spurious `EINTR`). Returns the
+/// thread's mask without the kick, which is what `KVM_RUN` runs with.
+pub fn block_in_this_thread(signal: libc::c_int) -> Result<u64> {
+    if let Some(mask) = RUN_MASK.with(|m| m.get()) {
+        return Ok(mask);
     }
-}
-
-impl Drop for Blocked {
-    fn drop(&mut self) {
-        if !self.was_blocked {
-            let set = sigset_of(&[self.signal]);
-            // SAFETY: `set` is valid; unblocking a signal cannot fail for a valid set.
-            unsafe { libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, null_mut()) };
-        }
+    let set = sigset_of(&[signal]);
+    // SAFETY: an all-zero sigset_t is valid storage for the old mask.
+    let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` and `old` are valid for the call; the result is checked.
+    let ret = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, &mut old) };
+    if ret != 0 {
+        return Err(Error::ioctl(
+            "pthread_sigmask",
+            vmm_sys_util::errno::Error::new(ret),
+        ));
     }
+    // The kernel's sigset for the first 64 signals is the first 8 bytes of sigset_t.
+    // SAFETY: sigset_t is at least 8 bytes long and any bit pattern is a valid u64.
+    let raw = unsafe { std::ptr::read_unaligned(&old as *const libc::sigset_t as *const u64) };
+    let mask = raw & !(1u64 << (signal - 1));
+    RUN_MASK.with(|m| m.set(Some(mask)));
+    Ok(mask)
 }
 
 #[derive(Default)]
@@ -240,11 +226,12 @@ impl Kicker {
 }
 
 /// A POSIX timer that sends the kick signal to one thread: created once per vCPU (and again
-/// only when another thread runs it), re-armed for each run with a deadline.
+/// only when another thread runs it), re-armed for each run with a deadline (one system
+/// call). It is not disarmed when a run ends early: if it fires during a later run, that
+/// run sees one spurious `EINTR` and goes on, since the kick stays blocked in the thread.
 pub struct Timer {
     timer: libc::timer_t,
     tid: libc::pid_t,
-    armed: bool,
 }
 
 // SAFETY: a timer_t is a process-wide handle; it may be used and deleted from any thread.
@@ -265,11 +252,7 @@ impl Timer {
                 vmm_sys_util::errno::Error::last(),
             ));
         }
-        Ok(Timer {
-            timer,
-            tid,
-            armed: false,
-        })
+        Ok(Timer { timer, tid })
     }
 
     fn set(&mut self, nanos: u128) -> Result<()> {
@@ -290,7 +273,6 @@ impl Timer {
                 vmm_sys_util::errno::Error::last(),
             ));
         }
-        self.armed = nanos != 0;
         Ok(())
     }
 
@@ -311,15 +293,6 @@ impl Timer {
             .as_nanos()
             .max(1);
         timer.set(nanos)
-    }
-
-    /// Disarms the timer if it is armed, so it never fires after its run.
-    pub fn disarm(slot: &mut Option<Timer>) {
-        if let Some(t) = slot.as_mut().filter(|t| t.armed) {
-            if t.set(0).is_err() {
-                *slot = None; // deleting it is the other way to silence it
-            }
-        }
     }
 }
 

@@ -22,8 +22,15 @@ pub use run::{Outcome, RunOptions, VcpuCtx};
 pub use vcpu::VcpuCore;
 pub use vm::{RegionOptions, VmCore};
 
-/// The calling thread's id.
+thread_local! {
+    static TID: libc::pid_t = {
+        // SAFETY: gettid has no preconditions.
+        unsafe { libc::gettid() }
+    };
+}
+
+/// The calling thread's id (asked of the kernel once per thread: a system call costs
+/// about a microsecond on a nested host, and the run loop needs it on every run).
 pub fn gettid() -> libc::pid_t {
-    // SAFETY: gettid has no preconditions.
-    unsafe { libc::gettid() }
+    TID.with(|t| *t)
 }

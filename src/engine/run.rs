@@ -133,19 +133,18 @@ impl VcpuCore {
             Ok(s) => s,
             Err(e) => return e.into(),
         };
-        let blocked = match kick::Blocked::new(signal) {
-            Ok(b) => b,
+        let run_mask = match kick::block_in_this_thread(signal) {
+            Ok(mask) => mask,
             Err(e) => return e.into(),
         };
         let mut guard: FdGuard<'_> = Some(self.lock_run_fd());
-        if let Err(e) = self.prepare(&mut guard, signal, blocked.run_mask, options.deadline) {
+        if let Err(e) = self.prepare(&mut guard, signal, run_mask, options.deadline) {
             return e.into();
         }
         self.kicker.attach_thread();
         self.set_pending(None);
         let outcome = self.exits_until_done(&mut guard, options);
         if let Ok(holder) = fd_of(&mut guard) {
-            Timer::disarm(&mut holder.timer);
             holder.fd.set_kvm_immediate_exit(0);
         }
         outcome

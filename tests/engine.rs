@@ -1,0 +1,260 @@
+//! The engine without Python: real guests through `kvmpy::engine` alone. Skips (passes
+//! with a note) where `/dev/kvm` cannot be opened.
+
+use std::any::Any;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kvmpy::devices::console::ConsoleDev;
+use kvmpy::devices::exit_port::ExitPortDev;
+use kvmpy::engine::setup::LongMode;
+use kvmpy::engine::{
+    Action, Device, Exit, Outcome, RegionOptions, RunOptions, VcpuCore, VcpuCtx, VmCore,
+};
+
+const LOAD: u64 = 0x10000;
+
+fn kvm_usable() -> bool {
+    let ok = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    if !ok {
+        eprintln!("/dev/kvm cannot be opened: engine tests skipped");
+    }
+    ok
+}
+
+/// A VM with 2 MiB of RAM, `code` at 0x10000 and one vCPU in 64-bit user mode there.
+fn user_vm(code: &[u8]) -> (Arc<VmCore>, Arc<VcpuCore>) {
+    let vm = VmCore::new(false, false).unwrap();
+    vm.add_memory(0, 2 << 20, RegionOptions::default()).unwrap();
+    vm.write_memory(LOAD, code).unwrap();
+    let cpu = vm.create_vcpu(None).unwrap();
+    cpu.setup_long_mode(LongMode {
+        user: true,
+        tables_addr: 0x1000,
+        map_gib: 1,
+        huge_pages: false,
+        exceptions: false,
+        exception_port: 0xf6,
+    })
+    .unwrap();
+    let mut regs = cpu.regs().unwrap();
+    regs.rip = LOAD;
+    cpu.set_regs(&regs).unwrap();
+    (vm, cpu)
+}
+
+fn add_io(vm: &VmCore, port: u16, device: Arc<dyn Device>) {
+    vm.update_bus(|bus| Ok((bus.with_io(port, u32::from(port) + 1, device)?, ())))
+        .unwrap();
+}
+
+fn run(cpu: &VcpuCore, timeout: f64) -> Outcome {
+    cpu.run(&RunOptions {
+        deadline: Some(Instant::now() + Duration::from_secs_f64(timeout)),
+        on_signal: None,
+    })
+}
+
+fn exit_of(outcome: Outcome) -> Exit {
+    match outcome {
+        Outcome::Exit(e) => e,
+        Outcome::Stopped(_) => panic!("stopped by a device"),
+        Outcome::Error(e) => panic!("error: {e}"),
+    }
+}
+
+/// Counts OUTs and answers INs with a running number.
+#[derive(Default)]
+struct Counter {
+    outs: AtomicU64,
+    ins: AtomicU64,
+}
+
+impl Device for Counter {
+    fn name(&self) -> String {
+        "a counter".into()
+    }
+    fn io_in(
+        &self,
+        _ctx: &mut VcpuCtx<'_, '_>,
+        _port: u16,
+        data: &mut [u8],
+    ) -> kvmpy::engine::Result<Action> {
+        let n = self.ins.fetch_add(1, Ordering::SeqCst) + 1;
+        data.copy_from_slice(&n.to_le_bytes()[..data.len()]);
+        Ok(Action::Continue)
+    }
+    fn io_out(
+        &self,
+        _ctx: &mut VcpuCtx<'_, '_>,
+        _port: u16,
+        _data: &[u8],
+    ) -> kvmpy::engine::Result<Action> {
+        self.outs.fetch_add(1, Ordering::SeqCst);
+        Ok(Action::Continue)
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+#[test]
+fn a_guest_runs_through_rust_devices_without_python() {
+    if !kvm_usable() {
+        return;
+    }
+    // l: in al, 0x10 ; out 0x11, al ; dec ecx ; jnz l ; mov al, 7 ; out 0xf4, al
+    let code = [
+        0xB9, 0xE8, 0x03, 0x00, 0x00, // mov ecx, 1000
+        0xE4, 0x10, // in al, 0x10
+        0xE6, 0x11, // out 0x11, al
+        0xFF, 0xC9, // dec ecx
+        0x75, 0xF8, // jnz -8
+        0xB0, 0x07, // mov al, 7
+        0xE6, 0xF4, // out 0xf4, al
+    ];
+    let (vm, cpu) = user_vm(&code);
+    let counter = Arc::new(Counter::default());
+    add_io(&vm, 0x10, counter.clone());
+    add_io(&vm, 0x11, counter.clone());
+    add_io(
+        &vm,
+        0xf4,
+        Arc::new(ExitPortDev {
+            port: 0xf4,
+            debug_exit: false,
+        }),
+    );
+    match exit_of(run(&cpu, 30.0)) {
+        Exit::Guest { port, code } => assert_eq!((port, code), (0xf4, 7)),
+        other => panic!("unexpected exit {:?}", other.reason()),
+    }
+    assert_eq!(counter.ins.load(Ordering::SeqCst), 1000);
+    assert_eq!(counter.outs.load(Ordering::SeqCst), 1000);
+    // The registers are consistent after the exit port's OUT: the loop ran to the end.
+    assert_eq!(cpu.regs().unwrap().rcx & 0xffff_ffff, 0);
+    vm.shutdown();
+}
+
+#[test]
+fn a_stop_before_the_run_stops_it_and_a_timeout_ends_a_spinning_guest() {
+    if !kvm_usable() {
+        return;
+    }
+    let (vm, cpu) = user_vm(&[0xEB, 0xFE]); // jmp $
+    cpu.kicker.request_stop();
+    assert!(matches!(exit_of(run(&cpu, 10.0)), Exit::Stopped));
+    assert!(matches!(exit_of(run(&cpu, 0.05)), Exit::Timeout));
+    // A stop from another thread while the guest spins.
+    let stopper = {
+        let cpu = Arc::clone(&cpu);
+        std::thread::spawn(move || {
+            while !cpu.kicker.running() {
+                std::thread::yield_now();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+            cpu.kicker.request_stop();
+        })
+    };
+    assert!(matches!(exit_of(run(&cpu, 30.0)), Exit::Stopped));
+    stopper.join().unwrap();
+    vm.shutdown();
+}
+
+/// Runs another vCPU from inside a device of the first, on the same thread.
+struct RunsOther {
+    other: Mutex<Option<Arc<VcpuCore>>>,
+}
+
+impl Device for RunsOther {
+    fn name(&self) -> String {
+        "a device that runs another vCPU".into()
+    }
+    fn io_out(
+        &self,
+        _ctx: &mut VcpuCtx<'_, '_>,
+        _port: u16,
+        _data: &[u8],
+    ) -> kvmpy::engine::Result<Action> {
+        let other = self.other.lock().unwrap().clone().unwrap();
+        // The nested run ends by its own timeout.
+        assert!(matches!(run(&other, 0.05), Outcome::Exit(Exit::Timeout)));
+        Ok(Action::Continue)
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+#[test]
+fn a_kick_after_a_nested_run_on_the_same_thread_is_not_lost() {
+    if !kvm_usable() {
+        return;
+    }
+    // vCPU A: out 0x20, al ; jmp $   (its device runs vCPU B, then A spins)
+    let (vm, a) = user_vm(&[0xE6, 0x20, 0xEB, 0xFE]);
+    let b = vm.create_vcpu(None).unwrap();
+    b.setup_long_mode(LongMode {
+        user: true,
+        tables_addr: 0x1000,
+        map_gib: 1,
+        huge_pages: false,
+        exceptions: false,
+        exception_port: 0xf6,
+    })
+    .unwrap();
+    let mut regs = b.regs().unwrap();
+    regs.rip = LOAD + 2; // jmp $
+    b.set_regs(&regs).unwrap();
+    let device = Arc::new(RunsOther {
+        other: Mutex::new(Some(Arc::clone(&b))),
+    });
+    add_io(&vm, 0x20, device);
+    // A's own timeout must still end A after B's run on the same thread has ended.
+    let started = Instant::now();
+    assert!(matches!(exit_of(run(&a, 0.5)), Exit::Timeout));
+    assert!(started.elapsed() < Duration::from_secs(20));
+    vm.shutdown();
+}
+
+#[test]
+fn guest_memory_stays_mapped_while_a_vcpu_fd_is_open() {
+    if !kvm_usable() {
+        return;
+    }
+    let (vm, cpu) = user_vm(&[0xEB, 0xFE]);
+    let mappings = vm.with_memory(|m| m.mappings());
+    assert_eq!(mappings.len(), 1);
+    let held = Arc::downgrade(&mappings);
+    drop(mappings);
+    // Closing the VM from "inside" a run (as a collected Vm does on a vCPU thread) must
+    // not unmap memory the still-open vCPU fd can reach.
+    vm.shutdown();
+    assert!(held.upgrade().is_some_and(|m| m.len() == 1));
+    cpu.close();
+    drop(cpu);
+    drop(vm);
+    assert!(held.upgrade().is_none(), "released once every fd is closed");
+}
+
+#[test]
+fn a_console_collects_bytes_and_an_unhandled_in_is_returned() {
+    if !kvm_usable() {
+        return;
+    }
+    // mov al, 'k' ; out 0x30, al ; in al, 0x31 ; jmp $
+    let (vm, cpu) = user_vm(&[0xB0, b'k', 0xE6, 0x30, 0xE4, 0x31, 0xEB, 0xFE]);
+    let console = Arc::new(ConsoleDev::new(0x30, 64));
+    add_io(&vm, 0x30, console.clone());
+    match exit_of(run(&cpu, 30.0)) {
+        Exit::Io { port, is_write, .. } => assert_eq!((port, is_write), (0x31, false)),
+        other => panic!("unexpected exit {:?}", other.reason()),
+    }
+    assert_eq!(console.take(false), b"k");
+    vm.shutdown();
+}
