@@ -84,19 +84,21 @@ def wait_for_guests(vm: kvmpy.Vm, count: int = 1) -> None:
     wait_until(lambda: marked(vm, count), f"{count} vCPU(s) to run their guest")
 
 
-class OnceGuestsRun(threading.Thread):
-    """A thread that waits until `count` MARK_AND_SPIN vCPUs spin in their guest, then
-    calls `action`. `join()` re-raises what went wrong in it."""
+class When(threading.Thread):
+    """A thread that waits until `condition()` holds, then calls `action()`. `join()`
+    re-raises what went wrong in it."""
 
-    def __init__(self, vm: kvmpy.Vm, action: Callable[[], object], count: int = 1) -> None:
+    def __init__(
+        self, condition: Callable[[], object], action: Callable[[], object], what: str
+    ) -> None:
         super().__init__()
-        self.vm, self.action, self.count = vm, action, count
+        self.condition, self.action, self.what = condition, action, what
         self.error: BaseException | None = None
         self.start()
 
     def run(self) -> None:
         try:
-            wait_for_guests(self.vm, self.count)
+            wait_until(self.condition, self.what)
             self.action()
         except BaseException as e:  # noqa: BLE001 (handed to join())
             self.error = e
@@ -105,6 +107,12 @@ class OnceGuestsRun(threading.Thread):
         super().join(timeout)
         if self.error is not None:
             raise self.error
+
+
+def once_guests_run(vm: kvmpy.Vm, action: Callable[[], object], count: int = 1) -> When:
+    """Calls `action` from another thread once `count` MARK_AND_SPIN vCPUs spin in their
+    guest (natively, in `jmp $`)."""
+    return When(lambda: marked(vm, count), action, f"{count} vCPU(s) to run their guest")
 
 
 # For scripts run by interrupt_script: `announce(vm, count)` prints "running" from another

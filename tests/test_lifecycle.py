@@ -15,7 +15,7 @@ from .support import (
     EXIT_PORT,
     MARK,
     MARK_AND_SPIN,
-    OnceGuestsRun,
+    once_guests_run,
     open_fds,
     real_mode_vm,
     user_mode_vm,
@@ -119,7 +119,7 @@ def test_create_run_close_cycles_do_not_leak(guest: Guest) -> None:
 
 def test_close_from_another_thread_stops_the_running_vcpu() -> None:
     vm, cpu = user_mode_vm(MARK_AND_SPIN, rdi=MARK)
-    closer = OnceGuestsRun(vm, vm.close)  # once the guest spins in its `jmp $`
+    closer = once_guests_run(vm, vm.close)  # once the guest spins in its `jmp $`
     exit = cpu.run(timeout=30)
     closer.join()
     assert exit.reason == "stopped"  # not "timeout": the close kicked it out

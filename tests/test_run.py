@@ -18,8 +18,8 @@ from .support import (
     MARK,
     MARK_AND_SPIN,
     SPIN_OFFSET,
-    OnceGuestsRun,
     counts_up,
+    once_guests_run,
     real_mode_vm,
     user_mode_vm,
 )
@@ -345,7 +345,7 @@ def test_bad_timeouts(timeout: float) -> None:
 def test_stop_from_another_thread() -> None:
     vm, cpu = user_mode_vm(MARK_AND_SPIN, rdi=MARK)
     with vm:
-        stopper = OnceGuestsRun(vm, cpu.stop)  # once the guest spins in its `jmp $`
+        stopper = once_guests_run(vm, cpu.stop)  # once the guest spins in its `jmp $`
         exit = cpu.run(timeout=30)
         stopper.join()
         assert exit.reason == "stopped"
@@ -377,7 +377,7 @@ def test_run_on_a_busy_vcpu_is_refused() -> None:
                 errors.append(e)
             cpu.stop()
 
-        t = OnceGuestsRun(vm, second_run)
+        t = once_guests_run(vm, second_run)
         assert cpu.run(timeout=10).reason == "stopped"
         t.join()
         assert [type(e) for e in errors] == [kvmpy.VcpuBusyError, kvmpy.VcpuBusyError]
