@@ -11,7 +11,7 @@ import pytest
 
 import kvmpy
 
-from .support import CONSOLE, EXIT_PORT, real_mode_vm
+from .support import CONSOLE, EXIT_PORT, real_mode_vm, user_mode_vm
 
 pytestmark = pytest.mark.kvm
 
@@ -155,10 +155,34 @@ def test_host_function_rules(c_guest: Callable[[str], bytes]) -> None:
             vm.host_function(1, lambda a, b, c, d, e, f, g: 0)
         with pytest.raises(ValueError, match="outside the range"):
             vm.host_function(-1, lambda: 0)
-        vm.host_function(1, lambda *args: sum(args))  # *args takes all six
         vm.add_console(0x2F8)
         with pytest.raises(ValueError, match="overlap"):
             vm.host_function(1, lambda: 0, port=0x2F8)
+    # A function that takes *args gets all six argument registers.
+    code = bytes([
+        0xBF, 0x01, 0x00, 0x00, 0x00,        # mov edi, 1
+        0xBE, 0x02, 0x00, 0x00, 0x00,        # mov esi, 2
+        0xBA, 0x03, 0x00, 0x00, 0x00,        # mov edx, 3
+        0x41, 0xBA, 0x04, 0x00, 0x00, 0x00,  # mov r10d, 4
+        0x41, 0xB8, 0x05, 0x00, 0x00, 0x00,  # mov r8d, 5
+        0x41, 0xB9, 0x06, 0x00, 0x00, 0x00,  # mov r9d, 6
+        0xB8, 0x01, 0x00, 0x00, 0x00,        # mov eax, 1
+        0xE7, 0xF5,                          # out 0xf5, eax     (host function 1)
+        0xE6, EXIT_PORT,                     # out 0xf4, al      (its result)
+    ])  # fmt: skip
+    vm, cpu = user_mode_vm(code)
+    with vm:
+        vm.add_exit_port(EXIT_PORT)
+        calls: list[tuple[int, ...]] = []
+
+        @vm.host_function(1)
+        def total(*args: int) -> int:
+            calls.append(args)
+            return sum(args)
+
+        exit = cpu.run(timeout=10)
+        assert calls == [(1, 2, 3, 4, 5, 6)]
+        assert isinstance(exit, kvmpy.GuestExit) and exit.code == 21
 
 
 def test_negative_host_results_are_twos_complement(c_guest: Callable[[str], bytes]) -> None:

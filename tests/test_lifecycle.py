@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import gc
-import threading
-import time
 from collections.abc import Callable
 
 import pytest
 
 import kvmpy
 
-from .support import CONSOLE, DEV_OUT, EXIT_PORT, open_fds, real_mode_vm, user_mode_vm
+from .support import (
+    CONSOLE,
+    DEV_OUT,
+    EXIT_PORT,
+    MARK,
+    MARK_AND_SPIN,
+    once_guests_run,
+    open_fds,
+    real_mode_vm,
+    user_mode_vm,
+)
 
 pytestmark = pytest.mark.kvm
 
@@ -73,7 +81,7 @@ def test_dropping_objects_without_close_releases_fds(guest: Guest) -> None:
         vm, cpu = real_mode_vm(guest("hello_real"))
         # A handler that refers to its own VM makes a reference cycle through Rust.
         vm.on_io(CONSOLE, lambda e, vm=vm: None)
-        cpu.run(timeout=10)
+        assert cpu.run(timeout=10).reason == "hlt"
         del vm, cpu
     gc.collect()
     assert open_fds() == before
@@ -110,14 +118,11 @@ def test_create_run_close_cycles_do_not_leak(guest: Guest) -> None:
 
 
 def test_close_from_another_thread_stops_the_running_vcpu() -> None:
-    vm, cpu = user_mode_vm(bytes([0xEB, 0xFE]))
-    timer = threading.Timer(0.1, vm.close)
-    timer.start()
-    start = time.monotonic()
+    vm, cpu = user_mode_vm(MARK_AND_SPIN, rdi=MARK)
+    closer = once_guests_run(vm, vm.close)  # once the guest spins in its `jmp $`
     exit = cpu.run(timeout=30)
-    timer.join()
-    assert exit.reason == "stopped"
-    assert time.monotonic() - start < 25
+    closer.join()
+    assert exit.reason == "stopped"  # not "timeout": the close kicked it out
     assert vm.closed
 
 

@@ -76,14 +76,21 @@ def test_without_stubs_a_fault_is_a_triple_fault() -> None:
 
 def test_exception_port_conflicts_are_reported() -> None:
     with kvmpy.Vm() as vm:
-        vm.add_memory(0, 2 << 20)
-        vm.add_console(0xF6)
+        vm.add_memory(0, 2 << 20).write(LONG_LOAD, UD2[0])
+        console = vm.add_console(0xF6)
         cpu = vm.create_vcpu()
         with pytest.raises(ValueError, match="overlap"):
             cpu.setup_long_mode(exceptions=True)
         cpu.setup_long_mode(exceptions=True, exception_port=0xF7)
         second = vm.create_vcpu()
         second.setup_long_mode(exceptions=True, exception_port=0xF7)  # same tables: fine
+        # Both vCPUs report their exceptions through port 0xf7, not the console's port.
+        for c in (cpu, second):
+            c.set_regs(rip=LONG_LOAD)
+            exit = c.run(timeout=10)
+            assert isinstance(exit, kvmpy.ExceptionExit), exit
+            assert (exit.name, exit.rip) == ("#UD", LONG_LOAD)
+        assert console.output() == b""
 
 
 def test_one_gib_pages_map_the_same_addresses() -> None:
@@ -139,7 +146,8 @@ def test_translate_walks_the_guests_page_tables() -> None:
         vm.write(0x1A_0000, (0x1A_1000 | 7).to_bytes(8, "little"))
         vm.write(0x1A_1000, (0x18_0000 | 7).to_bytes(8, "little"))
         assert cpu.translate(0x4000_0123) == 0x18_0123
-        assert cpu.kvm_translate(0x4000_0123) in (0x18_0123, None)
+        assert cpu.kvm_translate(0x4000_0123) == 0x18_0123
+        assert cpu.kvm_translate(0x4000_1000) is None  # not mapped
         assert cpu.translate(0x1F_FFFF) == 0x1F_FFFF
         with pytest.raises(kvmpy.GuestMemoryError, match="not mapped"):
             cpu.translate(0x4000_1000)

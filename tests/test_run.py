@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable
 
@@ -10,7 +9,20 @@ import pytest
 
 import kvmpy
 
-from .support import CONSOLE, DEV_IN, DEV_OUT, EXIT_PORT, real_mode_vm, user_mode_vm
+from .support import (
+    CONSOLE,
+    DEV_IN,
+    DEV_OUT,
+    EXIT_PORT,
+    LONG_LOAD,
+    MARK,
+    MARK_AND_SPIN,
+    SPIN_OFFSET,
+    counts_up,
+    once_guests_run,
+    real_mode_vm,
+    user_mode_vm,
+)
 
 pytestmark = pytest.mark.kvm
 
@@ -315,9 +327,12 @@ def test_timeout_in_native_user_mode_code() -> None:
 def test_timeout_while_exits_keep_coming(guest: Guest) -> None:
     vm, cpu = user_mode_vm(guest("counter64"), rdi=2**62)
     with vm:
-        vm.add_console(DEV_OUT, limit=1024)
+        console = vm.add_console(DEV_OUT, limit=1024)
         assert cpu.run(timeout=0.2).reason == "timeout"
         assert cpu.stats()["handler_calls"] == 0
+        # The guest was busy with exits (handled in Rust) when the deadline came.
+        out = console.output()
+        assert len(out) > 1 and counts_up(out)
 
 
 @pytest.mark.parametrize("timeout", [-1.0, float("nan"), float("inf")])
@@ -328,13 +343,13 @@ def test_bad_timeouts(timeout: float) -> None:
 
 
 def test_stop_from_another_thread() -> None:
-    vm, cpu = user_mode_vm(JMP_SELF)
+    vm, cpu = user_mode_vm(MARK_AND_SPIN, rdi=MARK)
     with vm:
-        timer = threading.Timer(0.1, cpu.stop)
-        timer.start()
+        stopper = once_guests_run(vm, cpu.stop)  # once the guest spins in its `jmp $`
         exit = cpu.run(timeout=30)
-        timer.join()
+        stopper.join()
         assert exit.reason == "stopped"
+        assert cpu.regs.rip == LONG_LOAD + SPIN_OFFSET
         # A stop requested while the vCPU is not running is kept for its next run, which
         # returns "stopped" at once; the run after that runs normally.
         cpu.stop()
@@ -352,14 +367,11 @@ def test_triple_fault_is_a_shutdown_exit() -> None:
 
 
 def test_run_on_a_busy_vcpu_is_refused() -> None:
-    vm, cpu = user_mode_vm(JMP_SELF)
+    vm, cpu = user_mode_vm(MARK_AND_SPIN, rdi=MARK)
     with vm:
         errors: list[BaseException] = []
-        started = threading.Event()
 
-        def second_run() -> None:
-            started.wait()
-            time.sleep(0.05)
+        def second_run() -> None:  # once the guest spins in its `jmp $`
             try:
                 cpu.run(timeout=1)
             except BaseException as e:  # noqa: BLE001
@@ -370,9 +382,7 @@ def test_run_on_a_busy_vcpu_is_refused() -> None:
                 errors.append(e)
             cpu.stop()
 
-        t = threading.Thread(target=second_run)
-        t.start()
-        started.set()
+        t = once_guests_run(vm, second_run)
         assert cpu.run(timeout=10).reason == "stopped"
         t.join()
         assert [type(e) for e in errors] == [kvmpy.VcpuBusyError, kvmpy.VcpuBusyError]

@@ -5,8 +5,6 @@ from __future__ import annotations
 import gc
 import os
 import textwrap
-import threading
-import time
 from collections.abc import Callable
 
 import pytest
@@ -14,13 +12,22 @@ import pytest
 import kvmpy
 
 from .support import (
+    ANNOUNCE_RUNNING,
     DEV_OUT,
     EXIT_PORT,
     LONG_LOAD,
+    MARK,
+    MARK_AND_SPIN,
+    SPIN_OFFSET,
+    When,
+    counts_up,
     interrupt_script,
+    marked,
     open_fds,
     real_mode_vm,
     user_mode_vm,
+    wait_for_guests,
+    wait_until,
 )
 
 pytestmark = pytest.mark.kvm
@@ -30,6 +37,7 @@ Guest = Callable[[str], bytes]
 COUNT, WAIT, SET = LONG_LOAD, LONG_LOAD + 0x100, LONG_LOAD + 0x200
 COUNTER, FLAG = 0x20000, 0x20010
 JMP_SELF = bytes([0xEB, 0xFE])
+SPINNERS = [(LONG_LOAD, {"rdi": MARK}), (LONG_LOAD, {"rdi": MARK + 8})]  # with MARK_AND_SPIN
 
 
 def smp_vm(
@@ -58,6 +66,21 @@ def vcpu_threads() -> int:
         except OSError:
             pass  # the thread ended meanwhile
     return count
+
+
+def vcpu_thread_states() -> list[str]:
+    """The scheduler states (R, S, ...) of the process's kvmpy vCPU threads."""
+    states = []
+    for task in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{task}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue  # the thread ended meanwhile
+        comm, rest = stat[stat.index("(") + 1 : stat.rindex(")")], stat[stat.rindex(")") + 2 :]
+        if comm.startswith("kvmpy-vcpu"):
+            states.append(rest.split()[0])
+    return states
 
 
 def rss_kib() -> int:
@@ -91,10 +114,11 @@ def test_a_vcpu_waits_for_a_flag_another_sets(guest: Guest) -> None:
 
 
 def test_start_join_and_stop() -> None:
-    vm, cpus = smp_vm(JMP_SELF, [(LONG_LOAD, {})] * 2)
+    vm, cpus = smp_vm(MARK_AND_SPIN, SPINNERS)
     with vm:
         vm.start()
         assert vm.started
+        wait_for_guests(vm, 2)
         assert vm.join(timeout=0.1) is None  # still running
         with pytest.raises(kvmpy.VcpuBusyError, match="join"):
             vm.start()
@@ -106,8 +130,8 @@ def test_start_join_and_stop() -> None:
         exits = vm.join(timeout=10)
         assert exits is not None and [e.reason for e in exits] == ["stopped", "stopped"]
         assert not vm.started
-        # State is readable after the stop.
-        assert all(c.regs.rip == LONG_LOAD for c in cpus)
+        # State is readable after the stop: both were stopped in their `jmp $`.
+        assert all(c.regs.rip == LONG_LOAD + SPIN_OFFSET for c in cpus)
         assert all(c.sregs.cs.dpl == 3 for c in cpus)
         with pytest.raises(ValueError, match="nothing to join"):
             vm.join()
@@ -116,10 +140,8 @@ def test_start_join_and_stop() -> None:
 def test_timeout_applies_to_each_vcpu() -> None:
     vm, _ = smp_vm(JMP_SELF, [(LONG_LOAD, {})] * 2)
     with vm:
-        start = time.monotonic()
         exits = vm.run(timeout=0.2)
         assert [e.reason for e in exits] == ["timeout", "timeout"]
-        assert time.monotonic() - start < 20
 
 
 def test_one_vcpu_stopping_alone_or_stopping_all(guest: Guest) -> None:
@@ -139,8 +161,14 @@ def test_one_vcpu_stopping_alone_or_stopping_all(guest: Guest) -> None:
 
 
 def test_handler_exception_stops_every_vcpu(guest: Guest) -> None:
+    # vCPU 0 waits for FLAG, then OUTs it to 0x11, whose handler raises. By then vCPU 1
+    # spins in `jmp $`, vCPU 2 loops on exits handled in Rust, and vCPU 3 has ended through
+    # the exit port; none of the first three would ever end on its own.
     code = guest("smp64")
-    vm, cpus = smp_vm(code, [(WAIT, {}), (WAIT, {}), (SET, {"rdi": 5, "rsi": 0})])
+    vm, cpus = smp_vm(
+        code,
+        [(WAIT, {}), (0x30000, {"rdi": MARK}), (0x30010, {"rdi": MARK + 8}), (0x30020, {})],
+    )
 
     class Boom(Exception):
         pass
@@ -149,40 +177,53 @@ def test_handler_exception_stops_every_vcpu(guest: Guest) -> None:
         raise Boom(f"vCPU {exit.vcpu_id}")
 
     with vm:
-        # Only the waiters OUT to 0x11; the setter's exit port ends it first.
+        vm.write(0x30000, MARK_AND_SPIN)
+        vm.write(0x30010, bytes([0x48, 0xFF, 0x07, 0xE6, 0x12, 0xEB, 0xFC]))  # mark; out 0x12
+        vm.write(0x30020, bytes([0xE6, EXIT_PORT]))  # out 0xf4, al
+        vm.add_console(0x12, limit=16)
         vm.on_io(DEV_OUT, explode)
-        with pytest.raises(Boom):
+        release = When(
+            lambda: marked(vm, 2) and cpus[3].last_exit is not None,
+            lambda: vm.write(FLAG, (1).to_bytes(8, "little")),
+            "vCPUs 1 and 2 to run and vCPU 3 to finish",
+        )
+        with pytest.raises(Boom, match="vCPU 0"):
             vm.run(timeout=60)
+        release.join()
         assert not vm.started
-        reasons = sorted(str(c.last_exit.reason) for c in cpus if c.last_exit is not None)
-        assert "exit" in reasons  # the setter finished normally
+        reasons = [None if c.last_exit is None else str(c.last_exit.reason) for c in cpus]
+        # The raiser's run ended with the exception; the ones still running were stopped
+        # (not timed out); the one that had finished keeps its exit.
+        assert reasons == [None, "stopped", "stopped", "exit"]
 
 
 def test_handler_exception_interrupts_vcpus_in_tight_loops(guest: Guest) -> None:
-    # vCPU 0 finds FLAG already set and OUTs it to 0x11 at once; vCPU 1 spins in `jmp $`.
-    vm, cpus = smp_vm(guest("smp64"), [(WAIT, {}), (0x30000, {})])
+    # vCPU 1 sets FLAG (MARK_AND_SPIN with RDI = FLAG) and spins in `jmp $`; vCPU 0 waits
+    # for FLAG and OUTs it to 0x11, whose handler raises while vCPU 1 spins.
+    vm, cpus = smp_vm(guest("smp64"), [(WAIT, {}), (0x30000, {"rdi": FLAG})])
     with vm:
-        vm.write(FLAG, (1).to_bytes(8, "little"))
-        vm.write(0x30000, JMP_SELF)
+        vm.write(0x30000, MARK_AND_SPIN)
         vm.on_io(DEV_OUT, lambda e: 1 / 0)
-        start = time.monotonic()
         with pytest.raises(ZeroDivisionError):
             vm.run(timeout=60)
-        assert time.monotonic() - start < 30  # the spinner was kicked out, not waited for
         spinner = cpus[1].last_exit
+        # "stopped", not "timeout": the spinner was kicked out, not waited for.
         assert spinner is not None and spinner.reason == "stopped"
+        assert cpus[1].regs.rip == 0x30000 + SPIN_OFFSET
 
 
 def test_vcpu_interrupt_wakes_a_running_guest() -> None:
-    # Real mode, no irqchip: sti ; jmp $    ISR at 0x1100: mov al, 9 ; out 0xf4, al
-    vm, cpu = real_mode_vm(bytes([0xFB, 0xEB, 0xFE]))
+    # Real mode, no irqchip: sti ; inc word [0x2000] ; jmp $
+    # ISR at 0x1100: mov al, 9 ; out 0xf4, al
+    vm, cpu = real_mode_vm(bytes([0xFB, 0xFF, 0x06, 0x00, 0x20, 0xEB, 0xFE]))
     with vm:
         ram = vm.memory_regions[0]
         ram.write(0x1100, bytes([0xB0, 0x09, 0xE6, EXIT_PORT]))
         ram.write(0x40 * 4, (0x1100).to_bytes(2, "little") + bytes(2))
         vm.add_exit_port(EXIT_PORT)
         vm.start(timeout=30)
-        time.sleep(0.1)
+        # Once the word is marked, the guest spins in `jmp $` with interrupts enabled.
+        wait_until(lambda: ram.read(0x2000, 2) != bytes(2), "the guest to run")
         cpu.interrupt(0x40)
         exits = vm.join(timeout=30)
         assert exits is not None
@@ -248,10 +289,10 @@ def test_irqchip_line_wakes_a_halted_guest() -> None:
         halts: list[kvmpy.Exit] = []
         vm.on_hlt(halts.append)  # never called: the kernel handles HLT with an irqchip
         vm.start(timeout=30)
-        deadline = time.monotonic() + 20
-        while not ready.output() and time.monotonic() < deadline:
-            time.sleep(0.001)
-        time.sleep(0.05)
+        wait_until(ready.output, "the guest to program the PIC")
+        # After its OUT the vCPU thread only re-enters KVM_RUN, where the guest halts: once
+        # the thread sleeps, it sleeps in the in-kernel HLT.
+        wait_until(lambda: vcpu_thread_states() == ["S"], "the guest to halt")
         vm.set_irq_line(3, True)
         vm.set_irq_line(3, False)
         exits = vm.join(timeout=30)
@@ -269,9 +310,9 @@ def test_irqchip_line_wakes_a_halted_guest() -> None:
 
 def test_close_while_running_stops_the_vcpus() -> None:
     before = vcpu_threads()
-    vm, _ = smp_vm(JMP_SELF, [(LONG_LOAD, {})] * 2)
+    vm, _ = smp_vm(MARK_AND_SPIN, SPINNERS)
     vm.start()
-    time.sleep(0.05)
+    wait_for_guests(vm, 2)
     assert vcpu_threads() == before + 2
     vm.close()
     assert vcpu_threads() == before
@@ -281,9 +322,9 @@ def test_close_while_running_stops_the_vcpus() -> None:
 def test_dropping_the_last_reference_stops_the_vcpus() -> None:
     gc.collect()
     before_tasks, before_fds = vcpu_threads(), open_fds()
-    vm, cpus = smp_vm(JMP_SELF, [(LONG_LOAD, {})] * 2)
+    vm, cpus = smp_vm(MARK_AND_SPIN, SPINNERS)
     vm.start()
-    time.sleep(0.05)
+    wait_for_guests(vm, 2)
     assert vcpu_threads() == before_tasks + 2
     del vm, cpus
     gc.collect()
@@ -348,20 +389,21 @@ def test_create_run_close_cycles_keep_fds_and_memory_flat(guest: Guest) -> None:
     assert rss_kib() - rss < 16 * 1024, "RSS grew by more than 16 MiB over 1,000 cycles"
 
 
-CTRL_C_SCRIPT = textwrap.dedent(
-    """
+CTRL_C_SCRIPT = ANNOUNCE_RUNNING + textwrap.dedent(
+    f"""
     import sys, kvmpy
     vm = kvmpy.Vm()
-    vm.add_memory(0, 2 << 20).write(0x10000, bytes([0xEB, 0xFE]))
+    vm.add_memory(0, 2 << 20).write({LONG_LOAD:#x}, {MARK_AND_SPIN!r})
     cpus = [vm.create_vcpu() for _ in range(2)]
-    for c in cpus:
+    for i, c in enumerate(cpus):
         c.setup_long_mode(user=True)
-        c.set_regs(rip=0x10000)
-    print("running", flush=True)
+        c.set_regs(rip={LONG_LOAD:#x}, rdi={MARK:#x} + 8 * i)
+    announce(vm, count=2)
     try:
         vm.run(timeout=60)
     except KeyboardInterrupt:
         print("interrupted", [str(c.last_exit.reason) for c in cpus], flush=True)
+        print("at", [hex(c.regs.rip) for c in cpus], flush=True)
         sys.exit(3)
     """
 )
@@ -369,22 +411,33 @@ CTRL_C_SCRIPT = textwrap.dedent(
 
 def test_ctrl_c_stops_every_vcpu() -> None:
     out, status = interrupt_script(CTRL_C_SCRIPT)
-    assert out == "interrupted ['stopped', 'stopped']"
+    spin = hex(LONG_LOAD + SPIN_OFFSET)
+    assert out == f"interrupted ['stopped', 'stopped']\nat ['{spin}', '{spin}']"
     assert status == 3
 
 
 def test_vcpus_run_in_parallel_with_the_main_thread(guest: Guest) -> None:
-    vm, cpu = user_mode_vm(guest("counter64"), rdi=5_000)
+    """vm.start() returns while the guest runs, and the guest goes on producing output
+    while the main thread runs Python: the main thread takes it, piece by piece."""
+    vm, cpu = user_mode_vm(guest("counter64"), rdi=2**62)  # practically endless
     with vm:
-        console = vm.add_console(DEV_OUT, limit=1 << 16)
-        vm.add_exit_port(EXIT_PORT)
+        console = vm.add_console(DEV_OUT, limit=1 << 20)
         vm.start(timeout=60)
-        ticks = 0
-        while vm.join(timeout=0.001) is None:
-            ticks += 1
-        assert len(console.output()) == 5_000
-        assert ticks > 0
-        assert threading.active_count() >= 1
+        pieces: list[bytes] = []
+
+        def took_another() -> bool:
+            piece = console.take()
+            if piece:
+                pieces.append(piece)
+            return len(pieces) == 3
+
+        wait_until(took_another, "three pieces of output")
+        assert vm.join(timeout=0) is None  # still running
+        vm.stop()
+        exits = vm.join(timeout=30)
+        assert exits is not None and [e.reason for e in exits] == ["stopped"]
+        assert all(counts_up(p) for p in pieces)
+        assert cpu.stats()["exits"] > sum(len(p) for p in pieces)
 
 
 def test_stop_during_a_handler_completes_the_pending_in(guest: Guest) -> None:
