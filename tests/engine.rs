@@ -15,6 +15,16 @@ use kvmpy::engine::{
 
 const LOAD: u64 = 0x10000;
 
+/// 64-bit user mode with kvmpy's tables at 0x1000.
+const USER_MODE: LongMode = LongMode {
+    user: true,
+    tables_addr: 0x1000,
+    map_gib: 1,
+    huge_pages: false,
+    exceptions: false,
+    exception_port: 0xf6,
+};
+
 fn kvm_usable() -> bool {
     let ok = std::fs::OpenOptions::new()
         .read(true)
@@ -33,15 +43,7 @@ fn user_vm(code: &[u8]) -> (Arc<VmCore>, Arc<VcpuCore>) {
     vm.add_memory(0, 2 << 20, RegionOptions::default()).unwrap();
     vm.write_memory(LOAD, code).unwrap();
     let cpu = vm.create_vcpu(None).unwrap();
-    cpu.setup_long_mode(LongMode {
-        user: true,
-        tables_addr: 0x1000,
-        map_gib: 1,
-        huge_pages: false,
-        exceptions: false,
-        exception_port: 0xf6,
-    })
-    .unwrap();
+    cpu.setup_long_mode(USER_MODE).unwrap();
     let mut regs = cpu.regs().unwrap();
     regs.rip = LOAD;
     cpu.set_regs(&regs).unwrap();
@@ -199,15 +201,7 @@ fn a_kick_after_a_nested_run_on_the_same_thread_is_not_lost() {
     // vCPU A: out 0x20, al ; jmp $   (its device runs vCPU B, then A spins)
     let (vm, a) = user_vm(&[0xE6, 0x20, 0xEB, 0xFE]);
     let b = vm.create_vcpu(None).unwrap();
-    b.setup_long_mode(LongMode {
-        user: true,
-        tables_addr: 0x1000,
-        map_gib: 1,
-        huge_pages: false,
-        exceptions: false,
-        exception_port: 0xf6,
-    })
-    .unwrap();
+    b.setup_long_mode(USER_MODE).unwrap();
     let mut regs = b.regs().unwrap();
     regs.rip = LOAD + 2; // jmp $
     b.set_regs(&regs).unwrap();
