@@ -79,7 +79,7 @@ impl Vcpu {
 
     /// Puts the vCPU in 16-bit real mode with `CS = cs` (base `cs * 16`) and `IP = ip`;
     /// the data and stack segments are set to 0.
-    #[pyo3(signature = (*, cs=Int(0), ip=Int(0)))]
+    #[pyo3(signature = (*, cs=Int(0), ip=Int(0)), text_signature = "(self, /, *, cs=0, ip=0)")]
     fn setup_real_mode(&self, cs: Int<u16>, ip: Int<u16>) -> PyResult<()> {
         Ok(self.inner.setup_real_mode(cs.0, ip.0)?)
     }
@@ -102,7 +102,7 @@ impl Vcpu {
     ///
     /// Sets the segments, CR0/CR3/CR4/EFER, GDTR/IDTR, TR and RFLAGS; the caller sets
     /// `rip` (and `rsp` if the guest uses a stack).
-    #[pyo3(signature = (*, user=true, tables_addr=Int(0x1000), map_gib=Int(1), huge_pages=false, exceptions=false, exception_port=Int(0xf6)))]
+    #[pyo3(signature = (*, user=true, tables_addr=Int(0x1000), map_gib=Int(1), huge_pages=false, exceptions=false, exception_port=Int(0xf6)), text_signature = "(self, /, *, user=True, tables_addr=4096, map_gib=1, huge_pages=False, exceptions=False, exception_port=246)")]
     #[allow(clippy::too_many_arguments)]
     fn setup_long_mode(
         &self,
@@ -127,7 +127,7 @@ impl Vcpu {
     /// 0x38 (32-bit code), data selectors 0x10, base 0, limit 4 GiB. Writes the GDT at
     /// `tables_addr` (page aligned, in RAM; 0x40 bytes). The caller sets `rip` (and
     /// `rsp`). Interrupts are off (IF=0).
-    #[pyo3(signature = (*, tables_addr=Int(0x1000)))]
+    #[pyo3(signature = (*, tables_addr=Int(0x1000)), text_signature = "(self, /, *, tables_addr=4096)")]
     fn setup_protected_mode(&self, tables_addr: Int<u64>) -> PyResult<()> {
         Ok(self.inner.setup_protected_mode(tables_addr.0)?)
     }

@@ -344,7 +344,10 @@ impl Vm {
     /// the multiboot information (memory map, `cmdline`, modules) after the kernel, and
     /// puts `cpu` in 32-bit protected mode at the entry point with EAX = 0x2BADB002 and
     /// EBX = the information's address. The GDT goes at `tables_addr`.
-    #[pyo3(signature = (cpu, kernel, *, cmdline="", modules=None, tables_addr=Int(0x1000)))]
+    #[pyo3(
+        signature = (cpu, kernel, *, cmdline="", modules=None, tables_addr=Int(0x1000)),
+        text_signature = "(self, /, cpu, kernel, *, cmdline='', modules=None, tables_addr=4096)"
+    )]
     fn load_multiboot(
         &self,
         cpu: &Bound<'_, Vcpu>,
