@@ -3,7 +3,7 @@
 use std::any::Any;
 use std::sync::Mutex;
 
-use crate::engine::{Action, Device, Result, VcpuCtx};
+use crate::engine::{lock, Action, Device, Result, VcpuCtx};
 
 /// The console's state, shared by the handler table and the Python object.
 pub struct ConsoleDev {
@@ -23,7 +23,7 @@ impl ConsoleDev {
 
     /// Appends what the guest wrote, keeping at most the last `limit` bytes.
     pub fn write(&self, data: &[u8]) {
-        let mut buf = self.buf.lock().unwrap_or_else(|e| e.into_inner());
+        let mut buf = lock(&self.buf);
         buf.extend_from_slice(data);
         if buf.len() > self.limit {
             // Drop the oldest bytes in one go, leaving room so this happens rarely.
@@ -35,7 +35,7 @@ impl ConsoleDev {
 
     /// What the guest wrote; with `clear`, the buffer is emptied.
     pub fn take(&self, clear: bool) -> Vec<u8> {
-        let mut buf = self.buf.lock().unwrap_or_else(|e| e.into_inner());
+        let mut buf = lock(&self.buf);
         if clear {
             std::mem::take(&mut *buf)
         } else {

@@ -8,7 +8,7 @@ use std::any::Any;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use crate::engine::{Action, Data, Device, Error, Result, VcpuCtx};
+use crate::engine::{lock, Action, Data, Device, Error, Result, VcpuCtx};
 
 /// Argument registers, in order.
 pub const ARG_REGS: [&str; 6] = ["rdi", "rsi", "rdx", "r10", "r8", "r9"];
@@ -38,7 +38,7 @@ impl HostCallDev {
 
     /// The functions, by number.
     pub fn functions(&self) -> MutexGuard<'_, HashMap<u32, Arc<dyn HostFunction>>> {
-        self.functions.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.functions)
     }
 
     /// The functions, unless another thread is changing them right now.

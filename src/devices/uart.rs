@@ -6,7 +6,7 @@ use std::any::Any;
 use std::collections::VecDeque;
 use std::sync::Mutex;
 
-use crate::engine::{Action, Device, Result, VcpuCtx};
+use crate::engine::{lock, Action, Device, Result, VcpuCtx};
 
 const THR_RBR_DLL: u16 = 0;
 const IER_DLM: u16 = 1;
@@ -58,7 +58,7 @@ impl UartDev {
     }
 
     fn regs(&self) -> std::sync::MutexGuard<'_, Regs> {
-        self.regs.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.regs)
     }
 
     /// What the guest has transmitted; with `clear`, the buffer is emptied.

@@ -46,12 +46,4 @@ impl Error {
     pub fn ioctl(what: &'static str, source: errno::Error) -> Self {
         Error::Ioctl { what, source }
     }
-
-    /// The errno of a failed system call.
-    pub fn errno(&self) -> Option<i32> {
-        match self {
-            Error::Ioctl { source, .. } => Some(source.errno()),
-            _ => None,
-        }
-    }
 }

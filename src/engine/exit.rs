@@ -43,7 +43,7 @@ impl Data {
 }
 
 /// Why `run()` returned or a handler was called; compares equal to its str value.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Reason {
     Io,
     Mmio,

@@ -150,7 +150,7 @@ pub struct Kicker {
 
 impl Kicker {
     fn state(&self) -> MutexGuard<'_, KickState> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        crate::engine::lock(&self.state)
     }
 
     fn signal_thread(&self, state: &KickState) {

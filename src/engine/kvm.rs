@@ -15,7 +15,7 @@ static SUPPORTED_CPUID: OnceLock<Vec<kvm_cpuid_entry2>> = OnceLock::new();
 
 /// Opens `/dev/kvm` once per process and shares the handle between VMs.
 pub fn shared() -> Result<Arc<Kvm>> {
-    let mut guard = SHARED.lock().unwrap_or_else(|e| e.into_inner());
+    let mut guard = crate::engine::lock(&SHARED);
     if let Some(kvm) = guard.as_ref() {
         return Ok(Arc::clone(kvm));
     }

@@ -41,7 +41,7 @@ pub struct Mappings(Mutex<Vec<Arc<GuestRegionMmap>>>);
 
 impl Mappings {
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Arc<GuestRegionMmap>>> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
+        crate::engine::lock(&self.0)
     }
 
     fn add(&self, mem: &Arc<GuestRegionMmap>) {

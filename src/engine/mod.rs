@@ -22,6 +22,12 @@ pub use run::{Outcome, RunOptions, VcpuCtx};
 pub use vcpu::VcpuCore;
 pub use vm::{RegionOptions, VmCore};
 
+/// Locks `m`, also when a thread panicked while holding it (the data it guards stays
+/// consistent: every critical section in the crate leaves it whole).
+pub fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 thread_local! {
     static TID: libc::pid_t = {
         // SAFETY: gettid has no preconditions.

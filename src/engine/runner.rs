@@ -30,7 +30,7 @@ struct GroupState {
 
 impl RunGroup {
     fn state(&self) -> MutexGuard<'_, GroupState> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        crate::engine::lock(&self.state)
     }
 
     /// Starts a thread per vCPU. With `until_any`, the first vCPU to stop stops the others.

@@ -14,6 +14,7 @@ use crate::engine::error::{Error, Result};
 use crate::engine::exit::{self, Data, Exit, IoRaw};
 use crate::engine::gettid;
 use crate::engine::kick::{Kicker, Timer};
+use crate::engine::lock;
 use crate::engine::memory::Mappings;
 use crate::engine::vm::VmCore;
 
@@ -72,10 +73,6 @@ pub struct VcpuCore {
     /// Whether KVM has filled the mirror: from the first return of `KVM_RUN` on, registers
     /// are read and written there instead of with ioctls.
     regs_mirrored: AtomicBool,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Clears the vCPU's runner when a run ends, however it ends.

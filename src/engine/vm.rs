@@ -1,7 +1,7 @@
 //! The VM: its KVM fd, guest memory, bus and vCPUs.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
 use kvm_ioctls::{Cap, Kvm, VmFd};
@@ -10,6 +10,7 @@ use crate::engine::bus::Bus;
 use crate::engine::error::{Error, Result};
 use crate::engine::gettid;
 use crate::engine::kvm;
+use crate::engine::lock;
 use crate::engine::memory::{MemoryMap, Region};
 use crate::engine::runner::RunGroup;
 use crate::engine::vcpu::VcpuCore;
@@ -41,10 +42,6 @@ pub struct VmCore {
     irqchip: bool,
     /// The vCPU threads of the last `start`, until they are joined.
     group: Mutex<Option<Arc<RunGroup>>>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl VmCore {
@@ -119,8 +116,12 @@ impl VmCore {
         self.check_open()?;
         let _serial = lock(&self.bus_update);
         let (bus, value) = f(&self.bus())?;
-        *self.bus.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(bus);
+        self.replace_bus(bus);
         Ok(value)
+    }
+
+    fn replace_bus(&self, bus: Bus) {
+        *self.bus.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(bus);
     }
 
     /// Adds `size` bytes of RAM at `guest_addr`. A region larger than the host's memory
@@ -366,6 +367,6 @@ impl VmCore {
         lock(&self.vcpus).clear();
         lock(&self.fd).take();
         lock(&self.memory).clear();
-        *self.bus.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(Bus::default());
+        self.replace_bus(Bus::default());
     }
 }

@@ -36,7 +36,7 @@ macro_rules! int_arg {
     )*};
 }
 
-int_arg!(u8, u16, u32, u64, usize, i64);
+int_arg!(u16, u32, u64, usize);
 
 /// The longest timeout accepted: about 31 years, far below what an `Instant` can hold.
 pub const MAX_TIMEOUT: f64 = 1e9;

@@ -13,6 +13,7 @@ use crate::devices::exit_port::ExitPortDev;
 use crate::devices::hostcall::HostCallDev;
 use crate::devices::uart::UartDev;
 use crate::engine::load;
+use crate::engine::lock;
 use crate::engine::runner::RunGroup;
 use crate::engine::{Device, Error, RegionOptions, VmCore};
 use crate::py::args::{bytes_arg, deadline_after, Int};
@@ -53,10 +54,6 @@ fn port_range(ports: &Bound<'_, PyAny>) -> PyResult<(u16, u32)> {
 fn single_port(port: i64) -> PyResult<u16> {
     u16::try_from(port)
         .map_err(|_| PyValueError::new_err(format!("I/O port {port:#x} is outside 0..0xffff")))
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn check_callable(handler: &Bound<'_, PyAny>) -> PyResult<()> {
