@@ -96,7 +96,7 @@ pub fn fd_of<'a>(guard: &'a mut FdGuard<'_>) -> Result<&'a mut VcpuFdHolder> {
     guard
         .as_mut()
         .and_then(|g| g.as_mut())
-        .ok_or(Error::Closed("vCPU"))
+        .ok_or_else(|| Error::Closed("vCPU"))
 }
 
 impl VcpuCore {
@@ -228,7 +228,7 @@ impl VcpuCore {
     /// Runs `f` on the vCPU fd (not while another thread runs the vCPU).
     pub fn with_fd<T>(&self, f: impl FnOnce(&mut VcpuFd) -> Result<T>) -> Result<T> {
         let mut guard = self.lock_fd()?;
-        let holder = guard.as_mut().ok_or(Error::Closed("vCPU"))?;
+        let holder = guard.as_mut().ok_or_else(|| Error::Closed("vCPU"))?;
         f(&mut holder.fd)
     }
 
@@ -319,7 +319,7 @@ impl VcpuCore {
     /// access's size and the unanswered exit and returns the bytes the guest reads.
     pub fn respond(&self, answer: impl FnOnce(u8, &Exit) -> Result<Data>) -> Result<()> {
         let mut guard = self.lock_fd()?;
-        let fd = &mut guard.as_mut().ok_or(Error::Closed("vCPU"))?.fd;
+        let fd = &mut guard.as_mut().ok_or_else(|| Error::Closed("vCPU"))?.fd;
         let mut pending = lock(&self.pending_read);
         let Some(read) = *pending else {
             return Err(Error::Value(

@@ -103,7 +103,7 @@ impl VmCore {
 
     fn with_fd<T>(&self, f: impl FnOnce(&VmFd) -> Result<T>) -> Result<T> {
         let guard = lock(&self.fd);
-        f(guard.as_ref().ok_or(Error::Closed("VM"))?)
+        f(guard.as_ref().ok_or_else(|| Error::Closed("VM"))?)
     }
 
     /// The current bus.
