@@ -179,3 +179,32 @@ def test_exit_object_repr_and_type(vm: kvmpy.Vm) -> None:
         "internal_error",
         "system_event",
     }
+
+
+def test_exit_objects_a_handler_keeps_stay_as_they_were() -> None:
+    # Real mode: mov cx, 5 ; l: mov ax, cx ; out 0x11, ax ; in al, 0x10 ; loop l ; hlt
+    code = bytes([0xB9, 0x05, 0x00, 0x89, 0xC8, 0xE7, DEV_OUT, 0xE4, DEV_IN, 0xE2, 0xF8, 0xF4])
+    vm, cpu = real_mode_vm(code)
+    with vm:
+        kept: list[kvmpy.IoExit] = []
+        seen: list[tuple[int, int, bool]] = []
+
+        @vm.on_io(DEV_OUT)
+        def out(exit: kvmpy.IoExit) -> None:
+            seen.append((exit.port, exit.value, exit.is_write))
+            if exit.value % 2:
+                kept.append(exit)  # odd values: the handler keeps the object
+
+        @vm.on_io(DEV_IN)
+        def inp(exit: kvmpy.IoExit) -> int:
+            seen.append((exit.port, exit.value, exit.is_write))
+            return 0
+
+        assert cpu.run(timeout=10).reason == "hlt"
+        assert seen == [
+            x for v in (5, 4, 3, 2, 1) for x in ((DEV_OUT, v, True), (DEV_IN, 0, False))
+        ]
+        assert [(e.port, e.size, e.value, e.data, e.is_write) for e in kept] == [
+            (DEV_OUT, 2, v, v.to_bytes(2, "little"), True) for v in (5, 3, 1)
+        ]
+        assert len({id(e) for e in kept}) == 3

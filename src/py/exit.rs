@@ -1,7 +1,7 @@
 //! The Python objects that present exits to handlers and to `run()`'s caller: one class
 //! per kind of [`Exit`] with fields, all made by [`to_python`].
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
 
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
@@ -26,7 +26,9 @@ pub fn reason_object(py: Python<'_>, reason: Reason) -> PyResult<Bound<'_, PyAny
 #[pyclass(module = "kvmpy._native", subclass, frozen)]
 pub struct ExitInfo {
     pub reason: Reason,
-    pub vcpu_id: u64,
+    /// Atomic (as are the fields of `IoExit` and `MmioExit`) so that a handler's exit
+    /// object nobody kept can be refilled for the next exit instead of made anew.
+    vcpu_id: AtomicU64,
     pub stop: AtomicBool,
 }
 
@@ -41,7 +43,7 @@ impl ExitInfo {
     /// The id of the vCPU that exited.
     #[getter]
     fn vcpu_id(&self) -> u64 {
-        self.vcpu_id
+        self.vcpu_id.load(Ordering::Relaxed)
     }
 
     /// From a handler: stop the run after this exit; `run()` then returns this exit.
@@ -59,7 +61,7 @@ impl ExitInfo {
         format!(
             "Exit(reason={:?}, vcpu_id={})",
             self.reason.as_str(),
-            self.vcpu_id
+            self.vcpu_id()
         )
     }
 }
@@ -68,58 +70,108 @@ impl ExitInfo {
     fn base(reason: Reason, vcpu_id: u64) -> Self {
         ExitInfo {
             reason,
-            vcpu_id,
+            vcpu_id: AtomicU64::new(vcpu_id),
             stop: AtomicBool::new(false),
         }
+    }
+
+    /// Makes the object new again for another exit of `vcpu_id`.
+    fn reset(&self, vcpu_id: u64) {
+        self.vcpu_id.store(vcpu_id, Ordering::Relaxed);
+        self.stop.store(false, Ordering::SeqCst);
     }
 }
 
 /// A port I/O exit (`in`/`out`).
 #[pyclass(module = "kvmpy._native", extends = ExitInfo, frozen)]
 pub struct IoExit {
-    /// The I/O port.
-    #[pyo3(get)]
-    port: u16,
-    /// Access size in bytes: 1, 2 or 4.
-    #[pyo3(get)]
-    size: u8,
-    /// Number of elements of string I/O (`rep outsb`); handlers see one element at a time.
-    #[pyo3(get)]
-    count: u32,
-    /// True for OUT, False for IN.
-    #[pyo3(get)]
-    is_write: bool,
-    data: Data,
+    /// port | size << 16 | is_write << 24 | count << 32
+    head: AtomicU64,
+    /// The bytes written (OUT), little endian; their length is `size` for an OUT, 0 for IN.
+    value: AtomicU64,
+}
+
+impl IoExit {
+    fn new(port: u16, size: u8, count: u32, is_write: bool, data: Data) -> Self {
+        let io = IoExit {
+            head: AtomicU64::new(0),
+            value: AtomicU64::new(0),
+        };
+        io.set(port, size, count, is_write, data);
+        io
+    }
+
+    fn set(&self, port: u16, size: u8, count: u32, is_write: bool, data: Data) {
+        let head = u64::from(port)
+            | u64::from(size) << 16
+            | u64::from(is_write) << 24
+            | u64::from(count) << 32;
+        self.head.store(head, Ordering::Relaxed);
+        self.value.store(data.value(), Ordering::Relaxed);
+    }
+
+    fn head(&self) -> u64 {
+        self.head.load(Ordering::Relaxed)
+    }
+
+    fn bytes(&self) -> Data {
+        let size = if self.is_write() { self.size() } else { 0 };
+        Data::new(&self.value.load(Ordering::Relaxed).to_le_bytes()[..size as usize])
+    }
 }
 
 #[pymethods]
 impl IoExit {
+    /// The I/O port.
+    #[getter]
+    fn port(&self) -> u16 {
+        self.head() as u16
+    }
+
+    /// Access size in bytes: 1, 2 or 4.
+    #[getter]
+    fn size(&self) -> u8 {
+        (self.head() >> 16) as u8
+    }
+
+    /// Number of elements of string I/O (`rep outsb`); handlers see one element at a time.
+    #[getter]
+    fn count(&self) -> u32 {
+        (self.head() >> 32) as u32
+    }
+
+    /// True for OUT, False for IN.
+    #[getter]
+    fn is_write(&self) -> bool {
+        (self.head() >> 24) & 1 != 0
+    }
+
     /// The bytes the guest wrote (OUT), or `b""` for IN.
     #[getter]
     fn data<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
-        PyBytes::new(py, self.data.as_slice())
+        PyBytes::new(py, self.bytes().as_slice())
     }
 
     /// The bytes the guest wrote as a little-endian integer (0 for IN).
     #[getter]
     fn value(&self) -> u64 {
-        self.data.value()
+        self.bytes().value()
     }
 
     fn __repr__(slf: PyRef<'_, Self>) -> String {
-        let base = slf.as_super();
-        if slf.is_write {
+        let vcpu_id = slf.as_super().vcpu_id();
+        if slf.is_write() {
             format!(
-                "IoExit(OUT port={:#x} size={} value={:#x}, vcpu_id={})",
-                slf.port,
-                slf.size,
-                slf.data.value(),
-                base.vcpu_id
+                "IoExit(OUT port={:#x} size={} value={:#x}, vcpu_id={vcpu_id})",
+                slf.port(),
+                slf.size(),
+                slf.value(),
             )
         } else {
             format!(
-                "IoExit(IN port={:#x} size={}, vcpu_id={})",
-                slf.port, slf.size, base.vcpu_id
+                "IoExit(IN port={:#x} size={}, vcpu_id={vcpu_id})",
+                slf.port(),
+                slf.size()
             )
         }
     }
@@ -128,45 +180,83 @@ impl IoExit {
 /// An MMIO exit: an access to guest physical memory with no RAM behind it.
 #[pyclass(module = "kvmpy._native", extends = ExitInfo, frozen)]
 pub struct MmioExit {
-    /// Guest physical address of the access.
-    #[pyo3(get)]
-    address: u64,
-    /// Access size in bytes (1 to 8).
-    #[pyo3(get)]
-    size: u8,
-    /// True for a write, False for a read.
-    #[pyo3(get)]
-    is_write: bool,
-    data: Data,
+    address: AtomicU64,
+    /// size | is_write << 8
+    meta: AtomicU16,
+    /// The bytes written, little endian; their length is `size` for a write, 0 for a read.
+    value: AtomicU64,
+}
+
+impl MmioExit {
+    fn new(addr: u64, size: u8, is_write: bool, data: Data) -> Self {
+        let mmio = MmioExit {
+            address: AtomicU64::new(0),
+            meta: AtomicU16::new(0),
+            value: AtomicU64::new(0),
+        };
+        mmio.set(addr, size, is_write, data);
+        mmio
+    }
+
+    fn set(&self, addr: u64, size: u8, is_write: bool, data: Data) {
+        self.address.store(addr, Ordering::Relaxed);
+        self.meta.store(
+            u16::from(size) | u16::from(is_write) << 8,
+            Ordering::Relaxed,
+        );
+        self.value.store(data.value(), Ordering::Relaxed);
+    }
+
+    fn bytes(&self) -> Data {
+        let size = if self.is_write() { self.size() } else { 0 };
+        Data::new(&self.value.load(Ordering::Relaxed).to_le_bytes()[..size as usize])
+    }
 }
 
 #[pymethods]
 impl MmioExit {
+    /// Guest physical address of the access.
+    #[getter]
+    fn address(&self) -> u64 {
+        self.address.load(Ordering::Relaxed)
+    }
+
+    /// Access size in bytes (1 to 8).
+    #[getter]
+    fn size(&self) -> u8 {
+        self.meta.load(Ordering::Relaxed) as u8
+    }
+
+    /// True for a write, False for a read.
+    #[getter]
+    fn is_write(&self) -> bool {
+        self.meta.load(Ordering::Relaxed) >> 8 != 0
+    }
+
     /// The bytes the guest wrote, or `b""` for a read.
     #[getter]
     fn data<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
-        PyBytes::new(py, self.data.as_slice())
+        PyBytes::new(py, self.bytes().as_slice())
     }
 
     /// The bytes the guest wrote as a little-endian integer (0 for a read).
     #[getter]
     fn value(&self) -> u64 {
-        self.data.value()
+        self.bytes().value()
     }
 
     fn __repr__(slf: PyRef<'_, Self>) -> String {
-        let base = slf.as_super();
-        let dir = if slf.is_write { "write" } else { "read" };
+        let dir = if slf.is_write() { "write" } else { "read" };
         format!(
             "MmioExit({dir} address={:#x} size={}{}, vcpu_id={})",
-            slf.address,
-            slf.size,
-            if slf.is_write {
-                format!(" value={:#x}", slf.data.value())
+            slf.address(),
+            slf.size(),
+            if slf.is_write() {
+                format!(" value={:#x}", slf.value())
             } else {
                 String::new()
             },
-            base.vcpu_id
+            slf.as_super().vcpu_id()
         )
     }
 }
@@ -187,7 +277,7 @@ impl GuestExit {
             "GuestExit(code={}, port={:#x}, vcpu_id={})",
             slf.code,
             slf.port,
-            slf.as_super().vcpu_id
+            slf.as_super().vcpu_id()
         )
     }
 }
@@ -218,7 +308,7 @@ impl InternalErrorExit {
             "InternalErrorExit(suberror={}, data={:x?}, vcpu_id={})",
             slf.suberror,
             slf.data,
-            slf.as_super().vcpu_id
+            slf.as_super().vcpu_id()
         )
     }
 }
@@ -275,7 +365,7 @@ impl ExceptionExit {
             slf.error_code,
             slf.rip,
             slf.cr2,
-            slf.as_super().vcpu_id
+            slf.as_super().vcpu_id()
         )
     }
 }
@@ -299,13 +389,7 @@ pub fn to_python(py: Python<'_>, exit: &Exit, vcpu_id: u64) -> PyResult<Py<PyAny
             data,
         } => Py::new(
             py,
-            init.add_subclass(IoExit {
-                port: *port,
-                size: *size,
-                count: *count,
-                is_write: *is_write,
-                data: *data,
-            }),
+            init.add_subclass(IoExit::new(*port, *size, *count, *is_write, *data)),
         )?
         .into_any(),
         Exit::Mmio {
@@ -315,12 +399,7 @@ pub fn to_python(py: Python<'_>, exit: &Exit, vcpu_id: u64) -> PyResult<Py<PyAny
             data,
         } => Py::new(
             py,
-            init.add_subclass(MmioExit {
-                address: *addr,
-                size: *size,
-                is_write: *is_write,
-                data: *data,
-            }),
+            init.add_subclass(MmioExit::new(*addr, *size, *is_write, *data)),
         )?
         .into_any(),
         Exit::Guest { port, code } => Py::new(
@@ -411,6 +490,41 @@ pub fn to_python(py: Python<'_>, exit: &Exit, vcpu_id: u64) -> PyResult<Py<PyAny
         Exit::Hlt | Exit::Shutdown | Exit::Timeout | Exit::Stopped => Py::new(py, init)?.into_any(),
     };
     Ok(obj)
+}
+
+/// Makes `obj`, an exit object only the caller holds, present `exit` instead; false if
+/// it is not of `exit`'s class (only port I/O and MMIO objects are refilled).
+pub fn refill(obj: &Bound<'_, PyAny>, exit: &Exit, vcpu_id: u64) -> bool {
+    match exit {
+        Exit::Io {
+            port,
+            size,
+            count,
+            is_write,
+            data,
+        } => {
+            let Ok(io) = obj.cast_exact::<IoExit>() else {
+                return false;
+            };
+            io.as_super().get().reset(vcpu_id);
+            io.get().set(*port, *size, *count, *is_write, *data);
+            true
+        }
+        Exit::Mmio {
+            addr,
+            size,
+            is_write,
+            data,
+        } => {
+            let Ok(mmio) = obj.cast_exact::<MmioExit>() else {
+                return false;
+            };
+            mmio.as_super().get().reset(vcpu_id);
+            mmio.get().set(*addr, *size, *is_write, *data);
+            true
+        }
+        _ => false,
+    }
 }
 
 /// Whether a handler called `stop()` on the exit object `obj`.

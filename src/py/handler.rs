@@ -3,6 +3,7 @@
 //! so the handler can use its own vCPU.
 
 use std::any::Any;
+use std::sync::Mutex;
 
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
@@ -17,9 +18,38 @@ use crate::py::gil;
 /// A Python callable on the bus.
 pub struct PyHandler {
     pub f: Py<PyAny>,
+    /// The last exit object, when the handler kept no reference to it: refilled for the
+    /// next exit instead of allocating a new one (taken and put back under the GIL).
+    spare: Mutex<Option<Py<PyAny>>>,
 }
 
 impl PyHandler {
+    pub fn new(f: Py<PyAny>) -> Self {
+        PyHandler {
+            f,
+            spare: Mutex::new(None),
+        }
+    }
+
+    /// An exit object for `exit`: the spare one refilled, or a new one.
+    fn exit_object(&self, py: Python<'_>, exit: &Exit, vcpu_id: u64) -> PyResult<Py<PyAny>> {
+        let spare = self.spare.try_lock().ok().and_then(|mut s| s.take());
+        match spare {
+            Some(obj) if exit::refill(obj.bind(py), exit, vcpu_id) => Ok(obj),
+            _ => exit::to_python(py, exit, vcpu_id),
+        }
+    }
+
+    /// Keeps `obj` for the next exit if nothing but the caller refers to it.
+    fn keep_spare(&self, _py: Python<'_>, obj: Py<PyAny>) {
+        // SAFETY: `obj` is a live object and the GIL is held (the `Python` token).
+        if unsafe { pyo3::ffi::Py_REFCNT(obj.as_ptr()) } == 1 {
+            if let Ok(mut spare) = self.spare.try_lock() {
+                *spare = Some(obj);
+            }
+        }
+    }
+
     /// Calls the handler with the exit; `answer` is the data of a read, which the
     /// handler's return value fills.
     fn call(
@@ -34,10 +64,15 @@ impl PyHandler {
         let reads = answer.is_some();
         let result = ctx.unlocked(|| {
             gil::attached(|py| -> PyResult<(Option<Data>, Option<Py<PyAny>>)> {
-                let obj = exit::to_python(py, &exit, vcpu.id)?;
+                let obj = self.exit_object(py, &exit, vcpu.id)?;
                 let f = self.f.bind(py);
                 let ret = call_one(f, obj.bind(py))?;
-                let stopped = exit::stop_requested(obj.bind(py)).then_some(obj);
+                let stopped = if exit::stop_requested(obj.bind(py)) {
+                    Some(obj)
+                } else {
+                    self.keep_spare(py, obj);
+                    None
+                };
                 if !reads {
                     if !ret.is_none() {
                         return Err(PyTypeError::new_err(format!(

@@ -152,9 +152,7 @@ impl Vm {
     }
 
     fn register_hlt(&self, f: &Bound<'_, PyAny>) -> PyResult<()> {
-        let device: Arc<dyn Device> = Arc::new(PyHandler {
-            f: f.clone().unbind(),
-        });
+        let device: Arc<dyn Device> = Arc::new(PyHandler::new(f.clone().unbind()));
         Ok(self
             .inner
             .update_bus(|bus| Ok((bus.with_hlt(Some(device)), ())))?)
@@ -388,12 +386,7 @@ impl Vm {
     ) -> PyResult<Bound<'py, PyAny>> {
         let range = port_range(ports)?;
         Self::handler_or_decorator(slf, handler, move |vm, f| {
-            vm.register_io(
-                range,
-                Arc::new(PyHandler {
-                    f: f.clone().unbind(),
-                }),
-            )
+            vm.register_io(range, Arc::new(PyHandler::new(f.clone().unbind())))
         })
     }
 
@@ -409,13 +402,7 @@ impl Vm {
     ) -> PyResult<Bound<'py, PyAny>> {
         let (address, size) = (address.0, size.0);
         Self::handler_or_decorator(slf, handler, move |vm, f| {
-            vm.register_mmio(
-                address,
-                size,
-                Arc::new(PyHandler {
-                    f: f.clone().unbind(),
-                }),
-            )
+            vm.register_mmio(address, size, Arc::new(PyHandler::new(f.clone().unbind())))
         })
     }
 
