@@ -10,6 +10,7 @@ pub mod handler;
 pub mod kvm;
 pub mod load;
 pub mod memory;
+pub mod register;
 pub mod regs;
 pub mod vcpu;
 pub mod vm;
