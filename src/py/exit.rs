@@ -82,6 +82,12 @@ impl ExitInfo {
     }
 }
 
+/// The bytes of an access held in `value`: `size` of them for a write, none for a read.
+fn written(value: &AtomicU64, size: u8, is_write: bool) -> Data {
+    let len = if is_write { size as usize } else { 0 };
+    Data::new(&value.load(Ordering::Relaxed).to_le_bytes()[..len])
+}
+
 /// A port I/O exit (`in`/`out`).
 #[pyclass(module = "kvmpy._native", extends = ExitInfo, frozen)]
 pub struct IoExit {
@@ -115,8 +121,7 @@ impl IoExit {
     }
 
     fn bytes(&self) -> Data {
-        let size = if self.is_write() { self.size() } else { 0 };
-        Data::new(&self.value.load(Ordering::Relaxed).to_le_bytes()[..size as usize])
+        written(&self.value, self.size(), self.is_write())
     }
 }
 
@@ -208,8 +213,7 @@ impl MmioExit {
     }
 
     fn bytes(&self) -> Data {
-        let size = if self.is_write() { self.size() } else { 0 };
-        Data::new(&self.value.load(Ordering::Relaxed).to_le_bytes()[..size as usize])
+        written(&self.value, self.size(), self.is_write())
     }
 }
 
