@@ -2,12 +2,13 @@
 //! with a note) where `/dev/kvm` cannot be opened.
 
 use std::any::Any;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use kvmpy::devices::console::ConsoleDev;
 use kvmpy::devices::exit_port::ExitPortDev;
+use kvmpy::engine::memory::Mappings;
 use kvmpy::engine::setup::LongMode;
 use kvmpy::engine::{
     Action, Device, Exit, Outcome, RegionOptions, RunOptions, VcpuCore, VcpuCtx, VmCore,
@@ -216,23 +217,52 @@ fn a_kick_after_a_nested_run_on_the_same_thread_is_not_lost() {
     vm.shutdown();
 }
 
+/// Closes its own VM from inside a run, as a `Vm` collected on a vCPU thread does, and
+/// notes whether guest memory is still mapped right after.
+struct ClosesTheVm {
+    held: Weak<Mappings>,
+    mapped_after_close: AtomicBool,
+}
+
+impl Device for ClosesTheVm {
+    fn name(&self) -> String {
+        "a device that closes its VM".into()
+    }
+    fn io_out(
+        &self,
+        ctx: &mut VcpuCtx<'_, '_>,
+        _port: u16,
+        _data: &[u8],
+    ) -> kvmpy::engine::Result<Action> {
+        ctx.vm().shutdown();
+        let mapped = self.held.upgrade().is_some_and(|m| m.len() == 1);
+        self.mapped_after_close.store(mapped, Ordering::SeqCst);
+        Ok(Action::Continue)
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
 #[test]
 fn guest_memory_stays_mapped_while_a_vcpu_fd_is_open() {
     if !kvm_usable() {
         return;
     }
-    let (vm, cpu) = user_vm(&[0xEB, 0xFE]);
-    let mappings = vm.with_memory(|m| m.mappings());
-    assert_eq!(mappings.len(), 1);
-    let held = Arc::downgrade(&mappings);
-    drop(mappings);
-    // Closing the VM from "inside" a run (as a collected Vm does on a vCPU thread) must
-    // not unmap memory the still-open vCPU fd can reach.
-    vm.shutdown();
-    assert!(held.upgrade().is_some_and(|m| m.len() == 1));
+    // out 0x20, al ; jmp $
+    let (vm, cpu) = user_vm(&[0xE6, 0x20, 0xEB, 0xFE]);
+    let held = Arc::downgrade(&vm.with_memory(|m| m.mappings()));
+    let device = Arc::new(ClosesTheVm {
+        held: held.clone(),
+        mapped_after_close: AtomicBool::new(false),
+    });
+    add_io(&vm, 0x20, device.clone());
+    // The VM is closed under the running vCPU, whose fd stays open until its run ends
+    // (KVM can still complete the OUT): the memory must stay mapped meanwhile.
+    assert!(matches!(exit_of(run(&cpu, 30.0)), Exit::Stopped));
+    assert!(device.mapped_after_close.load(Ordering::SeqCst));
+    assert!(held.upgrade().is_some(), "the vCPU fd is still open");
     cpu.close();
-    drop(cpu);
-    drop(vm);
     assert!(held.upgrade().is_none(), "released once every fd is closed");
 }
 

@@ -238,6 +238,8 @@ impl MemoryMap {
             r.attached.store(false, Ordering::SeqCst);
         }
         self.guest = GuestMemoryMmap::default();
+        // The VM fd is closed: only the vCPU fds still open keep the mappings now.
+        self.mappings = Arc::default();
     }
 
     /// Fails unless `[gpa, gpa + len)` lies entirely in guest memory.
