@@ -282,3 +282,52 @@ fn a_console_collects_bytes_and_an_unhandled_in_is_returned() {
     assert_eq!(console.take(false), b"k");
     vm.shutdown();
 }
+
+/// The signal mask of thread `tid` as /proc shows it (`SigBlk`).
+fn blocked_signals_of(tid: libc::pid_t) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/self/task/{tid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("SigBlk:")).unwrap();
+    u64::from_str_radix(line["SigBlk:".len()..].trim(), 16).unwrap()
+}
+
+#[test]
+fn kvm_run_runs_with_the_threads_mask_less_the_kick() {
+    if !kvm_usable() {
+        return;
+    }
+    let (vm, cpu) = user_vm(&[0xEB, 0xFE]); // jmp $
+    let (tx, rx) = std::sync::mpsc::channel();
+    let runner = {
+        let cpu = Arc::clone(&cpu);
+        std::thread::spawn(move || {
+            // A mask of the thread's own: SIGUSR1 blocked, SIGINT not.
+            vmm_sys_util::signal::block_signal(libc::SIGUSR1).unwrap();
+            tx.send(kvmpy::engine::gettid()).unwrap();
+            exit_of(run(&cpu, 30.0))
+        })
+    };
+    let tid = rx.recv().unwrap();
+    while !cpu.kicker.running() {
+        std::thread::yield_now();
+    }
+    let kick = kvmpy::engine::kick::signal().unwrap();
+    let outside = (1u64 << (libc::SIGUSR1 - 1)) | (1u64 << (kick - 1));
+    let inside = 1u64 << (libc::SIGUSR1 - 1);
+    // The guest spins in KVM_RUN: /proc shows the mask KVM runs it with.
+    let mut seen = Vec::new();
+    for _ in 0..2000 {
+        let mask = blocked_signals_of(tid);
+        if mask == inside {
+            break;
+        }
+        seen.push(mask);
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    cpu.kicker.request_stop();
+    assert!(matches!(runner.join().unwrap(), Exit::Stopped));
+    assert!(
+        seen.iter().all(|&m| m == outside || m == 0) && seen.len() < 2000,
+        "masks seen while the guest spun: {seen:x?} (expected {inside:#x} inside KVM_RUN)"
+    );
+    vm.shutdown();
+}

@@ -77,8 +77,11 @@ impl<'a> VcpuCtx<'a, '_> {
     }
 }
 
-/// `KVM_SET_SIGNAL_MASK`'s argument for the 64 signals of x86-64's kernel sigset.
-#[repr(C)]
+/// `KVM_SET_SIGNAL_MASK`'s argument for the 64 signals of x86-64's kernel sigset: the
+/// kernel's `kvm_signal_mask` is a `u32` length followed at once (offset 4) by the sigset's
+/// bytes, so the struct is packed (with `repr(C)` alone the sigset would start at offset 8
+/// and KVM would read 4 bytes of padding as the mask of signals 1 to 32).
+#[repr(C, packed)]
 struct SignalMask {
     len: u32,
     sigset: u64,
