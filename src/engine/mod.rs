@@ -12,6 +12,7 @@ pub mod memory;
 pub mod run;
 pub mod runner;
 pub mod setup;
+pub mod snapshot;
 pub mod vcpu;
 pub mod vm;
 

@@ -214,6 +214,11 @@ impl VcpuCore {
         self.inject_interrupt(&mut holder.fd)?;
         let result = exit::run_once(&mut holder.fd);
         self.count_exit();
+        let io = matches!(
+            result,
+            Ok(RunExit::Io(_)) | Ok(RunExit::Other(Exit::Mmio { .. }))
+        );
+        self.note_exit(&mut holder.fd, io);
         match result {
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 self.interrupted(guard, options)
@@ -364,10 +369,7 @@ impl VcpuCore {
     /// read (the KVM API requires this before the vCPU's state is read).
     fn complete_pending<'a>(&'a self, guard: &mut FdGuard<'a>) {
         if let Ok(holder) = fd_of(guard) {
-            holder.fd.set_kvm_immediate_exit(1);
-            // Expected to fail with EINTR once the pending access is completed.
-            let _ = holder.fd.run();
-            holder.fd.set_kvm_immediate_exit(0);
+            self.complete_io(&mut holder.fd);
         }
     }
 }
