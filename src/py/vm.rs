@@ -392,6 +392,27 @@ impl Vm {
         Ok(())
     }
 
+    /// Captures the whole VM (see `Snapshot`) at this exit boundary. No vCPU may be
+    /// running (`VcpuBusyError`); an access a handler answered is completed first; a read
+    /// returned by `run()` must be answered with `respond()` first. From now on KVM logs
+    /// the pages the guest writes, so `restore` copies back only what changed.
+    fn snapshot(&self, py: Python<'_>) -> PyResult<crate::py::snapshot::Snapshot> {
+        crate::py::snapshot::take(py, self.core())
+    }
+
+    /// Puts the VM back as `snapshot` saw it: memory (only the pages written since the
+    /// snapshot or the last restore; a whole region if a writable view of it was
+    /// exported since), every vCPU's state, the irqchip and PIT, kvmpy's devices. The
+    /// snapshot may come from another VM with the same memory regions, vCPU ids and
+    /// devices; a mismatch raises `ValueError` before anything changes.
+    fn restore(
+        &self,
+        py: Python<'_>,
+        snapshot: PyRef<'_, crate::py::snapshot::Snapshot>,
+    ) -> PyResult<()> {
+        crate::py::snapshot::restore(py, self.core(), &snapshot)
+    }
+
     /// Runs every vCPU on its own native thread until all have stopped, and returns
     /// their final exits (in `vcpus` order). `timeout` applies to each vCPU. With
     /// `until="any"` the first vCPU to stop stops the others; with `until="all"` (the
