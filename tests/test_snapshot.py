@@ -394,3 +394,61 @@ def test_long_restore_loop_keeps_fds_and_memory_flat(guest_dir: Path) -> None:
 def rss_kib() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * 4
+
+
+def test_save_and_load_round_trip(guest_dir: Path, tmp_path: Path) -> None:
+    vm, cpu = make_vm(guest_dir)
+    with vm:
+        console = vm.add_console(0x3F8)
+        vm.write(RANDOM_CODE, bytes([0xB0, 0x6B, 0x66, 0xBA, 0xF8, 0x03, 0xEE, 0xE6, 0xF4]))
+        cpu.set_regs(rip=RANDOM_CODE)  # mov al, 'k'; mov dx, 0x3f8; out dx, al; out 0xf4, al
+        assert cpu.run(timeout=10).reason == "exit"
+        cpu.set_regs(rip=LONG_LOAD, rdi=2, rsi=9)
+        snap = vm.snapshot()
+        path = tmp_path / "boot.kvmsnap"
+        snap.save(path)
+        # Sparse: two regions' worth of zero pages are not stored.
+        assert path.stat().st_size < 64 * 4096
+        loaded = kvmpy.Snapshot.load(str(path))
+        assert loaded.read(0, RAM) == snap.read(0, RAM)
+        assert loaded.regs(0) == snap.regs(0) and loaded.sregs(0) == snap.sregs(0)
+        assert loaded.msrs(0) == snap.msrs(0)
+        assert cpu.run(timeout=10).reason == "exit"
+        vm.restore(loaded)
+        assert_as_snapshot(vm, snap, [cpu])
+        assert console.output() == b"k"
+        vm2, cpu2 = make_vm(guest_dir)
+        with vm2:
+            vm2.add_console(0x3F8)
+            vm2.restore(loaded)
+            assert_as_snapshot(vm2, snap, [cpu2])
+            assert cpu2.run(timeout=10).reason == "exit"
+            assert vm2.read(DATA + 0x1000, 8) == struct.pack("<Q", 10)
+
+
+def test_bad_snapshot_files_name_the_problem(guest_dir: Path, tmp_path: Path) -> None:
+    vm, _ = make_vm(guest_dir)
+    with vm:
+        path = tmp_path / "good.kvmsnap"
+        vm.snapshot().save(path)
+    data = path.read_bytes()
+    cases = {
+        "truncated": data[: len(data) // 2],
+        "header": data[:10],
+        "checksum": data[:5000] + bytes([data[5000] ^ 1]) + data[5001:],
+        "newer": data[:8] + struct.pack("<I", 99) + data[12:],
+        "not a kvmpy snapshot": b"\x7fELF" + data[4:],
+    }
+    for problem, content in cases.items():
+        bad = tmp_path / f"{problem}.kvmsnap"
+        bad.write_bytes(content)
+        with pytest.raises(ValueError, match=problem):
+            kvmpy.Snapshot.load(bad)
+    with pytest.raises(FileNotFoundError):
+        kvmpy.Snapshot.load(tmp_path / "missing.kvmsnap")
+    with pytest.raises(TypeError):
+        kvmpy.Snapshot.load(42)  # type: ignore[arg-type]
+    with kvmpy.Vm() as other:  # a loaded snapshot is checked against the VM like any other
+        other.add_memory(0, RAM // 2)
+        with pytest.raises(ValueError, match="memory regions"):
+            other.restore(kvmpy.Snapshot.load(path))

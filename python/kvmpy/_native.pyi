@@ -152,6 +152,18 @@ class Snapshot:
         """The special registers of the vCPU at `index` (in `vcpu_ids` order)."""
     def msrs(self, index: int) -> dict[int, int]:
         """The MSRs saved for the vCPU at `index`: `{index: value}`."""
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Writes the snapshot to a file: a versioned format (kvmpy and CPU vendor in the
+        header) holding every vCPU's state, device state and the memory pages that are
+        not all zero, with a checksum.
+        """
+    @staticmethod
+    def load(path: str | os.PathLike[str]) -> Snapshot:
+        """Reads a snapshot file written by `save`. A file that is truncated, corrupt, of a
+        newer format version, written for another KVM structure layout or taken on
+        another CPU vendor raises `ValueError` naming the problem (`OSError` when it cannot
+        be read). Whether it fits a VM is checked by `Vm.restore`.
+        """
 
 @final
 class MemoryRegion:

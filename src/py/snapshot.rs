@@ -1,6 +1,7 @@
 //! The `Snapshot` class: a whole VM captured by `Vm.snapshot()`, put back by
 //! `Vm.restore()`.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use pyo3::prelude::*;
@@ -72,6 +73,26 @@ impl Snapshot {
             .iter()
             .map(|e| (e.index, e.data))
             .collect())
+    }
+
+    /// Writes the snapshot to a file: a versioned format (kvmpy and CPU vendor in the
+    /// header) holding every vCPU's state, device state and the memory pages that are
+    /// not all zero, with a checksum.
+    fn save(&self, py: Python<'_>, path: PathBuf) -> PyResult<()> {
+        let core = Arc::clone(&self.inner);
+        Ok(gil::released(py, || core.save(&path))?)
+    }
+
+    /// Reads a snapshot file written by `save`. A file that is truncated, corrupt, of a
+    /// newer format version, written for another KVM structure layout or taken on
+    /// another CPU vendor raises `ValueError` naming the problem (`OSError` when it cannot
+    /// be read). Whether it fits a VM is checked by `Vm.restore`.
+    #[staticmethod]
+    fn load(py: Python<'_>, path: PathBuf) -> PyResult<Snapshot> {
+        let inner = gil::released(py, || Core::load(&path))?;
+        Ok(Snapshot {
+            inner: Arc::new(inner),
+        })
     }
 
     fn __repr__(&self) -> String {

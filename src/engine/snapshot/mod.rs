@@ -11,6 +11,7 @@
 
 pub mod cpu;
 pub mod dirty;
+pub mod file;
 pub mod image;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -101,6 +102,19 @@ impl Snapshot {
             ));
         }
         Ok(())
+    }
+
+    /// Writes the snapshot to a file (see `file` for the format).
+    pub fn save(&self, path: &std::path::Path) -> Result<()> {
+        file::save(self, path)
+    }
+
+    /// Reads a snapshot file, checking all of it; a file from another CPU vendor is
+    /// refused.
+    pub fn load(path: &std::path::Path) -> Result<Snapshot> {
+        let kvm = crate::engine::kvm::shared()?;
+        let host = file::vendor(crate::engine::kvm::supported_cpuid(&kvm)?);
+        file::load(path, host)
     }
 
     /// The bytes at guest physical `gpa` as the snapshot saw them.
