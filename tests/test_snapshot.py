@@ -452,3 +452,20 @@ def test_bad_snapshot_files_name_the_problem(guest_dir: Path, tmp_path: Path) ->
         other.add_memory(0, RAM // 2)
         with pytest.raises(ValueError, match="memory regions"):
             other.restore(kvmpy.Snapshot.load(path))
+
+
+def test_restore_to_the_exit_instruction_runs_it_again(guest_dir: Path) -> None:
+    # out 0xf4, al ; inc rbx ; out 0xf4, al: a restore to the first OUT must not skip it.
+    vm, cpu = make_vm(guest_dir)
+    with vm:
+        vm.write(RANDOM_CODE, bytes([0xE6, 0xF4, 0x48, 0xFF, 0xC3, 0xE6, 0xF4]))
+        cpu.set_regs(rip=RANDOM_CODE, rbx=0)
+        snap = vm.snapshot()
+        for _ in range(3):
+            assert cpu.run(timeout=10).reason == "exit"
+            vm.restore(snap)
+        assert cpu.run(timeout=10).reason == "exit"
+        regs = cpu.regs
+        assert (regs.rip, regs.rbx) == (RANDOM_CODE + 2, 0)
+        assert cpu.run(timeout=10).reason == "exit"
+        assert (cpu.regs.rip, cpu.regs.rbx) == (RANDOM_CODE + 7, 1)

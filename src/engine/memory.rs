@@ -43,6 +43,8 @@ pub struct Region {
 pub struct WriteRecord {
     /// Pages the host wrote while the region is tracked (`None`: not tracked).
     host: Mutex<Option<Vec<u64>>>,
+    /// Whether `host` has a page set (so a restore of a large region need not scan it).
+    host_any: AtomicBool,
     /// Writable views exported and not released yet.
     views: AtomicUsize,
     /// A writable view existed since the record was last taken.
@@ -59,6 +61,7 @@ impl WriteRecord {
         }
         let mut host = crate::engine::lock(&self.host);
         if let Some(bits) = host.as_mut() {
+            self.host_any.store(true, Ordering::SeqCst);
             let (first, last) = (offset / PAGE_SIZE, (offset + len - 1) / PAGE_SIZE);
             for page in first..=last {
                 if let Some(word) = bits.get_mut((page / 64) as usize) {
@@ -71,6 +74,7 @@ impl WriteRecord {
     /// Adds pages (one bit per page) to the record, if the region is tracked.
     pub fn add_pages(&self, bits: &[u64]) {
         if let Some(host) = crate::engine::lock(&self.host).as_mut() {
+            self.host_any.store(true, Ordering::SeqCst);
             for (h, b) in host.iter_mut().zip(bits) {
                 *h |= b;
             }
@@ -91,6 +95,7 @@ impl WriteRecord {
     /// Starts (or restarts) tracking a region of `pages` pages: the record is emptied.
     pub fn track(&self, pages: u64) {
         *crate::engine::lock(&self.host) = Some(vec![0; pages.div_ceil(64) as usize]);
+        self.host_any.store(false, Ordering::SeqCst);
         self.viewed
             .store(self.views.load(Ordering::SeqCst) > 0, Ordering::SeqCst);
     }
@@ -98,9 +103,11 @@ impl WriteRecord {
     /// ORs the pages written since the last call into `bits` and empties the record; true
     /// if a writable view existed meanwhile (then the whole region counts as written).
     pub fn take(&self, bits: &mut [u64]) -> bool {
-        if let Some(host) = crate::engine::lock(&self.host).as_mut() {
-            for (b, h) in bits.iter_mut().zip(host.iter_mut()) {
-                *b |= std::mem::take(h);
+        if self.host_any.swap(false, Ordering::SeqCst) {
+            if let Some(host) = crate::engine::lock(&self.host).as_mut() {
+                for (b, h) in bits.iter_mut().zip(host.iter_mut()) {
+                    *b |= std::mem::take(h);
+                }
             }
         }
         let live = self.views.load(Ordering::SeqCst) > 0;

@@ -3,6 +3,7 @@
 //! code and tests.
 
 pub mod bus;
+pub mod complete;
 pub mod error;
 pub mod exit;
 pub mod kick;

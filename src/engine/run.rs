@@ -288,14 +288,20 @@ impl VcpuCore {
             };
             match action {
                 Action::Continue => {}
-                Action::Exit(exit) => return Ok(self.finish_access(guard, Outcome::Exit(exit))),
+                Action::Exit(exit) => {
+                    let single_out = io.is_write && io.count == 1;
+                    return Ok(self.finish_access(guard, Outcome::Exit(exit), single_out));
+                }
                 Action::Stop(token) => {
                     stopped.get_or_insert(token);
                 }
             }
         }
         Ok(match stopped {
-            Some(token) => self.finish_access(guard, Outcome::Stopped(token)),
+            Some(token) => {
+                let single_out = io.is_write && io.count == 1;
+                self.finish_access(guard, Outcome::Stopped(token), single_out)
+            }
             None => Flow::Continue(true),
         })
     }
@@ -328,8 +334,8 @@ impl VcpuCore {
         };
         Ok(match action {
             Action::Continue => Flow::Continue(true),
-            Action::Exit(exit) => self.finish_access(guard, Outcome::Exit(exit)),
-            Action::Stop(token) => self.finish_access(guard, Outcome::Stopped(token)),
+            Action::Exit(exit) => self.finish_access(guard, Outcome::Exit(exit), false),
+            Action::Stop(token) => self.finish_access(guard, Outcome::Stopped(token), false),
         })
     }
 
@@ -359,9 +365,17 @@ impl VcpuCore {
         }
     }
 
-    /// Ends the run after a handled access, completing the access first.
-    fn finish_access<'a>(&'a self, guard: &mut FdGuard<'a>, outcome: Outcome) -> Flow {
-        self.complete_pending(guard);
+    /// Ends the run after a handled access, completing the access first (or, for a
+    /// single OUT, leaving it to the next entry where that is safe: see `complete.rs`).
+    fn finish_access<'a>(
+        &'a self,
+        guard: &mut FdGuard<'a>,
+        outcome: Outcome,
+        single_out: bool,
+    ) -> Flow {
+        if let Ok(holder) = fd_of(guard) {
+            self.finish_handled(&mut holder.fd, single_out);
+        }
         Flow::Done(outcome)
     }
 

@@ -76,10 +76,14 @@ pub struct VcpuCore {
     /// are read and written there instead of with ioctls.
     regs_mirrored: AtomicBool,
     /// KVM holds an I/O or MMIO access to complete when the guest is entered next.
-    io_pending: AtomicBool,
+    pub(crate) io_pending: AtomicBool,
+    /// A run ended on a plain OUT a device handled without completing it (see
+    /// `complete.rs`), at this linear RIP.
+    pub(crate) deferred: AtomicBool,
+    pub(crate) deferred_rip: AtomicU64,
     /// Whether `kvm_run` also mirrors the special registers and vCPU events (once the VM
     /// has a snapshot: a restore compares them there instead of asking KVM).
-    state_sync: AtomicBool,
+    pub(crate) state_sync: AtomicBool,
     /// Whether that mirror holds KVM's state: an exit happened since the host last set
     /// special registers or events with an ioctl.
     state_fresh: AtomicBool,
@@ -148,6 +152,8 @@ impl VcpuCore {
             sync_regs,
             regs_mirrored: AtomicBool::new(false),
             io_pending: AtomicBool::new(false),
+            deferred: AtomicBool::new(false),
+            deferred_rip: AtomicU64::new(0),
             state_sync: AtomicBool::new(false),
             state_fresh: AtomicBool::new(false),
             hidden_dirty: AtomicBool::new(true),
@@ -248,6 +254,7 @@ impl VcpuCore {
     pub fn with_fd<T>(&self, f: impl FnOnce(&mut VcpuFd) -> Result<T>) -> Result<T> {
         let mut guard = self.lock_fd()?;
         let holder = guard.as_mut().ok_or_else(|| Error::Closed("vCPU"))?;
+        self.complete_deferred(&mut holder.fd);
         f(&mut holder.fd)
     }
 
@@ -322,29 +329,13 @@ impl VcpuCore {
     /// (once the state is mirrored) whether the vCPU is at ring 0.
     pub(crate) fn note_exit(&self, fd: &mut VcpuFd, io: bool) {
         self.io_pending.store(io, Ordering::Relaxed);
+        self.deferred.store(false, Ordering::Relaxed);
         if self.state_sync.load(Ordering::Relaxed) {
             let s = &fd.sync_regs_mut().sregs;
             if s.cr0 & 1 == 0 || s.ss.dpl == 0 {
                 self.hidden_dirty.store(true, Ordering::Relaxed);
             }
             self.state_fresh.store(true, Ordering::Relaxed);
-        }
-    }
-
-    /// Re-enters the guest with `immediate_exit` set so KVM completes a pending I/O or MMIO
-    /// access (the KVM API requires this before the vCPU's state is read or replaced).
-    pub(crate) fn complete_io(&self, fd: &mut VcpuFd) {
-        fd.set_kvm_immediate_exit(1);
-        // Expected to fail with EINTR once the pending access is completed.
-        let _ = fd.run();
-        fd.set_kvm_immediate_exit(0);
-        self.note_exit(fd, false);
-    }
-
-    /// Completes an access KVM holds, if any (before a snapshot or restore).
-    pub(crate) fn complete_pending_io(&self, fd: &mut VcpuFd) {
-        if self.io_pending.load(Ordering::Relaxed) {
-            self.complete_io(fd);
         }
     }
 

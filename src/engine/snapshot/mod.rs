@@ -283,9 +283,9 @@ impl VmCore {
             .iter()
             .map(|v| v.lock_idle())
             .collect::<Result<Vec<_>>>()?;
-        for (v, g) in vcpus.iter().zip(guards.iter_mut()) {
+        for ((v, g), st) in vcpus.iter().zip(guards.iter_mut()).zip(&snap.vcpus) {
             let holder = g.as_mut().ok_or(Error::Closed("vCPU"))?;
-            v.complete_pending_io(&mut holder.fd);
+            v.settle_for_restore(&mut holder.fd, &st.sregs, st.regs.rip);
             v.forget_pending_read();
         }
         let tracked = {
