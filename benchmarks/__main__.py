@@ -510,6 +510,15 @@ HEADLINES = [
         )
         for n in snapshot_cases.PAGES
     ),
+    *(
+        Headline(
+            f"Snapshot reset, N={n}: kvmpy ÷ raw C that also restores the FPU state",
+            "snapshot",
+            f"kvmpy{n}",
+            f"rawfpu{n}",
+        )
+        for n in (1, 16)
+    ),
     Headline(
         "Snapshot reset, N=16: 4 GiB guest ÷ 64 MiB guest",
         "snapshot",

@@ -13,11 +13,12 @@
  *                                    kept for many runs: reads N from each stdin line, runs
  *                                    the guest from its entry, answers one JSON line
  *   raw_kvm reset   GUEST.bin MIB    snapshot64 in a MIB MiB VM with dirty logging, kept for
- *                                    many runs: reads "N K" from each stdin line and does K
+ *                                    many runs: reads "N K F" from each stdin line and does K
  *                                    fuzzing-style iterations (registers through kvm_run's
  *                                    sync area, run to the OUT to 0xF4 after N pages were
  *                                    written, KVM_GET_DIRTY_LOG, copy the dirty pages back
- *                                    from a clean copy), answers one JSON line
+ *                                    from a clean copy; with F=1 also KVM_SET_XSAVE), answers
+ *                                    one JSON line
  *
  * The VM setup, shared with cext_exit.c, is in raw_kvm.h: kvmpy's
  * `setup_long_mode(user=True)` (GDT at 0x1000, TSS with a full I/O permission bitmap at
@@ -223,17 +224,16 @@ static void mode_reset(const char *bin, uint64_t mib) {
     if (ioctl(v.vm, KVM_GET_DIRTY_LOG, &log) < 0) DIE("KVM_GET_DIRTY_LOG");
     struct kvm_regs regs;
     if (ioctl(c.fd, KVM_GET_REGS, &regs) < 0) DIE("KVM_GET_REGS");
+    struct kvm_xsave xsave;
+    if (ioctl(c.fd, KVM_GET_XSAVE, &xsave) < 0) DIE("KVM_GET_XSAVE");
     c.run->kvm_valid_regs = KVM_SYNC_X86_REGS;
     char line[64];
     while (fgets(line, sizeof line, stdin)) {
-        char *space = strchr(line, ' ');
-        if (!space) {
+        unsigned long long n, k, fpu, copied = 0;
+        if (sscanf(line, "%llu %llu %llu", &n, &k, &fpu) != 3) {
             errno = EINVAL;
-            DIE("expected 'N K'");
+            DIE("expected 'N K F'");
         }
-        *space = 0;
-        space[1 + strcspn(space + 1, "\n")] = 0;
-        uint64_t n = parse_u64(line), k = parse_u64(space + 1), copied = 0;
         regs.rdi = n;
         regs.rsi = 0x100;
         double t0 = now();
@@ -246,6 +246,7 @@ static void mode_reset(const char *bin, uint64_t mib) {
                 DIE("unexpected exit %d", e);
             }
             if (ioctl(v.vm, KVM_GET_DIRTY_LOG, &log) < 0) DIE("KVM_GET_DIRTY_LOG");
+            if (fpu && ioctl(c.fd, KVM_SET_XSAVE, &xsave) < 0) DIE("KVM_SET_XSAVE");
             for (size_t w = 0; w < words; w++) {
                 uint64_t bits = bitmap[w];
                 while (bits) {
@@ -259,12 +260,11 @@ static void mode_reset(const char *bin, uint64_t mib) {
         double dt = now() - t0;
         if (copied < n * k) {
             errno = 0;
-            DIE("copied %llu pages, expected at least %llu", (unsigned long long)copied,
-                (unsigned long long)(n * k));
+            DIE("copied %llu pages, expected at least %llu", copied, n * k);
         }
-        printf("{\"mode\": \"reset\", \"n\": %llu, \"k\": %llu, \"pages\": %llu, "
-               "\"seconds\": %.9f}\n",
-               (unsigned long long)n, (unsigned long long)k, (unsigned long long)copied, dt);
+        printf("{\"mode\": \"reset\", \"n\": %llu, \"k\": %llu, \"fpu\": %llu, "
+               "\"pages\": %llu, \"seconds\": %.9f}\n",
+               n, k, fpu, copied, dt);
         fflush(stdout);
     }
     munmap(clean, v.memsz);

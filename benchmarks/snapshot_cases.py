@@ -35,11 +35,12 @@ class ResetServer:
             text=True,
         )
 
-    def __call__(self, n: int, k: int) -> float:
-        """Seconds for ``k`` iterations writing ``n`` pages each."""
+    def __call__(self, n: int, k: int, fpu: bool = False) -> float:
+        """Seconds for ``k`` iterations writing ``n`` pages each (with ``fpu``, also
+        putting the FPU/SSE/AVX state back with KVM_SET_XSAVE)."""
         assert self.proc.stdin is not None and self.proc.stdout is not None
         try:
-            self.proc.stdin.write(f"{n} {k}\n")
+            self.proc.stdin.write(f"{n} {k} {int(fpu)}\n")
             self.proc.stdin.flush()
         except BrokenPipeError:
             pass
@@ -109,6 +110,8 @@ def figure(raw: RawKvm, guest: Path, k: int, reps: int, warmup: int) -> Figure:
             ours = stack.enter_context(closing(Restores(code, n, SMALL_MIB)))
             variants[f"rawc{n}"] = partial(_scaled, partial(rawc, n, k), per)
             variants[f"kvmpy{n}"] = partial(_scaled, partial(ours, k), per)
+        for n in (1, 16):
+            variants[f"rawfpu{n}"] = partial(_scaled, partial(rawc, n, k, True), per)
         big = stack.enter_context(closing(Restores(code, 16, BIG_MIB)))
         variants["big16"] = partial(_scaled, partial(big, k), per)
         v = interleave(variants, reps, warmup)
@@ -131,6 +134,14 @@ def figure(raw: RawKvm, guest: Path, k: int, reps: int, warmup: int) -> Figure:
                 v[f"kvmpy{n}"],
                 f"rawc{n}",
                 RESET_TARGET,
+            )
+        )
+    for n in (1, 16):
+        fig.rows.append(
+            Row(
+                f"rawfpu{n}",
+                f"raw C + KVM_SET_XSAVE, N={n} (the same state work as kvmpy)",
+                v[f"rawfpu{n}"],
             )
         )
     fig.rows.append(

@@ -54,6 +54,10 @@ impl Device for ConsoleDev {
         Ok(Action::Continue)
     }
 
+    fn has_state(&self) -> bool {
+        true
+    }
+
     /// The bytes collected so far.
     fn save_state(&self) -> Option<Vec<u8>> {
         Some(self.take(false))

@@ -195,6 +195,10 @@ impl Device for UartDev {
         Ok(Action::Continue)
     }
 
+    fn has_state(&self) -> bool {
+        true
+    }
+
     /// Registers, receive queue and output.
     fn save_state(&self) -> Option<Vec<u8>> {
         Some(self.regs().to_bytes())

@@ -56,6 +56,11 @@ pub trait Device: Send + Sync + 'static {
         Ok(Action::Continue)
     }
 
+    /// Whether the device has state for snapshots (`save_state` returns some).
+    fn has_state(&self) -> bool {
+        false
+    }
+
     /// The device's state, for a snapshot; `None` (the default): it has none.
     fn save_state(&self) -> Option<Vec<u8>> {
         None

@@ -154,7 +154,7 @@ fn describe_regions(regions: &[(u64, u64, bool)]) -> String {
 fn device_names(vm: &VmCore) -> Vec<String> {
     vm.bus()
         .devices()
-        .filter(|d| d.save_state().is_some())
+        .filter(|d| d.has_state())
         .map(|d| d.name())
         .collect()
 }
@@ -219,6 +219,7 @@ impl VmCore {
         let devices = self
             .bus()
             .devices()
+            .filter(|d| d.has_state())
             .filter_map(|d| d.save_state().map(|s| (d.name(), s)))
             .collect();
         let memory = lock(self.memory_map());
@@ -324,7 +325,7 @@ impl VmCore {
         let bus = self.bus();
         let mut states = snap.devices.iter();
         for device in bus.devices() {
-            if device.save_state().is_some() {
+            if device.has_state() {
                 if let Some((_, state)) = states.next() {
                     device.restore_state(state)?;
                 }
