@@ -155,11 +155,10 @@ def figure(raw: RawKvm, guest: Path, k: int, reps: int, warmup: int) -> Figure:
     )
     fig.notes.append(
         "Per iteration kvmpy does what raw C does (one run to the exit port, the dirty log, "
-        "the page copies, general registers through kvm_run) and also: completes the OUT "
-        "(one KVM_RUN with immediate_exit, so registers read after a run are consistent), "
-        "puts the FPU/SSE/AVX state back (KVM_SET_XSAVE: user code changes it without an "
-        "exit), re-protects the dirty pages with KVM_CLEAR_DIRTY_LOG where the host has "
-        "manual protection, and compares the special registers and events KVM mirrors in "
-        "kvm_run with the snapshot's."
+        "the page copies, general registers through kvm_run) and also puts the FPU/SSE/AVX "
+        "state back (KVM_SET_XSAVE: user code changes it without an exit, and no exit says "
+        "so), re-protects the dirty pages with KVM_CLEAR_DIRTY_LOG where the host has manual "
+        "protection, and compares the special registers and events KVM mirrors in kvm_run "
+        "with the snapshot's. The 'raw C + KVM_SET_XSAVE' rows do the same state work in C."
     )
     return fig
