@@ -469,3 +469,68 @@ def test_restore_to_the_exit_instruction_runs_it_again(guest_dir: Path) -> None:
         assert (regs.rip, regs.rbx) == (RANDOM_CODE + 2, 0)
         assert cpu.run(timeout=10).reason == "exit"
         assert (cpu.regs.rip, cpu.regs.rbx) == (RANDOM_CODE + 7, 1)
+
+
+def snapshot_views() -> int:
+    """How many mappings of snapshot memory this process has."""
+    with open("/proc/self/maps") as f:
+        return sum("memfd:kvmpy-snapshot" in line for line in f)
+
+
+def test_vms_from_one_snapshot_share_its_memory(guest_dir: Path, tmp_path: Path) -> None:
+    vm, cpu = make_vm(guest_dir, irqchip=True)
+    with vm:
+        vm.add_console(0x3F8)
+        vm.write(0x150000, b"clean image")
+        snap = vm.snapshot()
+    views = snapshot_views()
+    vms = [kvmpy.Vm.from_snapshot(snap) for _ in range(2)]
+    vms.append(kvmpy.Vm.from_snapshot(kvmpy.Snapshot.load(_saved(snap, tmp_path))))
+    # One private view per VM (the loaded snapshot, gone again, kept no mapping).
+    assert snapshot_views() == views + 3
+    try:
+        for i, other in enumerate(vms):
+            assert other.irqchip and len(other.vcpus) == 1
+            other.add_exit_port(EXIT_PORT)
+            ocpu = other.vcpus[0]
+            assert other.read(0, RAM) == snap.read(0, RAM)
+            assert ocpu.regs == snap.regs(0) and ocpu.sregs == snap.sregs(0)
+            ocpu.set_regs(rsi=0x100 * (i + 1))
+            assert ocpu.run(timeout=10).reason == "exit"
+            assert other.read(DATA, 8) == struct.pack("<Q", 0x100 * (i + 1))
+            other.write(0x150000, b"dirty")
+        # Each VM wrote its own copy: the others and the snapshot are untouched.
+        assert snap.read(0x150000, 11) == b"clean image"
+        assert vms[0].read(DATA, 8) == struct.pack("<Q", 0x100)
+        for other in vms[:2]:
+            with pytest.raises(ValueError, match="devices"):
+                other.restore(snap)  # the snapshot had a console; these VMs have none
+            other.add_console(0x3F8)
+            other.restore(snap)
+            assert other.read(0, RAM) == snap.read(0, RAM)
+            assert other.vcpus[0].regs == snap.regs(0)
+            with memoryview(other.memory_regions[0]) as view:  # the whole region is put back
+                view[0x160000] = 7
+            other.restore(snap)
+            assert other.read(0, RAM) == snap.read(0, RAM)
+        # A snapshot of a VM whose memory is a view of another snapshot's.
+        other = vms[0]
+        other.write(0x150000, bytes(11))
+        own = other.snapshot()
+        with memoryview(other.memory_regions[0]) as view:
+            view[0x150000] = 1
+        other.restore(own)
+        assert other.read(0x150000, 11) == bytes(11)
+        other.restore(snap)
+        assert other.read(0x150000, 11) == b"clean image"
+        other.restore(own)
+        assert other.read(0, RAM) == own.read(0, RAM)
+    finally:
+        for other in vms:
+            other.close()
+
+
+def _saved(snap: kvmpy.Snapshot, tmp_path: Path) -> Path:
+    path = tmp_path / "shared.kvmsnap"
+    snap.save(path)
+    return path

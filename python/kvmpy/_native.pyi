@@ -831,5 +831,13 @@ class Vm:
         snapshot may come from another VM with the same memory regions, vCPU ids and
         devices; a mismatch raises `ValueError` before anything changes.
         """
+    @staticmethod
+    def from_snapshot(snapshot: Snapshot) -> Vm:
+        """A new VM from a snapshot: the same memory regions, as copy-on-write views of the
+        snapshot's memory (several VMs from one snapshot share its pages and pay only for
+        the pages they write), vCPUs with the same ids and state, and the same irqchip and
+        PIT. kvmpy's devices and handlers are not created: add them, then
+        `vm.restore(snapshot)` also puts the devices' state back.
+        """
     def __enter__(self) -> Vm: ...
     def __exit__(self, *args: object) -> None: ...

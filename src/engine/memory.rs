@@ -30,6 +30,8 @@ pub struct Region {
     pub slot: u32,
     pub readonly: bool,
     pub dirty_log: bool,
+    /// The snapshot whose memory this region maps copy-on-write (`Vm.from_snapshot`).
+    pub backing: Option<u64>,
     /// Whether the region is still part of its VM's guest memory.
     attached: AtomicBool,
     /// What a snapshot needs to know of writes besides KVM's dirty log.
@@ -233,6 +235,29 @@ impl MemoryMap {
         dirty_log: bool,
     ) -> Result<Arc<Region>> {
         check_layout(guest_addr, size)?;
+        let len = usize::try_from(size)
+            .map_err(|_| Error::Memory(format!("memory region size {size:#x} is too large")))?;
+        let mmap = MmapRegion::new(len).map_err(|e| {
+            Error::Memory(format!("cannot map {size:#x} bytes of guest memory: {e}"))
+        })?;
+        self.add_mapped(vm, max_slots, guest_addr, mmap, readonly, dirty_log, None)
+    }
+
+    /// Registers a host mapping made by the caller as a new region; `backing` names the
+    /// snapshot it is a copy-on-write view of.
+    #[allow(clippy::too_many_arguments)]
+    pub fn add_mapped(
+        &mut self,
+        vm: &VmFd,
+        max_slots: usize,
+        guest_addr: u64,
+        mmap: MmapRegion,
+        readonly: bool,
+        dirty_log: bool,
+        backing: Option<u64>,
+    ) -> Result<Arc<Region>> {
+        let size = mmap.size() as u64;
+        check_layout(guest_addr, size)?;
         if let Some(r) = self.overlapping(guest_addr, guest_addr + size) {
             return Err(Error::Memory(format!(
                 "memory region {guest_addr:#x}..{:#x} overlaps region {:#x}..{:#x} (slot {})",
@@ -243,11 +268,6 @@ impl MemoryMap {
             )));
         }
         let slot = self.free_slot(max_slots)?;
-        let len = usize::try_from(size)
-            .map_err(|_| Error::Memory(format!("memory region size {size:#x} is too large")))?;
-        let mmap = MmapRegion::new(len).map_err(|e| {
-            Error::Memory(format!("cannot map {size:#x} bytes of guest memory: {e}"))
-        })?;
         let mem = GuestRegionMmap::new(mmap, GuestAddress(guest_addr)).ok_or_else(|| {
             Error::Memory(format!(
                 "memory region {guest_addr:#x} + {size:#x} is invalid"
@@ -286,6 +306,7 @@ impl MemoryMap {
             slot,
             readonly,
             dirty_log,
+            backing,
             attached: AtomicBool::new(true),
             record: WriteRecord {
                 logging: AtomicBool::new(dirty_log),

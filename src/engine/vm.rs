@@ -188,6 +188,22 @@ impl VmCore {
         })
     }
 
+    /// Adds a region over a host mapping the caller made (a copy-on-write view of the
+    /// snapshot `backing`).
+    pub fn add_mapped_memory(
+        &self,
+        guest_addr: u64,
+        mmap: vm_memory::MmapRegion,
+        readonly: bool,
+        backing: Option<u64>,
+    ) -> Result<Arc<Region>> {
+        self.check_open()?;
+        let max_slots = self.kvm.get_nr_memslots();
+        self.with_fd(|fd| {
+            lock(&self.memory).add_mapped(fd, max_slots, guest_addr, mmap, readonly, false, backing)
+        })
+    }
+
     /// Takes a region out of the guest's address space.
     pub fn remove_memory(&self, region: &Arc<Region>) -> Result<()> {
         self.check_open()?;

@@ -413,6 +413,23 @@ impl Vm {
         crate::py::snapshot::restore(py, self.core(), &snapshot)
     }
 
+    /// A new VM from a snapshot: the same memory regions, as copy-on-write views of the
+    /// snapshot's memory (several VMs from one snapshot share its pages and pay only for
+    /// the pages they write), vCPUs with the same ids and state, and the same irqchip and
+    /// PIT. kvmpy's devices and handlers are not created: add them, then
+    /// `vm.restore(snapshot)` also puts the devices' state back.
+    #[staticmethod]
+    fn from_snapshot(
+        py: Python<'_>,
+        snapshot: PyRef<'_, crate::py::snapshot::Snapshot>,
+    ) -> PyResult<Self> {
+        let core = Arc::clone(&snapshot.inner);
+        let vm = gil::released(py, || VmCore::from_snapshot(&core))?;
+        Ok(Vm {
+            inner: Arc::new(VmHandle(vm)),
+        })
+    }
+
     /// Runs every vCPU on its own native thread until all have stopped, and returns
     /// their final exits (in `vcpus` order). `timeout` applies to each vCPU. With
     /// `until="any"` the first vCPU to stop stops the others; with `until="all"` (the

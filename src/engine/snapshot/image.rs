@@ -1,7 +1,12 @@
-//! The clean copy of a memory region a snapshot keeps: an anonymous mapping holding only
-//! the pages that are not all zero (the others stay unbacked), and which pages those are.
+//! The clean copy of a memory region a snapshot keeps: a memfd holding only the pages
+//! that are not all zero (the others stay holes), mapped shared, and which pages those
+//! are. Other VMs map the same memfd privately: copy-on-write views of the clean image.
 
-use vm_memory::MmapRegion;
+use std::fs::File;
+use std::os::fd::FromRawFd;
+use std::sync::Arc;
+
+use vm_memory::{FileOffset, MmapRegion};
 
 use crate::engine::error::{Error, Result};
 use crate::engine::memory::{Region, PAGE_SIZE};
@@ -28,10 +33,23 @@ fn is_zero(page: &[u8]) -> bool {
     head.iter().all(|b| *b == 0) && words.iter().all(|w| *w == 0) && tail.iter().all(|b| *b == 0)
 }
 
+/// A memfd of `size` bytes (all holes), mapped shared.
 fn map(size: u64) -> Result<MmapRegion> {
     let len = usize::try_from(size)
         .map_err(|_| Error::Memory(format!("memory image of {size:#x} bytes is too large")))?;
-    MmapRegion::new(len)
+    // SAFETY: the name is a NUL-terminated string; the result is checked.
+    let fd = unsafe { libc::memfd_create(c"kvmpy-snapshot".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(Error::ioctl(
+            "memfd_create",
+            vmm_sys_util::errno::Error::last(),
+        ));
+    }
+    // SAFETY: `fd` is a new descriptor nobody else owns; the File closes it.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(size)
+        .map_err(|e| Error::Io(format!("cannot size a {size:#x}-byte snapshot memfd"), e))?;
+    MmapRegion::from_file(FileOffset::new(file, 0), len)
         .map_err(|e| Error::Memory(format!("cannot map {size:#x} bytes for a snapshot: {e}")))
 }
 
@@ -73,6 +91,23 @@ impl RegionImage {
         &self.present
     }
 
+    /// A private (copy-on-write) mapping of the image, for a VM's guest memory: it reads
+    /// as the image and pays only for the pages it writes.
+    pub fn private_view(&self) -> Result<MmapRegion> {
+        let file: &Arc<File> = self
+            .data
+            .file_offset()
+            .map(|f| f.arc())
+            .ok_or_else(|| Error::Memory("snapshot memory has no file".into()))?;
+        MmapRegion::build(
+            Some(FileOffset::from_arc(Arc::clone(file), 0)),
+            self.size as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_NORESERVE,
+        )
+        .map_err(|e| Error::Memory(format!("cannot map a view of snapshot memory: {e}")))
+    }
+
     /// One page of the image.
     pub fn page(&self, page: u64) -> &[u8] {
         assert!(page < self.pages(), "page {page} outside the image");
@@ -112,11 +147,19 @@ impl RegionImage {
         });
     }
 
-    /// Makes `region` (same size) equal to the image: its memory is dropped (reads as zero
-    /// again) and the pages that are not all zero are copied in.
-    pub fn restore_all(&self, region: &Region) -> Result<()> {
-        // SAFETY: the range is exactly the region's private anonymous mapping; dropping
-        // its pages makes them read as zero, and KVM follows through its MMU notifier.
+    /// Makes `region` (same size) equal to the image: its memory is dropped, and the pages
+    /// that are not all zero are copied in; a region that is a view of this image reads as
+    /// the image again once its own pages are dropped.
+    pub fn restore_all(&self, region: &Region, view_of_this: bool) -> Result<()> {
+        if region.backing.is_some() && !view_of_this {
+            // A view of another image: dropping pages would bring that image back.
+            let all = vec![u64::MAX; self.present.len()];
+            self.restore_pages(region, &all);
+            return Ok(());
+        }
+        // SAFETY: the range is exactly the region's private mapping (anonymous, or of a
+        // snapshot memfd); dropping its pages makes them read as zero or as the file
+        // again, and KVM follows through its MMU notifier.
         let ret = unsafe {
             libc::madvise(
                 region.mem.as_ptr().cast(),
@@ -130,7 +173,9 @@ impl RegionImage {
                 vmm_sys_util::errno::Error::last(),
             ));
         }
-        self.restore_pages(region, &self.present);
+        if !view_of_this {
+            self.restore_pages(region, &self.present);
+        }
         Ok(())
     }
 }

@@ -55,6 +55,10 @@ impl Snapshot {
     /// Fails, naming the difference, unless `vm` has this snapshot's layout: the same
     /// memory regions, vCPU ids, irqchip and PIT, and devices with state.
     pub fn check_layout(&self, vm: &VmCore) -> Result<()> {
+        self.check_layout_of(vm, true)
+    }
+
+    fn check_layout_of(&self, vm: &VmCore, devices: bool) -> Result<()> {
         let mismatch = |what: String| {
             Err(Error::Value(format!(
                 "the snapshot does not fit this VM: {what}"
@@ -93,6 +97,9 @@ impl Snapshot {
                 vm.has_irqchip(),
                 vm.has_pit()
             ));
+        }
+        if !devices {
+            return Ok(());
         }
         let names: Vec<&str> = self.devices.iter().map(|(n, _)| n.as_str()).collect();
         let vm_devices = device_names(vm);
@@ -277,8 +284,33 @@ impl VmCore {
     /// Puts the VM back as `snap` saw it. Everything is checked before anything changes:
     /// the layout must match and no vCPU may be running.
     pub fn restore(&self, snap: &Snapshot) -> Result<()> {
+        self.restore_with(snap, true)
+    }
+
+    /// A new VM from a snapshot: its memory regions are copy-on-write views of the
+    /// snapshot's (several VMs share the clean image and pay only for the pages they
+    /// write), its vCPUs and in-kernel chips are as the snapshot saw them. Devices are
+    /// not created: add them, then `restore` puts their state back too.
+    pub fn from_snapshot(snap: &Snapshot) -> Result<Arc<VmCore>> {
+        let vm = VmCore::new(snap.irqchip.is_some(), snap.pit.is_some())?;
+        for image in &snap.regions {
+            vm.add_mapped_memory(
+                image.guest_addr,
+                image.private_view()?,
+                image.readonly,
+                Some(snap.id),
+            )?;
+        }
+        for st in &snap.vcpus {
+            vm.create_vcpu(Some(st.id))?;
+        }
+        vm.restore_with(snap, false)?;
+        Ok(vm)
+    }
+
+    fn restore_with(&self, snap: &Snapshot, devices: bool) -> Result<()> {
         self.check_idle()?;
-        snap.check_layout(self)?;
+        snap.check_layout_of(self, devices)?;
         let vcpus = self.vcpus();
         let mut guards = vcpus
             .iter()
@@ -298,7 +330,7 @@ impl VmCore {
             } else {
                 start_tracking(self, &memory, &mut tracking)?;
                 for (image, region) in snap.regions.iter().zip(memory.regions()) {
-                    image.restore_all(region)?;
+                    image.restore_all(region, region.backing == Some(snap.id))?;
                 }
                 tracking.base = Some(snap.id);
             }
@@ -321,6 +353,9 @@ impl VmCore {
                 v.take_hidden_dirty();
                 v.count_full_restore();
             }
+        }
+        if !devices {
+            return Ok(());
         }
         let bus = self.bus();
         let mut states = snap.devices.iter();
@@ -349,7 +384,7 @@ impl VmCore {
                 let bits = &mut tracking.bits[..words];
                 dirty::read(fd, region, manual, bits)?;
                 if region.record.take(bits) {
-                    image.restore_all(region)?;
+                    image.restore_all(region, region.backing == Some(snap.id))?;
                 } else {
                     image.restore_pages(region, bits);
                 }
