@@ -534,3 +534,21 @@ def _saved(snap: kvmpy.Snapshot, tmp_path: Path) -> Path:
     path = tmp_path / "shared.kvmsnap"
     snap.save(path)
     return path
+
+
+def test_a_changed_layout_is_refused_and_a_restored_one_is_copied_whole(guest_dir: Path) -> None:
+    vm, cpu = make_vm(guest_dir)
+    with vm:
+        snap = vm.snapshot()
+        extra = vm.add_memory(RAM, 0x10000)
+        with pytest.raises(ValueError, match="memory regions"):
+            vm.restore(snap)
+        vm.remove_memory(extra)
+        ram = vm.memory_regions[0]
+        vm.remove_memory(ram)
+        vm.add_memory(0, RAM)  # the same layout, new (zeroed, untracked) memory
+        vm.restore(snap)
+        assert_as_snapshot(vm, snap, [cpu])
+        assert cpu.run(timeout=10).reason == "exit"
+        vm.restore(snap)
+        assert_as_snapshot(vm, snap, [cpu])

@@ -176,6 +176,7 @@ impl VmCore {
             }
         }
         let max_slots = self.kvm.get_nr_memslots();
+        self.forget_snapshot_base();
         self.with_fd(|fd| {
             lock(&self.memory).add(
                 fd,
@@ -199,14 +200,21 @@ impl VmCore {
     ) -> Result<Arc<Region>> {
         self.check_open()?;
         let max_slots = self.kvm.get_nr_memslots();
+        self.forget_snapshot_base();
         self.with_fd(|fd| {
             lock(&self.memory).add_mapped(fd, max_slots, guest_addr, mmap, readonly, false, backing)
         })
     }
 
+    /// The memory layout changes: the next restore copies everything and tracks anew.
+    fn forget_snapshot_base(&self) {
+        lock(&self.tracking).base = None;
+    }
+
     /// Takes a region out of the guest's address space.
     pub fn remove_memory(&self, region: &Arc<Region>) -> Result<()> {
         self.check_open()?;
+        self.forget_snapshot_base();
         self.with_fd(|fd| lock(&self.memory).remove(fd, region))
     }
 

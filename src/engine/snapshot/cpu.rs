@@ -36,9 +36,10 @@ pub struct VcpuState {
     pub interrupts: Vec<u32>,
 }
 
-/// MSRs KVM reported but refused to read or write, found once per process.
-static REFUSED_READ: Mutex<BTreeSet<u32>> = Mutex::new(BTreeSet::new());
-static REFUSED_WRITE: Mutex<BTreeSet<u32>> = Mutex::new(BTreeSet::new());
+/// MSRs KVM reported but refused to read or write, found once per process, for VMs
+/// without and with an in-kernel irqchip (KVM refuses the TSC deadline without a LAPIC).
+static REFUSED_READ: Mutex<[BTreeSet<u32>; 2]> = Mutex::new([BTreeSet::new(), BTreeSet::new()]);
+static REFUSED_WRITE: Mutex<[BTreeSet<u32>; 2]> = Mutex::new([BTreeSet::new(), BTreeSet::new()]);
 
 /// KVM_GET_MSR_INDEX_LIST, asked once, TSC deadline last.
 fn msr_index_list(kvm: &Kvm) -> Result<&'static [u32]> {
@@ -60,8 +61,9 @@ fn msrs_of(entries: &[kvm_msr_entry]) -> Result<Msrs> {
 
 /// Reads every listed MSR KVM lets the host read; one it refuses is dropped and
 /// remembered, so later snapshots do not ask again.
-fn read_msrs(kvm: &Kvm, fd: &VcpuFd) -> Result<Vec<kvm_msr_entry>> {
-    let refused = lock(&REFUSED_READ).clone();
+fn read_msrs(kvm: &Kvm, fd: &VcpuFd, irqchip: bool) -> Result<Vec<kvm_msr_entry>> {
+    let kind = usize::from(irqchip);
+    let refused = lock(&REFUSED_READ)[kind].clone();
     let mut todo: Vec<kvm_msr_entry> = msr_index_list(kvm)?
         .iter()
         .filter(|i| !refused.contains(i))
@@ -79,7 +81,7 @@ fn read_msrs(kvm: &Kvm, fd: &VcpuFd) -> Result<Vec<kvm_msr_entry>> {
             .map_err(|e| Error::ioctl("KVM_GET_MSRS", e))?;
         done.extend_from_slice(&msrs.as_slice()[..n]);
         let skip = if n < chunk {
-            lock(&REFUSED_READ).insert(todo[n].index);
+            lock(&REFUSED_READ)[kind].insert(todo[n].index);
             n + 1
         } else {
             n
@@ -90,8 +92,9 @@ fn read_msrs(kvm: &Kvm, fd: &VcpuFd) -> Result<Vec<kvm_msr_entry>> {
 }
 
 /// Writes MSRs in order; one KVM refuses is skipped (and not offered again).
-fn write_msrs(fd: &VcpuFd, entries: &[kvm_msr_entry]) -> Result<()> {
-    let refused = lock(&REFUSED_WRITE).clone();
+fn write_msrs(fd: &VcpuFd, entries: &[kvm_msr_entry], irqchip: bool) -> Result<()> {
+    let kind = usize::from(irqchip);
+    let refused = lock(&REFUSED_WRITE)[kind].clone();
     let todo: Vec<kvm_msr_entry> = entries
         .iter()
         .filter(|e| !refused.contains(&e.index))
@@ -104,7 +107,7 @@ fn write_msrs(fd: &VcpuFd, entries: &[kvm_msr_entry]) -> Result<()> {
             .set_msrs(&msrs_of(&todo[at..at + chunk])?)
             .map_err(|e| Error::ioctl("KVM_SET_MSRS", e))?;
         if n < chunk {
-            lock(&REFUSED_WRITE).insert(todo[at + n].index);
+            lock(&REFUSED_WRITE)[kind].insert(todo[at + n].index);
             at += 1;
         }
         at += n;
@@ -142,7 +145,7 @@ pub fn capture(vcpu: &VcpuCore, fd: &mut VcpuFd, kvm: &Kvm, irqchip: bool) -> Re
         .map_err(|e| Error::ioctl("KVM_GET_CPUID2", e))?
         .as_slice()
         .to_vec();
-    let msrs = read_msrs(kvm, fd)?;
+    let msrs = read_msrs(kvm, fd, irqchip)?;
     let events = fd
         .get_vcpu_events()
         .map_err(|e| Error::ioctl("KVM_GET_VCPU_EVENTS", e))?;
@@ -180,7 +183,7 @@ pub fn put_all(vcpu: &VcpuCore, fd: &mut VcpuFd, st: &VcpuState) -> Result<()> {
         fd.set_lapic(lapic)
             .map_err(|e| Error::ioctl("KVM_SET_LAPIC", e))?;
     }
-    write_msrs(fd, &st.msrs)?;
+    write_msrs(fd, &st.msrs, st.lapic.is_some())?;
     fd.set_vcpu_events(&st.events)
         .map_err(|e| Error::ioctl("KVM_SET_VCPU_EVENTS", e))?;
     vcpu.set_queued_interrupts(&st.interrupts);
