@@ -368,6 +368,12 @@ def test_snapshot_reading_is_checked(guest_dir: Path) -> None:
     with vm:
         snap = vm.snapshot()
     assert snap.memory_regions == [(0, RAM)]
+    with pytest.raises(kvmpy.VmClosedError):
+        vm.snapshot()
+    with pytest.raises(kvmpy.VmClosedError):
+        vm.restore(snap)
+    with pytest.raises(TypeError):
+        kvmpy.Vm().restore(object())  # type: ignore[arg-type]
     with pytest.raises(kvmpy.GuestMemoryError):
         snap.read(RAM - 4, 8)
     with pytest.raises(IndexError):

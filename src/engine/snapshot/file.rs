@@ -33,6 +33,9 @@ use crate::engine::snapshot::{next_id, Snapshot};
 const MAGIC: &[u8; 8] = b"KVMPYSNP";
 pub const FORMAT_VERSION: u32 = 1;
 const PAGE: usize = 4096;
+/// The most guest memory a file may describe (4 TiB): what is mapped and tracked for it
+/// is allocated before the pages are read.
+const MAX_MEMORY: u64 = 1 << 42;
 
 /// The sizes of the KVM structs a file stores, in the order the header lists them: a file
 /// written against another KVM ABI is refused.
@@ -320,8 +323,13 @@ pub fn parse(data: &[u8], host_vendor: [u8; 12]) -> Result<Snapshot> {
             Ok((name, r.bytes("a device state")?.to_vec()))
         })
         .collect::<Result<Vec<_>>>()?;
+    let mut total = 0u64;
     let regions = (0..r.u32("the region count")?)
-        .map(|_| read_region(&mut r))
+        .map(|_| {
+            let region = read_region(&mut r, MAX_MEMORY - total)?;
+            total += region.size;
+            Ok(region)
+        })
         .collect::<Result<Vec<_>>>()?;
     if r.at != r.data.len() {
         return Err(bad("data after the last memory region"));
@@ -357,12 +365,18 @@ fn read_vcpu(r: &mut Reader<'_>) -> Result<VcpuState> {
     })
 }
 
-fn read_region(r: &mut Reader<'_>) -> Result<RegionImage> {
+fn read_region(r: &mut Reader<'_>, room: u64) -> Result<RegionImage> {
     let guest_addr = r.u64("a region's address")?;
     let size = r.u64("a region's size")?;
     let readonly = r.flag("a region's read-only flag")?;
     crate::engine::memory::check_layout(guest_addr, size)
         .map_err(|e| bad(format_args!("a memory region: {e}")))?;
+    if size > room {
+        return Err(Error::Value(format!(
+            "the snapshot file describes more than {MAX_MEMORY:#x} bytes of guest memory, \
+             more than kvmpy loads"
+        )));
+    }
     let count = r.u64("a region's page count")?;
     let pages = size / PAGE as u64;
     // Every stored page takes 8 + 4096 bytes: a count larger than what is left is corrupt
@@ -440,6 +454,21 @@ mod tests {
             bad[i] ^= 0x40;
             assert!(parse(&bad, [0; 12]).is_err(), "byte {i} flipped");
         }
+    }
+
+    #[test]
+    fn a_file_describing_too_much_memory_is_refused() {
+        let data = bytes_of(&tiny());
+        // The region's size follows its address, at a fixed distance from the end: the
+        // checksum (8), the stored page (8 + 4096), the page count (8), the flag (1).
+        let at = data.len() - 8 - 4104 - 8 - 1 - 8;
+        let mut big = data.clone();
+        big[at..at + 8].copy_from_slice(&(1u64 << 50).to_le_bytes());
+        let body = big.len() - 8;
+        let sum = checksum(&big[..body]).to_le_bytes();
+        big[body..].copy_from_slice(&sum);
+        let err = parse(&big, [0; 12]).err().unwrap().to_string();
+        assert!(err.contains("more than"), "{err}");
     }
 
     #[test]
