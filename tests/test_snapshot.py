@@ -213,6 +213,7 @@ def test_with_irqchip_and_pit(guest_dir: Path) -> None:
     vm, cpu = make_vm(guest_dir, irqchip=True, pit=True)
     with vm:
         snap = vm.snapshot()
+        cpu.set_sregs(cr8=5)  # the in-kernel LAPIC's task priority
         vm.set_irq_line(4, True)
         assert cpu.run(timeout=10).reason == "exit"
         vm.restore(snap)
