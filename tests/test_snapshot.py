@@ -453,6 +453,12 @@ def test_bad_snapshot_files_name_the_problem(guest_dir: Path, tmp_path: Path) ->
             kvmpy.Snapshot.load(bad)
     with pytest.raises(FileNotFoundError):
         kvmpy.Snapshot.load(tmp_path / "missing.kvmsnap")
+    with kvmpy.Vm() as empty:
+        with pytest.raises(FileNotFoundError, match="cannot write"):
+            empty.snapshot().save(tmp_path / "no" / "such" / "dir.kvmsnap")
+        with pytest.raises(IsADirectoryError):
+            empty.snapshot().save(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir() if "partial" in p.name) == []
     with pytest.raises(TypeError):
         kvmpy.Snapshot.load(42)  # type: ignore[arg-type]
     with kvmpy.Vm() as other:  # a loaded snapshot is checked against the VM like any other

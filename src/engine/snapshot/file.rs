@@ -171,12 +171,19 @@ pub fn save(snap: &Snapshot, path: &std::path::Path) -> Result<()> {
     }
     let sum = checksum(&w.0);
     w.u64(sum);
-    let tmp = path.with_extension("kvmsnap-partial");
-    let io = |e: std::io::Error| Error::Io(format!("cannot write {}", path.display()), e);
-    let mut f = std::fs::File::create(&tmp).map_err(io)?;
-    f.write_all(&w.0).map_err(io)?;
-    f.sync_all().map_err(io)?;
-    std::fs::rename(&tmp, path).map_err(io)
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".partial");
+    let tmp = std::path::PathBuf::from(tmp);
+    let written = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(&w.0)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    written.map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        Error::Io(format!("cannot write {}", path.display()), e)
+    })
 }
 
 struct Reader<'a> {
