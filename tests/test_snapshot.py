@@ -465,6 +465,26 @@ def test_bad_snapshot_files_name_the_problem(guest_dir: Path, tmp_path: Path) ->
         other.add_memory(0, RAM // 2)
         with pytest.raises(ValueError, match="memory regions"):
             other.restore(kvmpy.Snapshot.load(path))
+    with kvmpy.Vm() as empty:  # a VM without vCPUs round-trips too
+        empty.add_memory(0x10000, 0x2000).write(0, b"only memory")
+        empty.snapshot().save(tmp_path / "empty.kvmsnap")
+        loaded = kvmpy.Snapshot.load(tmp_path / "empty.kvmsnap")
+        assert loaded.vcpu_ids == [] and loaded.read(0x10000, 11) == b"only memory"
+
+
+def test_snapshots_and_views_release_their_memory_and_fds(guest_dir: Path) -> None:
+    vm, _ = make_vm(guest_dir)
+    with vm:
+        for _ in range(5):
+            kvmpy.Vm.from_snapshot(vm.snapshot()).close()
+        fds, rss = open_fds(), rss_kib()
+        for _ in range(200):
+            snap = vm.snapshot()
+            other = kvmpy.Vm.from_snapshot(snap)
+            other.close()
+            del snap, other
+        assert open_fds() == fds
+        assert rss_kib() - rss < 16 * 1024, "RSS grew by more than 16 MiB over 200 snapshots"
 
 
 def test_restore_to_the_exit_instruction_runs_it_again(guest_dir: Path) -> None:

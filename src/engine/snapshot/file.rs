@@ -111,18 +111,14 @@ impl Writer {
     }
 }
 
-/// Writes `snap` to `path` (through a temporary file renamed into place).
-pub fn save(snap: &Snapshot, path: &std::path::Path) -> Result<()> {
+/// Writes `snap` to `path` (through a temporary file renamed into place); `cpu_vendor`
+/// is the vendor of the CPU the snapshot was taken on.
+pub fn save(snap: &Snapshot, path: &std::path::Path, cpu_vendor: [u8; 12]) -> Result<()> {
     let mut w = Writer(Vec::new());
     w.raw(MAGIC);
     w.u32(FORMAT_VERSION);
     w.bytes(env!("CARGO_PKG_VERSION").as_bytes());
-    let cpuid = snap
-        .vcpus
-        .first()
-        .map(|v| v.cpuid.as_slice())
-        .unwrap_or(&[]);
-    w.raw(&vendor(cpuid));
+    w.raw(&cpu_vendor);
     for s in struct_sizes() {
         w.u32(s);
     }
@@ -432,7 +428,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("kvmpy-file-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join(format!("{}.kvmsnap", snap.id));
-        save(snap, &path).unwrap();
+        save(snap, &path, [0; 12]).unwrap();
         let data = std::fs::read(&path).unwrap();
         std::fs::remove_file(&path).unwrap();
         data

@@ -39,6 +39,12 @@ pub struct Snapshot {
     pub devices: Vec<(String, Vec<u8>)>,
 }
 
+/// This host's CPU vendor, as KVM reports it to guests.
+fn host_vendor() -> Result<[u8; 12]> {
+    let kvm = crate::engine::kvm::shared()?;
+    Ok(file::vendor(crate::engine::kvm::supported_cpuid(&kvm)?))
+}
+
 /// A fresh snapshot id.
 pub fn next_id() -> u64 {
     static NEXT: AtomicU64 = AtomicU64::new(1);
@@ -113,15 +119,17 @@ impl Snapshot {
 
     /// Writes the snapshot to a file (see `file` for the format).
     pub fn save(&self, path: &std::path::Path) -> Result<()> {
-        file::save(self, path)
+        let vendor = match self.vcpus.first() {
+            Some(v) => file::vendor(&v.cpuid),
+            None => host_vendor()?,
+        };
+        file::save(self, path, vendor)
     }
 
     /// Reads a snapshot file, checking all of it; a file from another CPU vendor is
     /// refused.
     pub fn load(path: &std::path::Path) -> Result<Snapshot> {
-        let kvm = crate::engine::kvm::shared()?;
-        let host = file::vendor(crate::engine::kvm::supported_cpuid(&kvm)?);
-        file::load(path, host)
+        file::load(path, host_vendor()?)
     }
 
     /// The bytes at guest physical `gpa` as the snapshot saw them.
