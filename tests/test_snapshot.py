@@ -377,6 +377,10 @@ def test_snapshot_reading_is_checked(guest_dir: Path) -> None:
         kvmpy.Vm().restore(object())  # type: ignore[arg-type]
     with pytest.raises(kvmpy.GuestMemoryError):
         snap.read(RAM - 4, 8)
+    for gpa, n in ((0, 1 << 62), (RAM, 1), (2**64 - 1, 2), (0, 2**64 - 1)):
+        with pytest.raises(kvmpy.GuestMemoryError):
+            snap.read(gpa, n)
+    assert snap.read(RAM - 4, 4) == bytes(4) and snap.read(0, 0) == b""
     with pytest.raises(IndexError):
         snap.regs(1)
     assert "vcpus=1" in repr(snap)

@@ -50,9 +50,8 @@ impl Snapshot {
         gpa: Int<u64>,
         n: Int<usize>,
     ) -> PyResult<Bound<'py, PyBytes>> {
-        let mut buf = vec![0; n.0];
-        self.inner.read(gpa.0, &mut buf)?;
-        Ok(PyBytes::new(py, &buf))
+        self.inner.check_range(gpa.0, n.0 as u64)?;
+        PyBytes::new_with(py, n.0, |buf| Ok(self.inner.read(gpa.0, buf)?))
     }
 
     /// The general registers of the vCPU at `index` (in `vcpu_ids` order).

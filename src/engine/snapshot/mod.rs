@@ -132,6 +132,33 @@ impl Snapshot {
         file::load(path, host_vendor()?)
     }
 
+    /// Fails unless `[gpa, gpa + len)` lies in the snapshot's memory.
+    pub fn check_range(&self, gpa: u64, len: u64) -> Result<()> {
+        let mut at = gpa;
+        let end = gpa.checked_add(len);
+        while Some(at) < end {
+            match self
+                .regions
+                .iter()
+                .find(|r| r.guest_addr <= at && at < r.guest_addr + r.size)
+            {
+                Some(r) => at = r.guest_addr + r.size,
+                None => {
+                    return Err(Error::Memory(format!(
+                        "guest physical range {gpa:#x} + {len:#x} bytes is not entirely inside \
+                         the snapshot's memory"
+                    )))
+                }
+            }
+        }
+        if end.is_none() {
+            return Err(Error::Memory(format!(
+                "guest physical range {gpa:#x} + {len:#x} bytes overflows"
+            )));
+        }
+        Ok(())
+    }
+
     /// The bytes at guest physical `gpa` as the snapshot saw them.
     pub fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<()> {
         let mut done = 0;
