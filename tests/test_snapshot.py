@@ -508,6 +508,24 @@ def test_restore_to_the_exit_instruction_runs_it_again(guest_dir: Path) -> None:
         assert (cpu.regs.rip, cpu.regs.rbx) == (RANDOM_CODE + 7, 1)
 
 
+def test_a_vm_from_a_snapshot_gets_its_cpuid(guest_dir: Path) -> None:
+    vm = kvmpy.Vm()
+    with vm:
+        vm.add_memory(0, RAM)
+        cpu = vm.create_vcpu()
+        entries = [
+            kvmpy.CpuidEntry(e.function, e.index, e.flags, e.eax, e.ebx, e.ecx & ~(1 << 31), e.edx)
+            if e.function == 1
+            else e
+            for e in cpu.get_cpuid()
+        ]
+        cpu.set_cpuid(entries)  # no "hypervisor present" bit
+        snap = vm.snapshot()
+    with kvmpy.Vm.from_snapshot(snap) as other:
+        leaf1 = next(e for e in other.vcpus[0].get_cpuid() if e.function == 1)
+        assert leaf1.ecx & (1 << 31) == 0
+
+
 def snapshot_views() -> int:
     """How many mappings of snapshot memory this process has."""
     with open("/proc/self/maps") as f:

@@ -324,7 +324,7 @@ impl VmCore {
 
     /// A new VM from a snapshot: its memory regions are copy-on-write views of the
     /// snapshot's (several VMs share the clean image and pay only for the pages they
-    /// write), its vCPUs and in-kernel chips are as the snapshot saw them. Devices are
+    /// write), its vCPUs (CPUID included) and in-kernel chips are as the snapshot saw them. Devices are
     /// not created: add them, then `restore` puts their state back too.
     pub fn from_snapshot(snap: &Snapshot) -> Result<Arc<VmCore>> {
         let vm = VmCore::new(snap.irqchip.is_some(), snap.pit.is_some())?;
@@ -337,7 +337,8 @@ impl VmCore {
             )?;
         }
         for st in &snap.vcpus {
-            vm.create_vcpu(Some(st.id))?;
+            // The CPUID the snapshot was taken with (a file's may come from another host).
+            vm.create_vcpu(Some(st.id))?.set_cpuid(&st.cpuid)?;
         }
         vm.restore_with(snap, false)?;
         Ok(vm)
