@@ -415,8 +415,8 @@ impl Vm {
 
     /// A new VM from a snapshot: the same memory regions, as copy-on-write views of the
     /// snapshot's memory (several VMs from one snapshot share its pages and pay only for
-    /// the pages they write), vCPUs with the same ids and state, and the same irqchip and
-    /// PIT. kvmpy's devices and handlers are not created: add them, then
+    /// the pages they write), vCPUs with the same ids, CPUID and state, and the same
+    /// irqchip and PIT. kvmpy's devices and handlers are not created: add them, then
     /// `vm.restore(snapshot)` also puts the devices' state back.
     #[staticmethod]
     fn from_snapshot(
