@@ -9,7 +9,9 @@ Measures, in one run and interleaved repetition by repetition:
 3. VM creation (VM + 64 MiB + 1 vCPU, then close): raw C, kvmpy, plain Python;
 4. register round trip (read + write the general registers): raw C, kvmpy, plain Python;
 5. multi-vCPU exit throughput with 1 and 2 vCPUs: raw C, kvmpy Rust devices, Python handlers;
-6. a run with a timeout: kvmpy's ``cpu.run()`` against ``cpu.run(timeout=10.0)``, one exit each.
+6. a run with a timeout: kvmpy's ``cpu.run()`` against ``cpu.run(timeout=10.0)``, one exit each;
+7. a snapshot reset loop (run a target writing N pages, restore): raw C against kvmpy, and a
+   4 GiB guest against a 64 MiB one.
 
 Prints a markdown report (median, spread, ratios, targets) and writes every repetition's
 value as JSON. Targets are reported as pass/MISS and never fail the run.
@@ -34,7 +36,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from benchmarks import cext_cases, kvmpy_cases, rawpy, unicorn_cases
+from benchmarks import cext_cases, kvmpy_cases, rawpy, snapshot_cases, unicorn_cases
 from benchmarks.common import (
     BenchError,
     ExitServer,
@@ -59,7 +61,7 @@ from benchmarks.report import (
     paired_ratios,
 )
 
-FIGURES = ("exits", "compute", "create", "regs", "multi", "timeout")
+FIGURES = ("exits", "compute", "create", "regs", "multi", "timeout", "snapshot")
 DEFAULT_JSON = Path(__file__).resolve().parent / "results.json"
 
 RUST_EXIT_TARGET = Target("ratio", 1.05, "≤ 1.05× raw C")
@@ -95,6 +97,9 @@ class Config:
     timeout_k: int
     """Runs (one exit each) per repetition in the timeout figure."""
     timeout_reps: int
+    snapshot_k: int
+    """Run + restore iterations per repetition in the snapshot figure."""
+    snapshot_reps: int
 
 
 FULL = Config(
@@ -111,6 +116,8 @@ FULL = Config(
     multi_reps=21,
     timeout_k=1_000,
     timeout_reps=201,
+    snapshot_k=1_000,
+    snapshot_reps=21,
 )
 SMOKE = Config(
     reps=2,
@@ -126,6 +133,8 @@ SMOKE = Config(
     multi_reps=1,
     timeout_k=20,
     timeout_reps=2,
+    snapshot_k=10,
+    snapshot_reps=1,
 )
 
 
@@ -492,6 +501,32 @@ HEADLINES = [
     Headline(
         "2 vCPUs, Python handlers: kvmpy ÷ raw C (time per exit)", "multi", "python2", "rawc2"
     ),
+    *(
+        Headline(
+            f"Snapshot reset, N={n} pages: kvmpy ÷ raw C",
+            "snapshot",
+            f"kvmpy{n}",
+            f"rawc{n}",
+            snapshot_cases.RESET_TARGET,
+        )
+        for n in snapshot_cases.PAGES
+    ),
+    *(
+        Headline(
+            f"Snapshot reset, N={n}: kvmpy ÷ raw C that also restores the FPU state",
+            "snapshot",
+            f"kvmpy{n}",
+            f"rawfpu{n}",
+        )
+        for n in (1, 16)
+    ),
+    Headline(
+        "Snapshot reset, N=16: 4 GiB guest ÷ 64 MiB guest",
+        "snapshot",
+        "big16",
+        "kvmpy16",
+        snapshot_cases.SIZE_TARGET,
+    ),
     Headline(
         "Run with a timeout − run without (per run)",
         "timeout",
@@ -589,6 +624,7 @@ def main(argv: list[str] | None = None) -> int:
             compute_reps=args.reps,
             multi_reps=args.reps,
             timeout_reps=args.reps,
+            snapshot_reps=args.reps,
         )
     figures = FIGURES
     if args.only:
@@ -642,6 +678,9 @@ def main(argv: list[str] | None = None) -> int:
                 "regs": runner.regs,
                 "multi": runner.multi,
                 "timeout": runner.timeout,
+                "snapshot": lambda: snapshot_cases.figure(
+                    raw, guest_path("snapshot64"), cfg.snapshot_k, cfg.snapshot_reps, cfg.warmup
+                ),
             }
             results: list[Figure] = []
             for name in figures:

@@ -12,6 +12,13 @@
  *   raw_kvm serve   GUEST.bin        counter64 (N OUTs to 0x11, then OUT to 0xF4) on one VM
  *                                    kept for many runs: reads N from each stdin line, runs
  *                                    the guest from its entry, answers one JSON line
+ *   raw_kvm reset   GUEST.bin MIB    snapshot64 in a MIB MiB VM with dirty logging, kept for
+ *                                    many runs: reads "N K F" from each stdin line and does K
+ *                                    fuzzing-style iterations (registers through kvm_run's
+ *                                    sync area, run to the OUT to 0xF4 after N pages were
+ *                                    written, KVM_GET_DIRTY_LOG, copy the dirty pages back
+ *                                    from a clean copy; with F=1 also KVM_SET_XSAVE), answers
+ *                                    one JSON line
  *
  * The VM setup, shared with cext_exit.c, is in raw_kvm.h: kvmpy's
  * `setup_long_mode(user=True)` (GDT at 0x1000, TSS with a full I/O permission bitmap at
@@ -189,6 +196,83 @@ static void mode_serve(const char *bin) {
     vm_destroy(&v);
 }
 
+/* The fuzzing-style reset floor: what a snapshot restore must do at the least. */
+static void mode_reset(const char *bin, uint64_t mib) {
+    vm_t v;
+    vcpu_t c;
+    if (mib < 2 || mib > (1u << 20)) {
+        errno = EINVAL;
+        DIE("bad memory size %llu MiB", (unsigned long long)mib);
+    }
+    vm_create(&v, (size_t)mib << 20);
+    load_guest(&v, bin);
+    write_tables(&v);
+    vcpu_create(&v, &c, 0);
+    setup_long(&c, 0);
+    struct kvm_userspace_memory_region r = {.slot = 0, .flags = KVM_MEM_LOG_DIRTY_PAGES,
+                                            .guest_phys_addr = 0, .memory_size = v.memsz,
+                                            .userspace_addr = (uint64_t)v.mem};
+    if (ioctl(v.vm, KVM_SET_USER_MEMORY_REGION, &r) < 0) DIE("KVM_SET_USER_MEMORY_REGION");
+    size_t pages = v.memsz / 4096, words = (pages + 63) / 64;
+    uint64_t *bitmap = calloc(words, 8);
+    /* The clean copy: the guest uses its first 2 MiB; the rest stays zero on both sides. */
+    uint8_t *clean = mmap(NULL, v.memsz, PROT_READ | PROT_WRITE,
+                          MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (!bitmap || clean == MAP_FAILED) DIE("allocate the clean copy");
+    memcpy(clean, v.mem, GUEST_MEM);
+    struct kvm_dirty_log log = {.slot = 0, .dirty_bitmap = bitmap};
+    if (ioctl(v.vm, KVM_GET_DIRTY_LOG, &log) < 0) DIE("KVM_GET_DIRTY_LOG");
+    struct kvm_regs regs;
+    if (ioctl(c.fd, KVM_GET_REGS, &regs) < 0) DIE("KVM_GET_REGS");
+    struct kvm_xsave xsave;
+    if (ioctl(c.fd, KVM_GET_XSAVE, &xsave) < 0) DIE("KVM_GET_XSAVE");
+    c.run->kvm_valid_regs = KVM_SYNC_X86_REGS;
+    char line[64];
+    while (fgets(line, sizeof line, stdin)) {
+        unsigned long long n, k, fpu, copied = 0;
+        if (sscanf(line, "%llu %llu %llu", &n, &k, &fpu) != 3) {
+            errno = EINVAL;
+            DIE("expected 'N K F'");
+        }
+        regs.rdi = n;
+        regs.rsi = 0x100;
+        double t0 = now();
+        for (uint64_t i = 0; i < k; i++) {
+            c.run->s.regs.regs = regs;
+            c.run->kvm_dirty_regs = KVM_SYNC_X86_REGS;
+            int e = kvm_run(&c);
+            if (e != KVM_EXIT_IO || c.run->io.port != PORT_EXIT) {
+                errno = 0;
+                DIE("unexpected exit %d", e);
+            }
+            if (ioctl(v.vm, KVM_GET_DIRTY_LOG, &log) < 0) DIE("KVM_GET_DIRTY_LOG");
+            if (fpu && ioctl(c.fd, KVM_SET_XSAVE, &xsave) < 0) DIE("KVM_SET_XSAVE");
+            for (size_t w = 0; w < words; w++) {
+                uint64_t bits = bitmap[w];
+                while (bits) {
+                    size_t p = w * 64 + (size_t)__builtin_ctzll(bits);
+                    memcpy(v.mem + p * 4096, clean + p * 4096, 4096);
+                    bits &= bits - 1;
+                    copied++;
+                }
+            }
+        }
+        double dt = now() - t0;
+        if (copied < n * k) {
+            errno = 0;
+            DIE("copied %llu pages, expected at least %llu", copied, n * k);
+        }
+        printf("{\"mode\": \"reset\", \"n\": %llu, \"k\": %llu, \"fpu\": %llu, "
+               "\"pages\": %llu, \"seconds\": %.9f}\n",
+               n, k, fpu, copied, dt);
+        fflush(stdout);
+    }
+    munmap(clean, v.memsz);
+    free(bitmap);
+    vcpu_destroy(&c);
+    vm_destroy(&v);
+}
+
 typedef struct {
     vcpu_t c;
     pthread_barrier_t *start;
@@ -243,7 +327,7 @@ static void mode_multi(const char *bin, uint64_t n, int threads) {
 int main(int argc, char **argv) {
     if (argc < 3) {
         fprintf(stderr, "usage: raw_kvm compute GUEST.bin N | native|regs N | create N [MAPS] | "
-                        "multi GUEST.bin N THREADS | serve GUEST.bin\n");
+                        "multi GUEST.bin N THREADS | serve GUEST.bin | reset GUEST.bin MIB\n");
         return 2;
     }
     const char *mode = argv[1];
@@ -257,6 +341,7 @@ int main(int argc, char **argv) {
         mode_create(parse_u64(argv[2]), argc == 4 ? parse_u64(argv[3]) : 0);
     else if (!strcmp(mode, "regs") && argc == 3) mode_regs(parse_u64(argv[2]));
     else if (!strcmp(mode, "serve") && argc == 3) mode_serve(argv[2]);
+    else if (!strcmp(mode, "reset") && argc == 4) mode_reset(argv[2], parse_u64(argv[3]));
     else if (!strcmp(mode, "multi") && argc == 5)
         mode_multi(argv[2], parse_u64(argv[3]), (int)parse_u64(argv[4]));
     else {

@@ -27,7 +27,10 @@ def test_stub_docstrings_match_the_runtime() -> None:
             checked += 1
         for item in node.body:
             if isinstance(item, ast.FunctionDef) and ast.get_docstring(item) is not None:
-                runtime = inspect.cleandoc(cls.__dict__[item.name].__doc__)
+                member = cls.__dict__[item.name]
+                if isinstance(member, staticmethod):
+                    member = member.__func__
+                runtime = inspect.cleandoc(member.__doc__)
                 assert words(ast.get_docstring(item) or "") == words(runtime), (
                     f"{node.name}.{item.name}"
                 )

@@ -31,6 +31,7 @@ __all__ = [
     "MmioExit",
     "Regs",
     "Segment",
+    "Snapshot",
     "Sregs",
     "SystemEventExit",
     "Uart",
@@ -128,13 +129,52 @@ class LoadedImage:
         """Guest physical address of the multiboot_info structure (Multiboot kernels only)."""
 
 @final
+class Snapshot:
+    """A whole VM at an exit boundary: every vCPU's state as KVM holds it (general, special,
+    FPU/SSE/AVX and debug registers, XCRs, the MSRs KVM lists, vCPU events, MP state, and
+    with an irqchip the LAPIC, PIC, IOAPIC and PIT), guest memory and the state of
+    kvmpy's devices (console and UART buffers, UART registers, queued interrupts).
+
+    Made by `Vm.snapshot()`; put back with `Vm.restore(snapshot)`, into the same VM or
+    another with the same memory layout, vCPUs and devices. Immutable.
+    """
+    @property
+    def vcpu_ids(self) -> list[int]:
+        """The ids of the snapshot's vCPUs, in the VM's order."""
+    @property
+    def memory_regions(self) -> list[tuple[int, int]]:
+        """`(guest_addr, size)` of each memory region, by address."""
+    def read(self, gpa: int, n: int) -> bytes:
+        """Reads `n` bytes of the snapshot's guest physical memory at `gpa`."""
+    def regs(self, index: int) -> Regs:
+        """The general registers of the vCPU at `index` (in `vcpu_ids` order)."""
+    def sregs(self, index: int) -> Sregs:
+        """The special registers of the vCPU at `index` (in `vcpu_ids` order)."""
+    def msrs(self, index: int) -> dict[int, int]:
+        """The MSRs saved for the vCPU at `index`: `{index: value}`."""
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Writes the snapshot to a file: a versioned format (kvmpy and CPU vendor in the
+        header) holding every vCPU's state, device state and the memory pages that are
+        not all zero, with a checksum.
+        """
+    @staticmethod
+    def load(path: str | os.PathLike[str]) -> Snapshot:
+        """Reads a snapshot file written by `save`. A file that is truncated, corrupt, of a
+        newer format version, written for another KVM structure layout or taken on
+        another CPU vendor raises `ValueError` naming the problem (`OSError` when it cannot
+        be read). Whether it fits a VM is checked by `Vm.restore`.
+        """
+
+@final
 class MemoryRegion:
     """A region of guest physical memory backed by host memory.
 
     Offsets given to `read`/`write` are relative to the region's start. The region also
     supports the buffer protocol: `memoryview(region)` is a live, writable view of guest
     memory that stays valid for as long as it exists, even after the region is removed
-    or the VM closed.
+    or the VM closed. Writes through a view cannot be tracked page by page: a snapshot
+    restore copies a region back whole when a view of it existed since the last snapshot
+    or restore.
     """
     @property
     def guest_addr(self) -> int:
@@ -584,8 +624,11 @@ class Vcpu:
         entering the guest: a stop is never lost to a run that is just starting.
         """
     def stats(self) -> dict[str, int]:
-        """Counters since the vCPU was created: `exits` (returns from `KVM_RUN`) and
-        `handler_calls` (Python handler calls, the only times the run loop takes the GIL).
+        """Counters since the vCPU was created: `exits` (returns from `KVM_RUN`),
+        `handler_calls` (Python handler calls, the only times the run loop takes the GIL)
+        and `full_restores` (snapshot restores that rewrote all of the vCPU's state; the
+        others put back only the general registers and the FPU/SSE/AVX state, because
+        nothing else can have changed).
         """
     @property
     def vm(self) -> Vm:
@@ -775,6 +818,27 @@ class Vm:
         """Stops running vCPUs, closes the VM's and vCPUs' fds and detaches memory regions.
         Idempotent. Raises `VcpuBusyError` when called from a handler of this VM's own
         vCPU (stop the run with `exit.stop()` and close after `run()` returns).
+        """
+    def snapshot(self) -> Snapshot:
+        """Captures the whole VM (see `Snapshot`) at this exit boundary. No vCPU may be
+        running (`VcpuBusyError`); an access a handler answered is completed first; a read
+        returned by `run()` must be answered with `respond()` first. From now on KVM logs
+        the pages the guest writes, so `restore` copies back only what changed.
+        """
+    def restore(self, snapshot: Snapshot) -> None:
+        """Puts the VM back as `snapshot` saw it: memory (only the pages written since the
+        snapshot or the last restore; a whole region if a writable view of it was
+        exported since), every vCPU's state, the irqchip and PIT, kvmpy's devices. The
+        snapshot may come from another VM with the same memory regions, vCPU ids and
+        devices; a mismatch raises `ValueError` before anything changes.
+        """
+    @staticmethod
+    def from_snapshot(snapshot: Snapshot) -> Vm:
+        """A new VM from a snapshot: the same memory regions, as copy-on-write views of the
+        snapshot's memory (several VMs from one snapshot share its pages and pay only for
+        the pages they write), vCPUs with the same ids, CPUID and state, and the same irqchip and
+        PIT. kvmpy's devices and handlers are not created: add them, then
+        `vm.restore(snapshot)` also puts the devices' state back.
         """
     def __enter__(self) -> Vm: ...
     def __exit__(self, *args: object) -> None: ...

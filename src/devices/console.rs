@@ -54,6 +54,20 @@ impl Device for ConsoleDev {
         Ok(Action::Continue)
     }
 
+    fn has_state(&self) -> bool {
+        true
+    }
+
+    /// The bytes collected so far.
+    fn save_state(&self) -> Option<Vec<u8>> {
+        Some(self.take(false))
+    }
+
+    fn restore_state(&self, state: &[u8]) -> Result<()> {
+        *lock(&self.buf) = state.to_vec();
+        Ok(())
+    }
+
     fn as_any(&self) -> &dyn Any {
         self
     }
@@ -73,5 +87,15 @@ mod tests {
         assert!(out.len() <= 8);
         assert!(b"abcdefghij".ends_with(&out));
         assert!(dev.take(false).is_empty());
+    }
+
+    #[test]
+    fn state_round_trips() {
+        let dev = ConsoleDev::new(0x3f8, 64);
+        dev.write(b"before");
+        let state = dev.save_state().unwrap();
+        dev.write(b" after");
+        dev.restore_state(&state).unwrap();
+        assert_eq!(dev.take(false), b"before");
     }
 }

@@ -6,7 +6,7 @@ use std::any::Any;
 use std::collections::VecDeque;
 use std::sync::Mutex;
 
-use crate::engine::{lock, Action, Device, Result, VcpuCtx};
+use crate::engine::{lock, Action, Device, Error, Result, VcpuCtx};
 
 const THR_RBR_DLL: u16 = 0;
 const IER_DLM: u16 = 1;
@@ -132,6 +132,46 @@ impl UartDev {
     }
 }
 
+impl Regs {
+    /// The registers, then the receive queue and the output, each after its length (u32 LE).
+    fn to_bytes(&self) -> Vec<u8> {
+        let mut out = vec![
+            self.ier, self.lcr, self.mcr, self.scr, self.fcr, self.dll, self.dlm,
+        ];
+        let input: Vec<u8> = self.input.iter().copied().collect();
+        for part in [&input, &self.output] {
+            out.extend_from_slice(&(part.len() as u32).to_le_bytes());
+            out.extend_from_slice(part);
+        }
+        out
+    }
+
+    fn from_bytes(bytes: &[u8]) -> Option<Regs> {
+        let (head, mut rest) = bytes.split_at_checked(7)?;
+        let mut parts = Vec::new();
+        for _ in 0..2 {
+            let (len, tail) = rest.split_at_checked(4)?;
+            let len = u32::from_le_bytes(len.try_into().ok()?) as usize;
+            let (part, tail) = tail.split_at_checked(len)?;
+            parts.push(part.to_vec());
+            rest = tail;
+        }
+        let output = parts.pop()?;
+        let input = parts.pop()?;
+        rest.is_empty().then(|| Regs {
+            ier: head[0],
+            lcr: head[1],
+            mcr: head[2],
+            scr: head[3],
+            fcr: head[4],
+            dll: head[5],
+            dlm: head[6],
+            input: input.into(),
+            output,
+        })
+    }
+}
+
 impl Device for UartDev {
     fn name(&self) -> String {
         format!(
@@ -153,6 +193,22 @@ impl Device for UartDev {
             self.write(port.wrapping_add(k as u16), *b);
         }
         Ok(Action::Continue)
+    }
+
+    fn has_state(&self) -> bool {
+        true
+    }
+
+    /// Registers, receive queue and output.
+    fn save_state(&self) -> Option<Vec<u8>> {
+        Some(self.regs().to_bytes())
+    }
+
+    fn restore_state(&self, state: &[u8]) -> Result<()> {
+        let regs = Regs::from_bytes(state)
+            .ok_or_else(|| Error::Value(format!("{}: malformed saved state", self.name())))?;
+        *self.regs() = regs;
+        Ok(())
     }
 
     fn as_any(&self) -> &dyn Any {
@@ -188,5 +244,24 @@ mod tests {
         u.write(0x3ff, 0x5a);
         assert_eq!(u.read(0x3ff), 0x5a);
         assert_eq!(u.read(0x3fa) & 1, 1); // no interrupt pending
+    }
+
+    #[test]
+    fn state_round_trips_and_bad_state_is_refused() {
+        let u = UartDev::new(0x3f8, 1024);
+        u.write(0x3fb, 0x03);
+        u.write(0x3ff, 0x42);
+        u.write(0x3f8, b'x');
+        u.feed(b"in");
+        let state = u.save_state().unwrap();
+        u.write(0x3ff, 0);
+        u.write(0x3f8, b'y');
+        assert_eq!(u.read(0x3f8), b'i');
+        u.restore_state(&state).unwrap();
+        assert_eq!(u.read(0x3ff), 0x42);
+        assert_eq!(u.output(false), b"x");
+        assert_eq!((u.read(0x3f8), u.read(0x3f8)), (b'i', b'n'));
+        assert!(u.restore_state(&state[..state.len() - 1]).is_err());
+        assert!(u.restore_state(&[]).is_err());
     }
 }

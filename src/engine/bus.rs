@@ -56,6 +56,21 @@ pub trait Device: Send + Sync + 'static {
         Ok(Action::Continue)
     }
 
+    /// Whether the device has state for snapshots (`save_state` returns some).
+    fn has_state(&self) -> bool {
+        false
+    }
+
+    /// The device's state, for a snapshot; `None` (the default): it has none.
+    fn save_state(&self) -> Option<Vec<u8>> {
+        None
+    }
+
+    /// Puts back a state `save_state` returned (a snapshot file's bytes: check them).
+    fn restore_state(&self, _state: &[u8]) -> Result<()> {
+        Ok(())
+    }
+
     /// For the face: to find the device again by type (removal, garbage collection).
     fn as_any(&self) -> &dyn Any;
 }

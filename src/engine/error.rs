@@ -27,6 +27,9 @@ pub enum Error {
     /// KVM refused a request that has no errno of its own.
     #[error("{0}")]
     Refused(String),
+    /// A file could not be read or written.
+    #[error("{0}: {1}")]
+    Io(String, std::io::Error),
     /// A bad argument value.
     #[error("{0}")]
     Value(String),

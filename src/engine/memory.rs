@@ -9,7 +9,7 @@
 //! - the face's region objects and the buffers they export hold their own reference, so a
 //!   view outlives removal and close.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY};
@@ -30,8 +30,96 @@ pub struct Region {
     pub slot: u32,
     pub readonly: bool,
     pub dirty_log: bool,
+    /// The snapshot whose memory this region maps copy-on-write (`Vm.from_snapshot`).
+    pub backing: Option<u64>,
     /// Whether the region is still part of its VM's guest memory.
     attached: AtomicBool,
+    /// What a snapshot needs to know of writes besides KVM's dirty log.
+    pub record: WriteRecord,
+}
+
+/// The writes to a region that KVM's dirty log does not see, for snapshots: the host's
+/// own (`write`, loaders), page by page, and writable views, which cannot be tracked page
+/// by page (a region that had one since the last snapshot or restore is wholly dirty).
+#[derive(Default)]
+pub struct WriteRecord {
+    /// Pages the host wrote while the region is tracked (`None`: not tracked).
+    host: Mutex<Option<Vec<u64>>>,
+    /// Whether `host` has a page set (so a restore of a large region need not scan it).
+    host_any: AtomicBool,
+    /// Writable views exported and not released yet.
+    views: AtomicUsize,
+    /// A writable view existed since the record was last taken.
+    viewed: AtomicBool,
+    /// Whether KVM logs the slot's dirty pages now.
+    logging: AtomicBool,
+}
+
+impl WriteRecord {
+    /// Notes a host write of `len` bytes at region offset `offset`.
+    pub fn note_write(&self, offset: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
+        let mut host = crate::engine::lock(&self.host);
+        if let Some(bits) = host.as_mut() {
+            self.host_any.store(true, Ordering::SeqCst);
+            let (first, last) = (offset / PAGE_SIZE, (offset + len - 1) / PAGE_SIZE);
+            for page in first..=last {
+                if let Some(word) = bits.get_mut((page / 64) as usize) {
+                    *word |= 1 << (page % 64);
+                }
+            }
+        }
+    }
+
+    /// Adds pages (one bit per page) to the record, if the region is tracked.
+    pub fn add_pages(&self, bits: &[u64]) {
+        if let Some(host) = crate::engine::lock(&self.host).as_mut() {
+            self.host_any.store(true, Ordering::SeqCst);
+            for (h, b) in host.iter_mut().zip(bits) {
+                *h |= b;
+            }
+        }
+    }
+
+    /// Notes that a writable view was exported.
+    pub fn view_exported(&self) {
+        self.views.fetch_add(1, Ordering::SeqCst);
+        self.viewed.store(true, Ordering::SeqCst);
+    }
+
+    /// Notes that a view was released.
+    pub fn view_released(&self) {
+        self.views.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// Starts (or restarts) tracking a region of `pages` pages: the record is emptied.
+    pub fn track(&self, pages: u64) {
+        *crate::engine::lock(&self.host) = Some(vec![0; pages.div_ceil(64) as usize]);
+        self.host_any.store(false, Ordering::SeqCst);
+        self.viewed
+            .store(self.views.load(Ordering::SeqCst) > 0, Ordering::SeqCst);
+    }
+
+    /// ORs the pages written since the last call into `bits` and empties the record; true
+    /// if a writable view existed meanwhile (then the whole region counts as written).
+    pub fn take(&self, bits: &mut [u64]) -> bool {
+        if self.host_any.swap(false, Ordering::SeqCst) {
+            if let Some(host) = crate::engine::lock(&self.host).as_mut() {
+                for (b, h) in bits.iter_mut().zip(host.iter_mut()) {
+                    *b |= std::mem::take(h);
+                }
+            }
+        }
+        let live = self.views.load(Ordering::SeqCst) > 0;
+        self.viewed.swap(live, Ordering::SeqCst)
+    }
+
+    /// Whether KVM logs the slot's dirty pages.
+    pub fn logging(&self) -> bool {
+        self.logging.load(Ordering::SeqCst)
+    }
 }
 
 /// The host mappings KVM may access: every region whose slot is registered. Shared by the
@@ -70,6 +158,11 @@ impl Region {
     /// Whether the region is still part of its VM (not removed, VM not closed).
     pub fn attached(&self) -> bool {
         self.attached.load(Ordering::SeqCst)
+    }
+
+    /// The number of pages of the region.
+    pub fn pages(&self) -> u64 {
+        self.size / PAGE_SIZE
     }
 
     pub fn check_range(&self, offset: u64, len: u64) -> Result<()> {
@@ -142,6 +235,29 @@ impl MemoryMap {
         dirty_log: bool,
     ) -> Result<Arc<Region>> {
         check_layout(guest_addr, size)?;
+        let len = usize::try_from(size)
+            .map_err(|_| Error::Memory(format!("memory region size {size:#x} is too large")))?;
+        let mmap = MmapRegion::new(len).map_err(|e| {
+            Error::Memory(format!("cannot map {size:#x} bytes of guest memory: {e}"))
+        })?;
+        self.add_mapped(vm, max_slots, guest_addr, mmap, readonly, dirty_log, None)
+    }
+
+    /// Registers a host mapping made by the caller as a new region; `backing` names the
+    /// snapshot it is a copy-on-write view of.
+    #[allow(clippy::too_many_arguments)]
+    pub fn add_mapped(
+        &mut self,
+        vm: &VmFd,
+        max_slots: usize,
+        guest_addr: u64,
+        mmap: MmapRegion,
+        readonly: bool,
+        dirty_log: bool,
+        backing: Option<u64>,
+    ) -> Result<Arc<Region>> {
+        let size = mmap.size() as u64;
+        check_layout(guest_addr, size)?;
         if let Some(r) = self.overlapping(guest_addr, guest_addr + size) {
             return Err(Error::Memory(format!(
                 "memory region {guest_addr:#x}..{:#x} overlaps region {:#x}..{:#x} (slot {})",
@@ -152,11 +268,6 @@ impl MemoryMap {
             )));
         }
         let slot = self.free_slot(max_slots)?;
-        let len = usize::try_from(size)
-            .map_err(|_| Error::Memory(format!("memory region size {size:#x} is too large")))?;
-        let mmap = MmapRegion::new(len).map_err(|e| {
-            Error::Memory(format!("cannot map {size:#x} bytes of guest memory: {e}"))
-        })?;
         let mem = GuestRegionMmap::new(mmap, GuestAddress(guest_addr)).ok_or_else(|| {
             Error::Memory(format!(
                 "memory region {guest_addr:#x} + {size:#x} is invalid"
@@ -195,11 +306,40 @@ impl MemoryMap {
             slot,
             readonly,
             dirty_log,
+            backing,
             attached: AtomicBool::new(true),
+            record: WriteRecord {
+                logging: AtomicBool::new(dirty_log),
+                ..Default::default()
+            },
         });
         let at = self.regions.partition_point(|r| r.guest_addr < guest_addr);
         self.regions.insert(at, Arc::clone(&region));
         Ok(region)
+    }
+
+    /// Turns KVM's dirty logging of a region's slot on (it stays on).
+    pub fn log_dirty_pages(&self, vm: &VmFd, region: &Region) -> Result<()> {
+        if region.record.logging() {
+            return Ok(());
+        }
+        let mut flags = KVM_MEM_LOG_DIRTY_PAGES;
+        if region.readonly {
+            flags |= KVM_MEM_READONLY;
+        }
+        let desc = kvm_userspace_memory_region {
+            slot: region.slot,
+            flags,
+            guest_phys_addr: region.guest_addr,
+            memory_size: region.size,
+            userspace_addr: region.mem.as_ptr() as u64,
+        };
+        // SAFETY: only the flags of a registered slot change: the same live mapping, kept
+        // mapped by `self.mappings` as when the slot was added.
+        unsafe { vm.set_user_memory_region(desc) }
+            .map_err(|e| Error::ioctl("KVM_SET_USER_MEMORY_REGION", e))?;
+        region.record.logging.store(true, Ordering::SeqCst);
+        Ok(())
     }
 
     /// Deletes a region's KVM slot and drops it from the map.
@@ -260,7 +400,18 @@ impl MemoryMap {
     pub fn write(&self, gpa: u64, data: &[u8]) -> Result<()> {
         self.guest
             .write_slice(data, GuestAddress(gpa))
-            .map_err(|_| outside(gpa, data.len()))
+            .map_err(|_| outside(gpa, data.len()))?;
+        let end = gpa + data.len() as u64;
+        for r in self
+            .regions
+            .iter()
+            .filter(|r| r.guest_addr < end && gpa < r.end())
+        {
+            let start = gpa.max(r.guest_addr);
+            r.record
+                .note_write(start - r.guest_addr, end.min(r.end()) - start);
+        }
+        Ok(())
     }
 
     pub fn regions(&self) -> &[Arc<Region>] {
@@ -272,4 +423,48 @@ fn outside(gpa: u64, len: usize) -> Error {
     Error::Memory(format!(
         "guest physical range {gpa:#x} + {len:#x} bytes is not entirely inside guest memory"
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_writes_are_recorded_by_page_only_while_tracked() {
+        let record = WriteRecord::default();
+        record.note_write(0, 8); // not tracked yet: nothing to record
+        record.track(200);
+        record.note_write(0xfff, 2); // straddles pages 0 and 1
+        record.note_write(199 * PAGE_SIZE, 1);
+        record.note_write(5 * PAGE_SIZE, 0);
+        let mut bits = vec![0u64; 4];
+        assert!(!record.take(&mut bits));
+        assert_eq!(bits, vec![0b11, 0, 0, 1 << (199 - 192)]);
+        let mut again = vec![0u64; 4];
+        assert!(!record.take(&mut again));
+        assert_eq!(again, vec![0; 4], "taking empties the record");
+    }
+
+    #[test]
+    fn a_view_makes_the_region_wholly_written_until_released_and_taken() {
+        let record = WriteRecord::default();
+        record.track(64);
+        record.view_exported();
+        let mut bits = vec![0u64; 1];
+        assert!(record.take(&mut bits), "written through a view");
+        assert!(record.take(&mut bits), "still exported");
+        record.view_released();
+        assert!(record.take(&mut bits), "exported until just now");
+        assert!(!record.take(&mut bits), "no view since the last restore");
+        record.view_exported();
+        record.view_released();
+        assert!(
+            record.take(&mut bits),
+            "exported and released since the last restore"
+        );
+        record.add_pages(&[1 << 9]);
+        let mut bits = vec![0u64; 1];
+        record.take(&mut bits);
+        assert_eq!(bits, vec![1 << 9]);
+    }
 }

@@ -3,6 +3,7 @@
 //! code and tests.
 
 pub mod bus;
+pub mod complete;
 pub mod error;
 pub mod exit;
 pub mod kick;
@@ -12,6 +13,7 @@ pub mod memory;
 pub mod run;
 pub mod runner;
 pub mod setup;
+pub mod snapshot;
 pub mod vcpu;
 pub mod vm;
 

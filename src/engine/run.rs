@@ -242,6 +242,11 @@ impl VcpuCore {
         self.inject_interrupt(&mut holder.fd)?;
         let result = exit::run_once(&mut holder.fd);
         self.count_exit();
+        let io = matches!(
+            result,
+            Ok(RunExit::Io(_)) | Ok(RunExit::Other(Exit::Mmio { .. }))
+        );
+        self.note_exit(&mut holder.fd, io);
         match result {
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 self.interrupted(guard, options)
@@ -316,14 +321,20 @@ impl VcpuCore {
             };
             match action {
                 Action::Continue => {}
-                Action::Exit(exit) => return Ok(self.finish_access(guard, Outcome::Exit(exit))),
+                Action::Exit(exit) => {
+                    let single_out = io.is_write && io.count == 1;
+                    return Ok(self.finish_access(guard, Outcome::Exit(exit), single_out));
+                }
                 Action::Stop(token) => {
                     stopped.get_or_insert(token);
                 }
             }
         }
         Ok(match stopped {
-            Some(token) => self.finish_access(guard, Outcome::Stopped(token)),
+            Some(token) => {
+                let single_out = io.is_write && io.count == 1;
+                self.finish_access(guard, Outcome::Stopped(token), single_out)
+            }
             None => Flow::Continue(true),
         })
     }
@@ -356,8 +367,8 @@ impl VcpuCore {
         };
         Ok(match action {
             Action::Continue => Flow::Continue(true),
-            Action::Exit(exit) => self.finish_access(guard, Outcome::Exit(exit)),
-            Action::Stop(token) => self.finish_access(guard, Outcome::Stopped(token)),
+            Action::Exit(exit) => self.finish_access(guard, Outcome::Exit(exit), false),
+            Action::Stop(token) => self.finish_access(guard, Outcome::Stopped(token), false),
         })
     }
 
@@ -387,9 +398,17 @@ impl VcpuCore {
         }
     }
 
-    /// Ends the run after a handled access, completing the access first.
-    fn finish_access<'a>(&'a self, guard: &mut FdGuard<'a>, outcome: Outcome) -> Flow {
-        self.complete_pending(guard);
+    /// Ends the run after a handled access, completing the access first (or, for a
+    /// single OUT, leaving it to the next entry where that is safe: see `complete.rs`).
+    fn finish_access<'a>(
+        &'a self,
+        guard: &mut FdGuard<'a>,
+        outcome: Outcome,
+        single_out: bool,
+    ) -> Flow {
+        if let Ok(holder) = fd_of(guard) {
+            self.finish_handled(&mut holder.fd, single_out);
+        }
         Flow::Done(outcome)
     }
 
@@ -397,10 +416,7 @@ impl VcpuCore {
     /// read (the KVM API requires this before the vCPU's state is read).
     fn complete_pending<'a>(&'a self, guard: &mut FdGuard<'a>) {
         if let Ok(holder) = fd_of(guard) {
-            holder.fd.set_kvm_immediate_exit(1);
-            // Expected to fail with EINTR once the pending access is completed.
-            let _ = holder.fd.run();
-            holder.fd.set_kvm_immediate_exit(0);
+            self.complete_io(&mut holder.fd);
         }
     }
 }

@@ -28,8 +28,7 @@ impl VcpuCore {
             let s = fd
                 .get_sregs()
                 .map_err(|e| Error::ioctl("KVM_GET_SREGS", e))?;
-            fd.set_sregs(&modes::real_mode_sregs(&s, cs))
-                .map_err(|e| Error::ioctl("KVM_SET_SREGS", e))?;
+            self.write_sregs(fd, &modes::real_mode_sregs(&s, cs))?;
             self.update_regs(fd, |r| {
                 r.rip = u64::from(ip);
                 r.rflags = x86::RFLAGS_RESERVED;
@@ -47,8 +46,7 @@ impl VcpuCore {
             let s = fd
                 .get_sregs()
                 .map_err(|e| Error::ioctl("KVM_GET_SREGS", e))?;
-            fd.set_sregs(&x86::protected_mode_sregs(&s, &layout))
-                .map_err(|e| Error::ioctl("KVM_SET_SREGS", e))?;
+            self.write_sregs(fd, &x86::protected_mode_sregs(&s, &layout))?;
             self.update_regs(fd, |r| r.rflags = x86::RFLAGS_RESERVED)
         })
     }
@@ -88,8 +86,7 @@ impl VcpuCore {
                 .get_sregs()
                 .map_err(|e| Error::ioctl("KVM_GET_SREGS", e))?;
             let s = x86::long_mode_sregs(&s, &layout, mode.user, mode.exceptions);
-            fd.set_sregs(&s)
-                .map_err(|e| Error::ioctl("KVM_SET_SREGS", e))?;
+            self.write_sregs(fd, &s)?;
             self.update_regs(fd, |r| r.rflags = x86::long_mode_rflags(mode.user))
         })
     }
@@ -125,6 +122,7 @@ impl VcpuCore {
             ))
         })?;
         self.with_fd(|fd| {
+            self.note_state_write();
             fd.set_cpuid2(&cpuid)
                 .map_err(|e| Error::ioctl("KVM_SET_CPUID2", e))
         })
@@ -167,6 +165,7 @@ impl VcpuCore {
         let msrs = Msrs::from_entries(&entries)
             .map_err(|_| Error::Value(format!("too many MSRs ({})", entries.len())))?;
         let n = self.with_fd(|fd| {
+            self.note_state_write();
             fd.set_msrs(&msrs)
                 .map_err(|e| Error::ioctl("KVM_SET_MSRS", e))
         })?;

@@ -61,6 +61,8 @@ pub struct VcpuCore {
     pub kicker: Kicker,
     exits: AtomicU64,
     handler_calls: AtomicU64,
+    /// Restores that rewrote every part of the state (for `stats`).
+    full_restores: AtomicU64,
     /// The IN or MMIO read that a run returned unanswered, until the next run.
     pending_read: Mutex<Option<PendingRead>>,
     /// Interrupt vectors queued by `queue_interrupt`, injected when the guest can take them.
@@ -73,6 +75,22 @@ pub struct VcpuCore {
     /// Whether KVM has filled the mirror: from the first return of `KVM_RUN` on, registers
     /// are read and written there instead of with ioctls.
     regs_mirrored: AtomicBool,
+    /// KVM holds an I/O or MMIO access to complete when the guest is entered next.
+    pub(crate) io_pending: AtomicBool,
+    /// A run ended on a plain OUT a device handled without completing it (see
+    /// `complete.rs`), at this linear RIP.
+    pub(crate) deferred: AtomicBool,
+    pub(crate) deferred_rip: AtomicU64,
+    /// Whether `kvm_run` also mirrors the special registers and vCPU events (once the VM
+    /// has a snapshot: a restore compares them there instead of asking KVM).
+    pub(crate) state_sync: AtomicBool,
+    /// Whether that mirror holds KVM's state: an exit happened since the host last set
+    /// special registers or events with an ioctl.
+    state_fresh: AtomicBool,
+    /// Whether state that only ring-0 code or the host can change (MSRs, control and debug
+    /// registers, ...) may differ from the last snapshot or restore: the host set some, or
+    /// the vCPU exited at ring 0.
+    hidden_dirty: AtomicBool,
 }
 
 /// Clears the vCPU's runner when a run ends, however it ends.
@@ -126,12 +144,19 @@ impl VcpuCore {
             kicker: Kicker::default(),
             exits: AtomicU64::new(0),
             handler_calls: AtomicU64::new(0),
+            full_restores: AtomicU64::new(0),
             pending_read: Mutex::new(None),
             interrupts: Mutex::new(VecDeque::new()),
             interrupts_queued: AtomicBool::new(false),
             last: Mutex::new(None),
             sync_regs,
             regs_mirrored: AtomicBool::new(false),
+            io_pending: AtomicBool::new(false),
+            deferred: AtomicBool::new(false),
+            deferred_rip: AtomicU64::new(0),
+            state_sync: AtomicBool::new(false),
+            state_fresh: AtomicBool::new(false),
+            hidden_dirty: AtomicBool::new(true),
         }
     }
 
@@ -229,6 +254,7 @@ impl VcpuCore {
     pub fn with_fd<T>(&self, f: impl FnOnce(&mut VcpuFd) -> Result<T>) -> Result<T> {
         let mut guard = self.lock_fd()?;
         let holder = guard.as_mut().ok_or_else(|| Error::Closed("vCPU"))?;
+        self.complete_deferred(&mut holder.fd);
         f(&mut holder.fd)
     }
 
@@ -283,10 +309,118 @@ impl VcpuCore {
 
     /// Sets the special registers (`KVM_SET_SREGS`).
     pub fn set_sregs(&self, sregs: &kvm_sregs) -> Result<()> {
-        self.with_fd(|fd| {
-            fd.set_sregs(sregs)
-                .map_err(|e| Error::ioctl("KVM_SET_SREGS", e))
-        })
+        self.with_fd(|fd| self.write_sregs(fd, sregs))
+    }
+
+    /// `KVM_SET_SREGS`, noting that the host changed the vCPU's state.
+    pub fn write_sregs(&self, fd: &VcpuFd, sregs: &kvm_sregs) -> Result<()> {
+        self.note_state_write();
+        fd.set_sregs(sregs)
+            .map_err(|e| Error::ioctl("KVM_SET_SREGS", e))
+    }
+
+    /// Notes that the host set state other than the general registers (for snapshots).
+    pub fn note_state_write(&self) {
+        self.hidden_dirty.store(true, Ordering::Relaxed);
+        self.state_fresh.store(false, Ordering::Relaxed);
+    }
+
+    /// Notes what an exit tells snapshots: whether KVM holds an access to complete, and
+    /// (once the state is mirrored) whether the vCPU is at ring 0.
+    pub(crate) fn note_exit(&self, fd: &mut VcpuFd, io: bool) {
+        self.io_pending.store(io, Ordering::Relaxed);
+        self.deferred.store(false, Ordering::Relaxed);
+        if self.state_sync.load(Ordering::Relaxed) {
+            let s = &fd.sync_regs_mut().sregs;
+            if s.cr0 & 1 == 0 || s.ss.dpl == 0 {
+                self.hidden_dirty.store(true, Ordering::Relaxed);
+            }
+            self.state_fresh.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether a run returned an IN or MMIO read that `respond()` has not answered.
+    pub(crate) fn awaits_response(&self) -> bool {
+        lock(&self.pending_read).is_some()
+    }
+
+    /// For snapshots: mirror the special registers and events in `kvm_run` from the next
+    /// exit on.
+    pub(crate) fn mirror_state(&self, fd: &mut VcpuFd) {
+        if self.sync_regs && !self.state_sync.swap(true, Ordering::Relaxed) {
+            fd.set_sync_valid_reg(SyncReg::SystemRegister);
+            fd.set_sync_valid_reg(SyncReg::VcpuEvents);
+        }
+    }
+
+    /// The mirrored special registers and events, if they hold KVM's current state.
+    pub(crate) fn mirrored_state(
+        &self,
+        fd: &mut VcpuFd,
+    ) -> Option<(kvm_sregs, kvm_bindings::kvm_vcpu_events)> {
+        if !self.state_sync.load(Ordering::Relaxed) || !self.state_fresh.load(Ordering::Relaxed) {
+            return None;
+        }
+        let s = fd.sync_regs_mut();
+        Some((s.sregs, s.events))
+    }
+
+    /// Counts a restore that rewrote every part of the state.
+    pub(crate) fn count_full_restore(&self) {
+        self.full_restores.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Restores that rewrote every part of the state, rather than the general registers
+    /// and FPU state only.
+    pub fn full_restores(&self) -> u64 {
+        self.full_restores.load(Ordering::Relaxed)
+    }
+
+    /// Whether hidden state may have changed since the last call (which resets it).
+    pub(crate) fn take_hidden_dirty(&self) -> bool {
+        self.hidden_dirty.swap(false, Ordering::Relaxed)
+    }
+
+    /// Sets the general registers with `KVM_SET_REGS` and keeps the mirror equal, so the
+    /// ioctls that follow (vCPU events) are not undone when the guest is entered.
+    pub(crate) fn put_regs_now(&self, fd: &mut VcpuFd, regs: &kvm_regs) -> Result<()> {
+        fd.set_regs(regs)
+            .map_err(|e| Error::ioctl("KVM_SET_REGS", e))?;
+        if self.regs_mirrored.load(Ordering::Relaxed) {
+            fd.sync_regs_mut().regs = *regs;
+            fd.get_kvm_run().kvm_dirty_regs &= !u64::from(kvm_bindings::KVM_SYNC_X86_REGS);
+        }
+        Ok(())
+    }
+
+    /// Locks the fd of a vCPU that nobody runs (for snapshots and restores).
+    pub(crate) fn lock_idle(&self) -> Result<MutexGuard<'_, Option<VcpuFdHolder>>> {
+        if self.runner().is_some() {
+            return Err(Error::Busy(format!(
+                "vCPU {} is running: stop it (or let its handler call exit.stop()) and wait                  for run() to return first",
+                self.id
+            )));
+        }
+        self.lock_fd()
+    }
+
+    /// The interrupt vectors queued by `queue_interrupt` and not injected yet.
+    pub(crate) fn queued_interrupts(&self) -> Vec<u32> {
+        lock(&self.interrupts).iter().copied().collect()
+    }
+
+    /// Replaces the queue of interrupt vectors.
+    pub(crate) fn set_queued_interrupts(&self, vectors: &[u32]) {
+        let mut queue = lock(&self.interrupts);
+        queue.clear();
+        queue.extend(vectors.iter().copied());
+        self.interrupts_queued
+            .store(!queue.is_empty(), Ordering::Release);
+    }
+
+    /// Forgets an unanswered read (a restore replaced the state it belonged to).
+    pub(crate) fn forget_pending_read(&self) {
+        self.set_pending(None);
     }
 
     /// Notes that KVM has returned from `KVM_RUN` once more.

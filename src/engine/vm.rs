@@ -28,6 +28,17 @@ pub struct RegionOptions {
     pub overcommit: bool,
 }
 
+/// What a VM with a snapshot keeps for restores (see `engine::snapshot`).
+#[derive(Default)]
+pub struct Tracking {
+    /// The snapshot the VM's memory and state were last taken from or put back to.
+    pub base: Option<u64>,
+    /// Whether KVM re-protects dirty pages only when told (set on the first snapshot).
+    pub manual: Option<bool>,
+    /// A dirty bitmap reused by restores.
+    pub bits: Vec<u64>,
+}
+
 /// The state of one VM, shared by the face's objects, its vCPUs and their threads.
 pub struct VmCore {
     pub kvm: Arc<Kvm>,
@@ -40,6 +51,9 @@ pub struct VmCore {
     vcpus: Mutex<Vec<Arc<VcpuCore>>>,
     closed: AtomicBool,
     irqchip: bool,
+    pit: bool,
+    /// Snapshot bookkeeping.
+    pub tracking: Mutex<Tracking>,
     /// The vCPU threads of the last `start`, until they are joined.
     group: Mutex<Option<Arc<RunGroup>>>,
 }
@@ -80,6 +94,8 @@ impl VmCore {
             vcpus: Mutex::new(Vec::new()),
             closed: AtomicBool::new(false),
             irqchip,
+            pit,
+            tracking: Mutex::new(Tracking::default()),
             group: Mutex::new(None),
         }))
     }
@@ -87,6 +103,11 @@ impl VmCore {
     /// Whether the VM has an in-kernel irqchip (PIC, IOAPIC and local APICs).
     pub fn has_irqchip(&self) -> bool {
         self.irqchip
+    }
+
+    /// Whether the VM has KVM's PIT.
+    pub fn has_pit(&self) -> bool {
+        self.pit
     }
 
     pub fn is_closed(&self) -> bool {
@@ -101,7 +122,7 @@ impl VmCore {
         }
     }
 
-    fn with_fd<T>(&self, f: impl FnOnce(&VmFd) -> Result<T>) -> Result<T> {
+    pub fn with_fd<T>(&self, f: impl FnOnce(&VmFd) -> Result<T>) -> Result<T> {
         let guard = lock(&self.fd);
         f(guard.as_ref().ok_or_else(|| Error::Closed("VM"))?)
     }
@@ -155,6 +176,7 @@ impl VmCore {
             }
         }
         let max_slots = self.kvm.get_nr_memslots();
+        self.forget_snapshot_base();
         self.with_fd(|fd| {
             lock(&self.memory).add(
                 fd,
@@ -167,10 +189,38 @@ impl VmCore {
         })
     }
 
+    /// Adds a region over a host mapping the caller made (a copy-on-write view of the
+    /// snapshot `backing`).
+    pub fn add_mapped_memory(
+        &self,
+        guest_addr: u64,
+        mmap: vm_memory::MmapRegion,
+        readonly: bool,
+        backing: Option<u64>,
+    ) -> Result<Arc<Region>> {
+        self.check_open()?;
+        let max_slots = self.kvm.get_nr_memslots();
+        self.forget_snapshot_base();
+        self.with_fd(|fd| {
+            lock(&self.memory).add_mapped(fd, max_slots, guest_addr, mmap, readonly, false, backing)
+        })
+    }
+
+    /// The memory layout changes: the next restore copies everything and tracks anew.
+    fn forget_snapshot_base(&self) {
+        lock(&self.tracking).base = None;
+    }
+
     /// Takes a region out of the guest's address space.
     pub fn remove_memory(&self, region: &Arc<Region>) -> Result<()> {
         self.check_open()?;
+        self.forget_snapshot_base();
         self.with_fd(|fd| lock(&self.memory).remove(fd, region))
+    }
+
+    /// The memory map's lock (snapshots hold it while they copy memory).
+    pub fn memory_map(&self) -> &Mutex<MemoryMap> {
+        &self.memory
     }
 
     /// Runs `f` on the memory map.
@@ -178,12 +228,15 @@ impl VmCore {
         f(&lock(&self.memory))
     }
 
-    /// `KVM_GET_DIRTY_LOG` for a slot.
-    pub fn dirty_log(&self, slot: u32, size: usize) -> Result<Vec<u64>> {
-        self.with_fd(|fd| {
-            fd.get_dirty_log(slot, size)
-                .map_err(|e| Error::ioctl("KVM_GET_DIRTY_LOG", e))
-        })
+    /// The pages of `region` the guest wrote since the last call (`KVM_GET_DIRTY_LOG`,
+    /// which resets the log), one bit per page. While a snapshot tracks the region, the
+    /// pages are also kept for its next restore.
+    pub fn dirty_log(&self, region: &Region) -> Result<Vec<u64>> {
+        let manual = lock(&self.tracking).manual.unwrap_or(false);
+        let mut bits = vec![0; crate::engine::snapshot::dirty::bitmap_words(region)];
+        self.with_fd(|fd| crate::engine::snapshot::dirty::read(fd, region, manual, &mut bits))?;
+        region.record.add_pages(&bits);
+        Ok(bits)
     }
 
     /// Whether guests may use 1 GiB pages (CPUID 0x80000001 EDX bit 26).

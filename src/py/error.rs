@@ -1,6 +1,6 @@
 //! Engine errors as the Python exceptions of `kvmpy.errors`.
 
-use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::exceptions::{PyOSError, PyTypeError, PyValueError};
 use pyo3::PyErr;
 
 use crate::engine::Error;
@@ -21,6 +21,10 @@ impl From<Error> for PyErr {
             Error::Closed(_) => VmClosedError::new_err((msg,)),
             Error::Busy(_) => VcpuBusyError::new_err((msg,)),
             Error::Refused(_) => KvmError::new_err((msg,)),
+            Error::Io(_, e) => match e.raw_os_error() {
+                Some(errno) => PyOSError::new_err((errno, msg)),
+                None => PyOSError::new_err(msg),
+            },
             Error::Value(_) => PyValueError::new_err(msg),
             Error::Type(_) => PyTypeError::new_err(msg),
             Error::Device(inner) => match inner.downcast::<PyErr>() {

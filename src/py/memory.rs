@@ -18,7 +18,9 @@ use crate::py::args::{bytes_arg, Int};
 /// Offsets given to `read`/`write` are relative to the region's start. The region also
 /// supports the buffer protocol: `memoryview(region)` is a live, writable view of guest
 /// memory that stays valid for as long as it exists, even after the region is removed
-/// or the VM closed.
+/// or the VM closed. Writes through a view cannot be tracked page by page: a snapshot
+/// restore copies a region back whole when a view of it existed since the last snapshot
+/// or restore.
 #[pyclass(module = "kvmpy._native", frozen)]
 pub struct MemoryRegion {
     pub region: Arc<Region>,
@@ -93,6 +95,7 @@ impl MemoryRegion {
             .mem
             .write_slice(&data, MemoryRegionAddress(offset))
             .map_err(|e| Error::Memory(e.to_string()))?;
+        self.region.record.note_write(offset, data.len() as u64);
         Ok(())
     }
 
@@ -103,9 +106,7 @@ impl MemoryRegion {
         if !self.region.dirty_log {
             return Err(Error::Memory("the region was added without dirty_log=True".into()).into());
         }
-        let bitmap = self
-            .vm
-            .dirty_log(self.region.slot, self.region.size as usize)?;
+        let bitmap = self.vm.dirty_log(&self.region)?;
         let mut pages = Vec::new();
         for (i, word) in bitmap.iter().enumerate() {
             let mut w = *word;
@@ -169,7 +170,18 @@ impl MemoryRegion {
         if ret == -1 {
             return Err(PyErr::fetch(slf.py()));
         }
+        // Writes through a view cannot be tracked page by page: a snapshot restore copies
+        // the whole region back while a view is exported.
+        this.region.record.view_exported();
         Ok(())
+    }
+
+    /// Notes that a view of the region was released.
+    ///
+    /// # Safety
+    /// Called by Python with a buffer `__getbuffer__` filled.
+    unsafe fn __releasebuffer__(&self, _view: *mut ffi::Py_buffer) {
+        self.region.record.view_released();
     }
 }
 

@@ -13,5 +13,6 @@ pub mod load;
 pub mod memory;
 pub mod register;
 pub mod regs;
+pub mod snapshot;
 pub mod vcpu;
 pub mod vm;

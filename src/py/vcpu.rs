@@ -289,13 +289,17 @@ impl Vcpu {
         last_exit(py, &self.inner)
     }
 
-    /// Counters since the vCPU was created: `exits` (returns from `KVM_RUN`) and
-    /// `handler_calls` (Python handler calls, the only times the run loop takes the GIL).
+    /// Counters since the vCPU was created: `exits` (returns from `KVM_RUN`),
+    /// `handler_calls` (Python handler calls, the only times the run loop takes the GIL)
+    /// and `full_restores` (snapshot restores that rewrote all of the vCPU's state; the
+    /// others put back only the general registers and the FPU/SSE/AVX state, because
+    /// nothing else can have changed).
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let (exits, calls) = self.inner.stats();
         let d = PyDict::new(py);
         d.set_item("exits", exits)?;
         d.set_item("handler_calls", calls)?;
+        d.set_item("full_restores", self.inner.full_restores())?;
         Ok(d)
     }
 

@@ -392,6 +392,44 @@ impl Vm {
         Ok(())
     }
 
+    /// Captures the whole VM (see `Snapshot`) at this exit boundary. No vCPU may be
+    /// running (`VcpuBusyError`); an access a handler answered is completed first; a read
+    /// returned by `run()` must be answered with `respond()` first. From now on KVM logs
+    /// the pages the guest writes, so `restore` copies back only what changed.
+    fn snapshot(&self, py: Python<'_>) -> PyResult<crate::py::snapshot::Snapshot> {
+        crate::py::snapshot::take(py, self.core())
+    }
+
+    /// Puts the VM back as `snapshot` saw it: memory (only the pages written since the
+    /// snapshot or the last restore; a whole region if a writable view of it was
+    /// exported since), every vCPU's state, the irqchip and PIT, kvmpy's devices. The
+    /// snapshot may come from another VM with the same memory regions, vCPU ids and
+    /// devices; a mismatch raises `ValueError` before anything changes.
+    fn restore(
+        &self,
+        py: Python<'_>,
+        snapshot: PyRef<'_, crate::py::snapshot::Snapshot>,
+    ) -> PyResult<()> {
+        crate::py::snapshot::restore(py, self.core(), &snapshot)
+    }
+
+    /// A new VM from a snapshot: the same memory regions, as copy-on-write views of the
+    /// snapshot's memory (several VMs from one snapshot share its pages and pay only for
+    /// the pages they write), vCPUs with the same ids, CPUID and state, and the same
+    /// irqchip and PIT. kvmpy's devices and handlers are not created: add them, then
+    /// `vm.restore(snapshot)` also puts the devices' state back.
+    #[staticmethod]
+    fn from_snapshot(
+        py: Python<'_>,
+        snapshot: PyRef<'_, crate::py::snapshot::Snapshot>,
+    ) -> PyResult<Self> {
+        let core = Arc::clone(&snapshot.inner);
+        let vm = gil::released(py, || VmCore::from_snapshot(&core))?;
+        Ok(Vm {
+            inner: Arc::new(VmHandle(vm)),
+        })
+    }
+
     /// Runs every vCPU on its own native thread until all have stopped, and returns
     /// their final exits (in `vcpus` order). `timeout` applies to each vCPU. With
     /// `until="any"` the first vCPU to stop stops the others; with `until="all"` (the

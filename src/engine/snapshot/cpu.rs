@@ -1,0 +1,206 @@
+//! A vCPU's state as KVM holds it: captured and put back in the order Firecracker's
+//! `KvmVcpu::save_state`/`restore_state` (`arch/x86_64/vcpu.rs`) found KVM needs.
+
+use std::collections::BTreeSet;
+use std::sync::{Mutex, OnceLock};
+
+use kvm_bindings::{
+    kvm_cpuid_entry2, kvm_debugregs, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs,
+    kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, Msrs, KVM_MAX_MSR_ENTRIES,
+};
+use kvm_ioctls::{Kvm, VcpuFd};
+
+use crate::engine::error::{Error, Result};
+use crate::engine::lock;
+use crate::engine::vcpu::VcpuCore;
+
+/// IA32_TSC_DEADLINE: written after IA32_TSC, or KVM may miss that a timer must fire.
+const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
+
+/// Everything KVM holds for one vCPU, and kvmpy's own queue of interrupts for it.
+pub struct VcpuState {
+    pub id: u64,
+    pub mp_state: kvm_mp_state,
+    pub regs: kvm_regs,
+    pub sregs: kvm_sregs,
+    pub xsave: kvm_xsave,
+    pub xcrs: kvm_xcrs,
+    pub debugregs: kvm_debugregs,
+    /// With an in-kernel irqchip.
+    pub lapic: Option<kvm_lapic_state>,
+    /// The MSRs of KVM_GET_MSR_INDEX_LIST that KVM lets the host read, TSC deadline last.
+    pub msrs: Vec<kvm_msr_entry>,
+    pub events: kvm_vcpu_events,
+    pub cpuid: Vec<kvm_cpuid_entry2>,
+    /// Vectors queued by `queue_interrupt` and not injected yet.
+    pub interrupts: Vec<u32>,
+}
+
+/// MSRs KVM reported but refused to read or write, found once per process, for VMs
+/// without and with an in-kernel irqchip (KVM refuses the TSC deadline without a LAPIC).
+static REFUSED_READ: Mutex<[BTreeSet<u32>; 2]> = Mutex::new([BTreeSet::new(), BTreeSet::new()]);
+static REFUSED_WRITE: Mutex<[BTreeSet<u32>; 2]> = Mutex::new([BTreeSet::new(), BTreeSet::new()]);
+
+/// KVM_GET_MSR_INDEX_LIST, asked once, TSC deadline last.
+fn msr_index_list(kvm: &Kvm) -> Result<&'static [u32]> {
+    static LIST: OnceLock<Vec<u32>> = OnceLock::new();
+    if let Some(list) = LIST.get() {
+        return Ok(list);
+    }
+    let list = kvm
+        .get_msr_index_list()
+        .map_err(|e| Error::ioctl("KVM_GET_MSR_INDEX_LIST", e))?;
+    let mut list = list.as_slice().to_vec();
+    list.sort_by_key(|&i| i == MSR_IA32_TSC_DEADLINE);
+    Ok(LIST.get_or_init(|| list))
+}
+
+fn msrs_of(entries: &[kvm_msr_entry]) -> Result<Msrs> {
+    Msrs::from_entries(entries).map_err(|_| Error::Value("too many MSRs".into()))
+}
+
+/// Reads every listed MSR KVM lets the host read; one it refuses is dropped and
+/// remembered, so later snapshots do not ask again.
+fn read_msrs(kvm: &Kvm, fd: &VcpuFd, irqchip: bool) -> Result<Vec<kvm_msr_entry>> {
+    let kind = usize::from(irqchip);
+    let refused = lock(&REFUSED_READ)[kind].clone();
+    let mut todo: Vec<kvm_msr_entry> = msr_index_list(kvm)?
+        .iter()
+        .filter(|i| !refused.contains(i))
+        .map(|&index| kvm_msr_entry {
+            index,
+            ..Default::default()
+        })
+        .collect();
+    let mut done = Vec::with_capacity(todo.len());
+    while !todo.is_empty() {
+        let chunk = todo.len().min(KVM_MAX_MSR_ENTRIES);
+        let mut msrs = msrs_of(&todo[..chunk])?;
+        let n = fd
+            .get_msrs(&mut msrs)
+            .map_err(|e| Error::ioctl("KVM_GET_MSRS", e))?;
+        done.extend_from_slice(&msrs.as_slice()[..n]);
+        let skip = if n < chunk {
+            lock(&REFUSED_READ)[kind].insert(todo[n].index);
+            n + 1
+        } else {
+            n
+        };
+        todo.drain(..skip);
+    }
+    Ok(done)
+}
+
+/// Writes MSRs in order; one KVM refuses is skipped (and not offered again).
+fn write_msrs(fd: &VcpuFd, entries: &[kvm_msr_entry], irqchip: bool) -> Result<()> {
+    let kind = usize::from(irqchip);
+    let refused = lock(&REFUSED_WRITE)[kind].clone();
+    let todo: Vec<kvm_msr_entry> = entries
+        .iter()
+        .filter(|e| !refused.contains(&e.index))
+        .copied()
+        .collect();
+    let mut at = 0;
+    while at < todo.len() {
+        let chunk = (todo.len() - at).min(KVM_MAX_MSR_ENTRIES);
+        let n = fd
+            .set_msrs(&msrs_of(&todo[at..at + chunk])?)
+            .map_err(|e| Error::ioctl("KVM_SET_MSRS", e))?;
+        if n < chunk {
+            lock(&REFUSED_WRITE)[kind].insert(todo[at + n].index);
+            at += 1;
+        }
+        at += n;
+    }
+    Ok(())
+}
+
+/// Captures a vCPU's state. KVM_GET_MP_STATE comes first (it may change LAPIC state) and
+/// the vCPU events last (the other reads may change them), as Firecracker does.
+pub fn capture(vcpu: &VcpuCore, fd: &mut VcpuFd, kvm: &Kvm, irqchip: bool) -> Result<VcpuState> {
+    let mp_state = fd
+        .get_mp_state()
+        .map_err(|e| Error::ioctl("KVM_GET_MP_STATE", e))?;
+    let regs = vcpu.read_regs(fd)?;
+    let sregs = fd
+        .get_sregs()
+        .map_err(|e| Error::ioctl("KVM_GET_SREGS", e))?;
+    let xsave = fd
+        .get_xsave()
+        .map_err(|e| Error::ioctl("KVM_GET_XSAVE", e))?;
+    let xcrs = fd.get_xcrs().map_err(|e| Error::ioctl("KVM_GET_XCRS", e))?;
+    let debugregs = fd
+        .get_debug_regs()
+        .map_err(|e| Error::ioctl("KVM_GET_DEBUGREGS", e))?;
+    let lapic = if irqchip {
+        Some(
+            fd.get_lapic()
+                .map_err(|e| Error::ioctl("KVM_GET_LAPIC", e))?,
+        )
+    } else {
+        None
+    };
+    let cpuid = fd
+        .get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+        .map_err(|e| Error::ioctl("KVM_GET_CPUID2", e))?
+        .as_slice()
+        .to_vec();
+    let msrs = read_msrs(kvm, fd, irqchip)?;
+    let events = fd
+        .get_vcpu_events()
+        .map_err(|e| Error::ioctl("KVM_GET_VCPU_EVENTS", e))?;
+    Ok(VcpuState {
+        id: vcpu.id,
+        mp_state,
+        regs,
+        sregs,
+        xsave,
+        xcrs,
+        debugregs,
+        lapic,
+        msrs,
+        events,
+        cpuid,
+        interrupts: vcpu.queued_interrupts(),
+    })
+}
+
+/// Puts everything back, in Firecracker's order: MP state; general registers before the
+/// vCPU events (setting registers drops a pending exception the events restore); special
+/// registers before the LAPIC (they hold the APIC base); the LAPIC before the MSRs (the
+/// TSC deadline needs it); the events last.
+pub fn put_all(vcpu: &VcpuCore, fd: &mut VcpuFd, st: &VcpuState) -> Result<()> {
+    fd.set_mp_state(st.mp_state)
+        .map_err(|e| Error::ioctl("KVM_SET_MP_STATE", e))?;
+    vcpu.put_regs_now(fd, &st.regs)?;
+    vcpu.write_sregs(fd, &st.sregs)?;
+    put_xsave(fd, st)?;
+    fd.set_xcrs(&st.xcrs)
+        .map_err(|e| Error::ioctl("KVM_SET_XCRS", e))?;
+    fd.set_debug_regs(&st.debugregs)
+        .map_err(|e| Error::ioctl("KVM_SET_DEBUGREGS", e))?;
+    if let Some(lapic) = &st.lapic {
+        fd.set_lapic(lapic)
+            .map_err(|e| Error::ioctl("KVM_SET_LAPIC", e))?;
+    }
+    write_msrs(fd, &st.msrs, st.lapic.is_some())?;
+    fd.set_vcpu_events(&st.events)
+        .map_err(|e| Error::ioctl("KVM_SET_VCPU_EVENTS", e))?;
+    vcpu.set_queued_interrupts(&st.interrupts);
+    Ok(())
+}
+
+/// Puts back what user-mode code can change between two exits without KVM telling: the
+/// general registers (through `kvm_run`, no ioctl) and the FPU/SSE/AVX state.
+pub fn put_user(vcpu: &VcpuCore, fd: &mut VcpuFd, st: &VcpuState) -> Result<()> {
+    vcpu.write_regs(fd, &st.regs)?;
+    put_xsave(fd, st)?;
+    vcpu.set_queued_interrupts(&st.interrupts);
+    Ok(())
+}
+
+fn put_xsave(fd: &VcpuFd, st: &VcpuState) -> Result<()> {
+    // SAFETY: `st.xsave` is a whole kvm_xsave that KVM_GET_XSAVE filled (or a snapshot file
+    // whose size was checked); KVM reads exactly that struct.
+    unsafe { fd.set_xsave(&st.xsave) }.map_err(|e| Error::ioctl("KVM_SET_XSAVE", e))
+}

@@ -1,0 +1,153 @@
+//! Snapshots through the engine alone: capture, run, restore, compare. Skips (passes with
+//! a note) where `/dev/kvm` cannot be opened.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kvmpy::devices::console::ConsoleDev;
+use kvmpy::devices::exit_port::ExitPortDev;
+use kvmpy::engine::setup::LongMode;
+use kvmpy::engine::{Device, Exit, Outcome, RegionOptions, RunOptions, VcpuCore, VmCore};
+
+const LOAD: u64 = 0x10000;
+const DATA: u64 = 0x100000;
+
+fn kvm_usable() -> bool {
+    let ok = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    if !ok {
+        eprintln!("/dev/kvm cannot be opened: engine snapshot tests skipped");
+    }
+    ok
+}
+
+// mov [rdi], rsi ; mov [rdi + 0x1000], rsi ; inc rsi ; movq xmm3, rsi ;
+// mov al, 'k' ; out 0x3f8 (dx), al ; out 0xf4, al
+const CODE: &[u8] = &[
+    0x48, 0x89, 0x37, // mov [rdi], rsi
+    0x48, 0x89, 0xB7, 0x00, 0x10, 0x00, 0x00, // mov [rdi + 0x1000], rsi
+    0x48, 0xFF, 0xC6, // inc rsi
+    0x66, 0x48, 0x0F, 0x6E, 0xDE, // movq xmm3, rsi
+    0xB0, b'k', // mov al, 'k'
+    0x66, 0xBA, 0xF8, 0x03, // mov dx, 0x3f8
+    0xEE, // out dx, al
+    0xE6, 0xF4, // out 0xf4, al
+];
+
+fn vm_with_guest() -> (Arc<VmCore>, Arc<VcpuCore>, Arc<ConsoleDev>) {
+    let vm = VmCore::new(false, false).unwrap();
+    vm.add_memory(0, 2 << 20, RegionOptions::default()).unwrap();
+    vm.write_memory(LOAD, CODE).unwrap();
+    let console = Arc::new(ConsoleDev::new(0x3f8, 1024));
+    let exit: Arc<dyn Device> = Arc::new(ExitPortDev {
+        port: 0xf4,
+        debug_exit: false,
+    });
+    let dev: Arc<dyn Device> = console.clone();
+    vm.update_bus(|bus| {
+        Ok((
+            bus.with_io(0x3f8, 0x3f9, dev)?.with_io(0xf4, 0xf5, exit)?,
+            (),
+        ))
+    })
+    .unwrap();
+    let cpu = vm.create_vcpu(None).unwrap();
+    cpu.setup_long_mode(LongMode {
+        user: true,
+        tables_addr: 0x1000,
+        map_gib: 1,
+        huge_pages: false,
+        exceptions: false,
+        exception_port: 0xf6,
+    })
+    .unwrap();
+    let mut regs = cpu.regs().unwrap();
+    regs.rip = LOAD;
+    regs.rdi = DATA;
+    regs.rsi = 0x1234;
+    cpu.set_regs(&regs).unwrap();
+    (vm, cpu, console)
+}
+
+fn run_to_exit(cpu: &VcpuCore) {
+    let outcome = cpu.run(&RunOptions {
+        deadline: Some(Instant::now() + Duration::from_secs(10)),
+        on_signal: None,
+    });
+    match outcome {
+        Outcome::Exit(Exit::Guest { .. }) => {}
+        Outcome::Exit(e) => panic!("unexpected exit {:?}", e.reason()),
+        Outcome::Stopped(_) => panic!("stopped by a device"),
+        Outcome::Error(e) => panic!("error: {e}"),
+    }
+}
+
+fn memory(vm: &VmCore) -> Vec<u8> {
+    let mut buf = vec![0; 2 << 20];
+    vm.read_memory(0, &mut buf).unwrap();
+    buf
+}
+
+#[test]
+fn a_restore_puts_memory_registers_and_devices_back() {
+    if !kvm_usable() {
+        return;
+    }
+    let (vm, cpu, console) = vm_with_guest();
+    let before = memory(&vm);
+    let snap = vm.snapshot().unwrap();
+    let regs = cpu.regs().unwrap();
+    let xsave = cpu.with_fd(|fd| Ok(fd.get_xsave().unwrap())).unwrap();
+    for round in 0..3 {
+        run_to_exit(&cpu);
+        assert_eq!(console.take(false), b"k");
+        assert_ne!(memory(&vm), before);
+        vm.write_memory(0x150000 + round * 0x1000, b"host").unwrap();
+        vm.restore(&snap).unwrap();
+        assert_eq!(memory(&vm), before, "round {round}");
+        assert_eq!(cpu.regs().unwrap(), regs);
+        let now = cpu.with_fd(|fd| Ok(fd.get_xsave().unwrap())).unwrap();
+        assert_eq!(now.region, xsave.region, "round {round}");
+        assert!(console.take(false).is_empty());
+    }
+    // The first restore after the snapshot and the later ones took the cheap path.
+    assert_eq!(cpu.full_restores(), 0);
+}
+
+#[test]
+fn a_mismatched_vm_is_refused_untouched() {
+    if !kvm_usable() {
+        return;
+    }
+    let (vm, _cpu, _console) = vm_with_guest();
+    let snap = vm.snapshot().unwrap();
+    let other = VmCore::new(false, false).unwrap();
+    other
+        .add_memory(0, 1 << 20, RegionOptions::default())
+        .unwrap();
+    other.write_memory(0x5000, b"mine").unwrap();
+    let err = other.restore(&snap).unwrap_err().to_string();
+    assert!(err.contains("memory regions"), "{err}");
+    let mut buf = [0; 4];
+    other.read_memory(0x5000, &mut buf).unwrap();
+    assert_eq!(&buf, b"mine");
+}
+
+#[test]
+fn another_vm_with_the_same_layout_takes_the_snapshot() {
+    if !kvm_usable() {
+        return;
+    }
+    let (vm, cpu, _console) = vm_with_guest();
+    run_to_exit(&cpu);
+    let snap = vm.snapshot().unwrap();
+    let (other, other_cpu, _) = vm_with_guest();
+    other.restore(&snap).unwrap();
+    assert_eq!(memory(&other), memory(&vm));
+    assert_eq!(other_cpu.regs().unwrap(), cpu.regs().unwrap());
+    assert_eq!(other_cpu.sregs().unwrap(), cpu.sregs().unwrap());
+    assert_eq!(other_cpu.full_restores(), 1);
+}

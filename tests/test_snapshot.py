@@ -1,0 +1,609 @@
+"""Snapshots: `vm.snapshot()` captures a whole VM, `vm.restore()` puts it back exactly."""
+
+from __future__ import annotations
+
+import random
+import struct
+from pathlib import Path
+
+import pytest
+
+import kvmpy
+
+from .support import EXIT_PORT, LONG_LOAD, open_fds
+
+pytestmark = pytest.mark.kvm
+
+INPUT = 0x20000  # the qword snapshot64.S reads to choose what it does
+DATA = 0x100000  # where snapshot64.S writes its pages
+RAM = 2 << 20
+DUMP_CODE = 0x18000  # a program that stores XMM0-15, MXCSR and the x87 control word
+DUMP = 0x1F0000
+RANDOM_CODE = 0x19000
+MSR_SYSENTER_CS = 0x174
+MSR_KERNEL_GS_BASE = 0xC0000102
+
+
+def dump_program() -> bytes:
+    code = b""
+    for i in range(16):  # movdqu [DUMP + 16 * i], xmm<i>
+        rex = b"\x44" if i >= 8 else b""
+        code += b"\xf3" + rex + b"\x0f\x7f" + bytes([0x04 | (i & 7) << 3, 0x25])
+        code += struct.pack("<I", DUMP + 16 * i)
+    code += b"\x0f\xae\x1c\x25" + struct.pack("<I", DUMP + 0x100)  # stmxcsr
+    code += b"\xd9\x3c\x25" + struct.pack("<I", DUMP + 0x104)  # fnstcw
+    return code + b"\xe6\xf4"  # out 0xf4, al
+
+
+def random_program(rng: random.Random) -> bytes:
+    """Random CPL3 code that changes general registers, flags, XMM registers and memory
+    in the data area, then exits through the exit port."""
+    code = b""
+    for _ in range(rng.randrange(1, 40)):
+        kind = rng.randrange(4)
+        r = rng.choice([x for x in range(16) if x != 4])  # leave RSP alone
+        if kind == 0:  # mov r64, imm64
+            code += bytes([0x48 | (r >> 3), 0xB8 + (r & 7)]) + struct.pack(
+                "<Q", rng.getrandbits(64)
+            )
+        elif kind == 1:  # mov [disp32], r64 somewhere in the data area
+            addr = DATA + rng.randrange(0, 0xE0000, 8)
+            code += bytes([0x48 | (r >> 3) << 2, 0x89, 0x04 | (r & 7) << 3, 0x25])
+            code += struct.pack("<I", addr)
+        elif kind == 2:  # movq xmm<x>, r64
+            x = rng.randrange(16)
+            code += bytes([0x66, 0x48 | (x >> 3) << 2 | (r >> 3), 0x0F, 0x6E])
+            code += bytes([0xC0 | (x & 7) << 3 | (r & 7)])
+        else:  # add r64, r64 (flags)
+            s = rng.choice([x for x in range(16) if x != 4])
+            code += bytes([0x48 | (s >> 3) << 2 | (r >> 3), 0x01, 0xC0 | (s & 7) << 3 | (r & 7)])
+    return code + b"\xe6\xf4"
+
+
+def make_vm(
+    guest_dir: Path, *, exceptions: bool = False, **vm_args: bool
+) -> tuple[kvmpy.Vm, kvmpy.Vcpu]:
+    vm = kvmpy.Vm(**vm_args)
+    ram = vm.add_memory(0, RAM)
+    ram.write(LONG_LOAD, (guest_dir / "snapshot64.bin").read_bytes())
+    ram.write(DUMP_CODE, dump_program())
+    vm.add_exit_port(EXIT_PORT)
+    cpu = vm.create_vcpu()
+    cpu.setup_long_mode(user=True, exceptions=exceptions)
+    cpu.set_regs(rip=LONG_LOAD, rdi=3, rsi=0x1000)
+    return vm, cpu
+
+
+def vector_state(vm: kvmpy.Vm, cpu: kvmpy.Vcpu) -> bytes:
+    """XMM0-15, MXCSR and the x87 control word, as the guest itself stores them."""
+    cpu.set_regs(rip=DUMP_CODE)
+    assert cpu.run(timeout=10).reason == "exit"
+    return vm.read(DUMP, 0x106)
+
+
+def assert_as_snapshot(vm: kvmpy.Vm, snap: kvmpy.Snapshot, cpus: list[kvmpy.Vcpu]) -> None:
+    assert vm.read(0, RAM) == snap.read(0, RAM)
+    for i, cpu in enumerate(cpus):
+        assert cpu.regs == snap.regs(i)
+        assert cpu.sregs == snap.sregs(i)
+
+
+def test_random_guest_programs_and_host_writes_are_undone(guest_dir: Path) -> None:
+    rng = random.Random(0x5EED)
+    vm, cpu = make_vm(guest_dir)
+    with vm:
+        ram = vm.memory_regions[0]
+        cpu.set_regs(rip=RANDOM_CODE, rbx=7, rflags=0x3002)
+        snap = vm.snapshot()
+        vectors = vector_state(vm, cpu)
+        vm.restore(snap)
+        msrs = snap.msrs(0)
+        assert MSR_SYSENTER_CS in msrs and MSR_KERNEL_GS_BASE in msrs
+        for case in range(60):
+            vm.write(RANDOM_CODE, random_program(rng))
+            assert cpu.run(timeout=10).reason == "exit", f"case {case}"
+            assert cpu.regs != snap.regs(0)
+            for _ in range(rng.randrange(4)):
+                offset = rng.randrange(0, RAM - 64)
+                data = rng.randbytes(rng.randrange(1, 64))
+                if rng.random() < 0.5:
+                    ram.write(offset, data)
+                else:
+                    vm.write(offset, data)
+            full = cpu.stats()["full_restores"]
+            if case % 3 == 0:
+                cpu.set_msrs(
+                    {MSR_SYSENTER_CS: rng.getrandbits(16), MSR_KERNEL_GS_BASE: 0x1000 * case}
+                )
+                cpu.set_sregs(
+                    fs=kvmpy.Segment(base=0x7000 * case, selector=0, type=3, present=1, s=1, dpl=3)
+                )
+            vm.restore(snap)
+            # Only host changes to state user code cannot touch need the full restore.
+            assert cpu.stats()["full_restores"] == full + (case % 3 == 0), f"case {case}"
+            assert_as_snapshot(vm, snap, [cpu])
+            assert cpu.get_msrs([MSR_SYSENTER_CS, MSR_KERNEL_GS_BASE]) == {
+                k: msrs[k] for k in (MSR_SYSENTER_CS, MSR_KERNEL_GS_BASE)
+            }
+            if case % 10 == 0:
+                assert vector_state(vm, cpu) == vectors, f"case {case}"
+                vm.restore(snap)
+
+
+def test_restore_replays_the_same_run(guest_dir: Path) -> None:
+    vm, cpu = make_vm(guest_dir)
+    with vm:
+        snap = vm.snapshot()
+        for rdi in (1, 16, 190, 0):
+            vm.restore(snap)
+            cpu.set_regs(rdi=rdi)
+            assert cpu.run(timeout=10).reason == "exit"
+            pages = [struct.unpack("<Q", vm.read(DATA + 0x1000 * i, 8))[0] for i in range(rdi)]
+            assert pages == [0x1000 + i for i in range(rdi)]
+            vm.restore(snap)
+            assert_as_snapshot(vm, snap, [cpu])
+
+
+def test_restore_after_a_crash_returns_to_user_mode(guest_dir: Path) -> None:
+    vm, cpu = make_vm(guest_dir, exceptions=True)
+    with vm:
+        snap = vm.snapshot()
+        vm.write(INPUT, struct.pack("<Q", 2))
+        exit = cpu.run(timeout=10)
+        assert exit.reason == "exception" and exit.name == "#PF"
+        assert cpu.sregs.cs.dpl == 0  # inside the ring-0 reporting stub
+        full = cpu.stats()["full_restores"]
+        vm.restore(snap)
+        assert cpu.stats()["full_restores"] == full + 1
+        assert_as_snapshot(vm, snap, [cpu])
+        assert cpu.sregs.cs.dpl == 3
+        assert cpu.run(timeout=10).reason == "exit"
+        assert vm.read(DATA, 8) == struct.pack("<Q", 0x1000)
+
+
+def test_restore_after_a_timeout_in_a_tight_loop(guest_dir: Path) -> None:
+    vm, cpu = make_vm(guest_dir)
+    with vm:
+        snap = vm.snapshot()
+        vm.write(INPUT, struct.pack("<Q", 1))
+        assert cpu.run(timeout=0.05).reason == "timeout"
+        vm.restore(snap)
+        assert_as_snapshot(vm, snap, [cpu])
+        assert cpu.run(timeout=10).reason == "exit"
+
+
+def test_restore_after_a_handler_exception(guest_dir: Path) -> None:
+    vm, cpu = make_vm(guest_dir)
+    with vm:
+
+        @vm.on_io(0x10)
+        def boom(exit: kvmpy.IoExit) -> None:
+            raise RuntimeError("handler failed")
+
+        snap = vm.snapshot()
+        vm.write(INPUT, struct.pack("<Q", 3))
+        with pytest.raises(RuntimeError, match="handler failed"):
+            cpu.run(timeout=10)
+        vm.restore(snap)
+        assert_as_snapshot(vm, snap, [cpu])
+        assert cpu.run(timeout=10).reason == "exit"
+        assert vm.read(DATA + 0x2000, 8) == struct.pack("<Q", 0x1002)
+
+
+def test_four_vcpus(guest_dir: Path) -> None:
+    vm = kvmpy.Vm()
+    with vm:
+        vm.add_memory(0, RAM).write(LONG_LOAD, (guest_dir / "snapshot64.bin").read_bytes())
+        vm.add_exit_port(EXIT_PORT)
+        cpus = []
+        for i in range(4):
+            cpu = vm.create_vcpu()
+            cpu.setup_long_mode(user=True)
+            cpu.set_regs(rip=LONG_LOAD, rdi=i + 1, rsi=0x100 * i)
+            cpus.append(cpu)
+        snap = vm.snapshot()
+        assert snap.vcpu_ids == [0, 1, 2, 3]
+        for _ in range(3):
+            assert [e.reason for e in vm.run(timeout=10)] == ["exit"] * 4
+            vm.restore(snap)
+            assert_as_snapshot(vm, snap, cpus)
+
+
+def test_with_irqchip_and_pit(guest_dir: Path) -> None:
+    vm, cpu = make_vm(guest_dir, irqchip=True, pit=True)
+    with vm:
+        snap = vm.snapshot()
+        cpu.set_sregs(cr8=5)  # the in-kernel LAPIC's task priority
+        vm.set_irq_line(4, True)
+        assert cpu.run(timeout=10).reason == "exit"
+        vm.restore(snap)
+        assert_as_snapshot(vm, snap, [cpu])
+        assert cpu.run(timeout=10).reason == "exit"
+        assert vm.read(DATA, 8) == struct.pack("<Q", 0x1000)
+
+
+def test_views_make_a_region_wholly_dirty(guest_dir: Path) -> None:
+    vm, cpu = make_vm(guest_dir)
+    with vm:
+        ram = vm.memory_regions[0]
+        snap = vm.snapshot()
+        view = memoryview(ram)
+        view[0x150000:0x150004] = b"view"
+        view.release()
+        vm.load_flat(b"flat", 0x160000)
+        vm.restore(snap)
+        assert vm.read(0x150000, 4) == bytes(4)
+        assert vm.read(0x160000, 4) == bytes(4)
+        with memoryview(ram) as live:
+            vm.restore(snap)
+            live[0x170000] = 1
+            vm.restore(snap)  # the view is still exported: the whole region is copied
+            assert vm.read(0x170000, 1) == b"\0"
+        assert_as_snapshot(vm, snap, [cpu])
+
+
+def test_dirty_pages_still_reports_and_restore_still_sees_them(guest_dir: Path) -> None:
+    vm = kvmpy.Vm()
+    with vm:
+        ram = vm.add_memory(0, RAM, dirty_log=True)
+        ram.write(LONG_LOAD, (guest_dir / "snapshot64.bin").read_bytes())
+        vm.add_exit_port(EXIT_PORT)
+        cpu = vm.create_vcpu()
+        cpu.setup_long_mode(user=True)
+        cpu.set_regs(rip=LONG_LOAD, rdi=2, rsi=1)
+        snap = vm.snapshot()
+        assert cpu.run(timeout=10).reason == "exit"
+        assert {DATA, DATA + 0x1000} <= set(ram.dirty_pages())
+        vm.restore(snap)
+        assert_as_snapshot(vm, snap, [cpu])
+
+
+def test_devices_are_restored(guest_dir: Path) -> None:
+    vm, cpu = make_vm(guest_dir)
+    with vm:
+        console = vm.add_console(0x3F8)
+        uart = vm.add_uart(0x2F8)
+        uart.feed(b"abc")
+        code = bytes(
+            [0xBA, 0xF8, 0x03, 0, 0, 0xB0, ord("x"), 0xEE]
+        )  # mov edx, 0x3f8; mov al, 'x'; out dx, al
+        code += bytes(
+            [0x66, 0xBA, 0xF8, 0x02, 0xEC, 0xE6, 0xF4]
+        )  # mov dx, 0x2f8; in al, dx; out 0xf4, al
+        vm.write(RANDOM_CODE, code)
+        cpu.set_regs(rip=RANDOM_CODE, rflags=0x3002)  # IF=0: a queued interrupt waits
+        snap = vm.snapshot()
+        cpu.interrupt(0x30)
+        assert cpu.run(timeout=10).reason == "exit"
+        assert console.output() == b"x" and cpu.regs.rax & 0xFF == ord("a")
+        vm.restore(snap)
+        assert console.output() == b""
+        assert cpu.run(timeout=10).reason == "exit"
+        assert cpu.regs.rax & 0xFF == ord("a")  # the UART's input was put back
+        assert console.output() == b"x"
+        # Without IF the interrupt queued after the snapshot would still wait; the restore
+        # dropped it: with IF=1 and no IDT it would triple-fault (a "shutdown" exit).
+        vm.restore(snap)
+        cpu.set_regs(rflags=0x3202)
+        assert cpu.run(timeout=10).reason == "exit"
+
+
+def test_restore_into_another_vm_with_the_same_layout(guest_dir: Path) -> None:
+    vm1, cpu1 = make_vm(guest_dir)
+    vm2, cpu2 = make_vm(guest_dir)
+    with vm1, vm2:
+        cpu1.set_regs(rdi=5, rsi=0x777)
+        vm1.write(0x150000, b"only in vm1")
+        snap = vm1.snapshot()
+        vm2.write(0x160000, b"only in vm2")
+        vm2.restore(snap)
+        assert_as_snapshot(vm2, snap, [cpu2])
+        assert cpu2.run(timeout=10).reason == "exit"
+        assert vm2.read(DATA + 0x4000, 8) == struct.pack("<Q", 0x777 + 4)
+        vm2.restore(snap)
+        assert_as_snapshot(vm2, snap, [cpu2])
+
+
+def test_mismatched_vms_are_refused_before_anything_changes(guest_dir: Path) -> None:
+    vm1, _ = make_vm(guest_dir)
+    with vm1:
+        snap = vm1.snapshot()
+        with kvmpy.Vm() as small:
+            small.add_memory(0, RAM // 2)
+            small.create_vcpu()
+            small.write(0x1000, b"keep")
+            with pytest.raises(ValueError, match="memory regions"):
+                small.restore(snap)
+            assert small.read(0x1000, 4) == b"keep"
+        vm2, _ = make_vm(guest_dir)
+        with vm2:
+            vm2.create_vcpu()
+            with pytest.raises(ValueError, match="vCPU ids"):
+                vm2.restore(snap)
+        vm3, _ = make_vm(guest_dir, irqchip=True)
+        with vm3:
+            with pytest.raises(ValueError, match="irqchip"):
+                vm3.restore(snap)
+        vm4, _ = make_vm(guest_dir)
+        with vm4:
+            vm4.add_console(0x3F8)
+            with pytest.raises(ValueError, match="devices"):
+                vm4.restore(snap)
+
+
+def test_snapshot_and_restore_refuse_while_running(guest_dir: Path) -> None:
+    vm, cpu = make_vm(guest_dir)
+    with vm:
+        snap = vm.snapshot()
+        vm.write(INPUT, struct.pack("<Q", 1))
+        vm.start()
+        with pytest.raises(kvmpy.VcpuBusyError):
+            vm.snapshot()
+        with pytest.raises(kvmpy.VcpuBusyError):
+            vm.restore(snap)
+        vm.stop()
+        assert [e.reason for e in vm.join(10) or []] == ["stopped"]
+        vm.restore(snap)
+        assert_as_snapshot(vm, snap, [cpu])
+
+
+def test_a_read_waiting_for_respond_must_be_answered_first(guest_dir: Path) -> None:
+    vm, cpu = make_vm(guest_dir)
+    with vm:
+        vm.write(RANDOM_CODE, bytes([0xE4, 0x10, 0xE6, 0xF4]))  # in al, 0x10 ; out 0xf4, al
+        cpu.set_regs(rip=RANDOM_CODE)
+        exit = cpu.run(timeout=10)
+        assert exit.reason == "io" and not exit.is_write
+        with pytest.raises(kvmpy.VcpuBusyError, match="respond"):
+            vm.snapshot()
+        cpu.respond(0x42)
+        snap = vm.snapshot()
+        assert snap.regs(0).rax & 0xFF == 0x42
+        assert cpu.run(timeout=10).reason == "exit"
+        vm.restore(snap)
+        assert cpu.regs.rax & 0xFF == 0x42
+
+
+def test_snapshot_reading_is_checked(guest_dir: Path) -> None:
+    vm, _ = make_vm(guest_dir)
+    with vm:
+        snap = vm.snapshot()
+    assert snap.memory_regions == [(0, RAM)]
+    with pytest.raises(kvmpy.VmClosedError):
+        vm.snapshot()
+    with pytest.raises(kvmpy.VmClosedError):
+        vm.restore(snap)
+    with pytest.raises(TypeError):
+        kvmpy.Vm().restore(object())  # type: ignore[arg-type]
+    with pytest.raises(kvmpy.GuestMemoryError):
+        snap.read(RAM - 4, 8)
+    for gpa, n in ((0, 1 << 62), (RAM, 1), (2**64 - 1, 2), (0, 2**64 - 1)):
+        with pytest.raises(kvmpy.GuestMemoryError):
+            snap.read(gpa, n)
+    assert snap.read(RAM - 4, 4) == bytes(4) and snap.read(0, 0) == b""
+    with pytest.raises(IndexError):
+        snap.regs(1)
+    assert "vcpus=1" in repr(snap)
+
+
+def test_long_restore_loop_keeps_fds_and_memory_flat(guest_dir: Path) -> None:
+    vm, cpu = make_vm(guest_dir)
+    with vm:
+        snap = vm.snapshot()
+        for _ in range(500):
+            cpu.run(timeout=10)
+            vm.restore(snap)
+        fds, rss = open_fds(), rss_kib()
+        for _ in range(20_000):
+            cpu.run(timeout=10)
+            vm.restore(snap)
+        assert open_fds() == fds
+        assert rss_kib() - rss < 8 * 1024, "RSS grew by more than 8 MiB over 20,000 restores"
+        assert_as_snapshot(vm, snap, [cpu])
+
+
+def rss_kib() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4
+
+
+def test_save_and_load_round_trip(guest_dir: Path, tmp_path: Path) -> None:
+    vm, cpu = make_vm(guest_dir)
+    with vm:
+        console = vm.add_console(0x3F8)
+        vm.write(RANDOM_CODE, bytes([0xB0, 0x6B, 0x66, 0xBA, 0xF8, 0x03, 0xEE, 0xE6, 0xF4]))
+        cpu.set_regs(rip=RANDOM_CODE)  # mov al, 'k'; mov dx, 0x3f8; out dx, al; out 0xf4, al
+        assert cpu.run(timeout=10).reason == "exit"
+        cpu.set_regs(rip=LONG_LOAD, rdi=2, rsi=9)
+        snap = vm.snapshot()
+        path = tmp_path / "boot.kvmsnap"
+        snap.save(path)
+        # Sparse: two regions' worth of zero pages are not stored.
+        assert path.stat().st_size < 64 * 4096
+        loaded = kvmpy.Snapshot.load(str(path))
+        assert loaded.read(0, RAM) == snap.read(0, RAM)
+        assert loaded.regs(0) == snap.regs(0) and loaded.sregs(0) == snap.sregs(0)
+        assert loaded.msrs(0) == snap.msrs(0)
+        assert cpu.run(timeout=10).reason == "exit"
+        vm.restore(loaded)
+        assert_as_snapshot(vm, snap, [cpu])
+        assert console.output() == b"k"
+        vm2, cpu2 = make_vm(guest_dir)
+        with vm2:
+            vm2.add_console(0x3F8)
+            vm2.restore(loaded)
+            assert_as_snapshot(vm2, snap, [cpu2])
+            assert cpu2.run(timeout=10).reason == "exit"
+            assert vm2.read(DATA + 0x1000, 8) == struct.pack("<Q", 10)
+
+
+def test_bad_snapshot_files_name_the_problem(guest_dir: Path, tmp_path: Path) -> None:
+    vm, _ = make_vm(guest_dir)
+    with vm:
+        path = tmp_path / "good.kvmsnap"
+        vm.snapshot().save(path)
+    data = path.read_bytes()
+    cases = {
+        "truncated": data[: len(data) // 2],
+        "header": data[:10],
+        "checksum": data[:5000] + bytes([data[5000] ^ 1]) + data[5001:],
+        "newer": data[:8] + struct.pack("<I", 99) + data[12:],
+        "not a kvmpy snapshot": b"\x7fELF" + data[4:],
+    }
+    for problem, content in cases.items():
+        bad = tmp_path / f"{problem}.kvmsnap"
+        bad.write_bytes(content)
+        with pytest.raises(ValueError, match=problem):
+            kvmpy.Snapshot.load(bad)
+    with pytest.raises(FileNotFoundError):
+        kvmpy.Snapshot.load(tmp_path / "missing.kvmsnap")
+    with kvmpy.Vm() as empty:
+        with pytest.raises(FileNotFoundError, match="cannot write"):
+            empty.snapshot().save(tmp_path / "no" / "such" / "dir.kvmsnap")
+        with pytest.raises(IsADirectoryError):
+            empty.snapshot().save(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir() if "partial" in p.name) == []
+    with pytest.raises(TypeError):
+        kvmpy.Snapshot.load(42)  # type: ignore[arg-type]
+    with kvmpy.Vm() as other:  # a loaded snapshot is checked against the VM like any other
+        other.add_memory(0, RAM // 2)
+        with pytest.raises(ValueError, match="memory regions"):
+            other.restore(kvmpy.Snapshot.load(path))
+    with kvmpy.Vm() as empty:  # a VM without vCPUs round-trips too
+        empty.add_memory(0x10000, 0x2000).write(0, b"only memory")
+        empty.snapshot().save(tmp_path / "empty.kvmsnap")
+        loaded = kvmpy.Snapshot.load(tmp_path / "empty.kvmsnap")
+        assert loaded.vcpu_ids == [] and loaded.read(0x10000, 11) == b"only memory"
+
+
+def test_snapshots_and_views_release_their_memory_and_fds(guest_dir: Path) -> None:
+    vm, _ = make_vm(guest_dir)
+    with vm:
+        for _ in range(5):
+            kvmpy.Vm.from_snapshot(vm.snapshot()).close()
+        fds, rss = open_fds(), rss_kib()
+        for _ in range(200):
+            snap = vm.snapshot()
+            other = kvmpy.Vm.from_snapshot(snap)
+            other.close()
+            del snap, other
+        assert open_fds() == fds
+        assert rss_kib() - rss < 16 * 1024, "RSS grew by more than 16 MiB over 200 snapshots"
+
+
+def test_restore_to_the_exit_instruction_runs_it_again(guest_dir: Path) -> None:
+    # out 0xf4, al ; inc rbx ; out 0xf4, al: a restore to the first OUT must not skip it.
+    vm, cpu = make_vm(guest_dir)
+    with vm:
+        vm.write(RANDOM_CODE, bytes([0xE6, 0xF4, 0x48, 0xFF, 0xC3, 0xE6, 0xF4]))
+        cpu.set_regs(rip=RANDOM_CODE, rbx=0)
+        snap = vm.snapshot()
+        for _ in range(3):
+            assert cpu.run(timeout=10).reason == "exit"
+            vm.restore(snap)
+        assert cpu.run(timeout=10).reason == "exit"
+        regs = cpu.regs
+        assert (regs.rip, regs.rbx) == (RANDOM_CODE + 2, 0)
+        assert cpu.run(timeout=10).reason == "exit"
+        assert (cpu.regs.rip, cpu.regs.rbx) == (RANDOM_CODE + 7, 1)
+
+
+def test_a_vm_from_a_snapshot_gets_its_cpuid(guest_dir: Path) -> None:
+    vm = kvmpy.Vm()
+    with vm:
+        vm.add_memory(0, RAM)
+        cpu = vm.create_vcpu()
+        entries = [
+            kvmpy.CpuidEntry(e.function, e.index, e.flags, e.eax, e.ebx, e.ecx & ~(1 << 31), e.edx)
+            if e.function == 1
+            else e
+            for e in cpu.get_cpuid()
+        ]
+        cpu.set_cpuid(entries)  # no "hypervisor present" bit
+        snap = vm.snapshot()
+    with kvmpy.Vm.from_snapshot(snap) as other:
+        leaf1 = next(e for e in other.vcpus[0].get_cpuid() if e.function == 1)
+        assert leaf1.ecx & (1 << 31) == 0
+
+
+def snapshot_views() -> int:
+    """How many mappings of snapshot memory this process has."""
+    with open("/proc/self/maps") as f:
+        return sum("memfd:kvmpy-snapshot" in line for line in f)
+
+
+def test_vms_from_one_snapshot_share_its_memory(guest_dir: Path, tmp_path: Path) -> None:
+    vm, cpu = make_vm(guest_dir, irqchip=True)
+    with vm:
+        vm.add_console(0x3F8)
+        vm.write(0x150000, b"clean image")
+        snap = vm.snapshot()
+    views = snapshot_views()
+    vms = [kvmpy.Vm.from_snapshot(snap) for _ in range(2)]
+    vms.append(kvmpy.Vm.from_snapshot(kvmpy.Snapshot.load(_saved(snap, tmp_path))))
+    # One private view per VM (the loaded snapshot, gone again, kept no mapping).
+    assert snapshot_views() == views + 3
+    try:
+        for i, other in enumerate(vms):
+            assert other.irqchip and len(other.vcpus) == 1
+            other.add_exit_port(EXIT_PORT)
+            ocpu = other.vcpus[0]
+            assert other.read(0, RAM) == snap.read(0, RAM)
+            assert ocpu.regs == snap.regs(0) and ocpu.sregs == snap.sregs(0)
+            ocpu.set_regs(rsi=0x100 * (i + 1))
+            assert ocpu.run(timeout=10).reason == "exit"
+            assert other.read(DATA, 8) == struct.pack("<Q", 0x100 * (i + 1))
+            other.write(0x150000, b"dirty")
+        # Each VM wrote its own copy: the others and the snapshot are untouched.
+        assert snap.read(0x150000, 11) == b"clean image"
+        assert vms[0].read(DATA, 8) == struct.pack("<Q", 0x100)
+        for other in vms[:2]:
+            with pytest.raises(ValueError, match="devices"):
+                other.restore(snap)  # the snapshot had a console; these VMs have none
+            other.add_console(0x3F8)
+            other.restore(snap)
+            assert other.read(0, RAM) == snap.read(0, RAM)
+            assert other.vcpus[0].regs == snap.regs(0)
+            with memoryview(other.memory_regions[0]) as view:  # the whole region is put back
+                view[0x160000] = 7
+            other.restore(snap)
+            assert other.read(0, RAM) == snap.read(0, RAM)
+        # A snapshot of a VM whose memory is a view of another snapshot's.
+        other = vms[0]
+        other.write(0x150000, bytes(11))
+        own = other.snapshot()
+        with memoryview(other.memory_regions[0]) as view:
+            view[0x150000] = 1
+        other.restore(own)
+        assert other.read(0x150000, 11) == bytes(11)
+        other.restore(snap)
+        assert other.read(0x150000, 11) == b"clean image"
+        other.restore(own)
+        assert other.read(0, RAM) == own.read(0, RAM)
+    finally:
+        for other in vms:
+            other.close()
+
+
+def _saved(snap: kvmpy.Snapshot, tmp_path: Path) -> Path:
+    path = tmp_path / "shared.kvmsnap"
+    snap.save(path)
+    return path
+
+
+def test_a_changed_layout_is_refused_and_a_restored_one_is_copied_whole(guest_dir: Path) -> None:
+    vm, cpu = make_vm(guest_dir)
+    with vm:
+        snap = vm.snapshot()
+        extra = vm.add_memory(RAM, 0x10000)
+        with pytest.raises(ValueError, match="memory regions"):
+            vm.restore(snap)
+        vm.remove_memory(extra)
+        ram = vm.memory_regions[0]
+        vm.remove_memory(ram)
+        vm.add_memory(0, RAM)  # the same layout, new (zeroed, untracked) memory
+        vm.restore(snap)
+        assert_as_snapshot(vm, snap, [cpu])
+        assert cpu.run(timeout=10).reason == "exit"
+        vm.restore(snap)
+        assert_as_snapshot(vm, snap, [cpu])
