@@ -38,15 +38,15 @@ from kvmpy._native import (
     Vm,
     _shutdown_all,
 )
+from kvmpy._native import __version__ as __version__
 from kvmpy.errors import GuestMemoryError, KvmError, KvmUnavailable, VcpuBusyError, VmClosedError
+from kvmpy.explain import explain
 
 # vCPU threads started by Vm.start() must stop before the interpreter goes away.
 atexit.register(_shutdown_all)
 
 Exit = ExitInfo
 """The base class of every exit object (``kvmpy.Exit`` is ``kvmpy.ExitInfo``)."""
-
-__version__ = "0.1.0"
 
 
 @dataclass(frozen=True)
@@ -107,4 +107,5 @@ __all__ = [
     "Vm",
     "VmClosedError",
     "available",
+    "explain",
 ]

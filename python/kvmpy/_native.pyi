@@ -37,12 +37,23 @@ __all__ = [
     "UnknownExit",
     "Vcpu",
     "Vm",
+    "__version__",
+    "_disassemble",
     "_exit_reasons",
     "_kick_signal",
     "_shutdown_all",
 ]
 
 KVM_API_VERSION: int
+__version__: str
+
+def _disassemble(
+    code: _BytesLike, bits: int = 64, ip: int = 0, count: int = 1
+) -> list[tuple[int, bytes, str]]:
+    """Decodes up to `count` instructions of `code` as `bits`-bit code (16, 32 or 64) at
+    `ip`: a list of `(address, bytes, text)` in Intel syntax; an invalid instruction is
+    `"(bad)"` and ends the list.
+    """
 
 def _shutdown_all() -> None: ...
 def _exit_reasons() -> list[str]: ...
@@ -346,14 +357,35 @@ class FailEntryExit(ExitInfo):
 @final
 class InternalErrorExit(ExitInfo):
     """`KVM_EXIT_INTERNAL_ERROR`: KVM could not handle something, for example an instruction
-    its emulator does not know.
+    its emulator does not know. `str(exit)` says what happened and what to try.
     """
     @property
     def suberror(self) -> int:
-        """`KVM_INTERNAL_ERROR_*` (1 = emulation failure, 2 = simultaneous exception, ...)."""
+        """`KVM_INTERNAL_ERROR_*` (1 = emulation failure, 2 = simultaneous exceptions, 3 = event
+        delivery failed, 4 = unexpected exit reason).
+        """
     @property
     def data(self) -> list[int]:
         """Extra words KVM reported."""
+    @property
+    def rip(self) -> int:
+        """`rip` when the exit happened (the instruction that failed, for an emulation failure)."""
+    @property
+    def bits(self) -> int:
+        """The code size at `rip`: 16, 32 or 64 (0 if the registers could not be read)."""
+    @property
+    def suberror_name(self) -> str:
+        """The suberror in words: `"emulation failure"`, `"simultaneous exceptions"`, ..."""
+    @property
+    def instruction_bytes(self) -> bytes:
+        """The bytes at `rip` KVM reported for an emulation failure (up to 15; `b""` when it
+        reported none, e.g. because there is no RAM at `rip`).
+        """
+    @property
+    def instruction(self) -> str | None:
+        """The failing instruction disassembled, with its bytes in hex:
+        `"f0 48 0f c7 0c 25 00 00 30 00 (lock cmpxchg16b [0x300000])"`; None without bytes.
+        """
 
 @final
 class SystemEventExit(ExitInfo):

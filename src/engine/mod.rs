@@ -5,6 +5,7 @@
 pub mod bus;
 pub mod error;
 pub mod exit;
+pub mod internal_error;
 pub mod kick;
 pub mod kvm;
 pub mod load;
