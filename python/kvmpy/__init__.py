@@ -41,6 +41,7 @@ from kvmpy._native import (
 from kvmpy._native import __version__ as __version__
 from kvmpy.errors import GuestMemoryError, KvmError, KvmUnavailable, VcpuBusyError, VmClosedError
 from kvmpy.explain import explain
+from kvmpy.sdk import CompileError, compile_guest, guest_sdk, shipped_guest
 
 # vCPU threads started by Vm.start() must stop before the interpreter goes away.
 atexit.register(_shutdown_all)
@@ -76,6 +77,7 @@ def available() -> Availability:
 __all__ = [
     "KVM_API_VERSION",
     "Availability",
+    "CompileError",
     "Console",
     "CpuidEntry",
     "DTable",
@@ -107,5 +109,8 @@ __all__ = [
     "Vm",
     "VmClosedError",
     "available",
+    "compile_guest",
     "explain",
+    "guest_sdk",
+    "shipped_guest",
 ]
