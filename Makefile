@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 
 $(PY):
 	python3 -m venv $(VENV)
-	$(PY) -m pip install -q maturin pytest mypy ruff
+	$(PY) -m pip install -q $$(python3 .ci/requirements dev)
 
 dev: $(PY)
 	. $(VENV)/bin/activate && maturin develop -q --release
