@@ -95,23 +95,3 @@ def test_shipped_guests_match_their_sources(guest_dir: Path) -> None:
             f"{name} is stale: run `make -C guests install`"
         )
     assert (GUESTS / "Makefile").exists()
-
-
-def readme_examples() -> list[str]:
-    text = (ROOT / "README.md").read_text()
-    return re.findall(r"```python\n(.*?)```", text, flags=re.S)
-
-
-@pytest.mark.kvm
-@pytest.mark.parametrize("index", range(len(readme_examples())))
-def test_readme_examples_run(index: int, guest_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.chdir(ROOT)  # examples use paths relative to the repository
-    code = readme_examples()[index]
-    namespace: dict[str, object] = {"__name__": "readme_example"}
-    exec(compile(code, f"README.md example {index + 1}", "exec"), namespace)
-
-
-def test_readme_has_its_examples_and_two_commands() -> None:
-    assert len(readme_examples()) >= 3
-    text = (ROOT / "README.md").read_text()
-    assert "python -m kvmpy demo" in text and "python -m pytest" in text
