@@ -39,6 +39,7 @@ from kvmpy._native import (
     _shutdown_all,
 )
 from kvmpy._native import __version__ as __version__
+from kvmpy._types import VcpuStats
 from kvmpy.errors import GuestMemoryError, KvmError, KvmUnavailable, VcpuBusyError, VmClosedError
 from kvmpy.explain import explain
 from kvmpy.sdk import CompileError, compile_guest, guest_sdk, shipped_guest
@@ -106,6 +107,7 @@ __all__ = [
     "UnknownExit",
     "Vcpu",
     "VcpuBusyError",
+    "VcpuStats",
     "Vm",
     "VmClosedError",
     "available",

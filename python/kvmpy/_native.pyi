@@ -2,13 +2,18 @@
 
 import os
 from collections.abc import Callable
-from typing import Any, Literal, TypeVar, final, overload
+from typing import Literal, TypeVar, final, overload
 
 from typing_extensions import disjoint_base
 
 from kvmpy._exits import ExitReason
+from kvmpy._types import VcpuStats
 
-_F = TypeVar("_F", bound=Callable[..., Any])
+# What each kind of handler takes and returns: mypy refuses a handler of the wrong kind.
+_IoHandler = TypeVar("_IoHandler", bound=Callable[[IoExit], int | bytes | None])
+_MmioHandler = TypeVar("_MmioHandler", bound=Callable[[MmioExit], int | bytes | None])
+_HltHandler = TypeVar("_HltHandler", bound=Callable[[ExitInfo], None])
+_HostFunction = TypeVar("_HostFunction", bound=Callable[..., int | None])
 _BytesLike = bytes | bytearray | memoryview
 _Image = _BytesLike | str | os.PathLike[str]
 
@@ -614,7 +619,7 @@ class Vcpu:
         running is kept for its next run, which then returns `"stopped"` at once without
         entering the guest: a stop is never lost to a run that is just starting.
         """
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> VcpuStats:
         """Counters since the vCPU was created: `exits` (returns from `KVM_RUN`) and
         `handler_calls` (Python handler calls, the only times the run loop takes the GIL).
         """
@@ -723,39 +728,41 @@ class Vm:
     def vcpus(self) -> list[Vcpu]:
         """The VM's vCPUs, by creation order."""
     @overload
-    def on_io(self, ports: int | range, handler: _F) -> _F:
+    def on_io(self, ports: int | range, handler: _IoHandler) -> _IoHandler:
         """Registers `handler` for port I/O on `ports` (an int or a `range`). Without
         `handler`, returns a decorator. The handler gets an `IoExit`; for an IN it returns
         the value the guest reads (an int, or bytes of the access size), for an OUT it
         returns None. Returns the handler.
         """
     @overload
-    def on_io(self, ports: int | range, handler: None = None) -> Callable[[_F], _F]:
+    def on_io(self, ports: int | range, handler: None = None) -> Callable[[_IoHandler], _IoHandler]:
         """Registers `handler` for port I/O on `ports` (an int or a `range`). Without
         `handler`, returns a decorator. The handler gets an `IoExit`; for an IN it returns
         the value the guest reads (an int, or bytes of the access size), for an OUT it
         returns None. Returns the handler.
         """
     @overload
-    def on_mmio(self, address: int, size: int, handler: _F) -> _F:
+    def on_mmio(self, address: int, size: int, handler: _MmioHandler) -> _MmioHandler:
         """Registers `handler` for MMIO accesses to `[address, address + size)`, which must not
         overlap RAM. Without `handler`, returns a decorator. The handler gets an `MmioExit`;
         for a read it returns the data (an int, or bytes of the access size).
         """
     @overload
-    def on_mmio(self, address: int, size: int, handler: None = None) -> Callable[[_F], _F]:
+    def on_mmio(
+        self, address: int, size: int, handler: None = None
+    ) -> Callable[[_MmioHandler], _MmioHandler]:
         """Registers `handler` for MMIO accesses to `[address, address + size)`, which must not
         overlap RAM. Without `handler`, returns a decorator. The handler gets an `MmioExit`;
         for a read it returns the data (an int, or bytes of the access size).
         """
     @overload
-    def on_hlt(self, handler: _F) -> _F:
+    def on_hlt(self, handler: _HltHandler) -> _HltHandler:
         """Registers `handler` for HLT exits (it returns None to resume the guest after the
         `hlt`, or calls `exit.stop()`). Without `handler`, returns a decorator. Without an
         HLT handler, `run()` returns on HLT.
         """
     @overload
-    def on_hlt(self, handler: None = None) -> Callable[[_F], _F]:
+    def on_hlt(self, handler: None = None) -> Callable[[_HltHandler], _HltHandler]:
         """Registers `handler` for HLT exits (it returns None to resume the guest after the
         `hlt`, or calls `exit.stop()`). Without `handler`, returns a decorator. Without an
         HLT handler, `run()` returns on HLT.
@@ -782,7 +789,9 @@ class Vm:
         `uart.feed(data)`. Keeps the last `limit` bytes of output.
         """
     @overload
-    def host_function(self, number: int, handler: _F, *, port: int = 0xF5) -> _F:
+    def host_function(
+        self, number: int, handler: _HostFunction, *, port: int = 0xF5
+    ) -> _HostFunction:
         """Registers `handler` as host function `number` (0 to 2**32-1), which guests call
         with `out <port>, eax` (EAX = number; arguments in RDI, RSI, RDX, R10, R8, R9; the
         result comes back in RAX). The handler gets as many arguments as it declares
@@ -792,7 +801,7 @@ class Vm:
     @overload
     def host_function(
         self, number: int, handler: None = None, *, port: int = 0xF5
-    ) -> Callable[[_F], _F]:
+    ) -> Callable[[_HostFunction], _HostFunction]:
         """Registers `handler` as host function `number` (0 to 2**32-1), which guests call
         with `out <port>, eax` (EAX = number; arguments in RDI, RSI, RDX, R10, R8, R9; the
         result comes back in RAX). The handler gets as many arguments as it declares
