@@ -26,7 +26,7 @@ def test_an_emulation_failure_shows_the_instruction() -> None:
         exit = cpu.run(timeout=10)
         assert isinstance(exit, kvmpy.InternalErrorExit), exit
         assert exit.suberror_name == "emulation failure"
-        assert (exit.rip, exit.bits) == (LONG_LOAD, 64)
+        assert (exit.rip, exit.bits, exit.reset_state) == (LONG_LOAD, 64, False)
         if exit.instruction_bytes:  # kernels before 5.14 report no bytes
             assert exit.instruction_bytes.startswith(CMPXCHG16B)
             insn = "f0 48 0f c7 0c 25 00 00 30 00 (lock cmpxchg16b [0x300000])"
@@ -114,3 +114,17 @@ def test_disassemble() -> None:
         native._disassemble("nop")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="range"):
         native._disassemble(b"\x90", 64, -1)
+
+
+@pytest.mark.kvm
+def test_a_vcpu_run_without_a_mode_is_told_to_set_one_up() -> None:
+    with kvmpy.Vm() as vm:
+        vm.add_memory(0, 1 << 20)
+        cpu = vm.create_vcpu()  # no setup_*: it fetches at 0xfffffff0, where there is no RAM
+        exit = cpu.run(timeout=10)
+        assert isinstance(exit, kvmpy.InternalErrorExit), exit
+        assert exit.reset_state
+        assert str(exit).endswith(
+            "set up a mode first with setup_real_mode, setup_protected_mode, "
+            "setup_long_mode or load_multiboot"
+        )

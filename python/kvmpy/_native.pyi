@@ -379,6 +379,9 @@ class InternalErrorExit(ExitInfo):
     def bits(self) -> int:
         """The code size at `rip`: 16, 32 or 64 (0 if the registers could not be read)."""
     @property
+    def reset_state(self) -> bool:
+        """Whether the vCPU was still in the state it was created in (no mode set up)."""
+    @property
     def suberror_name(self) -> str:
         """The suberror in words: `"emulation failure"`, `"simultaneous exceptions"`, ..."""
     @property

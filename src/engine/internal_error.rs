@@ -56,6 +56,9 @@ pub struct Place {
     pub rip: u64,
     /// The code size: 16, 32 or 64; 0 when the registers could not be read.
     pub bits: u8,
+    /// Whether the vCPU was still in the state it is created in (real mode, CS:IP =
+    /// f000:fff0): nobody set up a mode before running it.
+    pub reset: bool,
 }
 
 impl Place {
@@ -63,9 +66,20 @@ impl Place {
         Place {
             rip: regs.rip,
             bits: code_bits(sregs),
+            reset: in_reset_state(sregs),
         }
     }
 }
+
+/// Whether `sregs` is still the state KVM creates a vCPU in: real mode, CS selector 0xf000
+/// with base 0xffff0000 (the first fetch is at 0xfffffff0).
+pub fn in_reset_state(sregs: &kvm_sregs) -> bool {
+    sregs.cr0 & CR0_PE == 0 && sregs.cs.selector == 0xf000 && sregs.cs.base == 0xffff_0000
+}
+
+const RESET_HINT: &str = "; the vCPU is still in the state it was created in (real mode, \
+     fetching at 0xfffffff0): set up a mode first with setup_real_mode, \
+     setup_protected_mode, setup_long_mode or load_multiboot";
 
 /// The instruction in words: `"f0 48 0f c7 0c 25 00 00 30 00 (lock cmpxchg16b [0x300000])"`,
 /// with only the bytes of the first instruction; None without bytes.
@@ -78,6 +92,14 @@ pub fn instruction_text(bytes: &[u8], place: Place) -> Option<String> {
 
 /// One line that says what happened and what to try.
 pub fn describe(suberror: u32, data: &[u64], place: Place) -> String {
+    let mut line = describe_error(suberror, data, place);
+    if place.reset {
+        line.push_str(RESET_HINT);
+    }
+    line
+}
+
+fn describe_error(suberror: u32, data: &[u64], place: Place) -> String {
     let name = suberror_name(suberror);
     let at = if place.bits != 0 {
         format!(" at rip={:#x} ({}-bit code)", place.rip, place.bits)
@@ -124,6 +146,7 @@ mod tests {
         let place = Place {
             rip: 0x10000,
             bits: 64,
+            reset: false,
         };
         assert_eq!(
             instruction_bytes(EMULATION, &CMPXCHG16B),
@@ -147,6 +170,19 @@ mod tests {
             describe(9, &[1, 2], Place::default()),
             "suberror 9: data=[0x1, 0x2]"
         );
+    }
+
+    #[test]
+    fn a_vcpu_run_in_its_reset_state_is_told_to_set_up_a_mode() {
+        let mut s = kvm_sregs::default();
+        s.cs.selector = 0xf000;
+        s.cs.base = 0xffff_0000;
+        let place = Place::of(&kvm_regs::default(), &s);
+        assert!(place.reset);
+        assert!(describe(EMULATION, &[0], place).ends_with("setup_long_mode or load_multiboot"));
+        s.cr0 = CR0_PE;
+        assert!(!in_reset_state(&s));
+        assert!(!describe(EMULATION, &[0], Place::default()).contains("setup_long_mode"));
     }
 
     #[test]

@@ -308,6 +308,8 @@ pub struct InternalErrorExit {
     rip: u64,
     /// The code size at `rip`: 16, 32 or 64 (0 if the registers could not be read).
     bits: u8,
+    /// Whether the vCPU was still in the state it was created in (no mode set up).
+    reset_state: bool,
 }
 
 impl InternalErrorExit {
@@ -315,6 +317,7 @@ impl InternalErrorExit {
         internal_error::Place {
             rip: self.rip,
             bits: self.bits,
+            reset: self.reset_state,
         }
     }
 }
@@ -478,6 +481,7 @@ pub fn to_python(py: Python<'_>, exit: &Exit, vcpu_id: u64) -> PyResult<Py<PyAny
                 data: data.clone(),
                 rip: place.rip,
                 bits: place.bits,
+                reset_state: place.reset,
             }),
         )?
         .into_any(),
@@ -636,6 +640,7 @@ mod tests {
                         place: internal_error::Place {
                             rip: 0x1000,
                             bits: 64,
+                            reset: false,
                         },
                     },
                     "InternalErrorExit",
