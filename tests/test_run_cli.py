@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -146,3 +147,35 @@ def test_a_bad_multiboot_module_is_a_clear_error(guest_dir: Path) -> None:
     assert done.returncode == 2
     assert done.stderr.decode().startswith("kvmpy run: cannot load ")
     assert "Traceback" not in done.stderr.decode()
+
+
+@pytest.mark.kvm
+def test_output_streams_while_the_guest_runs_and_ctrl_c_stops_it(tmp_path: Path) -> None:
+    image = tmp_path / "spin.bin"
+    # mov dx, 0x3f8 ; mov al, 'h' ; out dx, al ; mov al, '\n' ; out dx, al ; jmp $
+    image.write_bytes(
+        bytes([0x66, 0xBA, 0xF8, 0x03, 0xB0, ord("h"), 0xEE, 0xB0, ord("\n"), 0xEE, 0xEB, 0xFE])
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kvmpy", "run", str(image)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == b"h\n"  # while the guest still spins
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130
+    assert err == b"kvmpy run: interrupted\n"
+
+
+@pytest.mark.kvm
+def test_exit_codes_above_255_become_255(tmp_path: Path) -> None:
+    image = tmp_path / "exit.bin"
+    image.write_bytes(bytes([0xB8, 0x2C, 0x01, 0x00, 0x00, 0xE7, 0xF4]))  # mov eax, 300 ; out
+    assert run_image(str(image)).returncode == 255
+    image.write_bytes(bytes([0xB8, 0x00, 0x01, 0x00, 0x00, 0xE7, 0xF4]))  # 256 is not success
+    assert run_image(str(image)).returncode == 255
