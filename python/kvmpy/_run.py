@@ -144,7 +144,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="a Multiboot module (repeatable)",
     )
     p.add_argument(
-        "--cpus", type=int, default=1, metavar="N", help="vCPUs, all starting at the entry"
+        "--cpus",
+        type=int,
+        default=1,
+        metavar="N",
+        help="vCPUs, all starting at the entry with the same registers; the first to stop "
+        "ends the run",
     )
     p.add_argument(
         "--reg",
