@@ -127,9 +127,15 @@ def test_several_vcpus(guest_dir: Path) -> None:
         (["hello64.bin", "--mode", "vm86"], "invalid choice"),
         (["hello64.bin", "--cpus", "0"], "--cpus must be 1 to 64"),
         (["hello64.bin", "--timeout", "-1"], "--timeout must be"),
-        (["hello64.bin", "--memory", "8K"], "cannot load hello64.bin"),
+        pytest.param(["hello64.bin", "--memory", "8K"], "cannot load", marks=pytest.mark.kvm),
         (["multiboot_hello.elf", "--cpus", "2"], "one vCPU"),
-        (["hello_real.bin", "--mode", "real", "--load", "0x200000", "--memory", "1M"], "cannot"),
+        (["/dev/null"], "/dev/null is empty"),
+        (["/"], "cannot read /: Is a directory"),
+        pytest.param(
+            ["hello_real.bin", "--mode", "real", "--load", "0x200000", "--memory", "1M"],
+            "cannot load hello_real.bin: ",
+            marks=pytest.mark.kvm,
+        ),
     ],
 )
 def test_mistakes_are_one_line_and_status_2(args: list[str], message: str) -> None:
@@ -142,6 +148,7 @@ def test_mistakes_are_one_line_and_status_2(args: list[str], message: str) -> No
     assert message in last, err
 
 
+@pytest.mark.kvm
 def test_a_bad_multiboot_module_is_a_clear_error(guest_dir: Path) -> None:
     done = run_image(str(guest_dir / "multiboot_hello.elf"), "--module", "/nonexistent")
     assert done.returncode == 2
@@ -179,3 +186,21 @@ def test_exit_codes_above_255_become_255(tmp_path: Path) -> None:
     assert run_image(str(image)).returncode == 255
     image.write_bytes(bytes([0xB8, 0x00, 0x01, 0x00, 0x00, 0xE7, 0xF4]))  # 256 is not success
     assert run_image(str(image)).returncode == 255
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"\x7fELF\x07", "an ELF file of unknown class"),
+        pytest.param(
+            b"\x7fELF\x02\x01\x01", "truncated or malformed ELF file", marks=pytest.mark.kvm
+        ),
+    ],
+)
+def test_a_bad_elf_is_named(tmp_path: Path, data: bytes, message: str) -> None:
+    image = tmp_path / "bad.elf"
+    image.write_bytes(data)
+    done = run_image(str(image))
+    assert done.returncode == 2
+    assert done.stderr.decode().startswith(f"kvmpy run: cannot load {image}: ")
+    assert message in done.stderr.decode()

@@ -220,7 +220,13 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--cpus must be 1 to 64, not {args.cpus}")
     if args.timeout is not None and not 0 < args.timeout <= 1e9:
         raise UsageError("--timeout must be a number of seconds above 0")
-    image = classify(read_image(args.image))
+    data = read_image(args.image)
+    if not data:
+        raise UsageError(f"{args.image} is empty")
+    try:
+        image = classify(data)
+    except UsageError as e:
+        raise UsageError(f"cannot load {args.image}: {e}") from None
     mode = args.mode or image.mode
     if mode == "multiboot" and args.cpus > 1:
         raise UsageError("a Multiboot kernel starts on one vCPU: drop --cpus")
