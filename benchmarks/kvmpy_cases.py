@@ -88,7 +88,11 @@ class Runs:
                     other += 1
             elapsed = time.perf_counter() - start
         exits = cpu.stats()["exits"] - before
-        if other or exits != k:
+        # The vCPU's timer, left set by an earlier run with an earlier deadline, may fire
+        # during this batch (once per 10 s at most) and interrupt a run, with or without a
+        # timeout: one more return from KVM_RUN.
+        spurious = 1 + int(elapsed / 10)
+        if other or not k <= exits <= k + spurious:
             raise BenchError(
                 f"kvmpy runs (timeout={timeout}): {other} of {k} runs did not end at the exit "
                 f"port, {exits} exits"

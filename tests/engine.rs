@@ -172,6 +172,8 @@ fn a_stop_before_the_run_stops_it_and_a_timeout_ends_a_spinning_guest() {
 /// Runs another vCPU from inside a device of the first, on the same thread.
 struct RunsOther {
     other: Mutex<Option<Arc<VcpuCore>>>,
+    /// The nested run's timeout.
+    timeout: f64,
 }
 
 impl Device for RunsOther {
@@ -186,7 +188,10 @@ impl Device for RunsOther {
     ) -> kvmpy::engine::Result<Action> {
         let other = self.other.lock().unwrap().clone().unwrap();
         // The nested run ends by its own timeout.
-        assert!(matches!(run(&other, 0.05), Outcome::Exit(Exit::Timeout)));
+        assert!(matches!(
+            run(&other, self.timeout),
+            Outcome::Exit(Exit::Timeout)
+        ));
         Ok(Action::Continue)
     }
     fn as_any(&self) -> &dyn Any {
@@ -194,12 +199,9 @@ impl Device for RunsOther {
     }
 }
 
-#[test]
-fn a_kick_after_a_nested_run_on_the_same_thread_is_not_lost() {
-    if !kvm_usable() {
-        return;
-    }
-    // vCPU A: out 0x20, al ; jmp $   (its device runs vCPU B, then A spins)
+/// vCPU A runs `out 0x20, al ; jmp $`; its device runs vCPU B (`jmp $`) on the same
+/// thread until B's timeout, then A spins until its own.
+fn nested_runs(a_timeout: f64, b_timeout: f64) -> Exit {
     let (vm, a) = user_vm(&[0xE6, 0x20, 0xEB, 0xFE]);
     let b = vm.create_vcpu(None).unwrap();
     b.setup_long_mode(USER_MODE).unwrap();
@@ -208,13 +210,35 @@ fn a_kick_after_a_nested_run_on_the_same_thread_is_not_lost() {
     b.set_regs(&regs).unwrap();
     let device = Arc::new(RunsOther {
         other: Mutex::new(Some(Arc::clone(&b))),
+        timeout: b_timeout,
     });
     add_io(&vm, 0x20, device);
-    // A's own timeout must still end A after B's run on the same thread has ended.
-    let started = Instant::now();
-    assert!(matches!(exit_of(run(&a, 0.5)), Exit::Timeout));
-    assert!(started.elapsed() < Duration::from_secs(20));
+    let (watchdog, cancel) = stop_after(&a, Duration::from_secs(20));
+    let exit = exit_of(run(&a, a_timeout));
+    cancel.send(()).unwrap();
+    watchdog.join().unwrap();
     vm.shutdown();
+    exit
+}
+
+#[test]
+fn a_kick_after_a_nested_run_on_the_same_thread_is_not_lost() {
+    if !kvm_usable() {
+        return;
+    }
+    // A's own timeout still ends A after B's run on the same thread has ended (a
+    // watchdog stops A otherwise).
+    assert!(matches!(nested_runs(0.5, 0.05), Exit::Timeout));
+}
+
+#[test]
+fn a_timeout_that_falls_in_a_nested_run_on_the_same_thread_is_not_lost() {
+    if !kvm_usable() {
+        return;
+    }
+    // A's deadline passes while B runs: B's loop takes the signal of A's timer; A's run
+    // must still end by its timeout once B's has ended.
+    assert!(matches!(nested_runs(0.05, 0.3), Exit::Timeout));
 }
 
 /// Closes its own VM from inside a run, as a `Vm` collected on a vCPU thread does, and
@@ -280,5 +304,102 @@ fn a_console_collects_bytes_and_an_unhandled_in_is_returned() {
         other => panic!("unexpected exit {:?}", other.reason()),
     }
     assert_eq!(console.take(false), b"k");
+    vm.shutdown();
+}
+
+/// The signal mask of thread `tid` as /proc shows it (`SigBlk`).
+fn blocked_signals_of(tid: libc::pid_t) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/self/task/{tid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("SigBlk:")).unwrap();
+    u64::from_str_radix(line["SigBlk:".len()..].trim(), 16).unwrap()
+}
+
+#[test]
+fn kvm_run_runs_with_the_threads_mask_less_the_kick() {
+    if !kvm_usable() {
+        return;
+    }
+    let (vm, cpu) = user_vm(&[0xEB, 0xFE]); // jmp $
+    let (tx, rx) = std::sync::mpsc::channel();
+    let runner = {
+        let cpu = Arc::clone(&cpu);
+        std::thread::spawn(move || {
+            // A mask of the thread's own: SIGUSR1 blocked, SIGINT not.
+            vmm_sys_util::signal::block_signal(libc::SIGUSR1).unwrap();
+            tx.send(kvmpy::engine::gettid()).unwrap();
+            exit_of(run(&cpu, 30.0))
+        })
+    };
+    let tid = rx.recv().unwrap();
+    while !cpu.kicker.running() {
+        std::thread::yield_now();
+    }
+    let kick = kvmpy::engine::kick::signal().unwrap();
+    let outside = (1u64 << (libc::SIGUSR1 - 1)) | (1u64 << (kick - 1));
+    let inside = 1u64 << (libc::SIGUSR1 - 1);
+    // The guest spins in KVM_RUN: /proc shows the mask KVM runs it with.
+    let mut seen = Vec::new();
+    for _ in 0..2000 {
+        let mask = blocked_signals_of(tid);
+        if mask == inside {
+            break;
+        }
+        seen.push(mask);
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    cpu.kicker.request_stop();
+    assert!(matches!(runner.join().unwrap(), Exit::Stopped));
+    assert!(
+        seen.iter().all(|&m| m == outside || m == 0) && seen.len() < 2000,
+        "masks seen while the guest spun: {seen:x?} (expected {inside:#x} inside KVM_RUN)"
+    );
+    vm.shutdown();
+}
+
+/// Requests a stop of `cpu`'s run `after` it has started, from another thread, unless told
+/// not to (through the sender) first.
+fn stop_after(
+    cpu: &Arc<VcpuCore>,
+    after: Duration,
+) -> (std::thread::JoinHandle<()>, std::sync::mpsc::Sender<()>) {
+    let cpu = Arc::clone(cpu);
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let handle = std::thread::spawn(move || {
+        while !cpu.kicker.running() {
+            std::thread::yield_now();
+        }
+        if rx.recv_timeout(after).is_err() {
+            cpu.kicker.request_stop();
+        }
+    });
+    (handle, tx)
+}
+
+#[test]
+fn a_timer_left_set_by_an_earlier_run_neither_ends_nor_outlasts_a_later_one() {
+    if !kvm_usable() {
+        return;
+    }
+    let (vm, cpu) = user_vm(&[0xE6, 0x11, 0xEB, 0xFE]); // out 0x11, al ; jmp $
+    let to_the_out = |cpu: &VcpuCore| {
+        let mut regs = cpu.regs().unwrap();
+        regs.rip = LOAD;
+        cpu.set_regs(&regs).unwrap();
+    };
+    // The OUT ends a run long before its 0.05 s: the timer stays set for then.
+    assert!(matches!(exit_of(run(&cpu, 0.05)), Exit::Io { .. }));
+    // A run with a later deadline keeps that expiry; when it fires, the run sets the timer
+    // again for its own deadline, and times out then (a watchdog stops it otherwise).
+    let (watchdog, cancel) = stop_after(&cpu, Duration::from_secs(20));
+    let exit = exit_of(run(&cpu, 0.3));
+    cancel.send(()).unwrap();
+    watchdog.join().unwrap();
+    assert!(matches!(exit, Exit::Timeout), "{:?}", exit.reason());
+    // The early expiry is not the later run's timeout: a stop ends that run.
+    to_the_out(&cpu);
+    assert!(matches!(exit_of(run(&cpu, 0.05)), Exit::Io { .. }));
+    let (stopper, _) = stop_after(&cpu, Duration::from_millis(300));
+    assert!(matches!(exit_of(run(&cpu, 30.0)), Exit::Stopped));
+    stopper.join().unwrap();
     vm.shutdown();
 }

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import textwrap
+import threading
 
 import pytest
 
@@ -12,11 +14,14 @@ import kvmpy
 
 from .support import (
     ANNOUNCE_RUNNING,
+    CONSOLE,
     LONG_LOAD,
     MARK,
     MARK_AND_SPIN,
     SPIN_OFFSET,
     interrupt_script,
+    user_mode_vm,
+    wait_until,
 )
 
 pytestmark = pytest.mark.kvm
@@ -107,3 +112,44 @@ def test_interpreter_exits_while_a_daemon_thread_runs_a_vcpu() -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "bye"
+
+
+def test_ctrl_c_between_two_guest_entries_is_not_lost() -> None:
+    """A SIGINT that reaches the main thread while it is outside KVM_RUN, in the run loop
+    between two exits, still ends the run. The guest writes to a Rust console in a loop,
+    so the main thread spends a part of its time between entries and no later KVM_RUN
+    would ever be interrupted by a signal already delivered: each of many runs must end
+    with KeyboardInterrupt, none by the watchdog."""
+    # loop: out dx, al ; jmp loop      (dx = the console port)
+    code = bytes([0x66, 0xBA]) + CONSOLE.to_bytes(2, "little") + bytes([0xEE, 0xEB, 0xFD])
+    for trial in range(100):
+        lost = interrupt_one_run(code, after=50 + trial)
+        assert not lost, f"trial {trial}: the SIGINT was lost"
+
+
+def interrupt_one_run(code: bytes, after: int) -> bool:
+    """Runs `code` on the main thread; once the console has `after` bytes, another thread
+    sends SIGINT to the main thread. True if the run had to be stopped by a watchdog."""
+    main = threading.get_ident()
+    vm, cpu = user_mode_vm(code)
+    with vm:
+        console = vm.add_console(port=CONSOLE)
+        done = threading.Event()
+        lost = threading.Event()
+
+        def interrupt_then_watch() -> None:
+            wait_until(lambda: len(console.output()) > after, "console output")
+            signal.pthread_kill(main, signal.SIGINT)
+            if not done.wait(10):
+                lost.set()
+                cpu.stop()
+
+        helper = threading.Thread(target=interrupt_then_watch)
+        helper.start()
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                cpu.run()
+        finally:
+            done.set()
+            helper.join()
+    return lost.is_set()

@@ -598,7 +598,8 @@ class Vcpu:
 
         The GIL is released while the guest runs. The first exception a handler raises
         stops the vCPU and is re-raised here. Ctrl-C stops the guest and raises
-        `KeyboardInterrupt` (when `run()` is called from the main thread).
+        `KeyboardInterrupt` (when `run()` is called from the main thread); one that arrives
+        while a handler of this run executes takes effect when the handler returns.
         """
     def respond(self, value: int | bytes) -> None:
         """Answers the IN or MMIO read that the last `run()` returned because no handler took

@@ -10,8 +10,8 @@
 //!
 //! The kick is the first real-time signal from `SIGRTMIN+1` on that has no handler when
 //! kvmpy first needs one; a handler the host program installed is never replaced. Timeouts
-//! are a POSIX timer per vCPU, created once and re-armed per run, that sends the kick to
-//! the running thread.
+//! are a POSIX timer per vCPU, created once and re-armed only when needed, that sends the
+//! kick to the running thread.
 
 use std::ptr::null_mut;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -226,12 +226,17 @@ impl Kicker {
 }
 
 /// A POSIX timer that sends the kick signal to one thread: created once per vCPU (and again
-/// only when another thread runs it), re-armed for each run with a deadline (one system
-/// call). It is not disarmed when a run ends early: if it fires during a later run, that
-/// run sees one spurious `EINTR` and goes on, since the kick stays blocked in the thread.
+/// only when another thread runs it). It is not disarmed when a run ends early, and a run
+/// whose deadline is no earlier than the expiry still pending keeps that expiry instead of
+/// paying a system call to move it: the timer then fires early, the run sees a spurious
+/// `EINTR` and re-arms it for its own deadline ([`Timer::rearm_if_fired`]). Back-to-back
+/// runs with the same timeout thus cost one `timer_settime` per timeout period, not one
+/// per run.
 pub struct Timer {
     timer: libc::timer_t,
     tid: libc::pid_t,
+    /// When the timer is set to fire, as far as this thread knows (`None`: disarmed).
+    expiry: Option<Instant>,
 }
 
 // SAFETY: a timer_t is a process-wide handle; it may be used and deleted from any thread.
@@ -252,7 +257,20 @@ impl Timer {
                 vmm_sys_util::errno::Error::last(),
             ));
         }
-        Ok(Timer { timer, tid })
+        Ok(Timer {
+            timer,
+            tid,
+            expiry: None,
+        })
+    }
+
+    /// Sets the timer to fire at `at` (one system call).
+    fn set_at(&mut self, at: Instant, now: Instant) -> Result<()> {
+        // A zero it_value disarms the timer, so wait at least one nanosecond.
+        let nanos = at.saturating_duration_since(now).as_nanos().max(1);
+        self.set(nanos)?;
+        self.expiry = Some(at);
+        Ok(())
     }
 
     fn set(&mut self, nanos: u128) -> Result<()> {
@@ -276,8 +294,8 @@ impl Timer {
         Ok(())
     }
 
-    /// Arms `slot`'s timer (creating it for the calling thread if needed) to kick the
-    /// calling thread at `at`.
+    /// Makes sure `slot`'s timer (created for the calling thread if needed) kicks the
+    /// calling thread at `at` or earlier.
     pub fn arm(slot: &mut Option<Timer>, signal: libc::c_int, at: Instant) -> Result<()> {
         let tid = crate::engine::gettid();
         if slot.as_ref().is_some_and(|t| t.tid != tid) {
@@ -287,12 +305,30 @@ impl Timer {
             *slot = Some(Timer::create(signal, tid)?);
         }
         let timer = slot.as_mut().expect("created above");
-        // A zero it_value disarms the timer, so wait at least one nanosecond.
-        let nanos = at
-            .saturating_duration_since(Instant::now())
-            .as_nanos()
-            .max(1);
-        timer.set(nanos)
+        let now = Instant::now();
+        match timer.expiry {
+            // An expiry still to come, no later than `at`: it kicks this run early, and
+            // the run re-arms then.
+            Some(e) if e > now && e <= at => Ok(()),
+            _ => timer.set_at(at, now),
+        }
+    }
+
+    /// After an `EINTR` before the deadline `at`: if the timer has fired (early, for an
+    /// earlier run), sets it again for `at`.
+    pub fn rearm_if_fired(slot: &mut Option<Timer>, at: Instant, now: Instant) -> Result<()> {
+        match slot.as_mut() {
+            Some(timer) if timer.expiry.is_none_or(|e| e <= now) => timer.set_at(at, now),
+            _ => Ok(()),
+        }
+    }
+
+    /// Forgets what the timer is set to, so that the next [`Timer::arm`] sets it: used
+    /// when its signal may have been taken by another run on the same thread.
+    pub fn forget(slot: &mut Option<Timer>) {
+        if let Some(timer) = slot.as_mut() {
+            timer.expiry = None;
+        }
     }
 }
 

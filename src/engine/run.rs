@@ -77,8 +77,11 @@ impl<'a> VcpuCtx<'a, '_> {
     }
 }
 
-/// `KVM_SET_SIGNAL_MASK`'s argument for the 64 signals of x86-64's kernel sigset.
-#[repr(C)]
+/// `KVM_SET_SIGNAL_MASK`'s argument for the 64 signals of x86-64's kernel sigset: the
+/// kernel's `kvm_signal_mask` is a `u32` length followed at once (offset 4) by the sigset's
+/// bytes, so the struct is packed (with `repr(C)` alone the sigset would start at offset 8
+/// and KVM would read 4 bytes of padding as the mask of signals 1 to 32).
+#[repr(C, packed)]
 struct SignalMask {
     len: u32,
     sigset: u64,
@@ -90,6 +93,12 @@ vmm_sys_util::ioctl_iow_nr!(
     0x8b,
     kvm_bindings::kvm_signal_mask
 );
+
+thread_local! {
+    /// How many runs have ended on this thread: a run whose device ran another vCPU on the
+    /// thread sees it change.
+    static RUNS_ENDED: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
 
 /// Where the loop goes after one exit.
 enum Flow {
@@ -147,6 +156,7 @@ impl VcpuCore {
         if let Ok(holder) = fd_of(&mut guard) {
             holder.fd.set_kvm_immediate_exit(0);
         }
+        RUNS_ENDED.with(|n| n.set(n.get().wrapping_add(1)));
         outcome
     }
 
@@ -193,6 +203,7 @@ impl VcpuCore {
         options: &RunOptions<'_>,
     ) -> Outcome {
         let mut handled_access = false;
+        let mut runs_ended = RUNS_ENDED.with(|n| n.get());
         loop {
             if self.kicker.stop_requested() || self.vm.is_closed() {
                 if handled_access {
@@ -205,7 +216,24 @@ impl VcpuCore {
                 Ok(Flow::Done(outcome)) => return outcome,
                 Err(e) => return e.into(),
             }
+            if RUNS_ENDED.with(|n| n.get()) != runs_ended {
+                // A device ran another vCPU on this thread, whose loop may have taken this
+                // run's timer signal: set the timer again.
+                runs_ended = RUNS_ENDED.with(|n| n.get());
+                if let Err(e) = self.rearm(guard, options.deadline) {
+                    return e.into();
+                }
+            }
         }
+    }
+
+    fn rearm<'a>(&'a self, guard: &mut FdGuard<'a>, deadline: Option<Instant>) -> Result<()> {
+        let (Some(at), Some(signal)) = (deadline, kick::chosen_signal()) else {
+            return Ok(());
+        };
+        let holder = fd_of(guard)?;
+        Timer::forget(&mut holder.timer);
+        Timer::arm(&mut holder.timer, signal, at)
     }
 
     /// One `KVM_RUN` and the handling of its exit.
@@ -238,8 +266,13 @@ impl VcpuCore {
         if self.kicker.stop_requested() {
             return Ok(Flow::Continue(false));
         }
-        if options.deadline.is_some_and(|d| Instant::now() >= d) {
-            return Ok(Flow::Done(Outcome::Exit(Exit::Timeout)));
+        if let Some(at) = options.deadline {
+            let now = Instant::now();
+            if now >= at {
+                return Ok(Flow::Done(Outcome::Exit(Exit::Timeout)));
+            }
+            // The timer may have fired early, for an earlier run's deadline.
+            Timer::rearm_if_fired(&mut fd_of(guard)?.timer, at, now)?;
         }
         if let Some(check) = options.on_signal {
             check()?;

@@ -113,6 +113,18 @@ impl RunGroup {
         true
     }
 
+    /// Joins the finished threads, but the calling thread if it is one of them, and leaves
+    /// the first error for [`RunGroup::finish`]. Call after `wait` returned true.
+    pub fn join_threads(&self) {
+        let me = std::thread::current().id();
+        let handles = std::mem::take(&mut self.state().handles);
+        for h in handles {
+            if h.thread().id() != me {
+                let _ = h.join();
+            }
+        }
+    }
+
     /// Joins the finished threads and returns the first error, if any. Call after `wait`
     /// returned true.
     pub fn finish(&self) -> Option<Error> {

@@ -360,8 +360,9 @@ impl VmCore {
         }
         if let Some(group) = self.group() {
             if group.vcpus.iter().all(|v| v.runner() != Some(me)) {
-                // Its result stays for join().
+                // Its result stays for join(); its threads are gone when close returns.
                 group.wait(None);
+                group.join_threads();
             }
         }
         lock(&self.vcpus).clear();

@@ -8,6 +8,7 @@ pub mod error;
 pub mod exit;
 pub mod gil;
 pub mod handler;
+pub mod interrupt;
 pub mod kvm;
 pub mod load;
 pub mod memory;

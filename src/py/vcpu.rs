@@ -7,12 +7,14 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
 
+use crate::engine::kick;
 use crate::engine::setup::LongMode;
 use crate::engine::vcpu::Last;
 use crate::engine::{Error, Outcome, RunOptions, VcpuCore};
 use crate::py::args::{bytes_arg, deadline_after, Int};
 use crate::py::error::through_engine;
 use crate::py::handler::answer_data;
+use crate::py::interrupt::CtrlC;
 use crate::py::kvm::CpuidEntry;
 use crate::py::regs::{Regs, Sregs};
 use crate::py::{exit, gil};
@@ -205,13 +207,21 @@ impl Vcpu {
     ///
     /// The GIL is released while the guest runs. The first exception a handler raises
     /// stops the vCPU and is re-raised here. Ctrl-C stops the guest and raises
-    /// `KeyboardInterrupt` (when `run()` is called from the main thread).
+    /// `KeyboardInterrupt` (when `run()` is called from the main thread); one that arrives
+    /// while a handler of this run executes takes effect when the handler returns.
     #[pyo3(signature = (timeout=None))]
     fn run(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Py<PyAny>> {
         let deadline = deadline_after(timeout)?;
         let inner = &self.inner;
         inner.vm.check_open()?;
-        let on_signal = || gil::attached(|py| py.check_signals()).map_err(through_engine);
+        // The kick's mask for KVM_RUN is taken from this thread's mask before SIGINT is
+        // held, so that KVM_RUN lets SIGINT in.
+        kick::block_in_this_thread(kick::signal()?)?;
+        let ctrl_c = CtrlC::hold();
+        let on_signal = || {
+            ctrl_c.deliver();
+            gil::attached(|py| py.check_signals()).map_err(through_engine)
+        };
         // The run begins and ends with the GIL released, so whoever waits for the run to
         // end, e.g. a VM shutting down while the interpreter exits, never waits on this
         // thread getting the GIL back.
