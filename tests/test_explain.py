@@ -91,10 +91,10 @@ def native_exit(reason: str) -> kvmpy.ExitInfo:
 
 
 def test_symbols() -> None:
-    symbols = {"main": 0x1000, "helper": 0x1040, "": 0x1010, "zero": 0}
+    symbols = {"main": 0x1000, "parse": 0x1040, "": 0x1010, "zero": 0}
     assert symbolize(0x1000, symbols) == "main"
     assert symbolize(0x1020, symbols) == "main+0x20"
-    assert symbolize(0x1050, symbols) == "helper+0x10"
+    assert symbolize(0x1050, symbols) == "parse+0x10"
     assert symbolize(0xFFF, symbols) == ""
     assert symbolize(0x1000, None) == ""
 

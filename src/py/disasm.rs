@@ -1,4 +1,4 @@
-//! `kvmpy._native._disassemble`: the decoder helper for Python code (messages, tracing).
+//! `kvmpy._native._disassemble`: the instruction decoder for Python code (messages, tracing).
 
 use pyo3::prelude::*;
 
