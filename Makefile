@@ -2,11 +2,11 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: dev test lint guests bench clean
+.PHONY: dev test lint docs wheel guests bench clean
 
 $(PY):
 	python3 -m venv $(VENV)
-	$(PY) -m pip install -q maturin pytest mypy ruff
+	$(PY) -m pip install -q $$(python3 .ci/requirements dev)
 
 dev: $(PY)
 	. $(VENV)/bin/activate && maturin develop -q --release
@@ -17,10 +17,18 @@ test: dev guests
 lint: $(PY)
 	cargo fmt --check
 	cargo clippy --all-targets -- -D warnings
-	$(PY) -m ruff check python tests benchmarks
-	$(PY) -m ruff format --check python tests benchmarks
+	$(PY) -m ruff check python tests benchmarks examples docs_ext
+	$(PY) -m ruff format --check python tests benchmarks examples docs_ext
 	$(PY) -m mypy
 	$(PY) -m mypy.stubtest kvmpy._native
+
+docs: $(PY)
+	$(PY) -m pip install -q $$(python3 .ci/requirements docs)
+	$(VENV)/bin/mkdocs build --strict
+
+wheel: $(PY)
+	$(VENV)/bin/maturin build --release --out dist
+	$(VENV)/bin/maturin sdist --out dist
 
 guests:
 	$(MAKE) -C guests

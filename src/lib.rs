@@ -41,6 +41,8 @@ fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(py::vm::shutdown_all, m)?)?;
     m.add_function(wrap_pyfunction!(py::exit::exit_reasons, m)?)?;
     m.add_function(wrap_pyfunction!(py::kvm::kick_signal, m)?)?;
+    m.add_function(wrap_pyfunction!(py::disasm::disassemble, m)?)?;
     m.add("KVM_API_VERSION", engine::kvm::KVM_API_VERSION)?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

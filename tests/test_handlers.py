@@ -8,7 +8,7 @@ import pytest
 
 import kvmpy
 
-from .support import CONSOLE, DEV_IN, DEV_OUT, real_mode_vm
+from .support import CONSOLE, DEV_IN, DEV_OUT, LONG_LOAD, REAL_LOAD, real_mode_vm, user_mode_vm
 
 pytestmark = pytest.mark.kvm
 
@@ -208,3 +208,28 @@ def test_exit_objects_a_handler_keeps_stay_as_they_were() -> None:
             (DEV_OUT, 2, v, v.to_bytes(2, "little"), True) for v in (5, 3, 1)
         ]
         assert len({id(e) for e in kept}) == 3
+
+
+@pytest.mark.parametrize("mode", ["real", "user"])
+def test_the_rip_a_port_io_handler_sees(mode: str) -> None:
+    """IN: the IN itself. OUT: the OUT itself (Linux's KVM) or the next instruction (some
+    nested KVMs), as the README says; the guest goes on after the instruction either way."""
+    code = bytes([0xE6, DEV_OUT, 0xE4, DEV_IN, 0xE6, DEV_OUT])  # out ; in ; out
+    vm, cpu = real_mode_vm(code) if mode == "real" else user_mode_vm(code)
+    base = REAL_LOAD if mode == "real" else LONG_LOAD
+    with vm:
+        rips: list[tuple[bool, int]] = []
+        vm.on_io(DEV_IN, lambda e: rips.append((False, cpu.regs.rip)) or 7)
+
+        @vm.on_io(DEV_OUT)
+        def out(exit: kvmpy.IoExit) -> None:
+            rips.append((True, cpu.regs.rip))
+            if len(rips) == 3:
+                exit.stop()
+
+        assert cpu.run(timeout=10).stopped
+        (_, out1), (_, in1), (_, out2) = rips
+        assert in1 == base + 2
+        assert out1 in (base, base + 2)
+        assert out2 - (base + 4) == out1 - base  # one rule for every OUT on a host
+        assert cpu.regs.rax & 0xFF == 7

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import ast
 import inspect
+import typing
 
+import pytest
+
+import kvmpy
 import kvmpy._native as native
 
 from .support import ROOT
@@ -36,3 +40,11 @@ def test_stub_docstrings_match_the_runtime() -> None:
                 )
                 checked += 1
     assert checked > 100
+
+
+@pytest.mark.kvm
+def test_stats_has_the_keys_its_type_promises() -> None:
+    with kvmpy.Vm() as vm:
+        stats = vm.create_vcpu().stats()
+    assert set(stats) == set(typing.get_type_hints(kvmpy.VcpuStats))
+    assert all(isinstance(v, int) for v in stats.values())

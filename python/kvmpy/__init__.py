@@ -39,15 +39,17 @@ from kvmpy._native import (
     Vm,
     _shutdown_all,
 )
+from kvmpy._native import __version__ as __version__
+from kvmpy._types import VcpuStats
 from kvmpy.errors import GuestMemoryError, KvmError, KvmUnavailable, VcpuBusyError, VmClosedError
+from kvmpy.explain import explain
+from kvmpy.sdk import CompileError, compile_guest, guest_sdk, shipped_guest
 
 # vCPU threads started by Vm.start() must stop before the interpreter goes away.
 atexit.register(_shutdown_all)
 
 Exit = ExitInfo
 """The base class of every exit object (``kvmpy.Exit`` is ``kvmpy.ExitInfo``)."""
-
-__version__ = "0.1.0"
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,7 @@ def available() -> Availability:
 __all__ = [
     "KVM_API_VERSION",
     "Availability",
+    "CompileError",
     "Console",
     "CpuidEntry",
     "DTable",
@@ -106,7 +109,12 @@ __all__ = [
     "UnknownExit",
     "Vcpu",
     "VcpuBusyError",
+    "VcpuStats",
     "Vm",
     "VmClosedError",
     "available",
+    "compile_guest",
+    "explain",
+    "guest_sdk",
+    "shipped_guest",
 ]

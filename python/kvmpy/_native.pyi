@@ -2,13 +2,18 @@
 
 import os
 from collections.abc import Callable
-from typing import Any, Literal, TypeVar, final, overload
+from typing import Literal, TypeVar, final, overload
 
 from typing_extensions import disjoint_base
 
 from kvmpy._exits import ExitReason
+from kvmpy._types import VcpuStats
 
-_F = TypeVar("_F", bound=Callable[..., Any])
+# What each kind of handler takes and returns: mypy refuses a handler of the wrong kind.
+_IoHandler = TypeVar("_IoHandler", bound=Callable[[IoExit], int | bytes | None])
+_MmioHandler = TypeVar("_MmioHandler", bound=Callable[[MmioExit], int | bytes | None])
+_HltHandler = TypeVar("_HltHandler", bound=Callable[[ExitInfo], None])
+_HostFunction = TypeVar("_HostFunction", bound=Callable[..., int | None])
 _BytesLike = bytes | bytearray | memoryview
 _Image = _BytesLike | str | os.PathLike[str]
 
@@ -38,12 +43,23 @@ __all__ = [
     "UnknownExit",
     "Vcpu",
     "Vm",
+    "__version__",
+    "_disassemble",
     "_exit_reasons",
     "_kick_signal",
     "_shutdown_all",
 ]
 
 KVM_API_VERSION: int
+__version__: str
+
+def _disassemble(
+    code: _BytesLike, bits: int = 64, ip: int = 0, count: int = 1
+) -> list[tuple[int, bytes, str]]:
+    """Decodes up to `count` instructions of `code` as `bits`-bit code (16, 32 or 64) at
+    `ip`: a list of `(address, bytes, text)` in Intel syntax; an invalid instruction is
+    `"(bad)"` and ends the list.
+    """
 
 def _shutdown_all() -> None: ...
 def _exit_reasons() -> list[str]: ...
@@ -386,14 +402,38 @@ class FailEntryExit(ExitInfo):
 @final
 class InternalErrorExit(ExitInfo):
     """`KVM_EXIT_INTERNAL_ERROR`: KVM could not handle something, for example an instruction
-    its emulator does not know.
+    its emulator does not know. `str(exit)` says what happened and what to try.
     """
     @property
     def suberror(self) -> int:
-        """`KVM_INTERNAL_ERROR_*` (1 = emulation failure, 2 = simultaneous exception, ...)."""
+        """`KVM_INTERNAL_ERROR_*` (1 = emulation failure, 2 = simultaneous exceptions, 3 = event
+        delivery failed, 4 = unexpected exit reason).
+        """
     @property
     def data(self) -> list[int]:
         """Extra words KVM reported."""
+    @property
+    def rip(self) -> int:
+        """`rip` when the exit happened (the instruction that failed, for an emulation failure)."""
+    @property
+    def bits(self) -> int:
+        """The code size at `rip`: 16, 32 or 64 (0 if the registers could not be read)."""
+    @property
+    def reset_state(self) -> bool:
+        """Whether the vCPU was still in the state it was created in (no mode set up)."""
+    @property
+    def suberror_name(self) -> str:
+        """The suberror in words: `"emulation failure"`, `"simultaneous exceptions"`, ..."""
+    @property
+    def instruction_bytes(self) -> bytes:
+        """The bytes at `rip` KVM reported for an emulation failure (up to 15; `b""` when it
+        reported none, e.g. because there is no RAM at `rip`).
+        """
+    @property
+    def instruction(self) -> str | None:
+        """The failing instruction disassembled, with its bytes in hex:
+        `"f0 48 0f c7 0c 25 00 00 30 00 (lock cmpxchg16b [0x300000])"`; None without bytes.
+        """
 
 @final
 class SystemEventExit(ExitInfo):
@@ -623,7 +663,7 @@ class Vcpu:
         running is kept for its next run, which then returns `"stopped"` at once without
         entering the guest: a stop is never lost to a run that is just starting.
         """
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> VcpuStats:
         """Counters since the vCPU was created: `exits` (returns from `KVM_RUN`),
         `handler_calls` (Python handler calls, the only times the run loop takes the GIL)
         and `full_restores` (snapshot restores that rewrote all of the vCPU's state; the
@@ -735,39 +775,41 @@ class Vm:
     def vcpus(self) -> list[Vcpu]:
         """The VM's vCPUs, by creation order."""
     @overload
-    def on_io(self, ports: int | range, handler: _F) -> _F:
+    def on_io(self, ports: int | range, handler: _IoHandler) -> _IoHandler:
         """Registers `handler` for port I/O on `ports` (an int or a `range`). Without
         `handler`, returns a decorator. The handler gets an `IoExit`; for an IN it returns
         the value the guest reads (an int, or bytes of the access size), for an OUT it
         returns None. Returns the handler.
         """
     @overload
-    def on_io(self, ports: int | range, handler: None = None) -> Callable[[_F], _F]:
+    def on_io(self, ports: int | range, handler: None = None) -> Callable[[_IoHandler], _IoHandler]:
         """Registers `handler` for port I/O on `ports` (an int or a `range`). Without
         `handler`, returns a decorator. The handler gets an `IoExit`; for an IN it returns
         the value the guest reads (an int, or bytes of the access size), for an OUT it
         returns None. Returns the handler.
         """
     @overload
-    def on_mmio(self, address: int, size: int, handler: _F) -> _F:
+    def on_mmio(self, address: int, size: int, handler: _MmioHandler) -> _MmioHandler:
         """Registers `handler` for MMIO accesses to `[address, address + size)`, which must not
         overlap RAM. Without `handler`, returns a decorator. The handler gets an `MmioExit`;
         for a read it returns the data (an int, or bytes of the access size).
         """
     @overload
-    def on_mmio(self, address: int, size: int, handler: None = None) -> Callable[[_F], _F]:
+    def on_mmio(
+        self, address: int, size: int, handler: None = None
+    ) -> Callable[[_MmioHandler], _MmioHandler]:
         """Registers `handler` for MMIO accesses to `[address, address + size)`, which must not
         overlap RAM. Without `handler`, returns a decorator. The handler gets an `MmioExit`;
         for a read it returns the data (an int, or bytes of the access size).
         """
     @overload
-    def on_hlt(self, handler: _F) -> _F:
+    def on_hlt(self, handler: _HltHandler) -> _HltHandler:
         """Registers `handler` for HLT exits (it returns None to resume the guest after the
         `hlt`, or calls `exit.stop()`). Without `handler`, returns a decorator. Without an
         HLT handler, `run()` returns on HLT.
         """
     @overload
-    def on_hlt(self, handler: None = None) -> Callable[[_F], _F]:
+    def on_hlt(self, handler: None = None) -> Callable[[_HltHandler], _HltHandler]:
         """Registers `handler` for HLT exits (it returns None to resume the guest after the
         `hlt`, or calls `exit.stop()`). Without `handler`, returns a decorator. Without an
         HLT handler, `run()` returns on HLT.
@@ -794,7 +836,9 @@ class Vm:
         `uart.feed(data)`. Keeps the last `limit` bytes of output.
         """
     @overload
-    def host_function(self, number: int, handler: _F, *, port: int = 0xF5) -> _F:
+    def host_function(
+        self, number: int, handler: _HostFunction, *, port: int = 0xF5
+    ) -> _HostFunction:
         """Registers `handler` as host function `number` (0 to 2**32-1), which guests call
         with `out <port>, eax` (EAX = number; arguments in RDI, RSI, RDX, R10, R8, R9; the
         result comes back in RAX). The handler gets as many arguments as it declares
@@ -804,7 +848,7 @@ class Vm:
     @overload
     def host_function(
         self, number: int, handler: None = None, *, port: int = 0xF5
-    ) -> Callable[[_F], _F]:
+    ) -> Callable[[_HostFunction], _HostFunction]:
         """Registers `handler` as host function `number` (0 to 2**32-1), which guests call
         with `out <port>, eax` (EAX = number; arguments in RDI, RSI, RDX, R10, R8, R9; the
         result comes back in RAX). The handler gets as many arguments as it declares

@@ -126,9 +126,12 @@ pub enum Exit {
         hardware_reason: u64,
         cpu: u32,
     },
+    /// KVM_EXIT_INTERNAL_ERROR; `place` is where the vCPU was (read when the exit
+    /// happened: it is rare, and its message needs the instruction's mode).
     InternalError {
         suberror: u32,
         data: Vec<u64>,
+        place: crate::engine::internal_error::Place,
     },
     SystemEvent {
         kind: u32,
@@ -259,7 +262,7 @@ pub fn run_once(vcpu: &mut VcpuFd) -> Result<RunExit, errno::Error> {
             Some(io) => RunExit::Io(io),
             None => RunExit::Other(Exit::Unknown { raw: KVM_EXIT_IO }),
         },
-        Err(Later::Internal) => RunExit::Other(internal_error(vcpu.get_kvm_run())),
+        Err(Later::Internal) => RunExit::Other(internal_error(vcpu)),
         Err(Later::Raw) => RunExit::Other(Exit::Unknown {
             raw: vcpu.get_kvm_run().exit_reason,
         }),
@@ -290,14 +293,20 @@ fn io_raw(run: &kvm_run) -> Option<IoRaw> {
     })
 }
 
-fn internal_error(run: &mut kvm_run) -> Exit {
+fn internal_error(vcpu: &mut VcpuFd) -> Exit {
+    let run = vcpu.get_kvm_run();
     debug_assert_eq!(run.exit_reason, KVM_EXIT_INTERNAL_ERROR);
     // SAFETY: exit_reason is KVM_EXIT_INTERNAL_ERROR, so `internal` is the active member.
     let internal = unsafe { run.__bindgen_anon_1.internal };
     let n = (internal.ndata as usize).min(internal.data.len());
+    let place = match (vcpu.get_regs(), vcpu.get_sregs()) {
+        (Ok(regs), Ok(sregs)) => crate::engine::internal_error::Place::of(&regs, &sregs),
+        _ => Default::default(),
+    };
     Exit::InternalError {
         suberror: internal.suberror,
         data: internal.data[..n].to_vec(),
+        place,
     }
 }
 

@@ -7,7 +7,7 @@ use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::PyBytes;
 
-use crate::engine::{Data, Exit, Reason};
+use crate::engine::{internal_error, Data, Exit, Reason};
 
 static EXIT_REASON: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
 
@@ -296,22 +296,67 @@ pub struct FailEntryExit {
 }
 
 /// `KVM_EXIT_INTERNAL_ERROR`: KVM could not handle something, for example an instruction
-/// its emulator does not know.
+/// its emulator does not know. `str(exit)` says what happened and what to try.
 #[pyclass(module = "kvmpy._native", extends = ExitInfo, frozen, get_all)]
 pub struct InternalErrorExit {
-    /// `KVM_INTERNAL_ERROR_*` (1 = emulation failure, 2 = simultaneous exception, ...).
+    /// `KVM_INTERNAL_ERROR_*` (1 = emulation failure, 2 = simultaneous exceptions, 3 = event
+    /// delivery failed, 4 = unexpected exit reason).
     suberror: u32,
     /// Extra words KVM reported.
     data: Vec<u64>,
+    /// `rip` when the exit happened (the instruction that failed, for an emulation failure).
+    rip: u64,
+    /// The code size at `rip`: 16, 32 or 64 (0 if the registers could not be read).
+    bits: u8,
+    /// Whether the vCPU was still in the state it was created in (no mode set up).
+    reset_state: bool,
+}
+
+impl InternalErrorExit {
+    fn place(&self) -> internal_error::Place {
+        internal_error::Place {
+            rip: self.rip,
+            bits: self.bits,
+            reset: self.reset_state,
+        }
+    }
 }
 
 #[pymethods]
 impl InternalErrorExit {
+    /// The suberror in words: `"emulation failure"`, `"simultaneous exceptions"`, ...
+    #[getter]
+    fn suberror_name(&self) -> String {
+        internal_error::suberror_name(self.suberror)
+    }
+
+    /// The bytes at `rip` KVM reported for an emulation failure (up to 15; `b""` when it
+    /// reported none, e.g. because there is no RAM at `rip`).
+    #[getter]
+    fn instruction_bytes<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        PyBytes::new(
+            py,
+            &internal_error::instruction_bytes(self.suberror, &self.data),
+        )
+    }
+
+    /// The failing instruction disassembled, with its bytes in hex:
+    /// `"f0 48 0f c7 0c 25 00 00 30 00 (lock cmpxchg16b [0x300000])"`; None without bytes.
+    #[getter]
+    fn instruction(&self) -> Option<String> {
+        let bytes = internal_error::instruction_bytes(self.suberror, &self.data);
+        internal_error::instruction_text(&bytes, self.place())
+    }
+
+    fn __str__(&self) -> String {
+        internal_error::describe(self.suberror, &self.data, self.place())
+    }
+
     fn __repr__(slf: PyRef<'_, Self>) -> String {
         format!(
-            "InternalErrorExit(suberror={}, data={:x?}, vcpu_id={})",
+            "InternalErrorExit(suberror={}: {}, vcpu_id={})",
             slf.suberror,
-            slf.data,
+            internal_error::describe(slf.suberror, &slf.data, slf.place()),
             slf.as_super().vcpu_id()
         )
     }
@@ -425,11 +470,18 @@ pub fn to_python(py: Python<'_>, exit: &Exit, vcpu_id: u64) -> PyResult<Py<PyAny
             }),
         )?
         .into_any(),
-        Exit::InternalError { suberror, data } => Py::new(
+        Exit::InternalError {
+            suberror,
+            data,
+            place,
+        } => Py::new(
             py,
             init.add_subclass(InternalErrorExit {
                 suberror: *suberror,
                 data: data.clone(),
+                rip: place.rip,
+                bits: place.bits,
+                reset_state: place.reset,
             }),
         )?
         .into_any(),
@@ -585,9 +637,14 @@ mod tests {
                     Exit::InternalError {
                         suberror: 1,
                         data: vec![],
+                        place: internal_error::Place {
+                            rip: 0x1000,
+                            bits: 64,
+                            reset: false,
+                        },
                     },
                     "InternalErrorExit",
-                    vec![("suberror", 1)],
+                    vec![("suberror", 1), ("rip", 0x1000), ("bits", 64)],
                 ),
                 (
                     Exit::Guest {

@@ -3,6 +3,7 @@
 
 pub mod args;
 pub mod devices;
+pub mod disasm;
 pub mod error;
 pub mod exit;
 pub mod gil;

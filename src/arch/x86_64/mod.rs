@@ -5,6 +5,7 @@
 //! Everything here is pure (bytes and register values); the callers write the bytes into
 //! guest memory and the registers into the vCPU.
 
+pub mod disasm;
 pub mod gdt;
 pub mod idt;
 pub mod modes;

@@ -1,11 +1,19 @@
 /*
  * kvmpy_guest.h - freestanding runtime for C guests of kvmpy.
  *
+ * Build a guest with `python -m kvmpy cc guest.c -o guest.elf` (this file,
+ * crt0.S and guest.ld are in the directory kvmpy.guest_sdk() returns), run it
+ * with `python -m kvmpy run guest.elf` or load it with vm.load_elf().
+ *
  * Environment (what the host sets up with cpu.setup_long_mode(user=True)):
  *   64-bit long mode, CPL3, paging on, first 1 GiB identity mapped with 2 MiB
  *   user/writable pages, IOPL=3 and a TSS I/O bitmap allowing every port.
- *   No IDT and no interrupts: any exception triple-faults (run() returns
- *   reason "shutdown").  Guests are built with -mgeneral-regs-only.
+ *   No interrupts.  With setup_long_mode(exceptions=True) (as `kvmpy run`
+ *   does) a CPU exception ends run() with an ExceptionExit (reason
+ *   "exception": vector, rip, cr2); without it there is no IDT and any
+ *   exception triple-faults (reason "shutdown").  Privileged instructions
+ *   (hlt, cli, ...) raise #GP at CPL3: end with kvmpy_exit() instead.
+ *   Guests are built with -mgeneral-regs-only.
  *
  * Image (guest.ld, crt0.S):
  *   Loaded and entered at guest-physical/virtual 0x100000 (1 MiB); the flat

@@ -1,0 +1,20 @@
+"""Types the stubs of the native module use (defined here, at run time too)."""
+
+from __future__ import annotations
+
+from typing import TypedDict
+
+
+class VcpuStats(TypedDict):
+    """What ``Vcpu.stats()`` returns: counters since the vCPU was created."""
+
+    exits: int
+    """Returns from ``KVM_RUN``."""
+    handler_calls: int
+    """Python handler calls: the only times the run loop takes the GIL."""
+    full_restores: int
+    """Snapshot restores that rewrote all of the vCPU's state (the others put back only the
+    general registers and the FPU/SSE/AVX state)."""
+
+
+__all__ = ["VcpuStats"]
