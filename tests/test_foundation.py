@@ -39,6 +39,7 @@ vm, cpu = user_mode_vm(bytes([0xEB, 0xFE]))
 """
 
 
+@pytest.mark.kvm
 def test_the_kick_signal_never_replaces_a_host_programs_handler() -> None:
     script = (
         "import signal\n"
@@ -55,6 +56,7 @@ def test_the_kick_signal_never_replaces_a_host_programs_handler() -> None:
     assert done.stdout.split() == ["timeout", "True", "True"]
 
 
+@pytest.mark.kvm
 def test_no_free_realtime_signal_is_a_clear_error() -> None:
     script = (
         "import signal\n"
@@ -70,11 +72,13 @@ def test_no_free_realtime_signal_is_a_clear_error() -> None:
     assert "real-time signal" in done.stdout
 
 
+@pytest.mark.kvm
 def test_a_region_larger_than_the_host_needs_overcommit() -> None:
     with kvmpy.Vm() as vm, pytest.raises(kvmpy.GuestMemoryError, match="overcommit=True"):
         vm.add_memory(0, (1 << 43) - 4096)
 
 
+@pytest.mark.kvm
 @pytest.mark.parametrize(
     "call",
     [
@@ -127,6 +131,7 @@ def test_bad_numbers_raise_value_errors_never_a_panic(call) -> None:  # type: ig
         assert not isinstance(info.value, OverflowError)
 
 
+@pytest.mark.kvm
 def test_vm_run_racing_a_close_never_returns_none() -> None:
     outcomes = set()
     for _ in range(30):

@@ -47,6 +47,8 @@ LDFLAGS: tuple[str, ...] = (
 SHIPPED_GUESTS: dict[str, str] = {
     "hello_real.bin": "16-bit real mode, load at 0x1000: prints a greeting and halts",
     "hello64.bin": "64-bit user mode, load at 0x10000: prints a greeting, runs RDI loop steps",
+    "snapshot64.bin": "64-bit user mode, load at 0x10000: a fuzzing-style target (its input "
+    "at 0x20000 picks: write RDI pages and exit, spin, fault)",
     "multiboot_hello.elf": "a Multiboot v1 kernel: prints its command line over a 16550 UART",
 }
 """The prebuilt guests in the package (``shipped_guest(name)``), with what they do."""
