@@ -14,6 +14,7 @@ use pyo3::prelude::*;
 #[pymodule]
 #[pyo3(name = "_native")]
 fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    engine::runner::on_thread_end(py::gil::release_thread_state);
     m.add_class::<py::kvm::PyKvm>()?;
     m.add_class::<py::kvm::CpuidEntry>()?;
     m.add_class::<py::vm::Vm>()?;

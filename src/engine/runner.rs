@@ -5,13 +5,33 @@
 //! the group (the first error, `until_any`, a close) reaches members whose thread has not
 //! begun yet. The first error stops every vCPU of the VM and is kept for `finish`.
 
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::cell::Cell;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::engine::error::{Error, Result};
 use crate::engine::vcpu::VcpuCore;
 use crate::engine::vm::VmCore;
+
+/// Called at the very end of every vCPU thread, after its run is accounted for and its
+/// references to the VM are gone: the face frees what it keeps per thread (a thread state
+/// of the interpreter). Whoever waits for a group's threads must not block that work.
+static THREAD_END: OnceLock<fn()> = OnceLock::new();
+
+thread_local! {
+    static VCPU_THREAD: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Sets the hook run at the end of every vCPU thread (once; later calls are ignored).
+pub fn on_thread_end(hook: fn()) {
+    let _ = THREAD_END.set(hook);
+}
+
+/// Whether the calling thread is a vCPU thread of a run group.
+pub fn in_vcpu_thread() -> bool {
+    VCPU_THREAD.with(|v| v.get())
+}
 
 /// One `Vm.start()`: its vCPUs, their threads and the first error.
 pub struct RunGroup {
@@ -60,7 +80,14 @@ impl RunGroup {
             let vm_for_thread = Arc::clone(vm);
             let spawned = std::thread::Builder::new()
                 .name(format!("kvmpy-vcpu{}", v.id))
-                .spawn(move || g.vcpu_thread(&vm_for_thread, &v, deadline));
+                .spawn(move || {
+                    VCPU_THREAD.with(|t| t.set(true));
+                    g.vcpu_thread(&vm_for_thread, &v, deadline);
+                    drop((g, v, vm_for_thread));
+                    if let Some(hook) = THREAD_END.get() {
+                        hook();
+                    }
+                });
             match spawned {
                 Ok(handle) => group.state().handles.push(handle),
                 Err(e) => {

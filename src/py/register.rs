@@ -12,6 +12,7 @@ use crate::devices::hostcall::HostCallDev;
 use crate::engine::runner::RunGroup;
 use crate::engine::{Device, Error, VmCore};
 use crate::py::devices::ExitPort;
+use crate::py::gil;
 use crate::py::handler::{PyHandler, PyHostFunction};
 use crate::py::memory::MemoryRegion;
 use crate::py::vcpu::Vcpu;
@@ -198,10 +199,11 @@ impl Vm {
 }
 
 impl Vm {
-    /// Joins a finished group's threads, forgets it, and returns its first error.
-    pub(crate) fn finish_group(&self, group: &Arc<RunGroup>) -> Option<Error> {
+    /// Joins a finished group's threads (with the GIL released: a thread takes it as it
+    /// ends), forgets the group, and returns its first error.
+    pub(crate) fn finish_group(&self, py: Python<'_>, group: &Arc<RunGroup>) -> Option<Error> {
         self.inner.forget_group(group);
-        group.finish()
+        gil::released(py, || group.finish())
     }
 }
 

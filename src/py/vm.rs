@@ -50,8 +50,9 @@ impl Drop for VmHandle {
         if self.0.is_closed() {
             return;
         }
-        if self.0.vcpus().iter().any(|v| v.runner().is_some()) {
-            // Waiting for vCPU threads that may need the GIL for a handler: release it.
+        if self.0.group().is_some() || self.0.vcpus().iter().any(|v| v.runner().is_some()) {
+            // Waiting for vCPU threads that may need the GIL (for a handler, or as they
+            // end): release it.
             gil::attached(|py| gil::released(py, || self.0.shutdown()));
         } else {
             self.0.shutdown();
@@ -494,14 +495,14 @@ impl Vm {
             if let Err(e) = py.check_signals() {
                 inner.stop_all_runs();
                 gil::released(py, || group.wait(None));
-                self.finish_group(&group);
+                self.finish_group(py, &group);
                 return Err(e);
             }
             if deadline.is_some_and(|d| Instant::now() >= d) {
                 return Ok(None);
             }
         }
-        if let Some(e) = self.finish_group(&group) {
+        if let Some(e) = self.finish_group(py, &group) {
             return Err(e.into());
         }
         let mut exits = Vec::with_capacity(group.vcpus.len());
