@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 
 import kvmpy
@@ -121,10 +123,30 @@ def test_a_vcpu_run_without_a_mode_is_told_to_set_one_up() -> None:
     with kvmpy.Vm() as vm:
         vm.add_memory(0, 1 << 20)
         cpu = vm.create_vcpu()  # no setup_*: it fetches at 0xfffffff0, where there is no RAM
-        exit = cpu.run(timeout=10)
+        with pytest.warns(RuntimeWarning, match="reset state"):
+            exit = cpu.run(timeout=10)
         assert isinstance(exit, kvmpy.InternalErrorExit), exit
         assert exit.reset_state
         assert str(exit).endswith(
             "set up a mode first with setup_real_mode, setup_protected_mode, "
             "setup_long_mode or load_multiboot"
         )
+
+
+@pytest.mark.kvm
+def test_a_run_from_the_reset_state_warns_once_per_vcpu() -> None:
+    with kvmpy.Vm() as vm:
+        vm.add_memory(0, 2 << 20)
+        fresh, ready = vm.create_vcpu(), vm.create_vcpu()
+        ready.setup_real_mode(cs=0, ip=0x1000)
+        vm.write(0x1000, bytes([0xF4]))  # hlt
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            first = fresh.run(timeout=5)
+            assert first.reason in ("mmio", "internal_error", "shutdown", "fail_entry")
+            fresh.run(timeout=5)
+            assert ready.run(timeout=5).reason == "hlt"
+        messages = [str(w.message) for w in caught if w.category is RuntimeWarning]
+        assert len(messages) == 1, messages
+        assert "vCPU 0 ran from its reset state" in messages[0]
+        assert "0xfffffff0" in messages[0]

@@ -640,6 +640,10 @@ class Vcpu:
         stops the vCPU and is re-raised here. Ctrl-C stops the guest and raises
         `KeyboardInterrupt` (when `run()` is called from the main thread); one that arrives
         while a handler of this run executes takes effect when the handler returns.
+
+        A vCPU that no mode was set up for runs from its reset state (at 0xfffffff0); when
+        such a run ends with an MMIO, shutdown, failed-entry or internal-error exit, `run()`
+        warns once per vCPU (`RuntimeWarning`).
         """
     def respond(self, value: int | bytes) -> None:
         """Answers the IN or MMIO read that the last `run()` returned because no handler took

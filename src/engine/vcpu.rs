@@ -91,6 +91,11 @@ pub struct VcpuCore {
     /// registers, ...) may differ from the last snapshot or restore: the host set some, or
     /// the vCPU exited at ring 0.
     hidden_dirty: AtomicBool,
+    /// Whether the host ever wrote the special registers (a mode setup, `set_sregs`, a
+    /// restore): if not, the vCPU runs from the reset state, at 0xfffffff0.
+    sregs_written: AtomicBool,
+    /// Whether the face has warned about a run from the reset state.
+    pub warned_reset_state: AtomicBool,
 }
 
 /// Clears the vCPU's runner when a run ends, however it ends.
@@ -157,6 +162,8 @@ impl VcpuCore {
             state_sync: AtomicBool::new(false),
             state_fresh: AtomicBool::new(false),
             hidden_dirty: AtomicBool::new(true),
+            sregs_written: AtomicBool::new(false),
+            warned_reset_state: AtomicBool::new(false),
         }
     }
 
@@ -315,6 +322,7 @@ impl VcpuCore {
     /// `KVM_SET_SREGS`, noting that the host changed the vCPU's state.
     pub fn write_sregs(&self, fd: &VcpuFd, sregs: &kvm_sregs) -> Result<()> {
         self.note_state_write();
+        self.sregs_written.store(true, Ordering::Relaxed);
         fd.set_sregs(sregs)
             .map_err(|e| Error::ioctl("KVM_SET_SREGS", e))
     }
@@ -377,6 +385,12 @@ impl VcpuCore {
     }
 
     /// Whether hidden state may have changed since the last call (which resets it).
+    /// Whether the vCPU still has the special registers it was created with (no mode was
+    /// set up): it runs from the reset state.
+    pub fn in_reset_state(&self) -> bool {
+        !self.sregs_written.load(Ordering::Relaxed)
+    }
+
     pub(crate) fn take_hidden_dirty(&self) -> bool {
         self.hidden_dirty.swap(false, Ordering::Relaxed)
     }

@@ -10,7 +10,7 @@ use pyo3::types::{PyBytes, PyDict};
 use crate::engine::kick;
 use crate::engine::setup::LongMode;
 use crate::engine::vcpu::Last;
-use crate::engine::{Error, Outcome, RunOptions, VcpuCore};
+use crate::engine::{Error, Exit, Outcome, RunOptions, VcpuCore};
 use crate::py::args::{bytes_arg, deadline_after, Int};
 use crate::py::error::through_engine;
 use crate::py::handler::answer_data;
@@ -209,6 +209,10 @@ impl Vcpu {
     /// stops the vCPU and is re-raised here. Ctrl-C stops the guest and raises
     /// `KeyboardInterrupt` (when `run()` is called from the main thread); one that arrives
     /// while a handler of this run executes takes effect when the handler returns.
+    ///
+    /// A vCPU that no mode was set up for runs from its reset state (at 0xfffffff0); when
+    /// such a run ends with an MMIO, shutdown, failed-entry or internal-error exit, `run()`
+    /// warns once per vCPU (`RuntimeWarning`).
     #[pyo3(signature = (timeout=None))]
     fn run(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Py<PyAny>> {
         let deadline = deadline_after(timeout)?;
@@ -232,7 +236,10 @@ impl Vcpu {
             })
         });
         let obj = match outcome {
-            Outcome::Exit(exit) => exit::to_python(py, &exit, inner.id)?,
+            Outcome::Exit(exit) => {
+                warn_if_run_from_reset_state(py, inner, &exit)?;
+                exit::to_python(py, &exit, inner.id)?
+            }
             Outcome::Stopped(token) => token_object(py, &token),
             Outcome::Error(e) => {
                 inner.set_last(None);
@@ -339,4 +346,32 @@ pub fn last_exit(py: Python<'_>, vcpu: &VcpuCore) -> PyResult<Option<Py<PyAny>>>
     };
     *last = Some(Last::Token(Box::new(obj.clone_ref(py))));
     Ok(Some(obj))
+}
+
+/// Warns, once per vCPU, when a vCPU that no mode was set up for ends its run with an exit
+/// that a guest rarely means (it ran from the reset state, at 0xfffffff0, where a VM
+/// usually has no RAM).
+fn warn_if_run_from_reset_state(py: Python<'_>, vcpu: &VcpuCore, exit: &Exit) -> PyResult<()> {
+    let nonsense = matches!(
+        exit,
+        Exit::Mmio { .. } | Exit::Shutdown | Exit::FailEntry { .. } | Exit::InternalError { .. }
+    );
+    if !nonsense
+        || !vcpu.in_reset_state()
+        || vcpu
+            .warned_reset_state
+            .swap(true, std::sync::atomic::Ordering::Relaxed)
+    {
+        return Ok(());
+    }
+    let message = format!(
+        "vCPU {} ran from its reset state (no setup_real_mode, setup_protected_mode, \
+         setup_long_mode, set_sregs or loader set a mode up): it starts at 0xfffffff0, where \
+         a VM usually has no RAM, so this {} exit is rarely what the guest meant. Set a mode \
+         up before run().",
+        vcpu.id,
+        exit.reason().as_str()
+    );
+    let category = py.get_type::<pyo3::exceptions::PyRuntimeWarning>();
+    PyErr::warn(py, &category, &std::ffi::CString::new(message)?, 1)
 }
