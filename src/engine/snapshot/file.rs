@@ -424,6 +424,71 @@ mod tests {
         }
     }
 
+    /// `tiny()` with a vCPU (all-zero KVM state, an MSR, a CPUID entry, an interrupt) and
+    /// a LAPIC, so that a file exercises every part of the reader.
+    fn tiny_with_a_vcpu() -> Snapshot {
+        let mut snap = tiny();
+        snap.vcpus.push(VcpuState {
+            id: 0,
+            mp_state: kvm_mp_state::default(),
+            regs: kvm_regs::default(),
+            sregs: kvm_sregs::default(),
+            xsave: kvm_xsave::default(),
+            xcrs: kvm_xcrs::default(),
+            debugregs: kvm_debugregs::default(),
+            lapic: Some(kvm_lapic_state::default()),
+            msrs: vec![kvm_msr_entry {
+                index: 0x10,
+                data: 7,
+                ..Default::default()
+            }],
+            events: kvm_vcpu_events::default(),
+            cpuid: vec![kvm_cpuid_entry2::default()],
+            interrupts: vec![32],
+        });
+        snap
+    }
+
+    /// `data` with its trailing checksum made right again.
+    fn resealed(mut data: Vec<u8>) -> Vec<u8> {
+        if data.len() >= 8 {
+            let body = data.len() - 8;
+            let sum = checksum(&data[..body]).to_le_bytes();
+            data[body..].copy_from_slice(&sum);
+        }
+        data
+    }
+
+    #[test]
+    fn any_changed_or_cut_file_with_a_right_checksum_parses_or_is_refused_without_panic() {
+        let data = bytes_of(&tiny_with_a_vcpu());
+        assert!(parse(&data, [0; 12]).is_ok());
+        // Every byte before the pages, set to values that make lengths, counts, flags and
+        // sizes wrong; the checksum made right, so the reader sees the change.
+        let pages_start = data.len() - 8 - 4104;
+        for i in 0..pages_start {
+            for value in [
+                0u8,
+                1,
+                0x7f,
+                0x80,
+                0xff,
+                data[i] ^ 0x40,
+                data[i].wrapping_add(1),
+            ] {
+                let mut bad = data.clone();
+                bad[i] = value;
+                let _ = parse(&resealed(bad), [0; 12]);
+            }
+        }
+        // Every length, with a checksum of its own.
+        for n in 8..data.len() {
+            let mut cut = data[..n].to_vec();
+            cut.extend_from_slice(&checksum(&data[..n]).to_le_bytes());
+            let _ = parse(&cut, [0; 12]);
+        }
+    }
+
     fn bytes_of(snap: &Snapshot) -> Vec<u8> {
         let dir = std::env::temp_dir().join(format!("kvmpy-file-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
