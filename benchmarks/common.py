@@ -100,34 +100,34 @@ class RawKvm:
         return result
 
 
-class ExitServer:
-    """``raw_kvm serve``: the C baseline's counter64 VM, kept for many runs."""
+class RawServer:
+    """A ``raw_kvm`` server process (``raw_kvm MODE ARGS...``) that keeps its VM for many
+    requests: a line in, a JSON line out."""
 
-    def __init__(self, raw: RawKvm, guest: Path) -> None:
+    def __init__(self, raw: RawKvm, mode: str, *args: object) -> None:
+        self.mode = mode
         self.proc = subprocess.Popen(
-            [str(raw.exe), "serve", str(guest)],
+            [str(raw.exe), mode, *(str(a) for a in args)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
 
-    def __call__(self, n: int) -> float:
-        """Seconds the C run loop took for ``n`` device exits (n + 1 exits in all)."""
+    def ask(self, request: str) -> dict[str, Any]:
+        """Sends one request line; returns the server's JSON answer."""
         assert self.proc.stdin is not None and self.proc.stdout is not None
         try:
-            self.proc.stdin.write(f"{n}\n")
+            self.proc.stdin.write(f"{request}\n")
             self.proc.stdin.flush()
         except BrokenPipeError:
             pass
         line = self.proc.stdout.readline()
         if not line:
             err = self.proc.stderr.read() if self.proc.stderr else ""
-            raise BenchError(f"raw_kvm serve failed: {err.strip()}")
-        answer = json.loads(line)
-        if answer["exits"] != n + 1:
-            raise BenchError(f"raw_kvm serve: {answer['exits']} exits for N={n}")
-        return float(answer["seconds"])
+            raise BenchError(f"raw_kvm {self.mode} failed: {err.strip()}")
+        answer: dict[str, Any] = json.loads(line)
+        return answer
 
     def close(self) -> None:
         """Ends the server process."""
@@ -137,6 +137,20 @@ class ExitServer:
         for f in (self.proc.stdout, self.proc.stderr):
             if f is not None:
                 f.close()
+
+
+class ExitServer(RawServer):
+    """``raw_kvm serve``: the C baseline's counter64 VM, kept for many runs."""
+
+    def __init__(self, raw: RawKvm, guest: Path) -> None:
+        super().__init__(raw, "serve", guest)
+
+    def __call__(self, n: int) -> float:
+        """Seconds the C run loop took for ``n`` device exits (n + 1 exits in all)."""
+        answer = self.ask(f"{n}")
+        if answer["exits"] != n + 1:
+            raise BenchError(f"raw_kvm serve: {answer['exits']} exits for N={n}")
+        return float(answer["seconds"])
 
 
 def cc_version() -> str:

@@ -4,8 +4,6 @@ area, ``KVM_GET_DIRTY_LOG``, copy the dirty pages back from a clean copy)."""
 
 from __future__ import annotations
 
-import json
-import subprocess
 import time
 from collections.abc import Callable
 from contextlib import ExitStack, closing
@@ -13,7 +11,7 @@ from functools import partial
 from pathlib import Path
 
 import kvmpy
-from benchmarks.common import EXIT_PORT, LOAD_ADDR, BenchError, RawKvm, interleave
+from benchmarks.common import EXIT_PORT, LOAD_ADDR, BenchError, RawKvm, RawServer, interleave
 from benchmarks.report import Figure, Row, Target
 
 RESET_TARGET = Target("ratio", 1.15, "≤ 1.15× raw C")
@@ -23,41 +21,16 @@ SMALL_MIB = 64
 BIG_MIB = 4096
 
 
-class ResetServer:
+class ResetServer(RawServer):
     """``raw_kvm reset``: the C floor's snapshot64 VM, kept for many loops."""
 
     def __init__(self, raw: RawKvm, guest: Path, mib: int) -> None:
-        self.proc = subprocess.Popen(
-            [str(raw.exe), "reset", str(guest), str(mib)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        super().__init__(raw, "reset", guest, mib)
 
     def __call__(self, n: int, k: int, fpu: bool = False) -> float:
         """Seconds for ``k`` iterations writing ``n`` pages each (with ``fpu``, also
         putting the FPU/SSE/AVX state back with KVM_SET_XSAVE)."""
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        try:
-            self.proc.stdin.write(f"{n} {k} {int(fpu)}\n")
-            self.proc.stdin.flush()
-        except BrokenPipeError:
-            pass
-        line = self.proc.stdout.readline()
-        if not line:
-            err = self.proc.stderr.read() if self.proc.stderr else ""
-            raise BenchError(f"raw_kvm reset failed: {err.strip()}")
-        return float(json.loads(line)["seconds"])
-
-    def close(self) -> None:
-        """Ends the server process."""
-        if self.proc.stdin is not None:
-            self.proc.stdin.close()
-        self.proc.wait(timeout=30)
-        for f in (self.proc.stdout, self.proc.stderr):
-            if f is not None:
-                f.close()
+        return float(self.ask(f"{n} {k} {int(fpu)}")["seconds"])
 
 
 class Restores:

@@ -1,11 +1,14 @@
 //! The engine without Python: real guests through `kvmpy::engine` alone. Skips (passes
 //! with a note) where `/dev/kvm` cannot be opened.
 
+mod common;
+
 use std::any::Any;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
+use common::kvm_usable;
 use kvmpy::devices::console::ConsoleDev;
 use kvmpy::devices::exit_port::ExitPortDev;
 use kvmpy::engine::memory::Mappings;
@@ -25,18 +28,6 @@ const USER_MODE: LongMode = LongMode {
     exceptions: false,
     exception_port: 0xf6,
 };
-
-fn kvm_usable() -> bool {
-    let ok = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    if !ok {
-        eprintln!("/dev/kvm cannot be opened: engine tests skipped");
-    }
-    ok
-}
 
 /// A VM with 2 MiB of RAM, `code` at 0x10000 and one vCPU in 64-bit user mode there.
 fn user_vm(code: &[u8]) -> (Arc<VmCore>, Arc<VcpuCore>) {

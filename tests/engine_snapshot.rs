@@ -1,9 +1,12 @@
 //! Snapshots through the engine alone: capture, run, restore, compare. Skips (passes with
 //! a note) where `/dev/kvm` cannot be opened.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::kvm_usable;
 use kvmpy::devices::console::ConsoleDev;
 use kvmpy::devices::exit_port::ExitPortDev;
 use kvmpy::engine::setup::LongMode;
@@ -11,18 +14,6 @@ use kvmpy::engine::{Device, Exit, Outcome, RegionOptions, RunOptions, VcpuCore, 
 
 const LOAD: u64 = 0x10000;
 const DATA: u64 = 0x100000;
-
-fn kvm_usable() -> bool {
-    let ok = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    if !ok {
-        eprintln!("/dev/kvm cannot be opened: engine snapshot tests skipped");
-    }
-    ok
-}
 
 // mov [rdi], rsi ; mov [rdi + 0x1000], rsi ; inc rsi ; movq xmm3, rsi ;
 // mov al, 'k' ; out 0x3f8 (dx), al ; out 0xf4, al
