@@ -329,6 +329,19 @@ def test_mismatched_vms_are_refused_before_anything_changes(guest_dir: Path) -> 
             vm4.add_console(0x3F8)
             with pytest.raises(ValueError, match="devices"):
                 vm4.restore(snap)
+        vm5, cpu5 = make_vm(guest_dir)
+        with vm5:
+            entries = [  # another CPU model name
+                kvmpy.CpuidEntry(e.function, e.index, e.flags, e.eax ^ 1, e.ebx, e.ecx, e.edx)
+                if e.function == 0x80000002
+                else e
+                for e in cpu5.get_cpuid()
+            ]
+            cpu5.set_cpuid(entries)
+            vm5.write(0x1000, b"keep")
+            with pytest.raises(ValueError, match="CPUID is not the one"):
+                vm5.restore(snap)
+            assert vm5.read(0x1000, 4) == b"keep"
 
 
 def test_snapshot_and_restore_refuse_while_running(guest_dir: Path) -> None:

@@ -204,3 +204,45 @@ fn put_xsave(fd: &VcpuFd, st: &VcpuState) -> Result<()> {
     // whose size was checked); KVM reads exactly that struct.
     unsafe { fd.set_xsave(&st.xsave) }.map_err(|e| Error::ioctl("KVM_SET_XSAVE", e))
 }
+
+/// Fails, naming the first difference, unless the vCPU behind `fd` has the CPUID `st` was
+/// taken with: state saved under one CPUID (XSAVE features, MSRs) may not load under
+/// another, and a restore must not fail halfway.
+pub fn check_cpuid(fd: &VcpuFd, st: &VcpuState) -> Result<()> {
+    let key = |e: &kvm_cpuid_entry2| (e.function, e.index);
+    let mut theirs = fd
+        .get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+        .map_err(|e| Error::ioctl("KVM_GET_CPUID2", e))?
+        .as_slice()
+        .to_vec();
+    let mut ours = st.cpuid.clone();
+    theirs.sort_by_key(key);
+    ours.sort_by_key(key);
+    let same = |a: &kvm_cpuid_entry2, b: &kvm_cpuid_entry2| {
+        (a.function, a.index, a.flags, a.eax, a.ebx, a.ecx, a.edx)
+            == (b.function, b.index, b.flags, b.eax, b.ebx, b.ecx, b.edx)
+    };
+    if ours.len() == theirs.len() && ours.iter().zip(&theirs).all(|(a, b)| same(a, b)) {
+        return Ok(());
+    }
+    let first = ours
+        .iter()
+        .zip(&theirs)
+        .find(|(a, b)| !same(a, b))
+        .map_or_else(
+            || {
+                format!(
+                    "{} entries in the snapshot, {} in the VM",
+                    ours.len(),
+                    theirs.len()
+                )
+            },
+            |(a, _)| format!("leaf {:#x} subleaf {:#x} differs", a.function, a.index),
+        );
+    Err(Error::Value(format!(
+        "the snapshot does not fit this VM: vCPU {}'s CPUID is not the one the snapshot was \
+         taken with ({first}); restore into a VM made with Vm.from_snapshot, or give the vCPU \
+         the snapshot's CPUID with set_cpuid first",
+        st.id
+    )))
+}

@@ -352,6 +352,13 @@ impl VmCore {
             .iter()
             .map(|v| v.lock_idle())
             .collect::<Result<Vec<_>>>()?;
+        if lock(&self.tracking).base != Some(snap.id) {
+            // Another VM's snapshot, or one loaded from a file: its vCPU state must fit.
+            for (g, st) in guards.iter_mut().zip(&snap.vcpus) {
+                let holder = g.as_mut().ok_or(Error::Closed("vCPU"))?;
+                cpu::check_cpuid(&holder.fd, st)?;
+            }
+        }
         for ((v, g), st) in vcpus.iter().zip(guards.iter_mut()).zip(&snap.vcpus) {
             let holder = g.as_mut().ok_or(Error::Closed("vCPU"))?;
             v.settle_for_restore(&mut holder.fd, &st.sregs, st.regs.rip);
