@@ -573,6 +573,7 @@ class Vcpu:
         huge_pages: bool = False,
         exceptions: bool = False,
         exception_port: int = 0xF6,
+        user_map: list[tuple[int, int, str]] | None = None,
     ) -> None:
         """Puts the vCPU in 64-bit long mode with paging, at CPL3 (`user=True`, with IOPL=3
         so `in`/`out` exit to the host) or CPL0.
@@ -589,6 +590,13 @@ class Vcpu:
         `ExceptionExit` (reason `"exception"`) with the vector, error code, RIP and CR2,
         instead of the guest triple-faulting (reason `"shutdown"`). They report through
         `exception_port`, which this registers with the VM.
+
+        With `user_map`, a list of `(address, size, permissions)` (permissions: a string
+        of `"r"`, `"w"`, `"x"`), the page tables instead map only those ranges (identity,
+        4 KiB pages, each with its permissions), kvmpy's structures supervisor-only and
+        nothing in the first 64 KiB: a NULL access, a write to code or to kvmpy's tables,
+        or any access outside the ranges faults (a `#PF` with `exceptions=True`). The page
+        tables then take as many pages from `+0x9000` as the ranges need.
 
         Sets the segments, CR0/CR3/CR4/EFER, GDTR/IDTR, TR and RFLAGS; the caller sets
         `rip` (and `rsp` if the guest uses a stack).
