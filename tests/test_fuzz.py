@@ -181,6 +181,14 @@ def test_planted_bugs_each_crash_where_they_are(parser: Path) -> None:
         assert len({null.bucket, smash.bucket, div.bucket}) == 3
 
 
+def test_the_compute_target_is_deterministic() -> None:
+    elf = kvmpy.shipped_guest("fuzz_compute.elf")
+    with fuzz.Target.from_elf(elf, entry="hash", max_len=256, timeout_ms=1000) as t:
+        a, b = t.run(b"hello"), t.run(b"hellp")
+        assert a.kind == b.kind == "ok" and a.code != b.code
+        assert t.run(b"hello") == a
+
+
 def test_triage_keeps_the_smallest_input_per_bucket(parser: Path, tmp_path: Path) -> None:
     triage = fuzz.Triage()
     with fuzz.Target.from_elf(parser, entry="parse", max_len=512) as t:
