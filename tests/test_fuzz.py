@@ -100,10 +100,19 @@ def test_stack_overflow_hits_the_guard_page(cases: Path) -> None:
     assert o.regs.rsp - 0x1000 <= o.cr2 < o.regs.rsp + 0x1000
 
 
+def spin_address(elf: Path) -> int:
+    with fuzz.Target.from_elf(elf, entry="spin") as t:
+        return t.symbols["spin"]
+
+
 def test_a_tight_loop_times_out(cases: Path) -> None:
     o = run_entry(cases, "spin")
-    assert (o.kind, o.reason) == ("timeout", "timeout")
-    assert o.regs is not None and o.location.startswith("spin")
+    assert (o.kind, o.reason, o.summary(), o.bucket) == ("timeout",) * 3 + (
+        ("timeout", None, None),
+    )
+    assert o.regs is not None
+    assert 0 <= o.regs.rip - spin_address(cases) < 0x20, "stopped inside the loop"
+    assert "rip=" not in o.report(), "where a hang is stopped is chance: not reported"
 
 
 def test_invalid_opcode_and_divide_error(cases: Path) -> None:

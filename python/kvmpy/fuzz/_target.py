@@ -37,14 +37,20 @@ OUTCOME_KINDS = ("ok", "crash", "timeout", "unmapped", "shutdown", "internal_err
 
 @dataclass(frozen=True)
 class Outcome:
-    """How one input ended: ``kind`` is one of ``"ok"`` (the target returned; ``code`` is
-    its 32-bit return value), ``"crash"`` (a CPU exception or a crash hook: ``vector``,
-    ``name``, ``rip``, ``cr2``, ``error_code``, ``regs``, ``instruction``, ``location``,
-    ``hook``), ``"timeout"``, ``"unmapped"`` (an access to guest-physical memory with no
-    RAM behind it: ``address``, ``is_write``; ``rip`` is the accessing instruction, or on
-    KVMs that complete the access before reporting it the next one), ``"shutdown"``,
-    ``"internal_error"``, or ``"other"`` (an exit nobody handles, e.g. port I/O;
-    ``reason`` says which)."""
+    """How one input ended. ``kind`` is one of:
+
+    - ``"ok"``: the target returned; ``code`` is its 32-bit return value;
+    - ``"crash"``: a CPU exception or a crash hook: ``vector``, ``name``, ``rip``,
+      ``cr2``, ``error_code``, ``regs`` (the faulting context's), ``instruction``,
+      ``location``, ``hook``;
+    - ``"timeout"``: ``regs`` says where the run was stopped, which is chance, so it is
+      left out of comparisons and reports;
+    - ``"unmapped"``: an access to guest-physical memory with no RAM behind it:
+      ``address``, ``is_write``; ``rip`` is the accessing instruction, or on KVMs that
+      complete the access before reporting it, the next one;
+    - ``"shutdown"``, ``"internal_error"``, or ``"other"`` (an exit nobody handles, such
+      as port I/O to a port with no device; ``reason`` says which).
+    """
 
     kind: str
     reason: str
@@ -70,7 +76,7 @@ class Outcome:
     def bucket(self) -> tuple[str, int | None, int | None]:
         """``(kind, vector, rip)``: inputs with the same bucket are the same bug (all
         timeouts share one bucket: where a hang is interrupted is chance)."""
-        return (self.kind, self.vector, None if self.kind == "timeout" else self.rip)
+        return (self.kind, self.vector, self.rip)
 
     def summary(self) -> str:
         """One line: ``crash #PF page fault at rip=0x100044 (null_read+0x4): mov rax, qword
@@ -85,7 +91,7 @@ class Outcome:
             if self.instruction:
                 where += f": {self.instruction}"
         if self.kind == "timeout":
-            return f"timeout{where}"
+            return "timeout"
         if self.kind == "unmapped":
             access = "write to" if self.is_write else "read of"
             return f"unmapped {access} {self.address:#x} (no guest RAM there){where}"
@@ -107,7 +113,7 @@ class Outcome:
     def report(self) -> str:
         """A multi-line text report: the summary, then the registers."""
         lines = [self.summary()]
-        if self.regs is not None:
+        if self.regs is not None and self.kind != "timeout":
             r = self.regs
             names = ["rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp"]
             names += ["r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "rip", "rflags"]
@@ -150,7 +156,8 @@ class Target:
     starts from. ``run(data)`` writes the input so that it ends at ``input_end``, puts its
     address and length in ``input_arg`` and ``length_arg``, runs for at most
     ``timeout_ms``, classifies how it ended (an :class:`Outcome`) and restores the
-    snapshot. The loop of one run is native code with the GIL released.
+    snapshot. ``vm``, ``cpu``, ``snapshot``, ``symbols``, ``max_len`` and ``input_end``
+    are attributes. The loop of one run is native code with the GIL released.
 
     Build one from a guest ELF with :meth:`from_elf`, or by hand from a VM whose vCPU is
     ready to run the code under test (``setup_long_mode(exceptions=True)`` so that faults
@@ -192,6 +199,7 @@ class Target:
             snapshot = vm.snapshot()
         self.snapshot = snapshot
         self.max_len = max_len
+        self.input_end = input_end
         self.timeout_ms = timeout_ms
         self._executor = FuzzExecutor(
             vm,
@@ -332,6 +340,8 @@ class Target:
                 location=symbolize(rip, self.symbols),
                 regs=regs,
             )
+        if reason == "timeout":
+            return Outcome("timeout", reason, regs=regs)
         at = regs.rip if regs is not None else None
         instruction = None if at is None else self._instruction(at)
         location = "" if at is None else symbolize(at, self.symbols)
@@ -346,7 +356,7 @@ class Target:
                 location=location,
                 regs=regs,
             )
-        kind = reason if reason in ("shutdown", "internal_error", "timeout") else "other"
+        kind = reason if reason in ("shutdown", "internal_error") else "other"
         return Outcome(kind, reason, rip=at, instruction=instruction, location=location, regs=regs)
 
     def close(self) -> None:
