@@ -280,3 +280,25 @@ def test_user_map_is_checked() -> None:
             cpu.setup_long_mode(user_map=[(0x100000, 0x1000, "rwz")])
         with pytest.raises(ValueError, match="huge_pages"):
             cpu.setup_long_mode(user_map=[(0x100000, 0x1000, "rw")], huge_pages=True)
+
+
+def test_an_unmapped_read_and_an_unhandled_port_then_clean_runs() -> None:
+    # mov rdi, [rdi] ; mov rax, [rdi] ; in al, 0x10 ; out 0xf4, al
+    code = bytes.fromhex("488b3f488b07e410e6f4")
+    vm = kvmpy.Vm()
+    vm.add_memory(0, 2 << 20).write(LONG_LOAD, code)
+    vm.add_exit_port(EXIT_PORT)
+    cpu = vm.create_vcpu()
+    cpu.setup_long_mode(user=True, exceptions=True)
+    cpu.set_regs(rip=LONG_LOAD)
+    with fuzz.Target(vm, cpu, vm.snapshot(), input_end=0x30000, max_len=8) as t:
+        for _ in range(2):  # neither leaves the vCPU waiting for an answer
+            o = t.run(struct.pack("<Q", 0x400000))
+            assert (o.kind, o.address, o.is_write) == ("unmapped", 0x400000, False)
+            o = t.run(struct.pack("<Q", 0x20000))
+            assert (o.kind, o.reason, o.rip, o.instruction) == (
+                "other",
+                "io",
+                0x10006,
+                "in al, 0x10",
+            )

@@ -169,8 +169,11 @@ impl Executor {
                 if let Some(top) = self.config.exception_stack_top {
                     // The stubs pushed RAX, then RDX, below the CPU's frame and the
                     // vector: at top - 64 and top - 72.
+                    let at = top.checked_sub(72).ok_or_else(|| {
+                        Error::Value(format!("exception_stack_top {top:#x} is too low"))
+                    })?;
                     let mut saved = [0u8; 16];
-                    self.vm.read_memory(top - 72, &mut saved)?;
+                    self.vm.read_memory(at, &mut saved)?;
                     r.rdx = u64::from_le_bytes(saved[..8].try_into().expect("8 bytes"));
                     r.rax = u64::from_le_bytes(saved[8..].try_into().expect("8 bytes"));
                 }
