@@ -302,3 +302,14 @@ def test_an_unmapped_read_and_an_unhandled_port_then_clean_runs() -> None:
                 0x10006,
                 "in al, 0x10",
             )
+
+
+def test_extra_memory_is_mapped_with_its_permissions(cases: Path) -> None:
+    extra = [(0x400000, 0x2000, "rw"), (0x500000, 0x1000, "r")]
+    with fuzz.Target.from_elf(cases, entry="write_at", extra_memory=extra) as t:
+        assert t.run(struct.pack("<Q", 0x401FF8)).kind == "ok"
+        page_fault(t.run(struct.pack("<Q", 0x402000)), 0x402000, write=True, present=False)
+        page_fault(t.run(struct.pack("<Q", 0x500000)), 0x500000, write=True, present=True)
+        assert t.vm.read(0x401FF8, 8) == bytes(8), "restored"
+    with pytest.raises(ValueError, match="NULL area"):
+        fuzz.Target.from_elf(cases, entry="write_at", extra_memory=[(0x0, 0x1000, "rw")])

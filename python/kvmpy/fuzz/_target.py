@@ -237,6 +237,7 @@ class Target:
         timeout_ms: float = 100,
         crash_hooks: Iterable[str | int] = (),
         stack_size: int = 0x10000,
+        extra_memory: Iterable[tuple[int, int, str]] = (),
     ) -> Target:
         """A target that calls the function ``entry`` (a symbol or an address) of the
         64-bit guest ELF at ``path`` (a kvmpy C guest, or any static executable that runs
@@ -251,6 +252,10 @@ class Target:
           are supervisor-only: a write to them from the guest is a #PF;
         - ``entry`` returns to a stub that ends the run with its return value (an ``"ok"``
           outcome with ``code``); the guest's console (port 0x3F8) is collected.
+
+        ``extra_memory`` maps more for the guest: ``(address, size, permissions)`` with
+        permissions made of ``"r"``, ``"w"``, ``"x"`` (a heap arena, a buffer the target
+        expects at a fixed address); RAM is added to cover it, zero-filled.
         """
         image = Path(path).read_bytes()
         segments = _elf_segments(image)
@@ -263,7 +268,9 @@ class Target:
         stack_top = stack_bottom + stack_size
         input_start = stack_top + PAGE
         input_end = input_start + _round_up(max(max_len, 1), PAGE)
-        ram = _round_up(input_end + PAGE, 2 << 20)
+        extra = [(int(a), int(n), str(p)) for a, n, p in extra_memory]
+        top = max([input_end + PAGE] + [a + n for a, n, _ in extra])
+        ram = _round_up(top, 2 << 20)
         vm = Vm()
         try:
             vm.add_memory(0, ram)
@@ -283,6 +290,7 @@ class Target:
                 (stub, PAGE, "rx"),
                 (stack_bottom, stack_size, "rw"),
                 (input_start, input_end - input_start, "rw"),
+                *extra,
             ]
             cpu = vm.create_vcpu()
             cpu.setup_long_mode(user=True, exceptions=True, tables_addr=TABLES, user_map=user_map)
