@@ -27,6 +27,7 @@ __all__ = [
     "ExitInfo",
     "ExitPort",
     "FailEntryExit",
+    "FuzzExecutor",
     "GuestExit",
     "InternalErrorExit",
     "IoExit",
@@ -143,6 +144,44 @@ class LoadedImage:
     @property
     def boot_info(self) -> int | None:
         """Guest physical address of the multiboot_info structure (Multiboot kernels only)."""
+
+@final
+class FuzzExecutor:
+    """Runs inputs on `vcpu` of `vm`, restoring `snapshot` after each. The low-level loop
+    under `kvmpy.fuzz.Target`; most programs use that instead.
+
+    An input of `n` bytes is written at `input_end - n` (so it ends where the input area
+    ends); `addr_reg` and `len_reg` (`"rdi"`, `"rsi"`, `"rdx"`, `"rcx"`, `"r8"`, `"r9"`,
+    or None) get its address and length. Each run lasts at most `timeout` seconds.
+    `exception_stack_top` (`tables_addr + 0x7000` of `setup_long_mode(exceptions=True)`)
+    lets a crash's registers show the guest's RAX and RDX, which the exception stubs save
+    there.
+    """
+
+    def __new__(
+        cls,
+        vm: Vm,
+        vcpu: Vcpu,
+        snapshot: Snapshot,
+        *,
+        input_end: int,
+        max_len: int,
+        addr_reg: str | None = "rdi",
+        len_reg: str | None = "rsi",
+        timeout: float = 1.0,
+        exception_stack_top: int | None = None,
+    ) -> FuzzExecutor: ...
+    def run(self, data: _BytesLike) -> tuple[ExitInfo, Regs | None]:
+        """Runs one input (bytes-like, at most `max_len` bytes) and restores the snapshot.
+        Returns `(exit, regs)`: the exit that ended the run (`GuestExit` for the exit
+        port, `ExceptionExit`, `MmioExit` for an access with no RAM behind it, reason
+        `"timeout"`, ...) and, except after a clean exit, the registers when it ended (for
+        an exception, the faulting context's). Ctrl-C stops the run and raises
+        `KeyboardInterrupt`.
+        """
+    @property
+    def max_len(self) -> int:
+        """The longest input `run()` accepts."""
 
 @final
 class Snapshot:
@@ -573,6 +612,7 @@ class Vcpu:
         huge_pages: bool = False,
         exceptions: bool = False,
         exception_port: int = 0xF6,
+        user_map: list[tuple[int, int, str]] | None = None,
     ) -> None:
         """Puts the vCPU in 64-bit long mode with paging, at CPL3 (`user=True`, with IOPL=3
         so `in`/`out` exit to the host) or CPL0.
@@ -589,6 +629,13 @@ class Vcpu:
         `ExceptionExit` (reason `"exception"`) with the vector, error code, RIP and CR2,
         instead of the guest triple-faulting (reason `"shutdown"`). They report through
         `exception_port`, which this registers with the VM.
+
+        With `user_map`, a list of `(address, size, permissions)` (permissions: a string
+        of `"r"`, `"w"`, `"x"`), the page tables instead map only those ranges (identity,
+        4 KiB pages, each with its permissions), kvmpy's structures supervisor-only and
+        nothing in the first 64 KiB: a NULL access, a write to code or to kvmpy's tables,
+        or any access outside the ranges faults (a `#PF` with `exceptions=True`). The page
+        tables then take as many pages from `+0x9000` as the ranges need.
 
         Sets the segments, CR0/CR3/CR4/EFER, GDTR/IDTR, TR and RFLAGS; the caller sets
         `rip` (and `rsp` if the guest uses a stack).

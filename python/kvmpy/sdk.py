@@ -50,6 +50,10 @@ SHIPPED_GUESTS: dict[str, str] = {
     "snapshot64.bin": "64-bit user mode, load at 0x10000: a fuzzing-style target (its input "
     "at 0x20000 picks: write RDI pages and exit, spin, fault)",
     "multiboot_hello.elf": "a Multiboot v1 kernel: prints its command line over a 16550 UART",
+    "fuzz_parser.elf": "a fuzz target, parse(data, len): a record parser with three planted "
+    "bugs (guests/c/fuzz_parser.c)",
+    "fuzz_compute.elf": "a compute-heavy fuzz target, hash(data, len): over 1e5 instructions "
+    "per input (guests/c/fuzz_compute.c)",
 }
 """The prebuilt guests in the package (``shipped_guest(name)``), with what they do."""
 

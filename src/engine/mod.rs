@@ -6,6 +6,7 @@ pub mod bus;
 pub mod complete;
 pub mod error;
 pub mod exit;
+pub mod fuzz;
 pub mod internal_error;
 pub mod kick;
 pub mod kvm;

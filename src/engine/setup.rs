@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use kvm_bindings::{kvm_cpuid_entry2, kvm_msr_entry, CpuId, Msrs};
 
+use crate::arch::x86_64::fuzzmap::{self, UserRange};
 use crate::arch::x86_64::{self as x86, modes, paging::WalkError, Layout};
 use crate::devices::exception::ExceptionDev;
 use crate::engine::error::{Error, Result};
@@ -53,9 +54,40 @@ impl VcpuCore {
 
     /// 64-bit long mode with paging; see the face's `setup_long_mode`.
     pub fn setup_long_mode(&self, mode: LongMode) -> Result<()> {
+        self.setup_long_mode_mapping(mode, None)
+    }
+
+    /// 64-bit long mode; with `user_map`, the page tables map only those ranges for user
+    /// mode (see `arch::x86_64::fuzzmap`) instead of identity-mapping `map_gib` GiB.
+    pub fn setup_long_mode_mapping(
+        &self,
+        mode: LongMode,
+        user_map: Option<&[UserRange]>,
+    ) -> Result<()> {
         let layout =
             Layout::at(mode.tables_addr, mode.map_gib, mode.huge_pages).map_err(Error::Value)?;
         let vm = &self.vm;
+        let tables = match user_map {
+            None => None,
+            Some(_) if mode.huge_pages => {
+                return Err(Error::Value(
+                    "user_map builds its own 4 KiB page tables: huge_pages must be False".into(),
+                ))
+            }
+            Some(ranges) => {
+                let (pages, end) = fuzzmap::fuzz_map(&layout, ranges).map_err(Error::Value)?;
+                vm.check_memory(layout.gdt, (end - layout.gdt) as usize)?;
+                for r in ranges {
+                    vm.check_memory(r.start, r.size as usize).map_err(|_| {
+                        Error::Value(format!(
+                            "user range {:#x}+{:#x} is not all in guest RAM",
+                            r.start, r.size
+                        ))
+                    })?;
+                }
+                Some(pages)
+            }
+        };
         if mode.huge_pages && !vm.supports_1gib_pages()? {
             return Err(Error::Value(
                 "this host's KVM does not offer 1 GiB pages (CPUID pdpe1gb) to guests; use \
@@ -63,7 +95,9 @@ impl VcpuCore {
                     .into(),
             ));
         }
-        vm.check_memory(layout.gdt, (layout.end() - layout.gdt) as usize)?;
+        if tables.is_none() {
+            vm.check_memory(layout.gdt, (layout.end() - layout.gdt) as usize)?;
+        }
         if mode.exceptions {
             let (port, report) = (mode.exception_port, layout.report);
             vm.update_bus(|bus| {
@@ -78,7 +112,12 @@ impl VcpuCore {
                 Ok((bus.with_io(port, u32::from(port) + 1, dev)?, ()))
             })?;
         }
-        for (gpa, bytes) in modes::long_mode_image(&layout, mode.exceptions, mode.exception_port) {
+        let mut image = modes::long_mode_image(&layout, mode.exceptions, mode.exception_port);
+        if let Some(pages) = tables {
+            image.retain(|(gpa, _)| *gpa < layout.pml4);
+            image.extend(pages);
+        }
+        for (gpa, bytes) in image {
             vm.write_memory(gpa, &bytes)?;
         }
         self.with_fd(|fd| {

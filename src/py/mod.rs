@@ -6,6 +6,7 @@ pub mod devices;
 pub mod disasm;
 pub mod error;
 pub mod exit;
+pub mod fuzz;
 pub mod gil;
 pub mod handler;
 pub mod interrupt;

@@ -7,6 +7,7 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
 
+use crate::arch::x86_64::fuzzmap::UserRange;
 use crate::engine::kick;
 use crate::engine::setup::LongMode;
 use crate::engine::vcpu::Last;
@@ -18,6 +19,24 @@ use crate::py::interrupt::CtrlC;
 use crate::py::kvm::CpuidEntry;
 use crate::py::regs::{Regs, Sregs};
 use crate::py::{exit, gil};
+
+/// `(address, size, permissions)`, an entry of `setup_long_mode(user_map=...)`.
+type UserMapEntry = (Int<u64>, Int<u64>, String);
+
+/// One entry of `setup_long_mode(user_map=...)`.
+fn user_range(start: u64, size: u64, perms: &str) -> PyResult<UserRange> {
+    if perms.is_empty() || !perms.chars().all(|c| "rwx".contains(c)) {
+        return Err(PyValueError::new_err(format!(
+            "user_map permissions must be made of \"r\", \"w\" and \"x\", not {perms:?}"
+        )));
+    }
+    Ok(UserRange {
+        start,
+        size,
+        writable: perms.contains('w'),
+        executable: perms.contains('x'),
+    })
+}
 
 /// A virtual CPU of a `Vm`, created with `vm.create_vcpu()`.
 #[pyclass(module = "kvmpy._native", frozen)]
@@ -102,9 +121,16 @@ impl Vcpu {
     /// instead of the guest triple-faulting (reason `"shutdown"`). They report through
     /// `exception_port`, which this registers with the VM.
     ///
+    /// With `user_map`, a list of `(address, size, permissions)` (permissions: a string
+    /// of `"r"`, `"w"`, `"x"`), the page tables instead map only those ranges (identity,
+    /// 4 KiB pages, each with its permissions), kvmpy's structures supervisor-only and
+    /// nothing in the first 64 KiB: a NULL access, a write to code or to kvmpy's tables,
+    /// or any access outside the ranges faults (a `#PF` with `exceptions=True`). The page
+    /// tables then take as many pages from `+0x9000` as the ranges need.
+    ///
     /// Sets the segments, CR0/CR3/CR4/EFER, GDTR/IDTR, TR and RFLAGS; the caller sets
     /// `rip` (and `rsp` if the guest uses a stack).
-    #[pyo3(signature = (*, user=true, tables_addr=Int(0x1000), map_gib=Int(1), huge_pages=false, exceptions=false, exception_port=Int(0xf6)), text_signature = "(self, /, *, user=True, tables_addr=4096, map_gib=1, huge_pages=False, exceptions=False, exception_port=246)")]
+    #[pyo3(signature = (*, user=true, tables_addr=Int(0x1000), map_gib=Int(1), huge_pages=false, exceptions=false, exception_port=Int(0xf6), user_map=None), text_signature = "(self, /, *, user=True, tables_addr=4096, map_gib=1, huge_pages=False, exceptions=False, exception_port=246, user_map=None)")]
     #[allow(clippy::too_many_arguments)]
     fn setup_long_mode(
         &self,
@@ -114,15 +140,27 @@ impl Vcpu {
         huge_pages: bool,
         exceptions: bool,
         exception_port: Int<u16>,
+        user_map: Option<Vec<UserMapEntry>>,
     ) -> PyResult<()> {
-        Ok(self.inner.setup_long_mode(LongMode {
+        let ranges = match user_map {
+            None => None,
+            Some(list) => Some(
+                list.into_iter()
+                    .map(|(start, size, perms)| user_range(start.0, size.0, &perms))
+                    .collect::<PyResult<Vec<_>>>()?,
+            ),
+        };
+        let mode = LongMode {
             user,
             tables_addr: tables_addr.0,
             map_gib: map_gib.0,
             huge_pages,
             exceptions,
             exception_port: exception_port.0,
-        })?)
+        };
+        Ok(self
+            .inner
+            .setup_long_mode_mapping(mode, ranges.as_deref())?)
     }
 
     /// Puts the vCPU in flat 32-bit protected mode with paging off, at CPL0: CS selector

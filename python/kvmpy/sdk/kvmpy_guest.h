@@ -15,6 +15,14 @@
  *   (hlt, cli, ...) raise #GP at CPL3: end with kvmpy_exit() instead.
  *   Guests are built with -mgeneral-regs-only.
  *
+ * Under kvmpy.fuzz (fuzz.Target.from_elf(elf, entry="fn")):
+ *   fn(data, len) is called directly for each input, on its own 64 KiB stack
+ *   (crt0.S does not run; .bss is zero as loaded) and its return value ends
+ *   the run (outcome "ok", code = EAX).  Only the ELF's segments, that stack
+ *   and the input are mapped: code read-only (guest.ld puts writable data on
+ *   its own page), data not executable, nothing in the first 64 KiB, kvmpy's
+ *   tables supervisor-only.  A stray access is a #PF crash outcome.
+ *
  * Image (guest.ld, crt0.S):
  *   Loaded and entered at guest-physical/virtual 0x100000 (1 MiB); the flat
  *   build/NAME.bin is copied there verbatim.  _start sets RSP to __stack_top

@@ -6,6 +6,7 @@
 //! guest memory and the registers into the vCPU.
 
 pub mod disasm;
+pub mod fuzzmap;
 pub mod gdt;
 pub mod idt;
 pub mod modes;

@@ -1,0 +1,7 @@
+"""``python -m kvmpy.fuzz replay harness.py INPUT...``."""
+
+import sys
+
+from kvmpy.fuzz._cli import cli
+
+sys.exit(cli())
