@@ -1,9 +1,12 @@
 //! The fuzzing executor without Python: one input per run, a crash's state, restore.
 //! Skips (passes with a note) where `/dev/kvm` cannot be opened.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::kvm_usable;
 use kvmpy::arch::x86_64::fuzzmap::UserRange;
 use kvmpy::devices::exit_port::ExitPortDev;
 use kvmpy::engine::fuzz::{ArgReg, Config, Executor};
@@ -12,18 +15,6 @@ use kvmpy::engine::{Exit, RegionOptions, VmCore};
 
 const CODE: u64 = 0x100000;
 const INPUT_END: u64 = 0x110000;
-
-fn kvm_usable() -> bool {
-    let ok = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    if !ok {
-        eprintln!("/dev/kvm cannot be opened: engine tests skipped");
-    }
-    ok
-}
 
 /// A target in a fuzzing address space: code at 0x100000 (read-only), the input area
 /// 0x10f000..0x110000. The code reads a qword address from the input and stores 1 there:
