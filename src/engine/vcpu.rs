@@ -91,6 +91,8 @@ pub struct VcpuCore {
     /// registers, ...) may differ from the last snapshot or restore: the host set some, or
     /// the vCPU exited at ring 0.
     hidden_dirty: AtomicBool,
+    /// Single steps and stepping over breakpoints (see `debug`).
+    pub(crate) debug: Mutex<crate::engine::debug::DebugState>,
 }
 
 /// Clears the vCPU's runner when a run ends, however it ends.
@@ -157,6 +159,7 @@ impl VcpuCore {
             state_sync: AtomicBool::new(false),
             state_fresh: AtomicBool::new(false),
             hidden_dirty: AtomicBool::new(true),
+            debug: Mutex::default(),
         }
     }
 

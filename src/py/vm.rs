@@ -11,6 +11,7 @@ use pyo3::{PyTraverseError, PyVisit};
 use crate::devices::console::ConsoleDev;
 use crate::devices::hostcall::HostCallDev;
 use crate::devices::uart::UartDev;
+use crate::engine::breakpoints::Owner;
 use crate::engine::load;
 use crate::engine::lock;
 use crate::engine::{Device, Error, RegionOptions, VmCore};
@@ -139,9 +140,16 @@ impl Vm {
     ) -> PyResult<Bound<'py, PyBytes>> {
         self.inner.check_open()?;
         let (gpa, n) = (gpa.0, n.0);
+        // Breakpoints show their original bytes (the table is locked before the memory,
+        // as everywhere).
+        let breakpoints = lock(&self.inner.breakpoints);
         self.inner.with_memory(|memory| {
             memory.check(gpa, n)?;
-            PyBytes::new_with(py, n, |buf| Ok(memory.read(gpa, buf)?))
+            PyBytes::new_with(py, n, |buf| {
+                memory.read(gpa, buf)?;
+                breakpoints.hide(gpa, buf);
+                Ok(())
+            })
         })
     }
 
@@ -205,6 +213,30 @@ impl Vm {
     fn create_vcpu(slf: &Bound<'_, Self>, id: Option<Int<u64>>) -> PyResult<Vcpu> {
         let inner = slf.get().inner.0.create_vcpu(id.map(|i| i.0))?;
         Ok(Self::wrap_vcpu(slf, inner))
+    }
+
+    /// Sets a software breakpoint at guest-virtual `address` for every vCPU (translated by
+    /// the first vCPU's page tables): see `Vcpu.add_breakpoint`. Returns `address`.
+    fn add_breakpoint(&self, address: Int<u64>) -> PyResult<u64> {
+        let vm = &self.inner.0;
+        let Some(cpu) = vm.vcpus().into_iter().next() else {
+            return Err(PyValueError::new_err(
+                "create a vCPU first: its page tables translate a breakpoint's address",
+            ));
+        };
+        vm.add_breakpoint(&cpu, address.0, Owner::Vm)?;
+        Ok(address.0)
+    }
+
+    /// Removes the VM-wide breakpoint at `address`; `ValueError` if there is none.
+    fn remove_breakpoint(&self, address: Int<u64>) -> PyResult<()> {
+        Ok(self.inner.0.remove_breakpoint(address.0, Owner::Vm)?)
+    }
+
+    /// The addresses of the VM-wide breakpoints.
+    #[getter]
+    fn breakpoints(&self) -> Vec<u64> {
+        self.inner.0.breakpoints_of(Owner::Vm)
     }
 
     /// Registers `handler` for port I/O on `ports` (an int or a `range`). Without
