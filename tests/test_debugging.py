@@ -248,3 +248,66 @@ def test_without_exception_stubs_a_clear_error_names_the_host_limit() -> None:
     vm, (cpu,) = machine(exceptions=False)
     with vm, pytest.raises(kvmpy.KvmUnsupported, match="does not intercept int3"):
         cpu.add_breakpoint(ADD)
+
+
+def test_on_breakpoint_handlers_return_stop_and_raise() -> None:
+    vm, (cpu,) = machine()
+    with vm:
+        cpu.add_breakpoint(ADD)
+        seen = []
+
+        @vm.on_breakpoint
+        def count(exit: kvmpy.BreakpointExit) -> None:
+            seen.append((exit.address, cpu.regs.rcx))
+
+        e = cpu.run(timeout=10)
+        assert e.reason == "exit" and cpu.regs.rax == 6
+        assert seen == [(ADD, 3), (ADD, 2), (ADD, 1)]
+        assert cpu.stats()["handler_calls"] == 3
+
+        vm.remove_handler(count)
+
+        @vm.on_breakpoint
+        def stop_at_two(exit: kvmpy.BreakpointExit) -> None:
+            if cpu.regs.rcx == 2:
+                exit.stop()
+
+        cpu.set_regs(rip=CODE, rax=0)
+        e = cpu.run(timeout=10)
+        assert isinstance(e, kvmpy.BreakpointExit) and e.stopped and cpu.regs.rcx == 2
+        assert cpu.run(timeout=10).reason == "exit" and cpu.regs.rax == 6
+
+        @vm.on_breakpoint
+        def boom(exit: kvmpy.BreakpointExit) -> None:
+            raise RuntimeError("boom")
+
+        cpu.set_regs(rip=CODE, rax=0)
+        with pytest.raises(RuntimeError, match="boom"):
+            cpu.run(timeout=10)
+        assert cpu.regs.rip == ADD, "stopped at the breakpoint, usable again"
+
+        @vm.on_breakpoint
+        def wrong(exit: kvmpy.BreakpointExit) -> None:
+            return 5  # type: ignore[return-value]
+
+        with pytest.raises(TypeError, match="breakpoints must return None"):
+            cpu.run(timeout=10)
+        vm.remove_handler(wrong)
+        assert cpu.run(timeout=10).reason == "breakpoint"
+
+
+def test_a_run_from_a_breakpoint_set_by_hand_hits_it_and_a_restore_resumes() -> None:
+    vm, (cpu,) = machine()
+    with vm:
+        cpu.add_breakpoint(CODE)
+        e = cpu.run(timeout=10)
+        assert isinstance(e, kvmpy.BreakpointExit) and e.address == CODE
+        assert cpu.regs.rax == 0, "stopped before the first instruction"
+        snap = vm.snapshot()  # taken while stopped at the breakpoint
+        assert snap.read(CODE, 3) == LOOP[:3]
+        assert cpu.run(timeout=10).reason == "exit" and cpu.regs.rax == 6
+        for _ in range(2):
+            vm.restore(snap)
+            assert cpu.run(timeout=10).reason == "exit", "a restore resumes from it"
+        cpu.set_regs(rip=CODE, rax=0)
+        assert cpu.run(timeout=10).reason == "breakpoint"

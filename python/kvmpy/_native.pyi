@@ -13,6 +13,7 @@ from kvmpy._types import VcpuStats
 _IoHandler = TypeVar("_IoHandler", bound=Callable[[IoExit], int | bytes | None])
 _MmioHandler = TypeVar("_MmioHandler", bound=Callable[[MmioExit], int | bytes | None])
 _HltHandler = TypeVar("_HltHandler", bound=Callable[[ExitInfo], None])
+_BreakpointHandler = TypeVar("_BreakpointHandler", bound=Callable[[BreakpointExit], None])
 _HostFunction = TypeVar("_HostFunction", bound=Callable[..., int | None])
 _BytesLike = bytes | bytearray | memoryview
 _Image = _BytesLike | str | os.PathLike[str]
@@ -661,8 +662,10 @@ class Vcpu:
         """Sets a software breakpoint at guest-virtual `address` (translated by this vCPU's
         page tables) for this vCPU: when it gets there, `run()` returns a `BreakpointExit`
         (reason `"breakpoint"`) with RIP at `address`, before the instruction runs; the
-        next run or step executes it. Any number of breakpoints; the guest's memory and
-        every snapshot show the original bytes. Returns `address`.
+        next run or step from there executes it (a run that starts at a breakpoint's
+        address any other way, RIP set by hand, hits it at once). Any number of
+        breakpoints; the guest's memory and every snapshot show the original bytes.
+        Returns `address`.
 
         Where the host's KVM does not intercept `int3` (`python -m kvmpy info`), the vCPU
         needs `setup_long_mode(exceptions=True)`; otherwise this raises `KvmUnsupported`.
@@ -676,7 +679,8 @@ class Vcpu:
         """The addresses of this vCPU's breakpoints (not the VM-wide ones)."""
     def step(self, count: int = 1, *, timeout: float | None = None) -> int:
         """Executes `count` instructions, one at a time, and returns the new RIP. A
-        breakpoint at RIP is stepped over. If something else ends a step first (an exit
+        breakpoint is not reported while stepping onto it; stepping on from it executes
+        its instruction. If something else ends a step first (an exit
         port, an unhandled exit, a fault), stepping stops there: `cpu.last_exit` says what
         (its reason is `"step"` when every step completed).
         """
@@ -876,6 +880,24 @@ class Vm:
         """Registers `handler` for HLT exits (it returns None to resume the guest after the
         `hlt`, or calls `exit.stop()`). Without `handler`, returns a decorator. Without an
         HLT handler, `run()` returns on HLT.
+        """
+    @overload
+    def on_breakpoint(self, handler: _BreakpointHandler) -> _BreakpointHandler:
+        """Registers `handler` for breakpoints (those of `add_breakpoint`): it gets the
+        `BreakpointExit`, with the vCPU's registers as they are at the breakpoint, and
+        returns None to let the guest run on (executing the instruction there), or calls
+        `exit.stop()` to end the run with that exit. Without `handler`, returns a
+        decorator. Without a breakpoint handler, `run()` returns at each breakpoint.
+        """
+    @overload
+    def on_breakpoint(
+        self, handler: None = None
+    ) -> Callable[[_BreakpointHandler], _BreakpointHandler]:
+        """Registers `handler` for breakpoints (those of `add_breakpoint`): it gets the
+        `BreakpointExit`, with the vCPU's registers as they are at the breakpoint, and
+        returns None to let the guest run on (executing the instruction there), or calls
+        `exit.stop()` to end the run with that exit. Without `handler`, returns a
+        decorator. Without a breakpoint handler, `run()` returns at each breakpoint.
         """
     def add_breakpoint(self, address: int) -> int:
         """Sets a software breakpoint at guest-virtual `address` for every vCPU (translated by

@@ -11,8 +11,10 @@
 //!   RSP, RFLAGS, CS and SS as they were at the trap) so the vCPU is left exactly where
 //!   KVM's interception would leave it; single steps set RFLAGS.TF.
 //!
-//! Stepping over a breakpoint: a run that starts on an armed breakpoint takes the patch
-//! out, steps one instruction, and puts it back (gdb's way).
+//! Stepping over a breakpoint: a run that starts where the vCPU stopped at a breakpoint
+//! (or after a step, or where a restore put it) takes the patch out, steps one
+//! instruction, and puts it back (gdb's way). A run that starts on a breakpoint anywhere
+//! else (RIP set by hand) hits it at once.
 
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -174,6 +176,10 @@ pub struct DebugState {
     stepping_over: Option<u64>,
     /// The guest debug flags KVM was last given.
     kvm_flags: u32,
+    /// Where the vCPU stopped at a breakpoint or after a step (or was restored to): a
+    /// run that starts there steps over a breakpoint at that address, as a debugger's
+    /// "continue" does; a run that starts anywhere else hits it.
+    pub resume_from: Option<u64>,
 }
 
 /// What the run loop does with a trap.
@@ -270,6 +276,12 @@ impl VmCore {
 }
 
 impl VcpuCore {
+    /// Notes that a restore put the vCPU at `rip`: a run from there steps over a
+    /// breakpoint at `rip` (see the module).
+    pub(crate) fn note_restored_at(&self, rip: u64) {
+        lock(&self.debug).resume_from = Some(rip);
+    }
+
     /// Makes the next run a single step (`cancel` undoes it, for a run that never began).
     pub fn request_step(&self, on: bool) {
         lock(&self.debug).user_step = on;
@@ -309,12 +321,14 @@ impl VcpuCore {
         let mut st = lock(&self.debug);
         let table_empty = lock(&self.vm.breakpoints).is_empty();
         if table_empty && !st.user_step && st.kvm_flags == 0 {
+            st.resume_from = None;
             return Ok(());
         }
         let mechanism = mechanism()?;
         let rip = self.read_regs(fd)?.rip;
         let mut step = st.user_step;
-        if !table_empty {
+        let resuming = st.resume_from.take() == Some(rip);
+        if !table_empty && resuming {
             let write = lock(&self.vm.breakpoints).disarm(rip);
             if write != Write::None {
                 self.vm.apply(write)?;
@@ -382,17 +396,17 @@ impl VcpuCore {
                 let hit = lock(&self.vm.breakpoints).hit(pc, self.id);
                 match hit {
                     Hit::NotOurs => Ok(Trap::Pass(exit)),
-                    Hit::Report => Ok(Trap::Done(Exit::Breakpoint { address: pc })),
-                    Hit::OneShot | Hit::Pass => {
+                    Hit::Report => {
+                        st.resume_from = Some(pc);
+                        Ok(Trap::Done(Exit::Breakpoint { address: pc }))
+                    }
+                    Hit::OneShot => {
                         let write = lock(&self.vm.breakpoints).disarm(pc);
                         self.vm.apply(write)?;
-                        if hit == Hit::Pass {
-                            st.stepping_over = Some(pc);
-                            st.stepping = true;
-                            let flags = st.kvm_flags | KVM_GUESTDBG_SINGLESTEP;
-                            set_guest_debug(fd, flags, 0, 0)?;
-                            st.kvm_flags = flags;
-                        }
+                        Ok(Trap::Continue)
+                    }
+                    Hit::Pass => {
+                        self.step_over_locked(fd, &mut st, pc)?;
                         Ok(Trap::Continue)
                     }
                 }
@@ -434,16 +448,48 @@ impl VcpuCore {
         let addr = rip.wrapping_sub(1);
         self.unwind_stub(fd, Some(addr))?;
         match hit {
-            Hit::Report => Ok(Trap::Done(Exit::Breakpoint { address: addr })),
-            _ => {
+            Hit::Report => {
+                st.resume_from = Some(addr);
+                Ok(Trap::Done(Exit::Breakpoint { address: addr }))
+            }
+            Hit::OneShot => {
                 let write = lock(&self.vm.breakpoints).disarm(addr);
                 self.vm.apply(write)?;
-                if hit == Hit::Pass {
-                    st.stepping_over = Some(addr);
-                    st.stepping = true;
-                    self.update_regs(fd, |r| r.rflags |= TF)?;
-                }
                 Ok(Trap::Continue)
+            }
+            _ => {
+                self.step_over_locked(fd, &mut st, addr)?;
+                Ok(Trap::Continue)
+            }
+        }
+    }
+
+    /// Runs on from a breakpoint at `addr` mid-run (a handler let the guest go on): if
+    /// RIP is still there and the patch is in, takes it out for one single step.
+    pub(crate) fn step_over(&self, fd: &mut VcpuFd, addr: u64) -> Result<()> {
+        if self.read_regs(fd)?.rip != addr {
+            return Ok(());
+        }
+        let mut st = lock(&self.debug);
+        st.resume_from = None;
+        self.step_over_locked(fd, &mut st, addr)
+    }
+
+    fn step_over_locked(&self, fd: &mut VcpuFd, st: &mut DebugState, addr: u64) -> Result<()> {
+        let write = lock(&self.vm.breakpoints).disarm(addr);
+        if write == Write::None {
+            return Ok(());
+        }
+        self.vm.apply(write)?;
+        st.stepping_over = Some(addr);
+        st.stepping = true;
+        match mechanism()? {
+            Mechanism::ExceptionStubs => self.update_regs(fd, |r| r.rflags |= TF),
+            Mechanism::Intercept => {
+                let flags = st.kvm_flags | KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP;
+                set_guest_debug(fd, flags, 0, 0)?;
+                st.kvm_flags = flags;
+                Ok(())
             }
         }
     }
@@ -463,6 +509,7 @@ impl VcpuCore {
 
     fn after_step(&self, st: &mut DebugState, rip: u64) -> Trap {
         if std::mem::take(&mut st.user_step) {
+            st.resume_from = Some(rip);
             Trap::Done(Exit::Step { rip })
         } else {
             Trap::Continue

@@ -407,6 +407,20 @@ impl VcpuCore {
     fn trap<'a>(&'a self, guard: &mut FdGuard<'a>, trap: Trap) -> Result<Flow> {
         Ok(match trap {
             Trap::Continue => Flow::Continue(false),
+            Trap::Done(Exit::Breakpoint { address }) => {
+                let bus = self.vm.bus();
+                let Some(device) = bus.breakpoint() else {
+                    return Ok(Flow::Done(Outcome::Exit(Exit::Breakpoint { address })));
+                };
+                match device.breakpoint(&mut self.ctx(guard), address)? {
+                    Action::Continue => {
+                        self.step_over(&mut fd_of(guard)?.fd, address)?;
+                        Flow::Continue(false)
+                    }
+                    Action::Exit(exit) => Flow::Done(Outcome::Exit(exit)),
+                    Action::Stop(token) => Flow::Done(Outcome::Stopped(token)),
+                }
+            }
             Trap::Done(exit) => Flow::Done(Outcome::Exit(exit)),
             Trap::Pass(exit @ Exit::Exception { .. }) => {
                 self.finish_access(guard, Outcome::Exit(exit), true)

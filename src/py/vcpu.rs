@@ -218,8 +218,10 @@ impl Vcpu {
     /// Sets a software breakpoint at guest-virtual `address` (translated by this vCPU's
     /// page tables) for this vCPU: when it gets there, `run()` returns a `BreakpointExit`
     /// (reason `"breakpoint"`) with RIP at `address`, before the instruction runs; the
-    /// next run or step executes it. Any number of breakpoints; the guest's memory and
-    /// every snapshot show the original bytes. Returns `address`.
+    /// next run or step from there executes it (a run that starts at a breakpoint's
+    /// address any other way, RIP set by hand, hits it at once). Any number of
+    /// breakpoints; the guest's memory and every snapshot show the original bytes.
+    /// Returns `address`.
     ///
     /// Where the host's KVM does not intercept `int3` (`python -m kvmpy info`), the vCPU
     /// needs `setup_long_mode(exceptions=True)`; otherwise this raises `KvmUnsupported`.
@@ -247,7 +249,8 @@ impl Vcpu {
     }
 
     /// Executes `count` instructions, one at a time, and returns the new RIP. A
-    /// breakpoint at RIP is stepped over. If something else ends a step first (an exit
+    /// breakpoint is not reported while stepping onto it; stepping on from it executes
+    /// its instruction. If something else ends a step first (an exit
     /// port, an unhandled exit, a fault), stepping stops there: `cpu.last_exit` says what
     /// (its reason is `"step"` when every step completed).
     #[pyo3(signature = (count=Int(1), *, timeout=None), text_signature = "(self, /, count=1, *, timeout=None)")]

@@ -282,6 +282,19 @@ impl Vm {
         Self::handler_or_decorator(slf, handler, |vm, f| vm.register_hlt(f))
     }
 
+    /// Registers `handler` for breakpoints (those of `add_breakpoint`): it gets the
+    /// `BreakpointExit`, with the vCPU's registers as they are at the breakpoint, and
+    /// returns None to let the guest run on (executing the instruction there), or calls
+    /// `exit.stop()` to end the run with that exit. Without `handler`, returns a
+    /// decorator. Without a breakpoint handler, `run()` returns at each breakpoint.
+    #[pyo3(signature = (handler=None))]
+    fn on_breakpoint<'py>(
+        slf: &Bound<'py, Self>,
+        handler: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        Self::handler_or_decorator(slf, handler, |vm, f| vm.register_breakpoint(f))
+    }
+
     /// Removes every registration of `handler` (a function, a `Console` or an `ExitPort`).
     /// Returns how many were removed; raises `ValueError` if there were none.
     fn remove_handler(&self, handler: &Bound<'_, PyAny>) -> PyResult<usize> {

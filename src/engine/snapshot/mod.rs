@@ -366,6 +366,7 @@ impl VmCore {
             let holder = g.as_mut().ok_or(Error::Closed("vCPU"))?;
             v.settle_for_restore(&mut holder.fd, &st.sregs, st.regs.rip);
             v.forget_pending_read();
+            v.note_restored_at(st.regs.rip);
         }
         let tracked = {
             let memory = lock(self.memory_map());
