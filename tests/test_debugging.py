@@ -311,3 +311,13 @@ def test_a_run_from_a_breakpoint_set_by_hand_hits_it_and_a_restore_resumes() -> 
             assert cpu.run(timeout=10).reason == "exit", "a restore resumes from it"
         cpu.set_regs(rip=CODE, rax=0)
         assert cpu.run(timeout=10).reason == "breakpoint"
+
+
+def test_new_code_written_over_a_breakpoint_replaces_it() -> None:
+    vm, (cpu,) = machine()
+    with vm:
+        cpu.add_breakpoint(ADD)
+        vm.write(ADD, bytes([0x48, 0x29, 0xC8]))  # sub rax, rcx
+        cpu.remove_breakpoint(ADD)
+        assert vm.read(ADD, 3) == bytes([0x48, 0x29, 0xC8]), "the new code stays"
+        assert cpu.run(timeout=10).reason == "exit" and cpu.regs.rax == (-6) & (2**64 - 1)

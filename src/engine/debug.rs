@@ -244,11 +244,22 @@ impl VmCore {
         })
     }
 
-    /// Writes a byte the table asked for.
+    /// Writes a byte the table asked for. An original byte goes back only over the
+    /// patch: if something else was written there since (new code loaded over a
+    /// breakpoint), that stays.
     fn apply(&self, write: Write) -> Result<()> {
         match write {
             Write::None => Ok(()),
-            Write::Byte { gpa, byte } => self.write_memory(gpa, &[byte]),
+            Write::Byte { gpa, byte } => {
+                if byte != PATCH {
+                    let mut now = [0u8];
+                    self.read_memory_raw(gpa, &mut now)?;
+                    if now[0] != PATCH {
+                        return Ok(());
+                    }
+                }
+                self.write_memory(gpa, &[byte])
+            }
         }
     }
 
