@@ -9,6 +9,7 @@ path, on bare-metal KVM the KVM_EXIT_DEBUG path.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -57,17 +58,44 @@ def hits(cpu: kvmpy.Vcpu) -> tuple[list[tuple[int, int]], kvmpy.ExitInfo]:
     return seen, e
 
 
+def _info_line(env: dict[str, str]) -> str:
+    out = subprocess.run(
+        [sys.executable, "-m", "kvmpy", "info"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, **env},
+    ).stdout
+    return next(x for x in out.splitlines() if x.startswith("guest debugging: "))
+
+
 def test_the_mechanism_follows_what_the_probe_found() -> None:
     d = _debug_support()
     assert d == _debug_support()
     intercepts = bool(d["sw_breakpoints"]) and bool(d["single_step"])
-    assert d["mechanism"] == ("kvm" if intercepts else "exception-stubs")
-    out = subprocess.run(
-        [sys.executable, "-m", "kvmpy", "info"], capture_output=True, text=True, check=True
-    ).stdout
-    line = next(x for x in out.splitlines() if x.startswith("guest debugging: "))
+    forced = os.environ.get("KVMPY_DEBUG_MECHANISM")
+    assert d["mechanism"] == forced or ("kvm" if intercepts else "exception-stubs")
+    line = _info_line({"KVMPY_DEBUG_MECHANISM": ""})
     assert ("KVM_EXIT_DEBUG" in line) == intercepts
     assert ("exception stubs" in line) != intercepts
+    assert "exception stubs" in _info_line({"KVMPY_DEBUG_MECHANISM": "exception-stubs"})
+    line = _info_line({"KVMPY_DEBUG_MECHANISM": "kvm"})
+    assert ("KVM_EXIT_DEBUG" if intercepts else "does not intercept int3") in line
+
+
+def test_the_exception_stub_path_passes_the_same_tests() -> None:
+    # Where KVM intercepts, every other test here runs the KVM_EXIT_DEBUG path: run them
+    # all again with the exception-stub path forced (where it does not, the same path).
+    env = {**os.environ, "KVMPY_DEBUG_MECHANISM": "exception-stubs"}
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__]
+        + ["-k", "not exception_stub_path"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert " passed" in done.stdout and "skipped" not in done.stdout
 
 
 def test_breakpoints_at_several_addresses_are_hit_in_order() -> None:
@@ -243,11 +271,16 @@ def test_bad_breakpoints_watchpoints_and_steps() -> None:
             bare.add_breakpoint(CODE)
 
 
-@pytest.mark.skipif(not STUBS, reason="KVM intercepts int3 here: no exception stubs needed")
 def test_without_exception_stubs_a_clear_error_names_the_host_limit() -> None:
     vm, (cpu,) = machine(exceptions=False)
-    with vm, pytest.raises(kvmpy.KvmUnsupported, match="does not intercept int3"):
-        cpu.add_breakpoint(ADD)
+    with vm:
+        if STUBS:
+            limit = r"does not intercept int3.*exceptions=True"
+            with pytest.raises(kvmpy.KvmUnsupported, match=limit):
+                cpu.add_breakpoint(ADD)
+        else:  # KVM intercepts: breakpoints need no exception stubs
+            cpu.add_breakpoint(ADD)
+            assert cpu.run(timeout=10).reason == "breakpoint"
 
 
 def test_on_breakpoint_handlers_return_stop_and_raise() -> None:

@@ -167,7 +167,7 @@ def debugging() -> str:
     try:
         d = _debug_support()
     except kvmpy.KvmError as e:
-        return f"probe failed: {e}"
+        return f"unavailable: {e}"
     names = ("sw_breakpoints", "single_step", "hw_breakpoints", "watchpoints")
     caught = ", ".join(n for n in names if d[n]) or "nothing"
     if d["mechanism"] == "kvm":

@@ -71,8 +71,9 @@ def _kick_signal() -> int: ...
 def _debug_support() -> dict[str, str | bool]:
     """What this host's KVM intercepts for guest debugging (probed once per process in a
     small test VM): `mechanism` (`"kvm"`: KVM_EXIT_DEBUG; `"exception-stubs"`: #BP/#DB
-    through kvmpy's exception stubs), `sw_breakpoints`, `single_step`, `hw_breakpoints`,
-    `watchpoints` (whether KVM intercepts each).
+    through kvmpy's exception stubs; `KVMPY_DEBUG_MECHANISM` picks one instead),
+    `sw_breakpoints`, `single_step`, `hw_breakpoints`, `watchpoints` (whether KVM
+    intercepts each).
     """
 
 @final

@@ -88,9 +88,37 @@ pub fn host() -> Result<HostDebug> {
         .map_err(|e| Error::Refused(format!("probing guest debugging failed: {e}")))
 }
 
-/// The mechanism this host uses.
+/// The environment variable that picks a mechanism instead of the probe's choice
+/// (`kvm` or `exception-stubs`), so that a host that intercepts can test both paths.
+pub const MECHANISM_ENV: &str = "KVMPY_DEBUG_MECHANISM";
+
+/// The mechanism this host uses: the probe's choice, or the one `KVMPY_DEBUG_MECHANISM`
+/// names (`kvm` where the host does not intercept is refused).
 pub fn mechanism() -> Result<Mechanism> {
-    Ok(Mechanism::for_host(&host()?))
+    static CHOSEN: OnceLock<std::result::Result<Mechanism, Error>> = OnceLock::new();
+    let host = host()?;
+    match CHOSEN.get_or_init(|| chosen(&host, std::env::var(MECHANISM_ENV).ok().as_deref())) {
+        Ok(m) => Ok(*m),
+        Err(Error::Unsupported(m)) => Err(Error::Unsupported(m.clone())),
+        Err(e) => Err(Error::Value(e.to_string())),
+    }
+}
+
+fn chosen(host: &HostDebug, wanted: Option<&str>) -> Result<Mechanism> {
+    match wanted {
+        None | Some("") => Ok(Mechanism::for_host(host)),
+        Some("exception-stubs") => Ok(Mechanism::ExceptionStubs),
+        Some("kvm") if Mechanism::for_host(host) == Mechanism::Intercept => {
+            Ok(Mechanism::Intercept)
+        }
+        Some("kvm") => Err(Error::Unsupported(format!(
+            "{MECHANISM_ENV}=kvm, but this host's KVM does not intercept int3 and single \
+             steps (see `python -m kvmpy info`)"
+        ))),
+        Some(other) => Err(Error::Value(format!(
+            "{MECHANISM_ENV} must be \"kvm\" or \"exception-stubs\", not {other:?}"
+        ))),
+    }
 }
 
 const PROBE_CODE: u64 = 0x10000;
@@ -200,10 +228,10 @@ impl VmCore {
         self.check_open()?;
         if mechanism()? == Mechanism::ExceptionStubs && !self.has_exception_stubs() {
             return Err(Error::Unsupported(
-                "this host's KVM does not intercept int3 (KVM_SET_GUEST_DEBUG with \
-                 KVM_GUESTDBG_USE_SW_BP: see `python -m kvmpy info`), so breakpoints reach \
-                 kvmpy through its exception stubs: set the vCPU up with \
-                 setup_long_mode(exceptions=True) first"
+                "breakpoints reach kvmpy through its exception stubs on this host (its KVM \
+                 does not intercept int3 with KVM_GUESTDBG_USE_SW_BP, or \
+                 KVMPY_DEBUG_MECHANISM chose them: see `python -m kvmpy info`): set the \
+                 vCPU up with setup_long_mode(exceptions=True) first"
                     .into(),
             ));
         }
@@ -585,5 +613,17 @@ mod tests {
             Mechanism::ExceptionStubs
         );
         assert_eq!(Mechanism::ExceptionStubs.as_str(), "exception-stubs");
+        let none = HostDebug::default();
+        assert_eq!(chosen(&all, None).unwrap(), Mechanism::Intercept);
+        assert_eq!(
+            chosen(&all, Some("exception-stubs")).unwrap(),
+            Mechanism::ExceptionStubs
+        );
+        assert_eq!(chosen(&all, Some("kvm")).unwrap(), Mechanism::Intercept);
+        assert!(matches!(
+            chosen(&none, Some("kvm")),
+            Err(Error::Unsupported(_))
+        ));
+        assert!(matches!(chosen(&none, Some("gdb")), Err(Error::Value(_))));
     }
 }
