@@ -354,3 +354,17 @@ def test_new_code_written_over_a_breakpoint_replaces_it() -> None:
         cpu.remove_breakpoint(ADD)
         assert vm.read(ADD, 3) == bytes([0x48, 0x29, 0xC8]), "the new code stays"
         assert cpu.run(timeout=10).reason == "exit" and cpu.regs.rax == (-6) & (2**64 - 1)
+
+
+def test_an_exception_during_a_step_leaves_no_trap_flag_behind() -> None:
+    # int3 (the guest's own); nop; out 0xf4, al
+    vm, (cpu,) = machine(bytes([0xCC, 0x90, 0xE6, 0xF4]))
+    with vm:
+        cpu.add_breakpoint(CODE + 2)
+        cpu.step()
+        e = cpu.last_exit
+        if STUBS:  # the stub reports the guest's #BP; running on returns after the int3
+            assert isinstance(e, kvmpy.ExceptionExit) and e.name == "#BP"
+        exit = cpu.run(timeout=10)
+        assert isinstance(exit, kvmpy.BreakpointExit) and exit.address == CODE + 2
+        assert cpu.run(timeout=10).reason == "exit"

@@ -20,8 +20,8 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use kvm_bindings::{
-    kvm_guest_debug, KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_SINGLESTEP, KVM_GUESTDBG_USE_HW_BP,
-    KVM_GUESTDBG_USE_SW_BP,
+    kvm_guest_debug, KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_INJECT_BP, KVM_GUESTDBG_SINGLESTEP,
+    KVM_GUESTDBG_USE_HW_BP, KVM_GUESTDBG_USE_SW_BP,
 };
 use kvm_ioctls::VcpuFd;
 
@@ -434,7 +434,14 @@ impl VcpuCore {
             3 => {
                 let hit = lock(&self.vm.breakpoints).hit(pc, self.id);
                 match hit {
-                    Hit::NotOurs => Ok(Trap::Pass(exit)),
+                    Hit::NotOurs => {
+                        // The guest's own int3: KVM gives it back to the guest (as a
+                        // software exception, RIP after the int3) on the next entry.
+                        let flags = st.kvm_flags | KVM_GUESTDBG_INJECT_BP;
+                        set_guest_debug(fd, flags, 0, 0)?;
+                        set_guest_debug(fd, st.kvm_flags, 0, 0)?;
+                        Ok(Trap::Continue)
+                    }
                     Hit::Report => {
                         st.resume_from = Some(pc);
                         Ok(Trap::Done(Exit::Breakpoint { address: pc }))
@@ -475,6 +482,11 @@ impl VcpuCore {
             _ => Hit::NotOurs,
         };
         if hit == Hit::NotOurs {
+            if st.stepping && vector != 1 {
+                // Another exception during a step: its stub returns to the guest with the
+                // RFLAGS the CPU saved, TF included; take kvmpy's TF out of that frame.
+                self.clear_frame_tf(fd)?;
+            }
             return Ok(Trap::Pass(exit));
         }
         // The stub's report port write is done with: complete it, then leave the stub.
@@ -531,6 +543,16 @@ impl VcpuCore {
                 Ok(())
             }
         }
+    }
+
+    /// Clears TF in the interrupt frame of the exception stub the vCPU is in.
+    fn clear_frame_tf(&self, fd: &mut VcpuFd) -> Result<()> {
+        // rdx, rax, vector, error code, rip, cs, then rflags (see `unwind_stub`).
+        let at = self.read_regs(fd)?.rsp + 6 * 8;
+        let mut rflags = [0u8; 8];
+        self.vm.read_memory_raw(at, &mut rflags)?;
+        let value = u64::from_le_bytes(rflags) & !TF;
+        self.vm.write_memory(at, &value.to_le_bytes())
     }
 
     /// The step is over: the breakpoint stepped over goes back, TF is cleared.
