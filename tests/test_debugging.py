@@ -368,3 +368,20 @@ def test_an_exception_during_a_step_leaves_no_trap_flag_behind() -> None:
         exit = cpu.run(timeout=10)
         assert isinstance(exit, kvmpy.BreakpointExit) and exit.address == CODE + 2
         assert cpu.run(timeout=10).reason == "exit"
+
+
+def test_a_vm_wide_breakpoint_on_vcpus_running_in_parallel() -> None:
+    vm, cpus = machine(cpus=2)
+    with vm:
+        cpus[1].set_regs(rdi=2)
+        vm.add_breakpoint(DEC)
+        seen: list[list[int]] = [[], []]
+        for _ in range(3):
+            for i, e in enumerate(vm.run(timeout=10)):
+                if e.reason == "breakpoint":
+                    seen[i].append(cpus[i].regs.rcx)
+                else:
+                    assert e.reason == "exit"
+                    cpus[i].set_regs(rip=OUT)  # stays at its exit port for the next runs
+        assert seen == [[3, 2, 1], [2, 1]]
+        assert [c.regs.rax for c in cpus] == [6, 3], "both ran the loop"
