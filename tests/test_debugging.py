@@ -40,9 +40,11 @@ def machine(
     vm.add_memory(0, 2 << 20).write(CODE, code)
     vm.add_exit_port(0xF4)
     made = []
-    for _ in range(cpus):
+    for i in range(cpus):
         cpu = vm.create_vcpu()
-        cpu.setup_long_mode(user=True, exceptions=exceptions)
+        # Each vCPU its own tables: the exception stubs' stack and report are per set.
+        tables = {"tables_addr": 0x1000 + i * 0x40000, "exception_port": 0xF6 + i}
+        cpu.setup_long_mode(user=True, exceptions=exceptions, **tables)
         cpu.set_regs(rip=CODE, rdi=3, rax=0)
         made.append(cpu)
     return vm, made
@@ -276,8 +278,11 @@ def test_without_exception_stubs_a_clear_error_names_the_host_limit() -> None:
     with vm:
         if STUBS:
             limit = r"does not intercept int3.*exceptions=True"
-            with pytest.raises(kvmpy.KvmUnsupported, match=limit):
+            with pytest.raises(kvmpy.KvmUnsupported, match="breakpoints reach.*" + limit):
                 cpu.add_breakpoint(ADD)
+            with pytest.raises(kvmpy.KvmUnsupported, match="single steps reach.*" + limit):
+                cpu.step()
+            assert cpu.regs.rip == CODE, "nothing ran"
         else:  # KVM intercepts: breakpoints need no exception stubs
             cpu.add_breakpoint(ADD)
             assert cpu.run(timeout=10).reason == "breakpoint"
@@ -370,18 +375,24 @@ def test_an_exception_during_a_step_leaves_no_trap_flag_behind() -> None:
         assert cpu.run(timeout=10).reason == "exit"
 
 
-def test_a_vm_wide_breakpoint_on_vcpus_running_in_parallel() -> None:
-    vm, cpus = machine(cpus=2)
+def test_breakpoints_on_vcpus_running_in_parallel() -> None:
+    # Each vCPU runs its own copy of the loop (one at CODE, one 0x100 later): stepping over
+    # a breakpoint takes it out of memory for an instruction, so two vCPUs on the same
+    # breakpoint at the same moment could miss a hit (see the README).
+    vm, cpus = machine(LOOP + bytes(0x100 - len(LOOP)) + LOOP, cpus=2)
     with vm:
-        cpus[1].set_regs(rdi=2)
+        cpus[1].set_regs(rip=CODE + 0x100, rdi=2)
         vm.add_breakpoint(DEC)
+        vm.add_breakpoint(DEC + 0x100)
         seen: list[list[int]] = [[], []]
         for _ in range(3):
             for i, e in enumerate(vm.run(timeout=10)):
                 if e.reason == "breakpoint":
+                    assert isinstance(e, kvmpy.BreakpointExit)
+                    assert e.address == DEC + 0x100 * i
                     seen[i].append(cpus[i].regs.rcx)
                 else:
                     assert e.reason == "exit"
-                    cpus[i].set_regs(rip=OUT)  # stays at its exit port for the next runs
+                    cpus[i].set_regs(rip=OUT + 0x100 * i)  # at its exit port from now on
         assert seen == [[3, 2, 1], [2, 1]]
-        assert [c.regs.rax for c in cpus] == [6, 3], "both ran the loop"
+        assert [c.regs.rax for c in cpus] == [6, 3]

@@ -681,9 +681,10 @@ class Vcpu:
     def step(self, count: int = 1, *, timeout: float | None = None) -> int:
         """Executes `count` instructions, one at a time, and returns the new RIP. A
         breakpoint is not reported while stepping onto it; stepping on from it executes
-        its instruction. If something else ends a step first (an exit
-        port, an unhandled exit, a fault), stepping stops there: `cpu.last_exit` says what
-        (its reason is `"step"` when every step completed).
+        its instruction. Needs what breakpoints need (`KvmUnsupported` otherwise). If
+        something else ends a step first (an exit port, an unhandled exit, a fault),
+        stepping stops there: `cpu.last_exit` says what (its reason is `"step"` when every
+        step completed).
         """
     def add_watchpoint(
         self, address: int, length: int, kind: Literal["write", "rw"] = "write"

@@ -225,16 +225,7 @@ impl VmCore {
     /// translate. Fails with a clear error where this host cannot deliver breakpoints to
     /// `cpu` (no interception and no exception stubs).
     pub fn add_breakpoint(&self, cpu: &VcpuCore, vaddr: u64, owner: Owner) -> Result<()> {
-        self.check_open()?;
-        if mechanism()? == Mechanism::ExceptionStubs && !self.has_exception_stubs() {
-            return Err(Error::Unsupported(
-                "breakpoints reach kvmpy through its exception stubs on this host (its KVM \
-                 does not intercept int3 with KVM_GUESTDBG_USE_SW_BP, or \
-                 KVMPY_DEBUG_MECHANISM chose them: see `python -m kvmpy info`): set the \
-                 vCPU up with setup_long_mode(exceptions=True) first"
-                    .into(),
-            ));
-        }
+        self.check_debuggable("breakpoints")?;
         let gpa = cpu.translate(vaddr)?;
         let mut table = lock(&self.breakpoints);
         let mut current = [0u8];
@@ -262,6 +253,21 @@ impl VmCore {
             .filter(|(_, e)| e.owners.contains(&owner))
             .map(|(v, _)| v)
             .collect()
+    }
+
+    /// Fails with a clear error where `what` (breakpoints, single steps) cannot reach
+    /// kvmpy: the exception-stub mechanism and no exception stubs.
+    pub fn check_debuggable(&self, what: &str) -> Result<()> {
+        self.check_open()?;
+        if mechanism()? == Mechanism::ExceptionStubs && !self.has_exception_stubs() {
+            return Err(Error::Unsupported(format!(
+                "{what} reach kvmpy through its exception stubs on this host (its KVM does \
+                 not intercept int3 and single steps with KVM_SET_GUEST_DEBUG, or \
+                 KVMPY_DEBUG_MECHANISM chose them: see `python -m kvmpy info`): set the vCPU \
+                 up with setup_long_mode(exceptions=True) first"
+            )));
+        }
+        Ok(())
     }
 
     fn has_exception_stubs(&self) -> bool {

@@ -250,14 +250,16 @@ impl Vcpu {
 
     /// Executes `count` instructions, one at a time, and returns the new RIP. A
     /// breakpoint is not reported while stepping onto it; stepping on from it executes
-    /// its instruction. If something else ends a step first (an exit
-    /// port, an unhandled exit, a fault), stepping stops there: `cpu.last_exit` says what
-    /// (its reason is `"step"` when every step completed).
+    /// its instruction. Needs what breakpoints need (`KvmUnsupported` otherwise). If
+    /// something else ends a step first (an exit port, an unhandled exit, a fault),
+    /// stepping stops there: `cpu.last_exit` says what (its reason is `"step"` when every
+    /// step completed).
     #[pyo3(signature = (count=Int(1), *, timeout=None), text_signature = "(self, /, count=1, *, timeout=None)")]
     fn step(&self, py: Python<'_>, count: Int<u64>, timeout: Option<f64>) -> PyResult<u64> {
         if count.0 == 0 {
             return Err(PyValueError::new_err("count must be at least 1"));
         }
+        self.inner.vm.check_debuggable("single steps")?;
         for _ in 0..count.0 {
             self.inner.request_step(true);
             let exit = self.run_for(py, timeout);
