@@ -327,7 +327,7 @@ impl VcpuCore {
         lock(&self.debug).resume_from = Some(rip);
     }
 
-    /// Makes the next run a single step (`cancel` undoes it, for a run that never began).
+    /// Makes the next run a single step (`on`), or undoes that for a run that never began.
     pub fn request_step(&self, on: bool) {
         lock(&self.debug).user_step = on;
     }
