@@ -33,6 +33,8 @@ fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<py::exit::SystemEventExit>()?;
     m.add_class::<py::exit::DebugExit>()?;
     m.add_class::<py::exit::ExceptionExit>()?;
+    m.add_class::<py::exit::BreakpointExit>()?;
+    m.add_class::<py::exit::StepExit>()?;
     m.add_class::<py::exit::UnknownExit>()?;
     m.add_class::<py::devices::Console>()?;
     m.add_class::<py::devices::ExitPort>()?;
@@ -43,6 +45,7 @@ fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(py::vm::shutdown_all, m)?)?;
     m.add_function(wrap_pyfunction!(py::exit::exit_reasons, m)?)?;
     m.add_function(wrap_pyfunction!(py::kvm::kick_signal, m)?)?;
+    m.add_function(wrap_pyfunction!(py::kvm::debug_support, m)?)?;
     m.add_function(wrap_pyfunction!(py::disasm::disassemble, m)?)?;
     m.add("KVM_API_VERSION", engine::kvm::KVM_API_VERSION)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;

@@ -394,3 +394,54 @@ fn a_timer_left_set_by_an_earlier_run_neither_ends_nor_outlasts_a_later_one() {
     stopper.join().unwrap();
     vm.shutdown();
 }
+
+/// Breakpoints from Rust alone: the table patches memory, the run loop reports hits with
+/// RIP at the breakpoint whichever mechanism the host uses, snapshots hold the originals.
+#[test]
+fn breakpoints_and_steps_without_python() {
+    use kvmpy::engine::breakpoints::Owner;
+    if !kvm_usable() {
+        return;
+    }
+    // 0x10000: mov ecx, 3; 0x10005: dec ecx; jnz 0x10005; out 0xf4, al
+    let code = [0xb9, 3, 0, 0, 0, 0xff, 0xc9, 0x75, 0xfc, 0xe6, 0xf4];
+    let (vm, cpu) = user_vm(&code);
+    cpu.setup_long_mode(LongMode {
+        exceptions: true,
+        ..USER_MODE
+    })
+    .unwrap();
+    let mut regs = cpu.regs().unwrap();
+    regs.rip = LOAD;
+    cpu.set_regs(&regs).unwrap();
+    vm.add_breakpoint(&cpu, LOAD + 5, Owner::Vcpu(cpu.id))
+        .unwrap();
+    let mut raw = [0u8; 2];
+    vm.read_memory_raw(LOAD + 5, &mut raw).unwrap();
+    assert_eq!(raw, [0xcc, 0xc9]);
+    let mut shown = [0u8; 2];
+    vm.read_memory(LOAD + 5, &mut shown).unwrap();
+    assert_eq!(shown, [0xff, 0xc9]);
+    let snap = vm.snapshot().unwrap();
+    let mut in_snap = [0u8; 1];
+    snap.read(LOAD + 5, &mut in_snap).unwrap();
+    assert_eq!(in_snap, [0xff]);
+    let mut counts = Vec::new();
+    loop {
+        match exit_of(run(&cpu, 10.0)) {
+            Exit::Breakpoint { address } => {
+                let r = cpu.regs().unwrap();
+                assert_eq!((address, r.rip), (LOAD + 5, LOAD + 5));
+                counts.push(r.rcx);
+            }
+            Exit::Io { port: 0xf4, .. } => break,
+            _ => panic!("unexpected exit"),
+        }
+    }
+    assert_eq!(counts, [3, 2, 1]);
+    vm.remove_breakpoint(LOAD + 5, Owner::Vcpu(cpu.id)).unwrap();
+    assert!(vm.remove_breakpoint(LOAD + 5, Owner::Vcpu(cpu.id)).is_err());
+    vm.read_memory_raw(LOAD + 5, &mut raw).unwrap();
+    assert_eq!(raw, [0xff, 0xc9]);
+    vm.shutdown();
+}

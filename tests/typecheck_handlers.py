@@ -19,6 +19,10 @@ def hlt(exit: kvmpy.ExitInfo) -> None:
     exit.stop()
 
 
+def at_breakpoint(exit: kvmpy.BreakpointExit) -> None:
+    print(hex(exit.address))
+
+
 def add(a: int, b: int) -> int:
     return a + b
 
@@ -37,6 +41,8 @@ def typed(vm: kvmpy.Vm, cpu: kvmpy.Vcpu) -> int:
     vm.on_mmio(0xD000, 0x1000, io)  # type: ignore[type-var]
     vm.on_io(0x10, lambda exit: "a string")  # type: ignore[type-var]
     vm.on_hlt(io)  # type: ignore[type-var]
+    assert vm.on_breakpoint(at_breakpoint) is at_breakpoint
+    vm.on_breakpoint(io)  # type: ignore[type-var]
     vm.host_function(2, lambda: "a string")  # type: ignore[type-var]
     stats = cpu.stats()
     stats["nope"]  # type: ignore[typeddict-item]

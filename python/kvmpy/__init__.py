@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from kvmpy._exits import ExitReason
 from kvmpy._native import (
     KVM_API_VERSION,
+    BreakpointExit,
     Console,
     CpuidEntry,
     DebugExit,
@@ -32,6 +33,7 @@ from kvmpy._native import (
     Segment,
     Snapshot,
     Sregs,
+    StepExit,
     SystemEventExit,
     Uart,
     UnknownExit,
@@ -41,7 +43,14 @@ from kvmpy._native import (
 )
 from kvmpy._native import __version__ as __version__
 from kvmpy._types import VcpuStats
-from kvmpy.errors import GuestMemoryError, KvmError, KvmUnavailable, VcpuBusyError, VmClosedError
+from kvmpy.errors import (
+    GuestMemoryError,
+    KvmError,
+    KvmUnavailable,
+    KvmUnsupported,
+    VcpuBusyError,
+    VmClosedError,
+)
 from kvmpy.explain import explain
 from kvmpy.sdk import CompileError, compile_guest, guest_sdk, shipped_guest
 
@@ -79,6 +88,7 @@ def available() -> Availability:
 __all__ = [
     "KVM_API_VERSION",
     "Availability",
+    "BreakpointExit",
     "CompileError",
     "Console",
     "CpuidEntry",
@@ -97,6 +107,7 @@ __all__ = [
     "Kvm",
     "KvmError",
     "KvmUnavailable",
+    "KvmUnsupported",
     "LoadedImage",
     "MemoryRegion",
     "MmioExit",
@@ -104,6 +115,7 @@ __all__ = [
     "Segment",
     "Snapshot",
     "Sregs",
+    "StepExit",
     "SystemEventExit",
     "Uart",
     "UnknownExit",

@@ -160,6 +160,26 @@ def verdict(is_vm: bool | None) -> str:
     return f"KVM usable; {where}: every CPU mode runs natively ({_approx(user)} instructions/s)"
 
 
+def debugging() -> str:
+    """One line: how breakpoints and single steps reach kvmpy on this host."""
+    from kvmpy._native import _debug_support
+
+    try:
+        d = _debug_support()
+    except kvmpy.KvmError as e:
+        return f"unavailable: {e}"
+    names = ("sw_breakpoints", "single_step", "hw_breakpoints", "watchpoints")
+    caught = ", ".join(n for n in names if d[n]) or "nothing"
+    if d["mechanism"] == "kvm":
+        how = "breakpoints and steps through KVM_EXIT_DEBUG"
+    else:
+        how = (
+            "breakpoints and steps through kvmpy's exception stubs "
+            "(setup_long_mode(exceptions=True))"
+        )
+    return f"{how}; KVM intercepts: {caught}"
+
+
 def info() -> int:
     avail = kvmpy.available()
     is_vm = _is_vm()
@@ -180,6 +200,7 @@ def info() -> int:
     print("capabilities: " + ", ".join(f"{k}={v}" if v > 1 else k for k, v in caps.items() if v))
     missing = [k for k, v in caps.items() if not v]
     print("not supported: " + (", ".join(missing) or "-"))
+    print("guest debugging: " + debugging())
     try:
         print("verdict: " + verdict(is_vm))
     except (kvmpy.KvmError, RuntimeError) as e:

@@ -37,5 +37,9 @@ class ExitReason(StrEnum):
     EXCEPTION = "exception"
     """A CPU exception reported by ``setup_long_mode(exceptions=True)``'s stubs: an
     ``ExceptionExit``."""
+    BREAKPOINT = "breakpoint"
+    """A breakpoint set with ``add_breakpoint`` was reached: a ``BreakpointExit``."""
+    STEP = "step"
+    """``Vcpu.step()`` executed one instruction: a ``StepExit``."""
     UNKNOWN = "unknown"
     """Any other ``KVM_EXIT_*``: an ``UnknownExit`` with the raw number."""

@@ -1,7 +1,7 @@
 """Type stubs of kvmpy's native core (``kvmpy._native``)."""
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Literal, TypeVar, final, overload
 
 from typing_extensions import disjoint_base
@@ -13,6 +13,7 @@ from kvmpy._types import VcpuStats
 _IoHandler = TypeVar("_IoHandler", bound=Callable[[IoExit], int | bytes | None])
 _MmioHandler = TypeVar("_MmioHandler", bound=Callable[[MmioExit], int | bytes | None])
 _HltHandler = TypeVar("_HltHandler", bound=Callable[[ExitInfo], None])
+_BreakpointHandler = TypeVar("_BreakpointHandler", bound=Callable[[BreakpointExit], None])
 _HostFunction = TypeVar("_HostFunction", bound=Callable[..., int | None])
 _BytesLike = bytes | bytearray | memoryview
 _Image = _BytesLike | str | os.PathLike[str]
@@ -21,6 +22,7 @@ __all__ = [
     "KVM_API_VERSION",
     "Console",
     "CpuidEntry",
+    "BreakpointExit",
     "DTable",
     "DebugExit",
     "ExceptionExit",
@@ -39,12 +41,14 @@ __all__ = [
     "Segment",
     "Snapshot",
     "Sregs",
+    "StepExit",
     "SystemEventExit",
     "Uart",
     "UnknownExit",
     "Vcpu",
     "Vm",
     "__version__",
+    "_debug_support",
     "_disassemble",
     "_exit_reasons",
     "_kick_signal",
@@ -65,6 +69,13 @@ def _disassemble(
 def _shutdown_all() -> None: ...
 def _exit_reasons() -> list[str]: ...
 def _kick_signal() -> int: ...
+def _debug_support() -> dict[str, str | bool]:
+    """What this host's KVM intercepts for guest debugging (probed once per process in a
+    small test VM): `mechanism` (`"kvm"`: KVM_EXIT_DEBUG; `"exception-stubs"`: #BP/#DB
+    through kvmpy's exception stubs; `KVMPY_DEBUG_MECHANISM` picks one instead),
+    `sw_breakpoints`, `single_step`, `hw_breakpoints`, `watchpoints` (whether KVM
+    intercepts each).
+    """
 
 @final
 class CpuidEntry:
@@ -497,6 +508,22 @@ class DebugExit(ExitInfo):
     def dr7(self) -> int: ...
 
 @final
+class BreakpointExit(ExitInfo):
+    """A breakpoint set with `add_breakpoint` was reached: reason `"breakpoint"`. The vCPU
+    is stopped before the instruction at `address` (its RIP); running on executes it.
+    """
+    @property
+    def address(self) -> int:
+        """The guest-virtual address of the breakpoint."""
+
+@final
+class StepExit(ExitInfo):
+    """One instruction was executed by `cpu.step()`: reason `"step"`."""
+    @property
+    def rip(self) -> int:
+        """The RIP after the instruction."""
+
+@final
 class ExceptionExit(ExitInfo):
     """A CPU exception in the guest, reported by the IDT stubs that
     `setup_long_mode(exceptions=True)` installs: reason `"exception"`.
@@ -678,6 +705,48 @@ class Vcpu:
     def write_virtual(self, vaddr: int, data: _BytesLike) -> None:
         """Writes a bytes-like object to guest virtual memory at `vaddr` through the vCPU's
         page tables (ignoring their write-protection, as a debugger does).
+        """
+    def add_breakpoint(self, address: int) -> int:
+        """Sets a software breakpoint at guest-virtual `address` (translated by this vCPU's
+        page tables) for this vCPU: when it gets there, `run()` returns a `BreakpointExit`
+        (reason `"breakpoint"`) with RIP at `address`, before the instruction runs; the
+        next run or step from there executes it (a run that starts at a breakpoint's
+        address any other way, RIP set by hand, hits it at once). Any number of
+        breakpoints; the guest's memory and every snapshot show the original bytes.
+        Returns `address`.
+
+        Where the host's KVM does not intercept `int3` (`python -m kvmpy info`), the vCPU
+        needs `setup_long_mode(exceptions=True)`; otherwise this raises `KvmUnsupported`.
+        """
+    def remove_breakpoint(self, address: int) -> None:
+        """Removes this vCPU's breakpoint at `address` (the original byte goes back);
+        `ValueError` if there is none.
+        """
+    @property
+    def breakpoints(self) -> list[int]:
+        """The addresses of this vCPU's breakpoints (not the VM-wide ones)."""
+    def step(self, count: int = 1, *, timeout: float | None = None) -> int:
+        """Executes `count` instructions, one at a time, and returns the new RIP. A
+        breakpoint is not reported while stepping onto it; stepping on from it executes
+        its instruction. Needs what breakpoints need (`KvmUnsupported` otherwise). If
+        something else ends a step first (an exit port, an unhandled exit, a fault),
+        stepping stops there: `cpu.last_exit` says what (its reason is `"step"` when every
+        step completed).
+        """
+    def add_watchpoint(
+        self, address: int, length: int, kind: Literal["write", "rw"] = "write"
+    ) -> None:
+        """Raises `KvmUnsupported` naming the host's limit, or `ValueError` for a length
+        other than 1, 2, 4 or 8, an unaligned address or a kind other than `"write"` or
+        `"rw"`. (Watchpoints through the debug registers are not available yet.)
+        """
+    def trace(
+        self, count: int | None = None, until: int | None = None
+    ) -> Iterator[tuple[int, bytes, str]]:
+        """An iterator of the instructions the vCPU executes, one single step each: a
+        `(rip, bytes, text)` tuple per instruction (text in Intel syntax, from the iced-x86
+        decoder), yielded before the instruction runs. It ends after `count` instructions,
+        when RIP reaches `until`, or when a step ends any other way (`cpu.last_exit`).
         """
     def run(self, timeout: float | None = None) -> ExitInfo:
         """Runs the vCPU until an exit no handler takes, a handler stops it, the guest writes
@@ -865,6 +934,33 @@ class Vm:
         `hlt`, or calls `exit.stop()`). Without `handler`, returns a decorator. Without an
         HLT handler, `run()` returns on HLT.
         """
+    @overload
+    def on_breakpoint(self, handler: _BreakpointHandler) -> _BreakpointHandler:
+        """Registers `handler` for breakpoints (those of `add_breakpoint`): it gets the
+        `BreakpointExit`, with the vCPU's registers as they are at the breakpoint, and
+        returns None to let the guest run on (executing the instruction there), or calls
+        `exit.stop()` to end the run with that exit. Without `handler`, returns a
+        decorator. Without a breakpoint handler, `run()` returns at each breakpoint.
+        """
+    @overload
+    def on_breakpoint(
+        self, handler: None = None
+    ) -> Callable[[_BreakpointHandler], _BreakpointHandler]:
+        """Registers `handler` for breakpoints (those of `add_breakpoint`): it gets the
+        `BreakpointExit`, with the vCPU's registers as they are at the breakpoint, and
+        returns None to let the guest run on (executing the instruction there), or calls
+        `exit.stop()` to end the run with that exit. Without `handler`, returns a
+        decorator. Without a breakpoint handler, `run()` returns at each breakpoint.
+        """
+    def add_breakpoint(self, address: int) -> int:
+        """Sets a software breakpoint at guest-virtual `address` for every vCPU (translated by
+        the first vCPU's page tables): see `Vcpu.add_breakpoint`. Returns `address`.
+        """
+    def remove_breakpoint(self, address: int) -> None:
+        """Removes the VM-wide breakpoint at `address`; `ValueError` if there is none."""
+    @property
+    def breakpoints(self) -> list[int]:
+        """The addresses of the VM-wide breakpoints."""
     def remove_handler(self, handler: object) -> int:
         """Removes every registration of `handler` (a function, a `Console` or an `ExitPort`).
         Returns how many were removed; raises `ValueError` if there were none.

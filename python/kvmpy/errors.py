@@ -25,6 +25,11 @@ class KvmUnavailable(KvmError):
     """``/dev/kvm`` is missing, cannot be opened, or speaks an unsupported API version."""
 
 
+class KvmUnsupported(KvmError):
+    """This host's KVM cannot do what was asked; the message names the host's limit and
+    what to do instead (``python -m kvmpy info`` says what the host supports)."""
+
+
 class GuestMemoryError(KvmError, ValueError):
     """A bad memory region or guest address.
 
@@ -41,4 +46,11 @@ class VcpuBusyError(KvmError):
     """The vCPU is running on another thread, or ``run()`` was called re-entrantly."""
 
 
-__all__ = ["GuestMemoryError", "KvmError", "KvmUnavailable", "VcpuBusyError", "VmClosedError"]
+__all__ = [
+    "GuestMemoryError",
+    "KvmError",
+    "KvmUnavailable",
+    "KvmUnsupported",
+    "VcpuBusyError",
+    "VmClosedError",
+]

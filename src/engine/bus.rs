@@ -56,6 +56,12 @@ pub trait Device: Send + Sync + 'static {
         Ok(Action::Continue)
     }
 
+    /// A breakpoint at guest-virtual `address` was reached (only for the device
+    /// registered for breakpoints); `Continue` runs on from it.
+    fn breakpoint(&self, _ctx: &mut VcpuCtx<'_, '_>, _address: u64) -> Result<Action> {
+        Ok(Action::Continue)
+    }
+
     /// Whether the device has state for snapshots (`save_state` returns some).
     fn has_state(&self) -> bool {
         false
@@ -91,6 +97,7 @@ pub struct Bus {
     /// Sorted by start, never overlapping.
     mmio: Vec<Range<u64>>,
     hlt: Option<Arc<dyn Device>>,
+    breakpoint: Option<Arc<dyn Device>>,
 }
 
 fn lookup<T: Copy + Ord>(ranges: &[Range<T>], at: T) -> Option<&Range<T>> {
@@ -118,6 +125,11 @@ impl Bus {
     /// The device that handles HLT.
     pub fn hlt(&self) -> Option<&Arc<dyn Device>> {
         self.hlt.as_ref()
+    }
+
+    /// The device that handles breakpoints.
+    pub fn breakpoint(&self) -> Option<&Arc<dyn Device>> {
+        self.breakpoint.as_ref()
     }
 
     /// The MMIO range overlapping `[start, end)`, if any.
@@ -165,11 +177,20 @@ impl Bus {
         bus
     }
 
+    /// A copy with `device` for breakpoints (or none).
+    pub fn with_breakpoint(&self, device: Option<Arc<dyn Device>>) -> Self {
+        let mut bus = self.clone();
+        bus.breakpoint = device;
+        bus
+    }
+
     /// Every device, once per registration.
     pub fn devices(&self) -> impl Iterator<Item = &Arc<dyn Device>> {
         let io = self.io.iter().map(|r| &r.device);
         let mmio = self.mmio.iter().map(|r| &r.device);
-        io.chain(mmio).chain(self.hlt.iter())
+        io.chain(mmio)
+            .chain(self.hlt.iter())
+            .chain(self.breakpoint.iter())
     }
 
     /// A copy without the registrations `matches` selects, and how many were removed.
@@ -180,6 +201,9 @@ impl Bus {
         bus.mmio.retain(|r| !matches(&r.device));
         if bus.hlt.as_ref().is_some_and(&matches) {
             bus.hlt = None;
+        }
+        if bus.breakpoint.as_ref().is_some_and(&matches) {
+            bus.breakpoint = None;
         }
         let after = bus.devices().count();
         (bus, before - after)

@@ -27,6 +27,9 @@ pub enum Error {
     /// KVM refused a request that has no errno of its own.
     #[error("{0}")]
     Refused(String),
+    /// This host's KVM cannot do what was asked (the message names the limit).
+    #[error("{0}")]
+    Unsupported(String),
     /// A file could not be read or written.
     #[error("{0}: {1}")]
     Io(String, std::io::Error),

@@ -57,12 +57,14 @@ pub enum Reason {
     SystemEvent,
     Debug,
     Exception,
+    Breakpoint,
+    Step,
     Unknown,
 }
 
 impl Reason {
     /// Every reason, in declaration order.
-    pub const ALL: [Reason; 13] = [
+    pub const ALL: [Reason; 15] = [
         Reason::Io,
         Reason::Mmio,
         Reason::Hlt,
@@ -75,6 +77,8 @@ impl Reason {
         Reason::SystemEvent,
         Reason::Debug,
         Reason::Exception,
+        Reason::Breakpoint,
+        Reason::Step,
         Reason::Unknown,
     ];
 
@@ -92,6 +96,8 @@ impl Reason {
             Reason::SystemEvent => "system_event",
             Reason::Debug => "debug",
             Reason::Exception => "exception",
+            Reason::Breakpoint => "breakpoint",
+            Reason::Step => "step",
             Reason::Unknown => "unknown",
         }
     }
@@ -158,6 +164,14 @@ pub enum Exit {
         rsp: u64,
         cr2: u64,
     },
+    /// A breakpoint of kvmpy's at guest-virtual `address` (RIP is there).
+    Breakpoint {
+        address: u64,
+    },
+    /// A single step ended at `rip`.
+    Step {
+        rip: u64,
+    },
     Timeout,
     Stopped,
     /// KVM_EXIT_IRQ_WINDOW_OPEN: the guest can take an interrupt now. Handled by the run
@@ -182,6 +196,8 @@ impl Exit {
             Exit::Debug { .. } => Reason::Debug,
             Exit::Guest { .. } => Reason::Exit,
             Exit::Exception { .. } => Reason::Exception,
+            Exit::Breakpoint { .. } => Reason::Breakpoint,
+            Exit::Step { .. } => Reason::Step,
             Exit::Timeout => Reason::Timeout,
             Exit::Stopped => Reason::Stopped,
             Exit::IrqWindowOpen | Exit::Unknown { .. } => Reason::Unknown,

@@ -2,8 +2,10 @@
 //! and run groups. It knows nothing of Python: the face (`py`) drives it, and so can Rust
 //! code and tests.
 
+pub mod breakpoints;
 pub mod bus;
 pub mod complete;
+pub mod debug;
 pub mod error;
 pub mod exit;
 pub mod fuzz;

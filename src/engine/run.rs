@@ -6,6 +6,7 @@ use std::time::Instant;
 use kvm_bindings::kvm_regs;
 
 use crate::engine::bus::{Action, Device, Token};
+use crate::engine::debug::Trap;
 use crate::engine::error::{Error, Result};
 use crate::engine::exit::{self, Data, Exit, IoRaw, RunExit};
 use crate::engine::gettid;
@@ -152,9 +153,13 @@ impl VcpuCore {
         }
         self.kicker.attach_thread();
         self.set_pending(None);
+        if let Err(e) = fd_of(&mut guard).and_then(|h| self.debug_enter(&mut h.fd)) {
+            return e.into();
+        }
         let outcome = self.exits_until_done(&mut guard, options);
         if let Ok(holder) = fd_of(&mut guard) {
             holder.fd.set_kvm_immediate_exit(0);
+            self.debug_leave(&mut holder.fd);
         }
         RUNS_ENDED.with(|n| n.set(n.get().wrapping_add(1)));
         outcome
@@ -321,6 +326,10 @@ impl VcpuCore {
             };
             match action {
                 Action::Continue => {}
+                Action::Exit(exit @ Exit::Exception { vector: 1 | 3, .. }) => {
+                    let trap = self.stub_trap(&mut fd_of(guard)?.fd, exit)?;
+                    return self.trap(guard, trap);
+                }
                 Action::Exit(exit) => {
                     let single_out = io.is_write && io.count == 1;
                     return Ok(self.finish_access(guard, Outcome::Exit(exit), single_out));
@@ -363,6 +372,10 @@ impl VcpuCore {
                 None => return Ok(Flow::Done(Outcome::Exit(exit))),
             },
             Exit::IrqWindowOpen => return Ok(Flow::Continue(false)),
+            Exit::Debug { .. } => {
+                let trap = self.debug_exit(&mut fd_of(guard)?.fd, exit)?;
+                return self.trap(guard, trap);
+            }
             other => return Ok(Flow::Done(Outcome::Exit(other))),
         };
         Ok(match action {
@@ -388,6 +401,32 @@ impl VcpuCore {
         let action = device.mmio_read(&mut self.ctx(guard), addr, data.as_mut_slice())?;
         exit::mmio_data(&mut fd_of(guard)?.fd).copy_from_slice(data.as_slice());
         Ok(action)
+    }
+
+    /// Where the loop goes after a trap kvmpy's debugging looked at.
+    fn trap<'a>(&'a self, guard: &mut FdGuard<'a>, trap: Trap) -> Result<Flow> {
+        Ok(match trap {
+            Trap::Continue => Flow::Continue(false),
+            Trap::Done(Exit::Breakpoint { address }) => {
+                let bus = self.vm.bus();
+                let Some(device) = bus.breakpoint() else {
+                    return Ok(Flow::Done(Outcome::Exit(Exit::Breakpoint { address })));
+                };
+                match device.breakpoint(&mut self.ctx(guard), address)? {
+                    Action::Continue => {
+                        self.step_over(&mut fd_of(guard)?.fd, address)?;
+                        Flow::Continue(false)
+                    }
+                    Action::Exit(exit) => Flow::Done(Outcome::Exit(exit)),
+                    Action::Stop(token) => Flow::Done(Outcome::Stopped(token)),
+                }
+            }
+            Trap::Done(exit) => Flow::Done(Outcome::Exit(exit)),
+            Trap::Pass(exit @ Exit::Exception { .. }) => {
+                self.finish_access(guard, Outcome::Exit(exit), true)
+            }
+            Trap::Pass(exit) => Flow::Done(Outcome::Exit(exit)),
+        })
     }
 
     fn ctx<'a, 'g>(&'a self, guard: &'g mut FdGuard<'a>) -> VcpuCtx<'a, 'g> {

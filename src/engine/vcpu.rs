@@ -96,6 +96,8 @@ pub struct VcpuCore {
     sregs_written: AtomicBool,
     /// Whether the face has warned about a run from the reset state.
     pub warned_reset_state: AtomicBool,
+    /// Single steps and stepping over breakpoints (see `debug`).
+    pub(crate) debug: Mutex<crate::engine::debug::DebugState>,
 }
 
 /// Clears the vCPU's runner when a run ends, however it ends.
@@ -164,6 +166,7 @@ impl VcpuCore {
             hidden_dirty: AtomicBool::new(true),
             sregs_written: AtomicBool::new(false),
             warned_reset_state: AtomicBool::new(false),
+            debug: Mutex::default(),
         }
     }
 

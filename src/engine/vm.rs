@@ -54,6 +54,8 @@ pub struct VmCore {
     pit: bool,
     /// Snapshot bookkeeping.
     pub tracking: Mutex<Tracking>,
+    /// Software breakpoints patched into guest memory (see `breakpoints`).
+    pub breakpoints: Mutex<crate::engine::breakpoints::Breakpoints>,
     /// The vCPU threads of the last `start`, until they are joined.
     group: Mutex<Option<Arc<RunGroup>>>,
 }
@@ -96,6 +98,7 @@ impl VmCore {
             irqchip,
             pit,
             tracking: Mutex::new(Tracking::default()),
+            breakpoints: Mutex::default(),
             group: Mutex::new(None),
         }))
     }
@@ -256,8 +259,19 @@ impl VmCore {
         })
     }
 
-    /// Reads guest physical memory.
+    /// Reads guest physical memory, showing the original bytes where breakpoints are
+    /// patched in.
     pub fn read_memory(&self, gpa: u64, buf: &mut [u8]) -> Result<()> {
+        let table = lock(&self.breakpoints);
+        lock(&self.memory).read(gpa, buf)?;
+        if !table.is_empty() {
+            table.hide(gpa, buf);
+        }
+        Ok(())
+    }
+
+    /// Reads guest physical memory as it is (breakpoint bytes included).
+    pub fn read_memory_raw(&self, gpa: u64, buf: &mut [u8]) -> Result<()> {
         lock(&self.memory).read(gpa, buf)
     }
 

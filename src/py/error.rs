@@ -10,6 +10,7 @@ pyo3::import_exception!(kvmpy.errors, KvmUnavailable);
 pyo3::import_exception!(kvmpy.errors, GuestMemoryError);
 pyo3::import_exception!(kvmpy.errors, VmClosedError);
 pyo3::import_exception!(kvmpy.errors, VcpuBusyError);
+pyo3::import_exception!(kvmpy.errors, KvmUnsupported);
 
 impl From<Error> for PyErr {
     fn from(err: Error) -> PyErr {
@@ -21,6 +22,7 @@ impl From<Error> for PyErr {
             Error::Closed(_) => VmClosedError::new_err((msg,)),
             Error::Busy(_) => VcpuBusyError::new_err((msg,)),
             Error::Refused(_) => KvmError::new_err((msg,)),
+            Error::Unsupported(_) => KvmUnsupported::new_err((msg,)),
             Error::Io(_, e) => match e.raw_os_error() {
                 Some(errno) => PyOSError::new_err((errno, msg)),
                 None => PyOSError::new_err(msg),

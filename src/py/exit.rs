@@ -380,6 +380,32 @@ pub struct DebugExit {
     dr7: u64,
 }
 
+/// A breakpoint set with `add_breakpoint` was reached: reason `"breakpoint"`. The vCPU
+/// is stopped before the instruction at `address` (its RIP); running on executes it.
+#[pyclass(module = "kvmpy._native", extends = ExitInfo, frozen, get_all)]
+pub struct BreakpointExit {
+    /// The guest-virtual address of the breakpoint.
+    address: u64,
+}
+
+#[pymethods]
+impl BreakpointExit {
+    fn __repr__(slf: PyRef<'_, Self>) -> String {
+        format!(
+            "BreakpointExit(address={:#x}, vcpu_id={})",
+            slf.address,
+            slf.as_super().vcpu_id()
+        )
+    }
+}
+
+/// One instruction was executed by `cpu.step()`: reason `"step"`.
+#[pyclass(module = "kvmpy._native", extends = ExitInfo, frozen, get_all)]
+pub struct StepExit {
+    /// The RIP after the instruction.
+    rip: u64,
+}
+
 /// A CPU exception in the guest, reported by the IDT stubs that
 /// `setup_long_mode(exceptions=True)` installs: reason `"exception"`.
 #[pyclass(module = "kvmpy._native", extends = ExitInfo, frozen, get_all)]
@@ -529,6 +555,10 @@ pub fn to_python(py: Python<'_>, exit: &Exit, vcpu_id: u64) -> PyResult<Py<PyAny
             }),
         )?
         .into_any(),
+        Exit::Breakpoint { address } => {
+            Py::new(py, init.add_subclass(BreakpointExit { address: *address }))?.into_any()
+        }
+        Exit::Step { rip } => Py::new(py, init.add_subclass(StepExit { rip: *rip }))?.into_any(),
         Exit::IrqWindowOpen => Py::new(
             py,
             init.add_subclass(UnknownExit {
@@ -654,6 +684,12 @@ mod tests {
                     "GuestExit",
                     vec![("code", 3), ("port", 0xf4)],
                 ),
+                (
+                    Exit::Breakpoint { address: 0x1234 },
+                    "BreakpointExit",
+                    vec![("address", 0x1234)],
+                ),
+                (Exit::Step { rip: 0x99 }, "StepExit", vec![("rip", 0x99)]),
                 (Exit::Shutdown, "ExitInfo", vec![]),
                 (Exit::Hlt, "ExitInfo", vec![]),
                 (Exit::Timeout, "ExitInfo", vec![]),

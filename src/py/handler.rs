@@ -76,8 +76,8 @@ impl PyHandler {
                 if !reads {
                     if !ret.is_none() {
                         return Err(PyTypeError::new_err(format!(
-                            "handler {} returned {} for {}; handlers of writes and HLT must \
-                             return None",
+                            "handler {} returned {} for {}; handlers of writes, HLT and \
+                             breakpoints must return None",
                             describe(f),
                             type_name(&ret),
                             describe_exit(&exit)
@@ -152,6 +152,10 @@ impl Device for PyHandler {
 
     fn hlt(&self, ctx: &mut VcpuCtx<'_, '_>) -> Result<Action> {
         self.call(ctx, Exit::Hlt, None)
+    }
+
+    fn breakpoint(&self, ctx: &mut VcpuCtx<'_, '_>, address: u64) -> Result<Action> {
+        self.call(ctx, Exit::Breakpoint { address }, None)
     }
 
     fn as_any(&self) -> &dyn Any {

@@ -181,3 +181,21 @@ impl PyKvm {
 pub fn kick_signal() -> PyResult<i32> {
     Ok(crate::engine::kick::signal()?)
 }
+
+/// What this host's KVM intercepts for guest debugging (probed once per process in a
+/// small test VM): `mechanism` (`"kvm"`: KVM_EXIT_DEBUG; `"exception-stubs"`: #BP/#DB
+/// through kvmpy's exception stubs; `KVMPY_DEBUG_MECHANISM` picks one instead),
+/// `sw_breakpoints`, `single_step`, `hw_breakpoints`, `watchpoints` (whether KVM
+/// intercepts each).
+#[pyfunction]
+#[pyo3(name = "_debug_support")]
+pub fn debug_support(py: Python<'_>) -> PyResult<Bound<'_, pyo3::types::PyDict>> {
+    let host = crate::engine::debug::host()?;
+    let d = pyo3::types::PyDict::new(py);
+    d.set_item("mechanism", crate::engine::debug::mechanism()?.as_str())?;
+    d.set_item("sw_breakpoints", host.sw_breakpoints)?;
+    d.set_item("single_step", host.single_step)?;
+    d.set_item("hw_breakpoints", host.hw_breakpoints)?;
+    d.set_item("watchpoints", host.watchpoints)?;
+    Ok(d)
+}

@@ -111,6 +111,13 @@ impl Vm {
             .update_bus(|bus| Ok((bus.with_hlt(Some(device)), ())))?)
     }
 
+    pub(crate) fn register_breakpoint(&self, f: &Bound<'_, PyAny>) -> PyResult<()> {
+        let device: Arc<dyn Device> = Arc::new(PyHandler::new(f.clone().unbind()));
+        Ok(self
+            .inner
+            .update_bus(|bus| Ok((bus.with_breakpoint(Some(device)), ())))?)
+    }
+
     pub(crate) fn exit_port(&self, port: i64, debug_exit: bool) -> PyResult<ExitPort> {
         let port = single_port(port)?;
         let dev = Arc::new(ExitPortDev { port, debug_exit });

@@ -8,10 +8,11 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
 
 use crate::arch::x86_64::fuzzmap::UserRange;
+use crate::engine::breakpoints::Owner;
 use crate::engine::kick;
 use crate::engine::setup::LongMode;
 use crate::engine::vcpu::Last;
-use crate::engine::{Error, Exit, Outcome, RunOptions, VcpuCore};
+use crate::engine::{Error, Exit, Outcome, Reason, RunOptions, VcpuCore};
 use crate::py::args::{bytes_arg, deadline_after, Int};
 use crate::py::error::through_engine;
 use crate::py::handler::answer_data;
@@ -253,39 +254,91 @@ impl Vcpu {
     /// warns once per vCPU (`RuntimeWarning`).
     #[pyo3(signature = (timeout=None))]
     fn run(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Py<PyAny>> {
-        let deadline = deadline_after(timeout)?;
+        self.run_for(py, timeout)
+    }
+
+    /// Sets a software breakpoint at guest-virtual `address` (translated by this vCPU's
+    /// page tables) for this vCPU: when it gets there, `run()` returns a `BreakpointExit`
+    /// (reason `"breakpoint"`) with RIP at `address`, before the instruction runs; the
+    /// next run or step from there executes it (a run that starts at a breakpoint's
+    /// address any other way, RIP set by hand, hits it at once). Any number of
+    /// breakpoints; the guest's memory and every snapshot show the original bytes.
+    /// Returns `address`.
+    ///
+    /// Where the host's KVM does not intercept `int3` (`python -m kvmpy info`), the vCPU
+    /// needs `setup_long_mode(exceptions=True)`; otherwise this raises `KvmUnsupported`.
+    fn add_breakpoint(&self, address: Int<u64>) -> PyResult<u64> {
         let inner = &self.inner;
-        inner.vm.check_open()?;
-        // The kick's mask for KVM_RUN is taken from this thread's mask before SIGINT is
-        // held, so that KVM_RUN lets SIGINT in.
-        kick::block_in_this_thread(kick::signal()?)?;
-        let ctrl_c = CtrlC::hold();
-        let on_signal = || {
-            ctrl_c.deliver();
-            gil::attached(|py| py.check_signals()).map_err(through_engine)
-        };
-        // The run begins and ends with the GIL released, so whoever waits for the run to
-        // end, e.g. a VM shutting down while the interpreter exits, never waits on this
-        // thread getting the GIL back.
-        let outcome = gil::released(py, || {
-            inner.run(&RunOptions {
-                deadline,
-                on_signal: Some(&on_signal),
-            })
-        });
-        let obj = match outcome {
-            Outcome::Exit(exit) => {
-                warn_if_run_from_reset_state(py, inner, &exit)?;
-                exit::to_python(py, &exit, inner.id)?
+        inner
+            .vm
+            .add_breakpoint(inner, address.0, Owner::Vcpu(inner.id))?;
+        Ok(address.0)
+    }
+
+    /// Removes this vCPU's breakpoint at `address` (the original byte goes back);
+    /// `ValueError` if there is none.
+    fn remove_breakpoint(&self, address: Int<u64>) -> PyResult<()> {
+        Ok(self
+            .inner
+            .vm
+            .remove_breakpoint(address.0, Owner::Vcpu(self.inner.id))?)
+    }
+
+    /// The addresses of this vCPU's breakpoints (not the VM-wide ones).
+    #[getter]
+    fn breakpoints(&self) -> Vec<u64> {
+        self.inner.vm.breakpoints_of(Owner::Vcpu(self.inner.id))
+    }
+
+    /// Executes `count` instructions, one at a time, and returns the new RIP. A
+    /// breakpoint is not reported while stepping onto it; stepping on from it executes
+    /// its instruction. Needs what breakpoints need (`KvmUnsupported` otherwise). If
+    /// something else ends a step first (an exit port, an unhandled exit, a fault),
+    /// stepping stops there: `cpu.last_exit` says what (its reason is `"step"` when every
+    /// step completed).
+    #[pyo3(signature = (count=Int(1), *, timeout=None), text_signature = "(self, /, count=1, *, timeout=None)")]
+    fn step(&self, py: Python<'_>, count: Int<u64>, timeout: Option<f64>) -> PyResult<u64> {
+        if count.0 == 0 {
+            return Err(PyValueError::new_err("count must be at least 1"));
+        }
+        self.inner.vm.check_debuggable("single steps")?;
+        for _ in 0..count.0 {
+            self.inner.request_step(true);
+            let exit = self.run_for(py, timeout);
+            self.inner.request_step(false);
+            let exit = exit?;
+            let stepped = exit
+                .bind(py)
+                .cast::<exit::ExitInfo>()
+                .is_ok_and(|e| e.get().reason == Reason::Step);
+            if !stepped {
+                break;
             }
-            Outcome::Stopped(token) => token_object(py, &token),
-            Outcome::Error(e) => {
-                inner.set_last(None);
-                return Err(e.into());
-            }
-        };
-        inner.set_last(Some(Last::Token(Box::new(obj.clone_ref(py)))));
-        Ok(obj)
+        }
+        Ok(self.inner.regs()?.rip)
+    }
+
+    /// Raises `KvmUnsupported` naming the host's limit, or `ValueError` for a length
+    /// other than 1, 2, 4 or 8, an unaligned address or a kind other than `"write"` or
+    /// `"rw"`. (Watchpoints through the debug registers are not available yet.)
+    #[pyo3(signature = (address, length, kind="write"))]
+    fn add_watchpoint(&self, address: Int<u64>, length: Int<u64>, kind: &str) -> PyResult<()> {
+        Ok(self.inner.add_watchpoint(address.0, length.0, kind)?)
+    }
+
+    /// An iterator of the instructions the vCPU executes, one single step each: a
+    /// `(rip, bytes, text)` tuple per instruction (text in Intel syntax, from the iced-x86
+    /// decoder), yielded before the instruction runs. It ends after `count` instructions,
+    /// when RIP reaches `until`, or when a step ends any other way (`cpu.last_exit`).
+    #[pyo3(signature = (count=None, until=None))]
+    fn trace<'py>(
+        slf: &Bound<'py, Self>,
+        count: Option<Int<u64>>,
+        until: Option<Int<u64>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let py = slf.py();
+        py.import("kvmpy._trace")?
+            .call_method1("trace", (slf, count.map(|c| c.0), until.map(|u| u.0)))
     }
 
     /// Answers the IN or MMIO read that the last `run()` returned because no handler took
@@ -367,6 +420,45 @@ impl Vcpu {
 }
 
 /// The Python object a device's token holds (the face's tokens are always exit objects).
+impl Vcpu {
+    /// The body of `run()` (and of each step).
+    fn run_for(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Py<PyAny>> {
+        let deadline = deadline_after(timeout)?;
+        let inner = &self.inner;
+        inner.vm.check_open()?;
+        // The kick's mask for KVM_RUN is taken from this thread's mask before SIGINT is
+        // held, so that KVM_RUN lets SIGINT in.
+        kick::block_in_this_thread(kick::signal()?)?;
+        let ctrl_c = CtrlC::hold();
+        let on_signal = || {
+            ctrl_c.deliver();
+            gil::attached(|py| py.check_signals()).map_err(through_engine)
+        };
+        // The run begins and ends with the GIL released, so whoever waits for the run to
+        // end, e.g. a VM shutting down while the interpreter exits, never waits on this
+        // thread getting the GIL back.
+        let outcome = gil::released(py, || {
+            inner.run(&RunOptions {
+                deadline,
+                on_signal: Some(&on_signal),
+            })
+        });
+        let obj = match outcome {
+            Outcome::Exit(exit) => {
+                warn_if_run_from_reset_state(py, inner, &exit)?;
+                exit::to_python(py, &exit, inner.id)?
+            }
+            Outcome::Stopped(token) => token_object(py, &token),
+            Outcome::Error(e) => {
+                inner.set_last(None);
+                return Err(e.into());
+            }
+        };
+        inner.set_last(Some(Last::Token(Box::new(obj.clone_ref(py)))));
+        Ok(obj)
+    }
+}
+
 fn token_object(py: Python<'_>, token: &crate::engine::Token) -> Py<PyAny> {
     token
         .downcast_ref::<Py<PyAny>>()

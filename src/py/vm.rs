@@ -11,6 +11,7 @@ use pyo3::{PyTraverseError, PyVisit};
 use crate::devices::console::ConsoleDev;
 use crate::devices::hostcall::HostCallDev;
 use crate::devices::uart::UartDev;
+use crate::engine::breakpoints::Owner;
 use crate::engine::load;
 use crate::engine::lock;
 use crate::engine::{Device, Error, RegionOptions, VmCore};
@@ -140,9 +141,16 @@ impl Vm {
     ) -> PyResult<Bound<'py, PyBytes>> {
         self.inner.check_open()?;
         let (gpa, n) = (gpa.0, n.0);
+        // Breakpoints show their original bytes (the table is locked before the memory,
+        // as everywhere).
+        let breakpoints = lock(&self.inner.breakpoints);
         self.inner.with_memory(|memory| {
             memory.check(gpa, n)?;
-            PyBytes::new_with(py, n, |buf| Ok(memory.read(gpa, buf)?))
+            PyBytes::new_with(py, n, |buf| {
+                memory.read(gpa, buf)?;
+                breakpoints.hide(gpa, buf);
+                Ok(())
+            })
         })
     }
 
@@ -208,6 +216,30 @@ impl Vm {
         Ok(Self::wrap_vcpu(slf, inner))
     }
 
+    /// Sets a software breakpoint at guest-virtual `address` for every vCPU (translated by
+    /// the first vCPU's page tables): see `Vcpu.add_breakpoint`. Returns `address`.
+    fn add_breakpoint(&self, address: Int<u64>) -> PyResult<u64> {
+        let vm = &self.inner.0;
+        let Some(cpu) = vm.vcpus().into_iter().next() else {
+            return Err(PyValueError::new_err(
+                "create a vCPU first: its page tables translate a breakpoint's address",
+            ));
+        };
+        vm.add_breakpoint(&cpu, address.0, Owner::Vm)?;
+        Ok(address.0)
+    }
+
+    /// Removes the VM-wide breakpoint at `address`; `ValueError` if there is none.
+    fn remove_breakpoint(&self, address: Int<u64>) -> PyResult<()> {
+        Ok(self.inner.0.remove_breakpoint(address.0, Owner::Vm)?)
+    }
+
+    /// The addresses of the VM-wide breakpoints.
+    #[getter]
+    fn breakpoints(&self) -> Vec<u64> {
+        self.inner.0.breakpoints_of(Owner::Vm)
+    }
+
     /// Registers `handler` for port I/O on `ports` (an int or a `range`). Without
     /// `handler`, returns a decorator. The handler gets an `IoExit`; for an IN it returns
     /// the value the guest reads (an int, or bytes of the access size), for an OUT it
@@ -249,6 +281,19 @@ impl Vm {
         handler: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyAny>> {
         Self::handler_or_decorator(slf, handler, |vm, f| vm.register_hlt(f))
+    }
+
+    /// Registers `handler` for breakpoints (those of `add_breakpoint`): it gets the
+    /// `BreakpointExit`, with the vCPU's registers as they are at the breakpoint, and
+    /// returns None to let the guest run on (executing the instruction there), or calls
+    /// `exit.stop()` to end the run with that exit. Without `handler`, returns a
+    /// decorator. Without a breakpoint handler, `run()` returns at each breakpoint.
+    #[pyo3(signature = (handler=None))]
+    fn on_breakpoint<'py>(
+        slf: &Bound<'py, Self>,
+        handler: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        Self::handler_or_decorator(slf, handler, |vm, f| vm.register_breakpoint(f))
     }
 
     /// Removes every registration of `handler` (a function, a `Console` or an `ExitPort`).

@@ -124,6 +124,13 @@ impl RegionImage {
         unsafe { std::slice::from_raw_parts_mut(self.data.as_ptr().add(at), PAGE) }
     }
 
+    /// Sets the byte at `offset` (inside the image), marking its page present.
+    pub fn set_byte(&mut self, offset: u64, byte: u8) {
+        let page = offset / PAGE_SIZE;
+        self.page_mut(page)[(offset % PAGE_SIZE) as usize] = byte;
+        self.set_present(page);
+    }
+
     /// Marks a page as holding data (a snapshot file filled it).
     pub fn set_present(&mut self, page: u64) {
         self.present[(page / 64) as usize] |= 1 << (page % 64);

@@ -264,14 +264,24 @@ impl VmCore {
             .filter(|d| d.has_state())
             .filter_map(|d| d.save_state().map(|s| (d.name(), s)))
             .collect();
+        let originals = self.breakpoint_originals();
         let memory = lock(self.memory_map());
         let mut tracking = lock(&self.tracking);
         start_tracking(self, &memory, &mut tracking)?;
-        let regions = memory
+        let mut regions = memory
             .regions()
             .iter()
             .map(|r| RegionImage::capture(r))
             .collect::<Result<Vec<_>>>()?;
+        // A snapshot never holds a breakpoint byte.
+        for (gpa, byte) in originals {
+            if let Some(image) = regions
+                .iter_mut()
+                .find(|i| i.guest_addr <= gpa && gpa < i.guest_addr + i.size)
+            {
+                image.set_byte(gpa - image.guest_addr, byte);
+            }
+        }
         let id = next_id();
         tracking.base = Some(id);
         for (v, g) in vcpus.iter().zip(guards.iter_mut()) {
@@ -363,6 +373,7 @@ impl VmCore {
             let holder = g.as_mut().ok_or(Error::Closed("vCPU"))?;
             v.settle_for_restore(&mut holder.fd, &st.sregs, st.regs.rip);
             v.forget_pending_read();
+            v.note_restored_at(st.regs.rip);
         }
         let tracked = {
             let memory = lock(self.memory_map());
@@ -380,6 +391,7 @@ impl VmCore {
             tracked
         };
         self.restore_chips(snap)?;
+        self.repatch_breakpoints()?;
         for ((v, g), st) in vcpus.iter().zip(guards.iter_mut()).zip(&snap.vcpus) {
             let holder = g.as_mut().ok_or(Error::Closed("vCPU"))?;
             let hidden = v.take_hidden_dirty();

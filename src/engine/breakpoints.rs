@@ -1,0 +1,350 @@
+//! The breakpoint table: software breakpoints patched into guest memory, one `int3`
+//! byte each, with the original byte kept. The one mechanism for debugger breakpoints
+//! and, later, one-shot coverage breakpoints (the snapchange / what-the-fuzz design).
+//!
+//! - An entry is keyed by guest-virtual address and remembers the guest-physical byte it
+//!   patched. Its owners say who wants it: a vCPU id, or the whole VM. An entry patched
+//!   by several owners is patched once and removed when its last owner removes it.
+//! - `one_shot` entries are meant for coverage: the run loop disarms them on their first
+//!   hit and reports nothing to the user (see [`Hit`]).
+//! - Snapshots never hold a patch byte: [`Breakpoints::originals`] gives the bytes a
+//!   captured image must hold instead, and [`Breakpoints::repatch`] re-applies the
+//!   patches after a restore copied pages back.
+
+use std::collections::BTreeMap;
+
+/// The byte patched in: `int3`.
+pub const PATCH: u8 = 0xcc;
+
+/// Who set a breakpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Owner {
+    Vm,
+    Vcpu(u64),
+}
+
+/// One patched address.
+#[derive(Clone, Debug)]
+pub struct Entry {
+    pub gpa: u64,
+    /// The byte the guest had at `gpa` before the patch.
+    pub original: u8,
+    pub owners: Vec<Owner>,
+    pub one_shot: bool,
+    /// Whether the patch byte is in memory now (false while stepping over it).
+    pub armed: bool,
+}
+
+/// What a hit at an address means for a vCPU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hit {
+    /// Not a breakpoint of kvmpy's: the guest's own `int3`.
+    NotOurs,
+    /// A breakpoint of this vCPU or of the VM: report it.
+    Report,
+    /// Another vCPU's breakpoint: step over it silently.
+    Pass,
+    /// A one-shot (coverage) breakpoint: disarm it for good and go on.
+    OneShot,
+}
+
+/// Why an insertion or removal was refused.
+#[derive(Debug, PartialEq, Eq)]
+pub enum TableError {
+    /// Another virtual address already patches this physical byte.
+    Alias { vaddr: u64, gpa: u64 },
+    /// The owner has no breakpoint at this address.
+    Missing { vaddr: u64 },
+}
+
+impl std::fmt::Display for TableError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TableError::Alias { vaddr, gpa } => write!(
+                f,
+                "guest-physical address {gpa:#x} already has a breakpoint, at virtual address \
+                 {vaddr:#x}"
+            ),
+            TableError::Missing { vaddr } => write!(f, "no breakpoint at {vaddr:#x}"),
+        }
+    }
+}
+
+/// The patched addresses of one VM.
+#[derive(Default, Debug)]
+pub struct Breakpoints {
+    entries: BTreeMap<u64, Entry>,
+}
+
+/// What the caller must write to memory after a table change.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Write {
+    None,
+    /// Write `byte` at `gpa`.
+    Byte {
+        gpa: u64,
+        byte: u8,
+    },
+}
+
+impl Breakpoints {
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    pub fn get(&self, vaddr: u64) -> Option<&Entry> {
+        self.entries.get(&vaddr)
+    }
+
+    /// `(vaddr, entry)` for every breakpoint.
+    pub fn iter(&self) -> impl Iterator<Item = (u64, &Entry)> {
+        self.entries.iter().map(|(v, e)| (*v, e))
+    }
+
+    /// Adds `owner`'s breakpoint at `vaddr` (physical `gpa`, whose byte is `current`).
+    pub fn insert(
+        &mut self,
+        vaddr: u64,
+        gpa: u64,
+        current: u8,
+        owner: Owner,
+        one_shot: bool,
+    ) -> Result<Write, TableError> {
+        if let Some(e) = self.entries.get_mut(&vaddr) {
+            if e.gpa == gpa {
+                if !e.owners.contains(&owner) {
+                    e.owners.push(owner);
+                }
+                e.one_shot &= one_shot;
+                return Ok(Write::None);
+            }
+        }
+        if let Some((&other, _)) = self.entries.iter().find(|(_, e)| e.gpa == gpa) {
+            return Err(TableError::Alias { vaddr: other, gpa });
+        }
+        self.entries.insert(
+            vaddr,
+            Entry {
+                gpa,
+                original: current,
+                owners: vec![owner],
+                one_shot,
+                armed: true,
+            },
+        );
+        Ok(Write::Byte { gpa, byte: PATCH })
+    }
+
+    /// Removes `owner`'s breakpoint at `vaddr`; the original byte goes back when it was
+    /// the last owner.
+    pub fn remove(&mut self, vaddr: u64, owner: Owner) -> Result<Write, TableError> {
+        let e = self
+            .entries
+            .get_mut(&vaddr)
+            .filter(|e| e.owners.contains(&owner))
+            .ok_or(TableError::Missing { vaddr })?;
+        e.owners.retain(|o| *o != owner);
+        if !e.owners.is_empty() {
+            return Ok(Write::None);
+        }
+        let e = self.entries.remove(&vaddr).expect("entry found above");
+        Ok(if e.armed {
+            Write::Byte {
+                gpa: e.gpa,
+                byte: e.original,
+            }
+        } else {
+            Write::None
+        })
+    }
+
+    /// What a trap at `vaddr` on vCPU `vcpu` means.
+    pub fn hit(&self, vaddr: u64, vcpu: u64) -> Hit {
+        match self.entries.get(&vaddr) {
+            None => Hit::NotOurs,
+            Some(e) if !e.armed => Hit::NotOurs,
+            Some(e) if e.one_shot => Hit::OneShot,
+            Some(e) if e.owners.contains(&Owner::Vm) || e.owners.contains(&Owner::Vcpu(vcpu)) => {
+                Hit::Report
+            }
+            Some(_) => Hit::Pass,
+        }
+    }
+
+    /// Takes the patch out at `vaddr` (to step over it, or for good with `one_shot`).
+    pub fn disarm(&mut self, vaddr: u64) -> Write {
+        match self.entries.get_mut(&vaddr) {
+            Some(e) if e.armed => {
+                e.armed = false;
+                let w = Write::Byte {
+                    gpa: e.gpa,
+                    byte: e.original,
+                };
+                if e.one_shot {
+                    self.entries.remove(&vaddr);
+                }
+                w
+            }
+            _ => Write::None,
+        }
+    }
+
+    /// Puts the patch back at `vaddr` after a step over it.
+    pub fn rearm(&mut self, vaddr: u64) -> Write {
+        match self.entries.get_mut(&vaddr) {
+            Some(e) if !e.armed => {
+                e.armed = true;
+                Write::Byte {
+                    gpa: e.gpa,
+                    byte: PATCH,
+                }
+            }
+            _ => Write::None,
+        }
+    }
+
+    /// `(gpa, original)` of every armed patch: what a snapshot image holds instead.
+    pub fn originals(&self) -> Vec<(u64, u8)> {
+        self.entries
+            .values()
+            .filter(|e| e.armed)
+            .map(|e| (e.gpa, e.original))
+            .collect()
+    }
+
+    /// After memory was replaced (a restore): `read(gpa)` gives the byte now in memory.
+    /// A byte that is not the patch is the new original; returns the patches to write.
+    pub fn repatch(&mut self, mut read: impl FnMut(u64) -> Option<u8>) -> Vec<u64> {
+        let mut writes = Vec::new();
+        for e in self.entries.values_mut().filter(|e| e.armed) {
+            match read(e.gpa) {
+                Some(PATCH) | None => {}
+                Some(byte) => {
+                    e.original = byte;
+                    writes.push(e.gpa);
+                }
+            }
+        }
+        writes
+    }
+
+    /// Replaces patch bytes in `buf`, a copy of guest-physical memory from `gpa`, by the
+    /// original bytes (what a debugger shows when it reads memory).
+    pub fn hide(&self, gpa: u64, buf: &mut [u8]) {
+        let end = gpa.saturating_add(buf.len() as u64);
+        for e in self.entries.values().filter(|e| e.armed) {
+            if e.gpa >= gpa && e.gpa < end {
+                buf[(e.gpa - gpa) as usize] = e.original;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_breakpoint_is_patched_once_and_restored_by_its_last_owner() {
+        let mut t = Breakpoints::default();
+        let w = t.insert(0x1000, 0x1000, 0x90, Owner::Vcpu(0), false);
+        assert_eq!(
+            w,
+            Ok(Write::Byte {
+                gpa: 0x1000,
+                byte: PATCH
+            })
+        );
+        assert_eq!(
+            t.insert(0x1000, 0x1000, PATCH, Owner::Vm, false),
+            Ok(Write::None)
+        );
+        assert_eq!(t.get(0x1000).unwrap().original, 0x90);
+        assert_eq!(t.hit(0x1000, 0), Hit::Report);
+        assert_eq!(t.hit(0x1000, 7), Hit::Report, "the VM's too");
+        assert_eq!(t.remove(0x1000, Owner::Vm), Ok(Write::None));
+        assert_eq!(t.hit(0x1000, 7), Hit::Pass, "only vCPU 0's now");
+        assert_eq!(
+            t.remove(0x1000, Owner::Vcpu(0)),
+            Ok(Write::Byte {
+                gpa: 0x1000,
+                byte: 0x90
+            })
+        );
+        assert_eq!(
+            t.remove(0x1000, Owner::Vcpu(0)),
+            Err(TableError::Missing { vaddr: 0x1000 })
+        );
+        assert!(t.is_empty());
+        assert_eq!(t.hit(0x1000, 0), Hit::NotOurs);
+    }
+
+    #[test]
+    fn two_virtual_addresses_may_not_patch_one_byte() {
+        let mut t = Breakpoints::default();
+        t.insert(0x1000, 0x5000, 1, Owner::Vm, false).unwrap();
+        assert_eq!(
+            t.insert(0x2000, 0x5000, PATCH, Owner::Vm, false),
+            Err(TableError::Alias {
+                vaddr: 0x1000,
+                gpa: 0x5000
+            })
+        );
+    }
+
+    #[test]
+    fn stepping_over_disarms_and_rearms() {
+        let mut t = Breakpoints::default();
+        t.insert(0x10, 0x10, 0x55, Owner::Vm, false).unwrap();
+        assert_eq!(
+            t.disarm(0x10),
+            Write::Byte {
+                gpa: 0x10,
+                byte: 0x55
+            }
+        );
+        assert_eq!(t.hit(0x10, 0), Hit::NotOurs, "disarmed: no trap is ours");
+        assert!(t.originals().is_empty());
+        assert_eq!(t.disarm(0x10), Write::None);
+        assert_eq!(
+            t.rearm(0x10),
+            Write::Byte {
+                gpa: 0x10,
+                byte: PATCH
+            }
+        );
+        assert_eq!(t.originals(), vec![(0x10, 0x55)]);
+        // Removed while disarmed: nothing to write back.
+        t.disarm(0x10);
+        assert_eq!(t.remove(0x10, Owner::Vm), Ok(Write::None));
+    }
+
+    #[test]
+    fn one_shot_entries_go_away_on_their_first_hit() {
+        let mut t = Breakpoints::default();
+        t.insert(0x20, 0x20, 0x48, Owner::Vm, true).unwrap();
+        assert_eq!(t.hit(0x20, 3), Hit::OneShot);
+        assert_eq!(
+            t.disarm(0x20),
+            Write::Byte {
+                gpa: 0x20,
+                byte: 0x48
+            }
+        );
+        assert!(t.is_empty());
+    }
+
+    #[test]
+    fn repatch_learns_new_originals_and_hide_shows_them() {
+        let mut t = Breakpoints::default();
+        t.insert(0x100, 0x100, 0x11, Owner::Vm, false).unwrap();
+        t.insert(0x200, 0x200, 0x22, Owner::Vm, false).unwrap();
+        // A restore copied 0x100's page back (a clean byte 0x33); 0x200 still patched.
+        let writes = t.repatch(|gpa| Some(if gpa == 0x100 { 0x33 } else { PATCH }));
+        assert_eq!(writes, vec![0x100]);
+        assert_eq!(t.originals(), vec![(0x100, 0x33), (0x200, 0x22)]);
+        let mut buf = [PATCH; 0x180];
+        t.hide(0x100, &mut buf);
+        assert_eq!((buf[0], buf[1]), (0x33, PATCH));
+    }
+}
