@@ -20,14 +20,7 @@ use kvmpy::engine::{
 const LOAD: u64 = 0x10000;
 
 /// 64-bit user mode with kvmpy's tables at 0x1000.
-const USER_MODE: LongMode = LongMode {
-    user: true,
-    tables_addr: 0x1000,
-    map_gib: 1,
-    huge_pages: false,
-    exceptions: false,
-    exception_port: 0xf6,
-};
+const USER_MODE: LongMode = LongMode::user_mode(false);
 
 /// A VM with 2 MiB of RAM, `code` at 0x10000 and one vCPU in 64-bit user mode there.
 fn user_vm(code: &[u8]) -> (Arc<VmCore>, Arc<VcpuCore>) {
@@ -406,11 +399,7 @@ fn breakpoints_and_steps_without_python() {
     // 0x10000: mov ecx, 3; 0x10005: dec ecx; jnz 0x10005; out 0xf4, al
     let code = [0xb9, 3, 0, 0, 0, 0xff, 0xc9, 0x75, 0xfc, 0xe6, 0xf4];
     let (vm, cpu) = user_vm(&code);
-    cpu.setup_long_mode(LongMode {
-        exceptions: true,
-        ..USER_MODE
-    })
-    .unwrap();
+    cpu.setup_long_mode(LongMode::user_mode(true)).unwrap();
     let mut regs = cpu.regs().unwrap();
     regs.rip = LOAD;
     cpu.set_regs(&regs).unwrap();

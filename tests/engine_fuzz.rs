@@ -38,14 +38,7 @@ fn executor() -> Executor {
     })
     .unwrap();
     let cpu = vm.create_vcpu(None).unwrap();
-    let mode = LongMode {
-        user: true,
-        tables_addr: 0x1000,
-        map_gib: 1,
-        huge_pages: false,
-        exceptions: true,
-        exception_port: 0xf6,
-    };
+    let mode = LongMode::user_mode(true);
     let ranges = [
         UserRange {
             start: CODE,

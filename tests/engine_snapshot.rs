@@ -46,15 +46,7 @@ fn vm_with_guest() -> (Arc<VmCore>, Arc<VcpuCore>, Arc<ConsoleDev>) {
     })
     .unwrap();
     let cpu = vm.create_vcpu(None).unwrap();
-    cpu.setup_long_mode(LongMode {
-        user: true,
-        tables_addr: 0x1000,
-        map_gib: 1,
-        huge_pages: false,
-        exceptions: false,
-        exception_port: 0xf6,
-    })
-    .unwrap();
+    cpu.setup_long_mode(LongMode::user_mode(false)).unwrap();
     let mut regs = cpu.regs().unwrap();
     regs.rip = LOAD;
     regs.rdi = DATA;

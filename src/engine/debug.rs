@@ -144,14 +144,7 @@ fn probe_in(vm: &std::sync::Arc<VmCore>) -> Result<HostDebug> {
     ];
     vm.write_memory(PROBE_CODE, code)?;
     let cpu = vm.create_vcpu(None)?;
-    let mode = LongMode {
-        user: true,
-        tables_addr: 0x1000,
-        map_gib: 1,
-        huge_pages: false,
-        exceptions: true,
-        exception_port: 0xf6,
-    };
+    let mode = LongMode::user_mode(true);
     let trial = |rip: u64, flags: u32, dr0: u64, dr7: u64| -> Result<Option<u32>> {
         cpu.setup_long_mode(mode)?;
         cpu.with_fd(|fd| {

@@ -22,6 +22,22 @@ pub struct LongMode {
     pub exception_port: u16,
 }
 
+impl LongMode {
+    /// 64-bit user mode (CPL3) as the face's `setup_long_mode(user=True)` defaults lay it
+    /// out: kvmpy's tables at 0x1000, the first GiB identity mapped in 4 KiB pages,
+    /// exception stubs (reporting on port 0xf6) if `exceptions`.
+    pub const fn user_mode(exceptions: bool) -> Self {
+        LongMode {
+            user: true,
+            tables_addr: 0x1000,
+            map_gib: 1,
+            huge_pages: false,
+            exceptions,
+            exception_port: 0xf6,
+        }
+    }
+}
+
 impl VcpuCore {
     /// 16-bit real mode at `cs:ip`.
     pub fn setup_real_mode(&self, cs: u16, ip: u16) -> Result<()> {
