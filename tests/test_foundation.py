@@ -159,3 +159,27 @@ def test_vm_run_racing_a_close_never_returns_none() -> None:
             closer.join()
             vm.close()
     assert outcomes <= {"stopped", "closed"} and outcomes
+
+
+@pytest.mark.kvm
+def test_a_forked_child_runs_its_own_vms_with_timeouts() -> None:
+    """A process that ran a vCPU, then forked: the child's runs (new VMs: KVM refuses
+    the parent's) time out as they should. The thread id cached before the fork is not
+    the child's, and a timer aimed at it could not be created."""
+    script = (
+        SPIN_SCRIPT + "import os\n"
+        "print(cpu.run(timeout=0.05).reason, flush=True)\n"
+        "vm.close()\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    vm2, cpu2 = user_mode_vm(bytes([0xEB, 0xFE]))\n"
+        "    try:\n"
+        "        print(cpu2.run(timeout=0.05).reason, flush=True)\n"
+        "    except Exception as e:\n"
+        "        print(type(e).__name__, e, flush=True)\n"
+        "    os._exit(0)\n"
+        "os.waitpid(pid, 0)\n"
+    )
+    done = run_script(script)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[:2] == ["timeout", "timeout"], done.stdout

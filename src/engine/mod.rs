@@ -21,6 +21,10 @@ pub mod snapshot;
 pub mod vcpu;
 pub mod vm;
 
+use std::cell::Cell;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Once;
+
 pub use bus::{Action, Bus, Device, Token};
 pub use error::{Error, Result};
 pub use exit::{Data, Exit, Reason};
@@ -34,15 +38,38 @@ pub fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-thread_local! {
-    static TID: libc::pid_t = {
-        // SAFETY: gettid has no preconditions.
-        unsafe { libc::gettid() }
-    };
+/// How many times this process is a child of a `fork` (kept by a `pthread_atfork` handler):
+/// a thread id cached before a fork is not the child's.
+static FORKS: AtomicU64 = AtomicU64::new(0);
+static WATCH_FORKS: Once = Once::new();
+
+extern "C" fn after_fork_in_child() {
+    FORKS.fetch_add(1, Ordering::Relaxed);
 }
 
-/// The calling thread's id (asked of the kernel once per thread: a system call costs
-/// about a microsecond on a nested host, and the run loop needs it on every run).
+thread_local! {
+    /// The thread's id, and the fork count it was asked under.
+    static TID: Cell<(u64, libc::pid_t)> = const { Cell::new((u64::MAX, 0)) };
+}
+
+/// The calling thread's id (asked of the kernel once per thread, and again in a child
+/// after `fork`: a system call costs about a microsecond on a nested host, and the run
+/// loop needs it on every run).
 pub fn gettid() -> libc::pid_t {
-    TID.with(|t| *t)
+    WATCH_FORKS.call_once(|| {
+        // SAFETY: the handler only increments an atomic, which is async-signal-safe as
+        // a child handler must be; the result (ENOMEM at worst) leaves the cache as it
+        // was before this existed.
+        unsafe { libc::pthread_atfork(None, None, Some(after_fork_in_child)) };
+    });
+    let forks = FORKS.load(Ordering::Relaxed);
+    TID.with(|t| match t.get() {
+        (seen, tid) if seen == forks => tid,
+        _ => {
+            // SAFETY: gettid has no preconditions.
+            let tid = unsafe { libc::gettid() };
+            t.set((forks, tid));
+            tid
+        }
+    })
 }
