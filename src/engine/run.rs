@@ -221,19 +221,23 @@ impl VcpuCore {
                 Ok(Flow::Done(outcome)) => return outcome,
                 Err(e) => return e.into(),
             }
-            if RUNS_ENDED.with(|n| n.get()) != runs_ended {
+            let Some(at) = options.deadline else {
+                continue;
+            };
+            let now_ended = RUNS_ENDED.with(|n| n.get());
+            if now_ended != runs_ended {
                 // A device ran another vCPU on this thread, whose loop may have taken this
                 // run's timer signal: set the timer again.
-                runs_ended = RUNS_ENDED.with(|n| n.get());
-                if let Err(e) = self.rearm(guard, options.deadline) {
+                runs_ended = now_ended;
+                if let Err(e) = self.rearm(guard, at) {
                     return e.into();
                 }
             }
         }
     }
 
-    fn rearm<'a>(&'a self, guard: &mut FdGuard<'a>, deadline: Option<Instant>) -> Result<()> {
-        let (Some(at), Some(signal)) = (deadline, kick::chosen_signal()) else {
+    fn rearm<'a>(&'a self, guard: &mut FdGuard<'a>, at: Instant) -> Result<()> {
+        let Some(signal) = kick::chosen_signal() else {
             return Ok(());
         };
         let holder = fd_of(guard)?;
