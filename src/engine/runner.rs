@@ -147,6 +147,7 @@ impl RunGroup {
         let handles = std::mem::take(&mut self.state().handles);
         for h in handles {
             if h.thread().id() != me {
+                // A thread that panicked has already counted itself out.
                 let _ = h.join();
             }
         }
@@ -155,14 +156,7 @@ impl RunGroup {
     /// Joins the finished threads and returns the first error, if any. Call after `wait`
     /// returned true.
     pub fn finish(&self) -> Option<Error> {
-        let (handles, error) = {
-            let mut state = self.state();
-            (std::mem::take(&mut state.handles), state.error.take())
-        };
-        for h in handles {
-            // A panicking vCPU thread has already been accounted for; nothing to add.
-            let _ = h.join();
-        }
-        error
+        self.join_threads();
+        self.state().error.take()
     }
 }
