@@ -72,3 +72,52 @@ def test_python_handler_calls_take_the_gil_once_each(guest: Guest) -> None:
         vm.add_exit_port(EXIT_PORT)
         assert cpu.run(timeout=60).reason == "exit"
         assert cpu.stats()["handler_calls"] == n
+
+
+def test_a_handler_that_runs_another_vcpu_nests_the_gil_hand_offs(guest: Guest) -> None:
+    # The outer run's handler runs a second VM on the same thread, whose handler runs in
+    # turn: each level takes and gives back the GIL on the thread that detached with it.
+    n_outer, n_inner = 20, 15
+    inner_vm, inner_cpu = user_mode_vm(guest("counter64"), rdi=n_inner)
+    outer_vm, outer_cpu = user_mode_vm(guest("counter64"), rdi=n_outer)
+    seen: list[tuple[str, int]] = []
+    with inner_vm, outer_vm:
+        inner_vm.on_io(DEV_OUT, lambda e: seen.append(("inner", e.data[0])))
+        inner_vm.add_exit_port(EXIT_PORT)
+        runs = 0
+
+        def outer(e: kvmpy.IoExit) -> None:
+            nonlocal runs
+            seen.append(("outer", e.data[0]))
+            if e.data[0] == 5:
+                assert inner_cpu.run(timeout=60).reason == "exit"
+                runs += 1
+
+        outer_vm.on_io(DEV_OUT, outer)
+        outer_vm.add_exit_port(EXIT_PORT)
+        assert outer_cpu.run(timeout=60).reason == "exit"
+    assert runs == 1
+    outer_seen = [v for who, v in seen if who == "outer"]
+    inner_seen = [v for who, v in seen if who == "inner"]
+    assert outer_seen == list(range(n_outer))
+    assert inner_seen == list(range(n_inner))
+    at = seen.index(("outer", 5))
+    assert seen[at + 1 : at + 1 + n_inner] == [("inner", i) for i in range(n_inner)]
+
+
+def test_handlers_on_vcpu_threads_release_their_objects(guest: Guest) -> None:
+    # Objects a handler makes and drops on a vCPU thread are freed (none kept, none
+    # double-freed), run after run on fresh threads.
+    n = 200
+    token = object()
+    before = sys.getrefcount(token)
+    kept: list[int] = []
+    for _ in range(3):
+        vm, cpu = user_mode_vm(guest("counter64"), rdi=n)
+        with vm:
+            vm.on_io(DEV_OUT, lambda e: kept.append(len([token, token])))
+            vm.add_exit_port(EXIT_PORT)
+            assert [e.reason for e in vm.run(timeout=60)] == ["exit"]
+            assert cpu.stats()["handler_calls"] == n
+    assert kept == [2] * (3 * n)
+    assert sys.getrefcount(token) == before
