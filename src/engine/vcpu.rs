@@ -2,7 +2,7 @@
 //! two entries into the guest. The run loop itself is in `run.rs`.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, TryLockError};
 use std::time::Duration;
 
@@ -58,6 +58,9 @@ pub struct VcpuCore {
     /// The thread id running the vCPU, if any.
     runner: Mutex<Option<libc::pid_t>>,
     run_ended: Condvar,
+    /// Threads waiting on `run_ended` (changed and read with `runner` locked): a run that
+    /// ends with none skips the notify, a futex system call per run otherwise.
+    run_waiters: AtomicU32,
     pub kicker: Kicker,
     exits: AtomicU64,
     handler_calls: AtomicU64,
@@ -108,8 +111,11 @@ impl Drop for RunGuard<'_> {
         let mut runner = lock(&self.0.runner);
         *runner = None;
         self.0.kicker.end();
+        let waiters = self.0.run_waiters.load(Ordering::Relaxed);
         drop(runner);
-        self.0.run_ended.notify_all();
+        if waiters > 0 {
+            self.0.run_ended.notify_all();
+        }
     }
 }
 
@@ -148,6 +154,7 @@ impl VcpuCore {
             })),
             runner: Mutex::new(None),
             run_ended: Condvar::new(),
+            run_waiters: AtomicU32::new(0),
             kicker: Kicker::default(),
             exits: AtomicU64::new(0),
             handler_calls: AtomicU64::new(0),
@@ -230,11 +237,13 @@ impl VcpuCore {
         self.kicker.stop_run();
         let mut runner = lock(&self.runner);
         while runner.is_some() {
+            self.run_waiters.fetch_add(1, Ordering::Relaxed);
             runner = self
                 .run_ended
                 .wait_timeout(runner, Duration::from_millis(100))
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
+            self.run_waiters.fetch_sub(1, Ordering::Relaxed);
         }
         drop(runner);
         lock(&self.fd).take();
