@@ -134,3 +134,43 @@ fn another_vm_with_the_same_layout_takes_the_snapshot() {
     assert_eq!(other_cpu.sregs().unwrap(), cpu.sregs().unwrap());
     assert_eq!(other_cpu.full_restores(), 1);
 }
+
+#[test]
+fn a_snapshot_from_a_tsc_of_another_frequency_is_set_or_refused_untouched() {
+    if !kvm_usable() {
+        return;
+    }
+    let (vm, _cpu, _console) = vm_with_guest();
+    let mut snap = Arc::try_unwrap(vm.snapshot().unwrap())
+        .ok()
+        .expect("the VM keeps no reference to its snapshot");
+    let khz = snap.vcpus[0]
+        .tsc_khz
+        .expect("a snapshot records the TSC frequency");
+    assert!(khz > 0);
+    assert!(snap.clock.is_some());
+    let other_khz = khz / 2;
+    snap.vcpus[0].tsc_khz = Some(other_khz);
+    let (other, other_cpu, _) = vm_with_guest();
+    other.write_memory(0x5000, b"mine").unwrap();
+    let control = kvm_ioctls::Kvm::new()
+        .unwrap()
+        .check_extension_raw(kvm_bindings::KVM_CAP_TSC_CONTROL.into())
+        > 0;
+    let result = other.restore(&snap);
+    let now = other_cpu
+        .with_fd(|fd| Ok(fd.get_tsc_khz().unwrap()))
+        .unwrap();
+    if control {
+        result.unwrap();
+        assert_eq!(now, other_khz);
+    } else {
+        let err = result.unwrap_err().to_string();
+        assert!(err.contains("KVM_CAP_TSC_CONTROL"), "{err}");
+        assert!(err.contains(&format!("{other_khz} kHz")), "{err}");
+        assert_eq!(now, khz);
+        let mut buf = [0; 4];
+        other.read_memory(0x5000, &mut buf).unwrap();
+        assert_eq!(&buf, b"mine");
+    }
+}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -620,3 +621,80 @@ def test_a_changed_layout_is_refused_and_a_restored_one_is_copied_whole(guest_di
         assert cpu.run(timeout=10).reason == "exit"
         vm.restore(snap)
         assert_as_snapshot(vm, snap, [cpu])
+
+
+MSR_IA32_TSC = 0x10
+# rdtsc ; shl rdx, 32 ; or rax, rdx ; out 0xf4, al
+RDTSC_CODE = bytes([0x0F, 0x31, 0x48, 0xC1, 0xE2, 0x20, 0x48, 0x09, 0xD0, 0xE6, 0xF4])
+AHEAD = 1 << 50  # TSC ticks: years at any frequency
+
+
+def read_tsc(cpu: kvmpy.Vcpu) -> int:
+    cpu.set_regs(rip=RANDOM_CODE)
+    assert cpu.run(timeout=10).reason == "exit"
+    return cpu.regs.rax
+
+
+def host_sets_the_tsc(cpu: kvmpy.Vcpu) -> bool:
+    """Whether this host's KVM honours a host write of IA32_TSC (a nested PVM host runs
+    every guest on the host's TSC and ignores it)."""
+    tsc = cpu.get_msrs([MSR_IA32_TSC])[MSR_IA32_TSC]
+    cpu.set_msrs({MSR_IA32_TSC: tsc + AHEAD})
+    moved = cpu.get_msrs([MSR_IA32_TSC])[MSR_IA32_TSC] >= tsc + AHEAD
+    cpu.set_msrs({MSR_IA32_TSC: tsc})
+    return moved
+
+
+def test_resets_keep_the_clocks_running_and_other_restores_set_them_back(
+    guest_dir: Path, tmp_path: Path
+) -> None:
+    vm, cpu = make_vm(guest_dir)
+    with vm:
+        settable = host_sets_the_tsc(cpu)
+        vm.write(RANDOM_CODE, RDTSC_CODE)
+        cpu.set_regs(rip=RANDOM_CODE)
+        time.sleep(0.05)  # kvmclock past any new VM's own start
+        snap = vm.snapshot()
+        tsc0 = snap.msrs(0)[MSR_IA32_TSC]
+        khz = snap.tsc_khz(0)
+        assert khz is not None and khz > 0
+        assert snap.clock is not None
+        # The host moves the TSC far ahead (where it can): a reset (full, as the host
+        # changed state, then fast) leaves it running from there, never sets it back.
+        cpu.set_msrs({MSR_IA32_TSC: tsc0 + AHEAD})
+        ahead = tsc0 + AHEAD if settable else tsc0
+        seen = []
+        for _ in range(3):
+            assert cpu.run(timeout=10).reason == "exit"
+            seen.append(cpu.regs.rax)
+            vm.restore(snap)
+        assert ahead <= seen[0] <= seen[1] <= seen[2]
+        assert cpu.stats()["full_restores"] == 1
+        # Restoring a snapshot the VM is not based on sets the TSC back to its value
+        # (where the host lets it; elsewhere the guest's TSC is the host's, never back).
+        later = vm.snapshot()
+        assert later.msrs(0)[MSR_IA32_TSC] >= ahead
+        assert later.clock is not None and later.clock >= snap.clock
+        vm.restore(snap)
+        back = read_tsc(cpu)
+        if settable:
+            assert tsc0 <= back < tsc0 + AHEAD
+        else:
+            assert seen[2] <= back < tsc0 + AHEAD
+        vm.restore(later)
+        assert read_tsc(cpu) >= (tsc0 + AHEAD if settable else back)
+        saved = tmp_path / "clock.kvmsnap"
+        snap.save(saved)
+    loaded = kvmpy.Snapshot.load(saved)
+    assert (loaded.clock, loaded.tsc_khz(0)) == (snap.clock, khz)
+    # A new VM from the snapshot starts with its TSC and its kvmclock.
+    for source in (snap, loaded):
+        start = time.monotonic_ns()
+        with kvmpy.Vm.from_snapshot(source) as other:
+            other.add_exit_port(EXIT_PORT)
+            assert tsc0 <= read_tsc(other.vcpus[0]) < tsc0 + AHEAD
+            clock = other.snapshot().clock
+            elapsed = time.monotonic_ns() - start
+            # kvmclock counts nanoseconds: from the snapshot's value, for at most as long
+            # as the host took since (a new VM's own clock starts near 0).
+            assert clock is not None and snap.clock <= clock <= snap.clock + elapsed + 10**6

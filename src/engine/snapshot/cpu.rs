@@ -16,6 +16,8 @@ use crate::engine::vcpu::VcpuCore;
 
 /// IA32_TSC_DEADLINE: written after IA32_TSC, or KVM may miss that a timer must fire.
 const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
+/// IA32_TSC: the guest's time stamp counter.
+pub const MSR_IA32_TSC: u32 = 0x10;
 
 /// Everything KVM holds for one vCPU, and kvmpy's own queue of interrupts for it.
 pub struct VcpuState {
@@ -34,6 +36,8 @@ pub struct VcpuState {
     pub cpuid: Vec<kvm_cpuid_entry2>,
     /// Vectors queued by `queue_interrupt` and not injected yet.
     pub interrupts: Vec<u32>,
+    /// The guest TSC's frequency (KVM_GET_TSC_KHZ); `None` in a file of format version 1.
+    pub tsc_khz: Option<u32>,
 }
 
 /// MSRs KVM reported but refused to read or write, found once per process, for VMs
@@ -146,6 +150,9 @@ pub fn capture(vcpu: &VcpuCore, fd: &mut VcpuFd, kvm: &Kvm, irqchip: bool) -> Re
         .as_slice()
         .to_vec();
     let msrs = read_msrs(kvm, fd, irqchip)?;
+    let tsc_khz = fd
+        .get_tsc_khz()
+        .map_err(|e| Error::ioctl("KVM_GET_TSC_KHZ", e))?;
     let events = fd
         .get_vcpu_events()
         .map_err(|e| Error::ioctl("KVM_GET_VCPU_EVENTS", e))?;
@@ -162,14 +169,16 @@ pub fn capture(vcpu: &VcpuCore, fd: &mut VcpuFd, kvm: &Kvm, irqchip: bool) -> Re
         events,
         cpuid,
         interrupts: vcpu.queued_interrupts(),
+        tsc_khz: Some(tsc_khz),
     })
 }
 
 /// Puts everything back, in Firecracker's order: MP state; general registers before the
 /// vCPU events (setting registers drops a pending exception the events restore); special
 /// registers before the LAPIC (they hold the APIC base); the LAPIC before the MSRs (the
-/// TSC deadline needs it); the events last.
-pub fn put_all(vcpu: &VcpuCore, fd: &mut VcpuFd, st: &VcpuState) -> Result<()> {
+/// TSC deadline needs it); the events last. With `keep_tsc` the guest's TSC is left
+/// running (see `Snapshot`'s clock rule) instead of set back.
+pub fn put_all(vcpu: &VcpuCore, fd: &mut VcpuFd, st: &VcpuState, keep_tsc: bool) -> Result<()> {
     fd.set_mp_state(st.mp_state)
         .map_err(|e| Error::ioctl("KVM_SET_MP_STATE", e))?;
     vcpu.put_regs_now(fd, &st.regs)?;
@@ -183,7 +192,17 @@ pub fn put_all(vcpu: &VcpuCore, fd: &mut VcpuFd, st: &VcpuState) -> Result<()> {
         fd.set_lapic(lapic)
             .map_err(|e| Error::ioctl("KVM_SET_LAPIC", e))?;
     }
-    write_msrs(fd, &st.msrs, st.lapic.is_some())?;
+    if keep_tsc {
+        let msrs: Vec<kvm_msr_entry> = st
+            .msrs
+            .iter()
+            .filter(|e| e.index != MSR_IA32_TSC)
+            .copied()
+            .collect();
+        write_msrs(fd, &msrs, st.lapic.is_some())?;
+    } else {
+        write_msrs(fd, &st.msrs, st.lapic.is_some())?;
+    }
     fd.set_vcpu_events(&st.events)
         .map_err(|e| Error::ioctl("KVM_SET_VCPU_EVENTS", e))?;
     vcpu.set_queued_interrupts(&st.interrupts);
@@ -203,6 +222,49 @@ fn put_xsave(fd: &VcpuFd, st: &VcpuState) -> Result<()> {
     // SAFETY: `st.xsave` is a whole kvm_xsave that KVM_GET_XSAVE filled (or a snapshot file
     // whose size was checked); KVM reads exactly that struct.
     unsafe { fd.set_xsave(&st.xsave) }.map_err(|e| Error::ioctl("KVM_SET_XSAVE", e))
+}
+
+/// Whether the host's KVM can run a guest TSC at another frequency than the host's
+/// (KVM_CAP_TSC_CONTROL).
+fn host_has_tsc_control(kvm: &Kvm) -> bool {
+    static CONTROL: OnceLock<bool> = OnceLock::new();
+    *CONTROL.get_or_init(|| kvm.check_extension_raw(kvm_bindings::KVM_CAP_TSC_CONTROL.into()) > 0)
+}
+
+/// Frequencies KVM treats as the same (its `tsc_tolerance_ppm`, 250 ppm): it neither
+/// scales nor catches up within them.
+fn same_khz(a: u32, b: u32) -> bool {
+    u64::from(a.abs_diff(b)) * 1_000_000 <= u64::from(a) * 250
+}
+
+/// Fails, naming the host limit, unless the vCPU behind `fd` runs its TSC at the
+/// snapshot's frequency or this host can make it (KVM_CAP_TSC_CONTROL). Returns the
+/// frequency to set, if one must be.
+pub fn check_tsc_khz(kvm: &Kvm, fd: &VcpuFd, st: &VcpuState) -> Result<Option<u32>> {
+    let Some(want) = st.tsc_khz else {
+        return Ok(None);
+    };
+    let have = fd
+        .get_tsc_khz()
+        .map_err(|e| Error::ioctl("KVM_GET_TSC_KHZ", e))?;
+    if same_khz(want, have) {
+        return Ok(None);
+    }
+    if want == 0 || !host_has_tsc_control(kvm) {
+        return Err(Error::Unsupported(format!(
+            "vCPU {}'s TSC ran at {want} kHz in the snapshot and runs at {have} kHz here, and \
+             this host's KVM cannot change a guest's TSC frequency (no KVM_CAP_TSC_CONTROL): \
+             restore the snapshot on a host with the same TSC frequency",
+            st.id
+        )));
+    }
+    Ok(Some(want))
+}
+
+/// Sets the vCPU's TSC frequency (after `check_tsc_khz` said so).
+pub fn set_tsc_khz(fd: &VcpuFd, khz: u32) -> Result<()> {
+    fd.set_tsc_khz(khz)
+        .map_err(|e| Error::ioctl("KVM_SET_TSC_KHZ", e))
 }
 
 /// Fails, naming the first difference, unless the vCPU behind `fd` has the CPUID `st` was

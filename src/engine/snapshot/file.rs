@@ -1,12 +1,14 @@
-//! The snapshot file format, version 1. Little-endian throughout:
+//! The snapshot file format, version 2. Little-endian throughout:
 //!
 //! ```text
 //! header   magic "KVMPYSNP", format version (u32), kvmpy version (str), CPU vendor
 //!          (12 bytes, CPUID leaf 0), the sizes of the KVM structs stored (u32 each)
 //! vCPUs    count (u32); per vCPU: id (u64), MP state, regs, sregs, XSAVE, XCRs, debug
 //!          registers, vCPU events, LAPIC (flag + struct), MSRs (count + kvm_msr_entry),
-//!          CPUID (count + kvm_cpuid_entry2), queued interrupts (count + u32)
+//!          CPUID (count + kvm_cpuid_entry2), queued interrupts (count + u32),
+//!          TSC frequency in kHz (u32; 0: not known)
 //! chips    irqchip flag (+ 3 kvm_irqchip), PIT flag (+ kvm_pit_state2)
+//! clock    kvmclock flag (+ nanoseconds, u64)
 //! devices  count (u32); per device: name (str), state (bytes)
 //! memory   count (u32); per region: guest_addr (u64), size (u64), readonly (u8),
 //!          stored page count (u64), then per page: index (u64) + 4096 bytes;
@@ -14,7 +16,9 @@
 //! trailer  a 64-bit checksum of everything before it
 //! ```
 //! `str` and `bytes` are a u32 length and the bytes. Everything is checked when a file
-//! is read, before any VM sees the snapshot.
+//! is read, before any VM sees the snapshot. Version 1 (kvmpy before the clock was
+//! saved) lacks the TSC frequency and the clock: such a file still loads, and a restore
+//! of it leaves the VM's kvmclock as it is and checks no TSC frequency.
 
 use std::io::Write;
 
@@ -31,7 +35,7 @@ use crate::engine::snapshot::image::RegionImage;
 use crate::engine::snapshot::{next_id, Snapshot};
 
 const MAGIC: &[u8; 8] = b"KVMPYSNP";
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 const PAGE: usize = 4096;
 /// The most guest memory a file may describe (4 TiB): what is mapped and tracked for it
 /// is allocated before the pages are read.
@@ -114,9 +118,27 @@ impl Writer {
 /// Writes `snap` to `path` (through a temporary file renamed into place); `cpu_vendor`
 /// is the vendor of the CPU the snapshot was taken on.
 pub fn save(snap: &Snapshot, path: &std::path::Path, cpu_vendor: [u8; 12]) -> Result<()> {
+    let w = encode(snap, cpu_vendor, FORMAT_VERSION);
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".partial");
+    let tmp = std::path::PathBuf::from(tmp);
+    let written = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(&w)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    written.map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        Error::Io(format!("cannot write {}", path.display()), e)
+    })
+}
+
+/// The bytes of a file of format `version` (this one, or 1 for tests of old files).
+fn encode(snap: &Snapshot, cpu_vendor: [u8; 12], version: u32) -> Vec<u8> {
     let mut w = Writer(Vec::new());
     w.raw(MAGIC);
-    w.u32(FORMAT_VERSION);
+    w.u32(version);
     w.bytes(env!("CARGO_PKG_VERSION").as_bytes());
     w.raw(&cpu_vendor);
     for s in struct_sizes() {
@@ -139,6 +161,9 @@ pub fn save(snap: &Snapshot, path: &std::path::Path, cpu_vendor: [u8; 12]) -> Re
         w.list(&v.msrs);
         w.list(&v.cpuid);
         w.list(&v.interrupts);
+        if version >= 2 {
+            w.u32(v.tsc_khz.unwrap_or(0));
+        }
     }
     w.raw(&[u8::from(snap.irqchip.is_some())]);
     for chip in snap.irqchip.iter().flatten() {
@@ -147,6 +172,12 @@ pub fn save(snap: &Snapshot, path: &std::path::Path, cpu_vendor: [u8; 12]) -> Re
     w.raw(&[u8::from(snap.pit.is_some())]);
     if let Some(pit) = &snap.pit {
         w.pod(pit);
+    }
+    if version >= 2 {
+        w.raw(&[u8::from(snap.clock.is_some())]);
+        if let Some(ns) = snap.clock {
+            w.u64(ns);
+        }
     }
     w.u32(snap.devices.len() as u32);
     for (name, state) in &snap.devices {
@@ -167,19 +198,7 @@ pub fn save(snap: &Snapshot, path: &std::path::Path, cpu_vendor: [u8; 12]) -> Re
     }
     let sum = checksum(&w.0);
     w.u64(sum);
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".partial");
-    let tmp = std::path::PathBuf::from(tmp);
-    let written = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&w.0)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    written.map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        Error::Io(format!("cannot write {}", path.display()), e)
-    })
+    w.0
 }
 
 struct Reader<'a> {
@@ -265,8 +284,8 @@ pub fn parse(data: &[u8], host_vendor: [u8; 12]) -> Result<Snapshot> {
             env!("CARGO_PKG_VERSION")
         )));
     }
-    if version != FORMAT_VERSION {
-        return Err(bad(format_args!("unknown format version {version}")));
+    if version == 0 {
+        return Err(bad("format version 0"));
     }
     let body = data
         .len()
@@ -303,7 +322,7 @@ pub fn parse(data: &[u8], host_vendor: [u8; 12]) -> Result<Snapshot> {
         )));
     }
     let vcpus = (0..r.u32("the vCPU count")?)
-        .map(|_| read_vcpu(&mut r))
+        .map(|_| read_vcpu(&mut r, version))
         .collect::<Result<Vec<_>>>()?;
     let irqchip = if r.flag("the irqchip flag")? {
         Some(
@@ -316,6 +335,11 @@ pub fn parse(data: &[u8], host_vendor: [u8; 12]) -> Result<Snapshot> {
     };
     let pit = if r.flag("the PIT flag")? {
         Some(r.pod("the PIT")?)
+    } else {
+        None
+    };
+    let clock = if version >= 2 && r.flag("the clock flag")? {
+        Some(r.u64("the clock")?)
     } else {
         None
     };
@@ -344,10 +368,11 @@ pub fn parse(data: &[u8], host_vendor: [u8; 12]) -> Result<Snapshot> {
         irqchip,
         pit,
         devices,
+        clock,
     })
 }
 
-fn read_vcpu(r: &mut Reader<'_>) -> Result<VcpuState> {
+fn read_vcpu(r: &mut Reader<'_>, version: u32) -> Result<VcpuState> {
     Ok(VcpuState {
         id: r.u64("a vCPU id")?,
         mp_state: r.pod("an MP state")?,
@@ -365,6 +390,11 @@ fn read_vcpu(r: &mut Reader<'_>) -> Result<VcpuState> {
         msrs: r.list("MSRs", 4096)?,
         cpuid: r.list("CPUID entries", kvm_bindings::KVM_MAX_CPUID_ENTRIES)?,
         interrupts: r.list("queued interrupts", 1 << 16)?,
+        tsc_khz: if version >= 2 {
+            Some(r.u32("a TSC frequency")?).filter(|khz| *khz != 0)
+        } else {
+            None
+        },
     })
 }
 
@@ -421,6 +451,7 @@ mod tests {
             irqchip: None,
             pit: None,
             devices: vec![("a console".into(), b"hi".to_vec())],
+            clock: Some(123_456_789),
         }
     }
 
@@ -445,6 +476,7 @@ mod tests {
             events: kvm_vcpu_events::default(),
             cpuid: vec![kvm_cpuid_entry2::default()],
             interrupts: vec![32],
+            tsc_khz: Some(2_596_098),
         });
         snap
     }
@@ -500,6 +532,28 @@ mod tests {
     }
 
     #[test]
+    fn the_clock_and_tsc_frequency_round_trip() {
+        let snap = parse(&bytes_of(&tiny_with_a_vcpu()), [0; 12]).unwrap();
+        assert_eq!(snap.clock, Some(123_456_789));
+        assert_eq!(snap.vcpus[0].tsc_khz, Some(2_596_098));
+        assert_eq!(snap.vcpus[0].interrupts, vec![32]);
+    }
+
+    #[test]
+    fn version_1_files_load_without_a_clock_and_version_0_is_refused() {
+        let mut data = encode(&tiny_with_a_vcpu(), [0; 12], 1);
+        let snap = parse(&data, [0; 12]).unwrap();
+        assert_eq!(snap.clock, None);
+        assert_eq!(snap.vcpus[0].tsc_khz, None);
+        assert_eq!(snap.vcpus[0].msrs[0].data, 7);
+        assert_eq!(snap.regions[0].page(1)[7], 0x5a);
+        assert_eq!(snap.devices[0].1, b"hi".to_vec());
+        data[8] = 0;
+        let err = parse(&resealed(data), [0; 12]).err().unwrap().to_string();
+        assert!(err.contains("version 0"), "{err}");
+    }
+
+    #[test]
     fn round_trip_keeps_pages_and_devices() {
         let data = bytes_of(&tiny());
         let snap = parse(&data, [0; 12]).unwrap();
@@ -547,7 +601,7 @@ mod tests {
             err.contains("CPU vendor") || err.contains("GenuineIntel"),
             "{err}"
         );
-        data[8] = 2;
+        data[8] = 3;
         let err = parse(&data, [0; 12]).err().unwrap().to_string();
         assert!(err.contains("newer"), "{err}");
         let err = parse(b"ELF\x7f and more bytes", [0; 12])

@@ -8,6 +8,16 @@
 //! state is written only when it may differ: `kvm_run` mirrors the special registers
 //! and events (compared there), and state only ring-0 code or the host can change is
 //! rewritten when the host changed some or the vCPU exited at ring 0 since.
+//!
+//! Time: a snapshot holds each vCPU's TSC (an MSR), its frequency and the VM's kvmclock.
+//! A restore of the snapshot a VM's memory is based on (the one it took or last
+//! restored: a fuzzing reset) leaves both clocks running, so a guest reading `rdtsc` or
+//! kvmclock sees time go forward across resets and the two agree (KVM keeps kvmclock's
+//! TSC-to-time mapping, and the restored pvclock page computes the same time from the
+//! running TSC); writing them back would cost two ioctls per reset. Any other restore
+//! (another snapshot, one from a file, a new VM from a snapshot) sets both back to the
+//! snapshot's values, as if no time had passed since it was taken (a host that runs
+//! guests on its own TSC, like a nested PVM-style KVM, ignores the TSC write).
 
 pub mod cpu;
 pub mod dirty;
@@ -17,7 +27,7 @@ pub mod image;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use kvm_bindings::{kvm_irqchip, kvm_pit_state2};
+use kvm_bindings::{kvm_clock_data, kvm_irqchip, kvm_pit_state2};
 
 use crate::engine::error::{Error, Result};
 use crate::engine::lock;
@@ -37,6 +47,9 @@ pub struct Snapshot {
     pub pit: Option<kvm_pit_state2>,
     /// `(name, state)` of each device that has state, in bus order.
     pub devices: Vec<(String, Vec<u8>)>,
+    /// The VM's kvmclock in nanoseconds (KVM_GET_CLOCK); `None` in a file of format
+    /// version 1.
+    pub clock: Option<u64>,
 }
 
 /// This host's CPU vendor, as KVM reports it to guests.
@@ -258,6 +271,8 @@ impl VmCore {
             )?);
         }
         let (irqchip, pit) = self.capture_chips()?;
+        let clock =
+            self.with_fd(|fd| fd.get_clock().map_err(|e| Error::ioctl("KVM_GET_CLOCK", e)))?;
         let devices = self
             .bus()
             .devices()
@@ -297,6 +312,7 @@ impl VmCore {
             irqchip,
             pit,
             devices,
+            clock: Some(clock.clock),
         }))
     }
 
@@ -362,11 +378,13 @@ impl VmCore {
             .iter()
             .map(|v| v.lock_idle())
             .collect::<Result<Vec<_>>>()?;
+        let mut khz = vec![None; snap.vcpus.len()];
         if lock(&self.tracking).base != Some(snap.id) {
             // Another VM's snapshot, or one loaded from a file: its vCPU state must fit.
-            for (g, st) in guards.iter_mut().zip(&snap.vcpus) {
+            for ((g, st), khz) in guards.iter_mut().zip(&snap.vcpus).zip(&mut khz) {
                 let holder = g.as_mut().ok_or(Error::Closed("vCPU"))?;
                 cpu::check_cpuid(&holder.fd, st)?;
+                *khz = cpu::check_tsc_khz(&self.kvm, &holder.fd, st)?;
             }
         }
         for ((v, g), st) in vcpus.iter().zip(guards.iter_mut()).zip(&snap.vcpus) {
@@ -392,8 +410,15 @@ impl VmCore {
         };
         self.restore_chips(snap)?;
         self.repatch_breakpoints()?;
-        for ((v, g), st) in vcpus.iter().zip(guards.iter_mut()).zip(&snap.vcpus) {
+        for ((v, g), (st, khz)) in vcpus
+            .iter()
+            .zip(guards.iter_mut())
+            .zip(snap.vcpus.iter().zip(khz))
+        {
             let holder = g.as_mut().ok_or(Error::Closed("vCPU"))?;
+            if let Some(khz) = khz {
+                cpu::set_tsc_khz(&holder.fd, khz)?;
+            }
             let hidden = v.take_hidden_dirty();
             let fast = tracked
                 && !hidden
@@ -403,11 +428,23 @@ impl VmCore {
             if fast {
                 cpu::put_user(v, &mut holder.fd, st)?;
             } else {
-                cpu::put_all(v, &mut holder.fd, st)?;
+                cpu::put_all(v, &mut holder.fd, st, tracked)?;
                 v.mirror_state(&mut holder.fd);
                 v.take_hidden_dirty();
                 v.count_full_restore();
             }
+        }
+        if let (false, Some(ns)) = (tracked, snap.clock) {
+            // Flags 0: the clock is set to exactly this value, not advanced by the
+            // real time that passed since.
+            let data = kvm_clock_data {
+                clock: ns,
+                ..Default::default()
+            };
+            self.with_fd(|fd| {
+                fd.set_clock(&data)
+                    .map_err(|e| Error::ioctl("KVM_SET_CLOCK", e))
+            })?;
         }
         if !devices {
             return Ok(());
