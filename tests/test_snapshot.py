@@ -698,3 +698,22 @@ def test_resets_keep_the_clocks_running_and_other_restores_set_them_back(
             # kvmclock counts nanoseconds: from the snapshot's value, for at most as long
             # as the host took since (a new VM's own clock starts near 0).
             assert clock is not None and snap.clock <= clock <= snap.clock + elapsed + 10**6
+
+
+def test_xsave_state_is_captured_whole_or_refused(guest_dir: Path) -> None:
+    # KVM_CAP_XSAVE2: the bytes of a VM's XSAVE state (larger than 4096 with AMX state
+    # the process enabled for guests); a snapshot holds 4096.
+    size = kvmpy.Kvm().check_extension("xsave2")
+    vm, cpu = make_vm(guest_dir)
+    with vm:
+        if size > 4096:
+            with pytest.raises(kvmpy.KvmUnsupported, match="KVM_CAP_XSAVE2"):
+                vm.snapshot()
+            return
+        before = vector_state(vm, cpu)
+        snap = vm.snapshot()
+        vm.write(RANDOM_CODE, random_program(random.Random(5)))
+        cpu.set_regs(rip=RANDOM_CODE)
+        assert cpu.run(timeout=10).reason == "exit"
+        vm.restore(snap)
+        assert vector_state(vm, cpu) == before

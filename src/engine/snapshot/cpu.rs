@@ -119,6 +119,24 @@ fn write_msrs(fd: &VcpuFd, entries: &[kvm_msr_entry], irqchip: bool) -> Result<(
     Ok(())
 }
 
+/// The bytes of `kvm_xsave`'s region: the XSAVE state a snapshot holds.
+const XSAVE_BYTES: usize = std::mem::size_of::<kvm_xsave>();
+
+/// Fails, naming the host limit, when a VM's XSAVE state (`size` bytes, what
+/// KVM_CHECK_EXTENSION(KVM_CAP_XSAVE2) says on its fd; 0 where the host lacks the
+/// capability) is larger than a snapshot holds: KVM_GET_XSAVE would drop the rest (the
+/// AMX tile data of a process that asked for it with ARCH_REQ_XCOMP_GUEST_PERM).
+pub fn check_xsave_size(size: i32) -> Result<()> {
+    if usize::try_from(size).unwrap_or(0) <= XSAVE_BYTES {
+        return Ok(());
+    }
+    Err(Error::Unsupported(format!(
+        "this VM's XSAVE state is {size} bytes (KVM_CAP_XSAVE2), larger than the \
+         {XSAVE_BYTES} bytes of KVM_GET_XSAVE that kvmpy's snapshots hold (AMX tile state \
+         this process enabled for guests): snapshots of such a VM are not supported"
+    )))
+}
+
 /// Captures a vCPU's state. KVM_GET_MP_STATE comes first (it may change LAPIC state) and
 /// the vCPU events last (the other reads may change them), as Firecracker does.
 pub fn capture(vcpu: &VcpuCore, fd: &mut VcpuFd, kvm: &Kvm, irqchip: bool) -> Result<VcpuState> {
@@ -307,4 +325,26 @@ pub fn check_cpuid(fd: &VcpuFd, st: &VcpuState) -> Result<()> {
          the snapshot's CPUID with set_cpuid first",
         st.id
     )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn xsave_state_larger_than_a_snapshot_holds_is_refused() {
+        for size in [0, 576, 4096] {
+            check_xsave_size(size).unwrap();
+        }
+        let err = check_xsave_size(11_008).unwrap_err().to_string();
+        assert!(err.contains("11008 bytes (KVM_CAP_XSAVE2)"), "{err}");
+    }
+
+    #[test]
+    fn tsc_frequencies_within_250_ppm_are_the_same() {
+        assert!(same_khz(2_596_098, 2_596_098));
+        assert!(same_khz(2_596_098, 2_596_098 + 600));
+        assert!(!same_khz(2_596_098, 2_596_098 + 700));
+        assert!(!same_khz(2_596_098, 1_298_049));
+    }
 }

@@ -259,6 +259,9 @@ impl VmCore {
                 v.id
             )));
         }
+        cpu::check_xsave_size(
+            self.with_fd(|fd| Ok(fd.check_extension_raw(kvm_bindings::KVM_CAP_XSAVE2.into())))?,
+        )?;
         let mut states = Vec::with_capacity(vcpus.len());
         for (v, g) in vcpus.iter().zip(guards.iter_mut()) {
             let holder = g.as_mut().ok_or(Error::Closed("vCPU"))?;
