@@ -11,7 +11,7 @@
 //! first (`complete_deferred`).
 //!
 //! Linux's `arch/x86/kvm/x86.c`: `kvm_fast_pio_out` records `kvm_get_linear_rip()` when
-//! it exits to userspace (in `cui_linear_rip`, `pio.linear_rip` in kernels before 5.19),
+//! it exits to userspace (in `cui_linear_rip`; `pio.linear_rip` in older kernels),
 //! and `complete_fast_pio_out` returns without `kvm_skip_emulated_instruction` unless
 //! `kvm_is_linear_rip()` still matches it; tests/test_snapshot.py checks it on the host
 //! (a restore to the instructions before the OUT runs them all again).
