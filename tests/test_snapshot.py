@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import struct
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -61,10 +62,23 @@ def random_program(rng: random.Random) -> bytes:
     return code + b"\xe6\xf4"
 
 
+# Every test runs with KVM's dirty bitmap and again with its dirty ring (`dirty_ring=N`)
+# tracking the pages the guest writes.
+RING: int | None = None
+
+
+@pytest.fixture(autouse=True, params=[None, 4096], ids=["bitmap", "ring"])
+def tracking(request: pytest.FixtureRequest) -> Iterator[int | None]:
+    global RING
+    RING = request.param
+    yield RING
+    RING = None
+
+
 def make_vm(
     guest_dir: Path, *, exceptions: bool = False, **vm_args: bool
 ) -> tuple[kvmpy.Vm, kvmpy.Vcpu]:
-    vm = kvmpy.Vm(**vm_args)
+    vm = kvmpy.Vm(dirty_ring=RING, **vm_args)
     ram = vm.add_memory(0, RAM)
     ram.write(LONG_LOAD, (guest_dir / "snapshot64.bin").read_bytes())
     ram.write(DUMP_CODE, dump_program())
@@ -192,7 +206,7 @@ def test_restore_after_a_handler_exception(guest_dir: Path) -> None:
 
 
 def test_four_vcpus(guest_dir: Path) -> None:
-    vm = kvmpy.Vm()
+    vm = kvmpy.Vm(dirty_ring=RING)
     with vm:
         vm.add_memory(0, RAM).write(LONG_LOAD, (guest_dir / "snapshot64.bin").read_bytes())
         vm.add_exit_port(EXIT_PORT)
@@ -244,7 +258,7 @@ def test_views_make_a_region_wholly_dirty(guest_dir: Path) -> None:
 
 
 def test_dirty_pages_still_reports_and_restore_still_sees_them(guest_dir: Path) -> None:
-    vm = kvmpy.Vm()
+    vm = kvmpy.Vm(dirty_ring=RING)
     with vm:
         ram = vm.add_memory(0, RAM, dirty_log=True)
         ram.write(LONG_LOAD, (guest_dir / "snapshot64.bin").read_bytes())
@@ -254,7 +268,11 @@ def test_dirty_pages_still_reports_and_restore_still_sees_them(guest_dir: Path) 
         cpu.set_regs(rip=LONG_LOAD, rdi=2, rsi=1)
         snap = vm.snapshot()
         assert cpu.run(timeout=10).reason == "exit"
-        assert {DATA, DATA + 0x1000} <= set(ram.dirty_pages())
+        if RING is None:
+            assert {DATA, DATA + 0x1000} <= set(ram.dirty_pages())
+        else:  # the ring has no bitmap to read; the restore still sees the pages
+            with pytest.raises(kvmpy.KvmUnsupported, match="dirty ring"):
+                ram.dirty_pages()
         vm.restore(snap)
         assert_as_snapshot(vm, snap, [cpu])
 
@@ -741,3 +759,40 @@ def test_xsave_state_is_captured_whole_or_refused(guest_dir: Path) -> None:
         assert cpu.run(timeout=10).reason == "exit"
         vm.restore(snap)
         assert vector_state(vm, cpu) == before
+
+
+def test_a_full_dirty_ring_is_harvested_and_the_run_goes_on(guest_dir: Path) -> None:
+    # 1500 pages written in one run through a ring of 256 entries: KVM exits with
+    # KVM_EXIT_DIRTY_RING_FULL several times, each harvested inside run().
+    vm = kvmpy.Vm(dirty_ring=256)
+    with vm:
+        ram = vm.add_memory(0, 8 << 20)
+        ram.write(LONG_LOAD, (guest_dir / "snapshot64.bin").read_bytes())
+        vm.add_exit_port(EXIT_PORT)
+        cpu = vm.create_vcpu()
+        cpu.setup_long_mode(user=True)
+        cpu.set_regs(rip=LONG_LOAD, rdi=1500, rsi=7)
+        snap = vm.snapshot()
+        for _ in range(2):
+            exits = cpu.stats()["exits"]
+            assert cpu.run(timeout=30).reason == "exit"
+            assert cpu.stats()["exits"] - exits > 1500 // 256
+            assert vm.read(DATA + 1499 * 0x1000, 8) == struct.pack("<Q", 7 + 1499)
+            vm.restore(snap)
+            assert vm.read(0, 8 << 20) == snap.read(0, 8 << 20)
+            assert cpu.regs == snap.regs(0)
+
+
+def test_dirty_ring_sizes_and_host_limits() -> None:
+    limit = kvmpy.Kvm().check_extension("dirty_log_ring")
+    if limit == 0:
+        with pytest.raises(kvmpy.KvmUnsupported, match="KVM_CAP_DIRTY_LOG_RING"):
+            kvmpy.Vm(dirty_ring=4096)
+        return
+    for bad in (0, 100, 128, limit // 16 * 2, -1, 2**40):
+        with pytest.raises((ValueError, OverflowError)):
+            kvmpy.Vm(dirty_ring=bad)
+    with kvmpy.Vm(dirty_ring=limit // 16) as vm:
+        assert vm.dirty_ring == limit // 16
+    with kvmpy.Vm() as vm:
+        assert vm.dirty_ring is None

@@ -815,7 +815,12 @@ class Vm:
     call `close()`: closing stops running vCPUs, closes every KVM fd the VM owns and detaches
     its memory regions.
     """
-    def __new__(cls, *, irqchip: bool = False, pit: bool = False) -> Vm: ...
+    def __new__(
+        cls, *, irqchip: bool = False, pit: bool = False, dirty_ring: int | None = None
+    ) -> Vm: ...
+    @property
+    def dirty_ring(self) -> int | None:
+        """The entries of each vCPU's dirty ring (`dirty_ring=N`), or `None`."""
     @property
     def irqchip(self) -> bool:
         """Whether the VM has an in-kernel irqchip."""

@@ -23,6 +23,7 @@ pub mod cpu;
 pub mod dirty;
 pub mod file;
 pub mod image;
+pub mod ring;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -214,19 +215,43 @@ fn device_names(vm: &VmCore) -> Vec<String> {
         .collect()
 }
 
+/// The dirty rings of the vCPUs whose fd holders are `guards` (a VM with the ring on).
+fn rings<'a, 'b: 'a>(
+    guards: &'a mut [Guard<'b>],
+) -> impl Iterator<Item = &'a mut ring::DirtyRing> + use<'a, 'b> {
+    guards
+        .iter_mut()
+        .filter_map(|g| g.as_mut().and_then(|h| h.ring.as_mut()))
+}
+
+type Guard<'a> = std::sync::MutexGuard<'a, Option<crate::engine::vcpu::VcpuFdHolder>>;
+
 /// Makes the VM track writes for snapshots from now on: manual re-protection where the
-/// host has it, KVM's dirty log on for every region, every log and record emptied.
-fn start_tracking(vm: &VmCore, memory: &MemoryMap, tracking: &mut Tracking) -> Result<()> {
+/// host has it, KVM's dirty log on for every region, every log (or ring) and record
+/// emptied.
+fn start_tracking(
+    vm: &VmCore,
+    memory: &MemoryMap,
+    tracking: &mut Tracking,
+    guards: &mut [Guard<'_>],
+) -> Result<()> {
+    let with_ring = vm.dirty_ring() != 0;
     vm.with_fd(|fd| {
         if tracking.manual.is_none() {
-            tracking.manual = Some(dirty::enable_manual_protect(&vm.kvm, fd));
+            tracking.manual = Some(!with_ring && dirty::enable_manual_protect(&vm.kvm, fd));
         }
         let manual = tracking.manual.unwrap_or(false);
         for region in memory.regions() {
             memory.log_dirty_pages(fd, region)?;
-            let mut bits = vec![0; dirty::bitmap_words(region)];
-            dirty::read(fd, region, manual, &mut bits)?;
+            if !with_ring {
+                let mut bits = vec![0; dirty::bitmap_words(region)];
+                dirty::read(fd, region, manual, &mut bits)?;
+            }
             region.record.track(region.pages());
+        }
+        if with_ring {
+            ring::harvest_regions(rings(guards), memory.regions(), |_, _| {});
+            ring::reset(fd)?;
         }
         Ok(())
     })
@@ -285,7 +310,7 @@ impl VmCore {
         let originals = self.breakpoint_originals();
         let memory = lock(self.memory_map());
         let mut tracking = lock(&self.tracking);
-        start_tracking(self, &memory, &mut tracking)?;
+        start_tracking(self, &memory, &mut tracking, &mut guards)?;
         let mut regions = memory
             .regions()
             .iter()
@@ -401,9 +426,9 @@ impl VmCore {
             let mut tracking = lock(&self.tracking);
             let tracked = tracking.base == Some(snap.id);
             if tracked {
-                self.restore_dirty(snap, &memory, &mut tracking)?;
+                self.restore_dirty(snap, &memory, &mut tracking, &mut guards)?;
             } else {
-                start_tracking(self, &memory, &mut tracking)?;
+                start_tracking(self, &memory, &mut tracking, &mut guards)?;
                 for (image, region) in snap.regions.iter().zip(memory.regions()) {
                     image.restore_all(region, region.backing == Some(snap.id))?;
                 }
@@ -470,7 +495,11 @@ impl VmCore {
         snap: &Snapshot,
         memory: &MemoryMap,
         tracking: &mut Tracking,
+        guards: &mut [Guard<'_>],
     ) -> Result<()> {
+        if self.dirty_ring() != 0 {
+            return self.restore_ring(snap, memory, tracking, guards);
+        }
         let manual = tracking.manual.unwrap_or(false);
         self.with_fd(|fd| {
             for (image, region) in snap.regions.iter().zip(memory.regions()) {
@@ -486,6 +515,41 @@ impl VmCore {
             }
             Ok(())
         })
+    }
+
+    /// `restore_dirty` with the dirty ring: the pages every vCPU's ring holds, then the
+    /// rings reset.
+    fn restore_ring(
+        &self,
+        snap: &Snapshot,
+        memory: &MemoryMap,
+        tracking: &mut Tracking,
+        guards: &mut [Guard<'_>],
+    ) -> Result<()> {
+        let regions = memory.regions();
+        tracking.ring_bits.resize_with(regions.len(), Vec::new);
+        for (bits, region) in tracking.ring_bits.iter_mut().zip(regions) {
+            let words = dirty::bitmap_words(region);
+            if bits.len() != words {
+                *bits = vec![0; words];
+            }
+        }
+        let all = &mut tracking.ring_bits;
+        ring::harvest_regions(rings(guards), regions, |i, page| {
+            all[i][(page / 64) as usize] |= 1 << (page % 64);
+        });
+        self.with_fd(ring::reset)?;
+        for ((image, region), bits) in snap.regions.iter().zip(regions).zip(all.iter_mut()) {
+            if region.record.take(bits) {
+                image.restore_all(region, region.backing == Some(snap.id))?;
+            } else {
+                image.restore_pages(region, bits);
+            }
+            if let Some((first, last)) = dirty::nonzero_span(bits) {
+                bits[first..=last].fill(0);
+            }
+        }
+        Ok(())
     }
 
     fn restore_chips(&self, snap: &Snapshot) -> Result<()> {
