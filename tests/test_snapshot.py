@@ -796,3 +796,34 @@ def test_dirty_ring_sizes_and_host_limits() -> None:
         assert vm.dirty_ring == limit // 16
     with kvmpy.Vm() as vm:
         assert vm.dirty_ring is None
+
+
+def test_capture_of_a_big_sparse_guest_holds_every_page_it_wrote(guest_dir: Path) -> None:
+    # A capture looks only at the pages the process touched: the guest's, the host's,
+    # and pages written and zeroed again; what it holds must be exactly the memory.
+    size = 64 << 20
+    vm = kvmpy.Vm(dirty_ring=RING)
+    with vm:
+        ram = vm.add_memory(0, size)
+        ram.write(LONG_LOAD, (guest_dir / "snapshot64.bin").read_bytes())
+        vm.add_exit_port(EXIT_PORT)
+        cpu = vm.create_vcpu()
+        cpu.setup_long_mode(user=True)
+        cpu.set_regs(rip=LONG_LOAD, rdi=100, rsi=3)
+        assert cpu.run(timeout=10).reason == "exit"
+        rng = random.Random(9)
+        for _ in range(50):
+            vm.write(rng.randrange(0, size - 16), rng.randbytes(16))
+        vm.write(0x3000000, b"\1" * 4096)
+        vm.write(0x3000000, bytes(4096))  # touched, zero again
+        with memoryview(ram) as view:
+            view[size - 1] = 0x77  # the last byte, through a view
+        snap = vm.snapshot()
+        assert snap.read(0, size) == vm.read(0, size)
+        with kvmpy.Vm.from_snapshot(snap) as other:
+            assert other.read(0, size) == vm.read(0, size)
+            # A view of the snapshot's memory is read whole: untouched, it reads the image.
+            other.write(0x2000000, b"other")
+            again = other.snapshot()
+            assert again.read(0, size) == other.read(0, size)
+            assert again.read(size - 1, 1) == b"\x77"
