@@ -595,13 +595,14 @@ def test_vms_from_one_snapshot_share_its_memory(guest_dir: Path, tmp_path: Path)
         vm.write(0x150000, b"clean image")
         snap = vm.snapshot()
     views = snapshot_views()
-    vms = [kvmpy.Vm.from_snapshot(snap) for _ in range(2)]
+    vms = [kvmpy.Vm.from_snapshot(snap, dirty_ring=RING) for _ in range(2)]
     vms.append(kvmpy.Vm.from_snapshot(kvmpy.Snapshot.load(_saved(snap, tmp_path))))
     # One private view per VM (the loaded snapshot, gone again, kept no mapping).
     assert snapshot_views() == views + 3
     try:
         for i, other in enumerate(vms):
             assert other.irqchip and len(other.vcpus) == 1
+            assert other.dirty_ring == (RING if i < 2 else None)
             other.add_exit_port(EXIT_PORT)
             ocpu = other.vcpus[0]
             assert other.read(0, RAM) == snap.read(0, RAM)
@@ -784,6 +785,11 @@ def test_a_full_dirty_ring_is_harvested_and_the_run_goes_on(guest_dir: Path) -> 
 
 
 def test_dirty_ring_sizes_and_host_limits() -> None:
+    with kvmpy.Vm() as vm:
+        vm.add_memory(0, RAM)
+        snap = vm.snapshot()
+    with pytest.raises(ValueError, match="dirty_ring=0"):
+        kvmpy.Vm.from_snapshot(snap, dirty_ring=0)
     limit = kvmpy.Kvm().check_extension("dirty_log_ring")
     if limit == 0:
         with pytest.raises(kvmpy.KvmUnsupported, match="KVM_CAP_DIRTY_LOG_RING"):

@@ -1042,12 +1042,13 @@ class Vm:
         devices; a mismatch raises `ValueError` before anything changes.
         """
     @staticmethod
-    def from_snapshot(snapshot: Snapshot) -> Vm:
+    def from_snapshot(snapshot: Snapshot, *, dirty_ring: int | None = None) -> Vm:
         """A new VM from a snapshot: the same memory regions, as copy-on-write views of the
         snapshot's memory (several VMs from one snapshot share its pages and pay only for
         the pages they write), vCPUs with the same ids, CPUID and state, and the same irqchip and
         PIT. kvmpy's devices and handlers are not created: add them, then
-        `vm.restore(snapshot)` also puts the devices' state back.
+        `vm.restore(snapshot)` also puts the devices' state back. `dirty_ring=N` as for
+        `Vm(...)`.
         """
     def __enter__(self) -> Vm: ...
     def __exit__(self, *args: object) -> None: ...

@@ -478,14 +478,24 @@ impl Vm {
     /// snapshot's memory (several VMs from one snapshot share its pages and pay only for
     /// the pages they write), vCPUs with the same ids, CPUID and state, and the same
     /// irqchip and PIT. kvmpy's devices and handlers are not created: add them, then
-    /// `vm.restore(snapshot)` also puts the devices' state back.
+    /// `vm.restore(snapshot)` also puts the devices' state back. `dirty_ring=N` as for
+    /// `Vm(...)`.
     #[staticmethod]
+    #[pyo3(signature = (snapshot, *, dirty_ring=None))]
     fn from_snapshot(
         py: Python<'_>,
         snapshot: PyRef<'_, crate::py::snapshot::Snapshot>,
+        dirty_ring: Option<Int<u32>>,
     ) -> PyResult<Self> {
         let core = Arc::clone(&snapshot.inner);
-        let vm = gil::released(py, || VmCore::from_snapshot(&core))?;
+        let entries = dirty_ring.map_or(0, |Int(n)| n);
+        if dirty_ring.is_some() && entries == 0 {
+            return Err(crate::engine::Error::Value(
+                "dirty_ring=0: give a number of entries, or None for the dirty bitmap".into(),
+            )
+            .into());
+        }
+        let vm = gil::released(py, || VmCore::from_snapshot_with_ring(&core, entries))?;
         Ok(Vm {
             inner: Arc::new(VmHandle(vm)),
         })

@@ -381,7 +381,15 @@ impl VmCore {
     /// write), its vCPUs (CPUID included) and in-kernel chips are as the snapshot saw them. Devices are
     /// not created: add them, then `restore` puts their state back too.
     pub fn from_snapshot(snap: &Snapshot) -> Result<Arc<VmCore>> {
+        Self::from_snapshot_with_ring(snap, 0)
+    }
+
+    /// `from_snapshot`, with a dirty ring of `entries` per vCPU (0: the dirty bitmap).
+    pub fn from_snapshot_with_ring(snap: &Snapshot, entries: u32) -> Result<Arc<VmCore>> {
         let vm = VmCore::new(snap.irqchip.is_some(), snap.pit.is_some())?;
+        if entries != 0 {
+            vm.enable_dirty_ring(entries)?;
+        }
         for image in &snap.regions {
             vm.add_mapped_memory(
                 image.guest_addr,
