@@ -85,6 +85,38 @@ fn touched_pages(addr: usize, pages: u64) -> Option<Vec<u64>> {
     Some(bits)
 }
 
+/// Sets in `bits` the pages of `file` from byte `start` on (`pages` of them) that hold
+/// data (`lseek` SEEK_DATA/SEEK_HOLE; the holes of a snapshot's memfd read as zero).
+/// `None` where the file cannot say.
+fn add_data_pages(file: &File, start: u64, pages: u64, bits: &mut [u64]) -> Option<()> {
+    use std::os::fd::AsRawFd;
+    let end = start.checked_add(pages * PAGE as u64)?;
+    let mut at = start;
+    while at < end {
+        // SAFETY: lseek on an fd the File owns; the results are checked.
+        let data = unsafe { libc::lseek(file.as_raw_fd(), at as libc::off_t, libc::SEEK_DATA) };
+        if data < 0 {
+            // ENXIO: no data from `at` to the end of the file.
+            return (std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO))
+                .then_some(());
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(file.as_raw_fd(), data, libc::SEEK_HOLE) };
+        if hole < 0 {
+            return None;
+        }
+        let (data, hole) = (data as u64, (hole as u64).min(end));
+        if data >= end {
+            break;
+        }
+        for page in (data - start) / PAGE as u64..(hole - start).div_ceil(PAGE as u64) {
+            bits[(page / 64) as usize] |= 1 << (page % 64);
+        }
+        at = hole;
+    }
+    Some(())
+}
+
 impl RegionImage {
     /// An empty (all-zero) image of `size` bytes.
     pub fn empty(guest_addr: u64, size: u64, readonly: bool) -> Result<Self> {
@@ -105,8 +137,13 @@ impl RegionImage {
         let src = region.mem.as_ptr();
         let touched = match region.backing {
             None => touched_pages(src as usize, region.pages()),
-            // A view of a snapshot's memfd reads the file where it was not touched.
-            Some(_) => None,
+            // A view of a snapshot's memfd reads the file where it was not touched: its
+            // data pages count too.
+            Some(_) => region.mem.file_offset().and_then(|f| {
+                let mut bits = touched_pages(src as usize, region.pages())?;
+                add_data_pages(f.file(), f.start(), region.pages(), &mut bits)?;
+                Some(bits)
+            }),
         };
         let check = |page: u64| {
             let at = page as usize * PAGE;
@@ -260,6 +297,24 @@ mod tests {
         let mut found = Vec::new();
         for_each_page(&bits, |p| found.push(p));
         assert_eq!(found, vec![0, 3, 64, 199]);
+    }
+
+    #[test]
+    fn data_pages_of_a_sparse_memfd_are_found() {
+        let mut image = RegionImage::empty(0, 300 * PAGE_SIZE, false).unwrap();
+        for page in [1u64, 2, 130, 299] {
+            image.page_mut(page)[9] = 1;
+        }
+        let file = image.data.file_offset().unwrap().file();
+        let mut bits = vec![0u64; 5];
+        add_data_pages(file, 0, 300, &mut bits).unwrap();
+        let mut found = Vec::new();
+        for_each_page(&bits, |p| found.push(p));
+        assert_eq!(found, vec![1, 2, 130, 299]);
+        // From an offset: page 0 of the range is the file's page 130.
+        let mut bits = vec![0u64; 3];
+        add_data_pages(file, 130 * PAGE_SIZE, 100, &mut bits).unwrap();
+        assert_eq!(bits, vec![1, 0, 0]);
     }
 
     #[test]
