@@ -833,3 +833,64 @@ def test_capture_of_a_big_sparse_guest_holds_every_page_it_wrote(guest_dir: Path
             again = other.snapshot()
             assert again.read(0, size) == other.read(0, size)
             assert again.read(size - 1, 1) == b"\x77"
+
+
+PVCLOCK = 0x30000  # where the guest asks KVM for its kvmclock page
+MSR_KVM_SYSTEM_TIME_NEW = 0x4B564D01
+SLACK_NS = 10**6  # rounding between the guest's and KVM's reading of one clock
+
+
+def kvmclock_now(vm: kvmpy.Vm, cpu: kvmpy.Vcpu) -> int:
+    """The time a guest reads from kvmclock: the pvclock page KVM keeps in guest memory,
+    scaled from a guest `rdtsc` (Linux's `pvclock_clocksource_read`)."""
+    tsc = read_tsc(cpu)
+    _, _, stamp, system_time, mul, shift = struct.unpack("<IIQQIb", vm.read(PVCLOCK, 29))
+    delta = tsc - stamp
+    delta = delta << shift if shift >= 0 else delta >> -shift
+    return system_time + ((delta * mul) >> 32)
+
+
+def test_the_guest_kvmclock_runs_on_across_resets_and_is_set_back_elsewhere(
+    guest_dir: Path,
+) -> None:
+    vm = kvmpy.Vm(dirty_ring=RING)
+    with vm:
+        vm.add_memory(0, RAM)
+        # mov ecx, MSR ; mov eax, PVCLOCK | 1 ; xor edx, edx ; wrmsr ; out 0xf4, al
+        enable = b"\xb9" + struct.pack("<I", MSR_KVM_SYSTEM_TIME_NEW)
+        enable += b"\xb8" + struct.pack("<I", PVCLOCK | 1) + b"\x31\xd2\x0f\x30\xe6\xf4"
+        vm.write(DUMP_CODE, enable)
+        vm.write(RANDOM_CODE, RDTSC_CODE)
+        vm.add_exit_port(EXIT_PORT)
+        cpu = vm.create_vcpu()
+        cpu.setup_long_mode(user=False)  # ring 0: the guest turns kvmclock on
+        cpu.set_regs(rip=DUMP_CODE)
+        assert cpu.run(timeout=10).reason == "exit"
+        time.sleep(0.05)  # kvmclock past any new VM's own start
+        snap = vm.snapshot()
+        assert snap.clock is not None
+        first = kvmclock_now(vm, cpu)
+        assert snap.clock <= first
+        # A reset puts the pvclock page back, but the guest's time runs on, and it still
+        # agrees with KVM's clock (read by a snapshot, which takes no time from the guest).
+        vm.restore(snap)
+        start = time.monotonic_ns()
+        again = kvmclock_now(vm, cpu)
+        later = vm.snapshot()
+        elapsed = time.monotonic_ns() - start
+        assert later.clock is not None and first <= again
+        assert later.clock - elapsed - SLACK_NS <= again <= later.clock + SLACK_NS
+        # Restoring a snapshot the VM is not based on sets the guest's time back.
+        vm.restore(snap)
+        assert snap.clock <= kvmclock_now(vm, cpu) <= later.clock
+        vm.restore(snap)
+        start = time.monotonic_ns()
+        with kvmpy.Vm.from_snapshot(snap) as other:
+            other.add_exit_port(EXIT_PORT)
+            back = kvmclock_now(other, other.vcpus[0])
+            kvm_back = other.snapshot().clock
+            elapsed = time.monotonic_ns() - start
+        # A new VM's guest reads the snapshot's time, moved on only by what passed since.
+        assert kvm_back is not None
+        assert snap.clock <= back <= kvm_back + SLACK_NS
+        assert kvm_back <= snap.clock + elapsed + SLACK_NS
