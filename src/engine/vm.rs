@@ -37,8 +37,8 @@ pub struct Tracking {
     pub manual: Option<bool>,
     /// A dirty bitmap reused by restores.
     pub bits: Vec<u64>,
-    /// With the dirty ring: a bitmap per region, all zero between restores.
-    pub ring_bits: Vec<Vec<u64>>,
+    /// With the dirty ring: the `(region index, page)` entries a restore harvested.
+    pub ring_pages: Vec<(usize, u64)>,
 }
 
 /// The state of one VM, shared by the face's objects, its vCPUs and their threads.

@@ -218,20 +218,22 @@ impl RegionImage {
 
     /// Copies the pages set in `bits` back into `region` (same size).
     pub fn restore_pages(&self, region: &Region, bits: &[u64]) {
-        let dst = region.mem.as_ptr();
-        for_each_page(bits, |page| {
-            if page < self.pages() {
-                // SAFETY: the page lies inside the region's live mapping (same size as
-                // the image, checked by the caller), and no vCPU runs during a restore.
-                unsafe {
-                    std::ptr::copy_nonoverlapping(
-                        self.page(page).as_ptr(),
-                        dst.add(page as usize * PAGE),
-                        PAGE,
-                    )
-                };
-            }
-        });
+        for_each_page(bits, |page| self.restore_page(region, page));
+    }
+
+    /// Copies one page back into `region` (same size); a page outside it is ignored.
+    pub fn restore_page(&self, region: &Region, page: u64) {
+        if page < self.pages() {
+            // SAFETY: the page lies inside the region's live mapping (same size as the
+            // image, checked by the caller), and no vCPU runs during a restore.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    self.page(page).as_ptr(),
+                    region.mem.as_ptr().add(page as usize * PAGE),
+                    PAGE,
+                )
+            };
+        }
     }
 
     /// Makes `region` (same size) equal to the image: its memory is dropped, and the pages

@@ -526,7 +526,9 @@ impl VmCore {
     }
 
     /// `restore_dirty` with the dirty ring: the pages every vCPU's ring holds, then the
-    /// rings reset.
+    /// rings reset. The pages are copied from the list the rings give, so a restore costs
+    /// what the guest wrote; a bitmap of the region is used only where the host wrote
+    /// pages too.
     fn restore_ring(
         &self,
         snap: &Snapshot,
@@ -535,26 +537,29 @@ impl VmCore {
         guards: &mut [Guard<'_>],
     ) -> Result<()> {
         let regions = memory.regions();
-        tracking.ring_bits.resize_with(regions.len(), Vec::new);
-        for (bits, region) in tracking.ring_bits.iter_mut().zip(regions) {
-            let words = dirty::bitmap_words(region);
-            if bits.len() != words {
-                *bits = vec![0; words];
-            }
-        }
-        let all = &mut tracking.ring_bits;
-        ring::harvest_regions(rings(guards), regions, |i, page| {
-            all[i][(page / 64) as usize] |= 1 << (page % 64);
-        });
+        let pages = &mut tracking.ring_pages;
+        pages.clear();
+        ring::harvest_regions(rings(guards), regions, |i, page| pages.push((i, page)));
         self.with_fd(ring::reset)?;
-        for ((image, region), bits) in snap.regions.iter().zip(regions).zip(all.iter_mut()) {
-            if region.record.take(bits) {
+        for (i, (image, region)) in snap.regions.iter().zip(regions).enumerate() {
+            let listed = pages.iter().filter(|(r, _)| *r == i).map(|(_, p)| *p);
+            if !region.record.has_host_writes() {
+                // Nothing to merge: `take` only says whether a writable view existed.
+                if region.record.take(&mut []) {
+                    image.restore_all(region, region.backing == Some(snap.id))?;
+                } else {
+                    listed.for_each(|page| image.restore_page(region, page));
+                }
+                continue;
+            }
+            let mut bits = vec![0; dirty::bitmap_words(region)];
+            for page in listed {
+                bits[(page / 64) as usize] |= 1 << (page % 64);
+            }
+            if region.record.take(&mut bits) {
                 image.restore_all(region, region.backing == Some(snap.id))?;
             } else {
-                image.restore_pages(region, bits);
-            }
-            if let Some((first, last)) = dirty::nonzero_span(bits) {
-                bits[first..=last].fill(0);
+                image.restore_pages(region, &bits);
             }
         }
         Ok(())
