@@ -894,3 +894,58 @@ def test_the_guest_kvmclock_runs_on_across_resets_and_is_set_back_elsewhere(
         assert kvm_back is not None
         assert snap.clock <= back <= kvm_back + SLACK_NS
         assert kvm_back <= snap.clock + elapsed + SLACK_NS
+
+
+# Ring 0: xor ecx, ecx ; mov eax, XCR0 ; xor edx, edx ; xsetbv ; out 0xf4, al. Then at
+# CPL3, each part ending in `out 0xf4, al`: fill (ZMM31 and YMM7 all ones, K1 = 0xffff),
+# clobber (all zero), dump (ZMM31 to DUMP, YMM7 to DUMP + 0x40, K1 to DUMP + 0x60).
+AVX512_CODE = bytes.fromhex(
+    "31c9b8e700000031d20f01d1e6f4"  # XCR0 = x87 | SSE | AVX | opmask | ZMM_Hi256 | Hi16_ZMM
+    "6203054025ffff62f3452825ffffc5f446c9e6f4"  # +0x0e vpternlogd zmm31/ymm7; kxnorw k1
+    "62010540efffc5c5efffc5f447c9e6f4"  # +0x22 vpxord zmm31; vpxor ymm7; kxorw k1
+    "6261fe487f3c2500001f00c5fe7f3c2540001f00c5f8910c2560001f00e6f4"  # +0x32 stores
+)
+AVX512_PARTS = (0x0E, 0x22, 0x32)
+# The same without AVX-512 (XCR0 = x87 | SSE | AVX), for CPUs that lack it: YMM7 only.
+AVX_CODE = bytes.fromhex(
+    "31c9b80700000031d20f01d1e6f462f3452825ffffe6f4c5c5efffe6f4c5fe7f3c2540001f00e6f4"
+)
+AVX_PARTS = (0x0E, 0x17, 0x1D)
+CR4_OSXSAVE = 1 << 18
+
+
+def test_avx_and_avx512_state_round_trips(guest_dir: Path) -> None:
+    # What this host allows in the 4096 bytes of KVM_GET_XSAVE: the AVX upper halves and,
+    # where the CPU has AVX-512, the ZMM registers and the mask registers.
+    vm, cpu = make_vm(guest_dir)
+    with vm:
+        leaf7 = next(e for e in cpu.get_cpuid() if e.function == 7 and e.index == 0)
+        avx512 = bool(leaf7.ebx & (1 << 16))
+        code, (fill, clobber, dump) = (
+            (AVX512_CODE, AVX512_PARTS) if avx512 else (AVX_CODE, AVX_PARTS)
+        )
+        vm.write(RANDOM_CODE, code)
+        cpu.setup_long_mode(user=False)  # xsetbv is privileged
+        cpu.set_sregs(cr4=cpu.sregs.cr4 | CR4_OSXSAVE)
+        cpu.set_regs(rip=RANDOM_CODE)
+        assert cpu.run(timeout=10).reason == "exit"
+        cpu.setup_long_mode(user=True)
+        cpu.set_sregs(cr4=cpu.sregs.cr4 | CR4_OSXSAVE)
+
+        def part(at: int) -> None:
+            cpu.set_regs(rip=RANDOM_CODE + at)
+            assert cpu.run(timeout=10).reason == "exit"
+
+        def state() -> bytes:
+            part(dump)
+            data = vm.read(DUMP, 0x62)
+            return data if avx512 else data[0x40:0x60]
+
+        part(fill)
+        ones = state()
+        assert ones == (b"\xff" * 0x62 if avx512 else b"\xff" * 0x20)
+        snap = vm.snapshot()
+        part(clobber)
+        assert state() == bytes(len(ones))
+        vm.restore(snap)
+        assert state() == ones
