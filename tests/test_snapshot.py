@@ -949,3 +949,72 @@ def test_avx_and_avx512_state_round_trips(guest_dir: Path) -> None:
         assert state() == bytes(len(ones))
         vm.restore(snap)
         assert state() == ones
+
+
+def _checksum(data: bytes) -> int:
+    """The file format's checksum: FNV-1a's constants on little-endian words, then on
+    the bytes left over."""
+    h = 0xCBF29CE484222325
+    whole = len(data) // 8 * 8
+    for (w,) in struct.iter_unpack("<Q", data[:whole]):
+        h = ((h ^ w) * 0x100000001B3) & (2**64 - 1)
+    for b in data[whole:]:
+        h = ((h ^ b) * 0x100000001B3) & (2**64 - 1)
+    return h
+
+
+def as_version_1(data: bytes) -> bytes:
+    """A format-2 snapshot file rewritten as format 1 (before the clock was saved): each
+    vCPU's TSC frequency and the clock taken out, the checksum made again."""
+    out = bytearray()
+    at = 0
+
+    def take(n: int) -> bytes:
+        nonlocal at
+        at += n
+        return data[at - n : at]
+
+    def u32() -> int:
+        return int.from_bytes(take(4), "little")
+
+    out += take(8)  # magic
+    assert u32() == 2
+    out += struct.pack("<I", 1)
+    name_len = u32()
+    out += struct.pack("<I", name_len) + take(name_len) + take(12)
+    sizes = [u32() for _ in range(13)]
+    out += struct.pack("<13I", *sizes)
+    vcpus = u32()
+    out += struct.pack("<I", vcpus)
+    for _ in range(vcpus):
+        out += take(8 + sum(sizes[:7]))  # id, MP state ... vCPU events
+        lapic = take(1)
+        out += lapic + (take(sizes[7]) if lapic == b"\1" else b"")
+        for size in (sizes[8], sizes[9], 4):  # MSRs, CPUID, queued interrupts
+            n = u32()
+            out += struct.pack("<I", n) + take(n * size)
+        take(4)  # the TSC frequency: not in version 1
+    irqchip = take(1)
+    out += irqchip + (take(3 * sizes[10]) if irqchip == b"\1" else b"")
+    pit = take(1)
+    out += pit + (take(sizes[11]) if pit == b"\1" else b"")
+    if take(1) == b"\1":  # the clock: not in version 1
+        take(8)
+    out += data[at:-8]
+    return bytes(out) + struct.pack("<Q", _checksum(bytes(out)))
+
+
+def test_a_version_1_file_still_loads_and_restores(guest_dir: Path, tmp_path: Path) -> None:
+    vm, cpu = make_vm(guest_dir, irqchip=True)
+    with vm:
+        snap = vm.snapshot()
+        snap.save(tmp_path / "v2.kvmsnap")
+        (tmp_path / "v1.kvmsnap").write_bytes(as_version_1((tmp_path / "v2.kvmsnap").read_bytes()))
+        old = kvmpy.Snapshot.load(tmp_path / "v1.kvmsnap")
+        assert (old.clock, old.tsc_khz(0)) == (None, None)
+        assert old.regs(0) == snap.regs(0) and old.msrs(0) == snap.msrs(0)
+        assert cpu.run(timeout=10).reason == "exit"
+        vm.restore(old)
+        assert_as_snapshot(vm, snap, [cpu])
+        assert cpu.run(timeout=10).reason == "exit"
+        assert vm.read(DATA, 8) == struct.pack("<Q", 0x1000)
