@@ -36,7 +36,8 @@ pub struct VcpuState {
     pub cpuid: Vec<kvm_cpuid_entry2>,
     /// Vectors queued by `queue_interrupt` and not injected yet.
     pub interrupts: Vec<u32>,
-    /// The guest TSC's frequency (KVM_GET_TSC_KHZ); `None` in a file of format version 1.
+    /// The guest TSC's frequency (KVM_GET_TSC_KHZ); `None` in a file of format version 1
+    /// or where the host cannot tell.
     pub tsc_khz: Option<u32>,
 }
 
@@ -168,9 +169,8 @@ pub fn capture(vcpu: &VcpuCore, fd: &mut VcpuFd, kvm: &Kvm, irqchip: bool) -> Re
         .as_slice()
         .to_vec();
     let msrs = read_msrs(kvm, fd, irqchip)?;
-    let tsc_khz = fd
-        .get_tsc_khz()
-        .map_err(|e| Error::ioctl("KVM_GET_TSC_KHZ", e))?;
+    // A host without KVM_CAP_GET_TSC_KHZ (or an unstable TSC) has none to give.
+    let tsc_khz = fd.get_tsc_khz().ok().filter(|khz| *khz != 0);
     let events = fd
         .get_vcpu_events()
         .map_err(|e| Error::ioctl("KVM_GET_VCPU_EVENTS", e))?;
@@ -187,7 +187,7 @@ pub fn capture(vcpu: &VcpuCore, fd: &mut VcpuFd, kvm: &Kvm, irqchip: bool) -> Re
         events,
         cpuid,
         interrupts: vcpu.queued_interrupts(),
-        tsc_khz: Some(tsc_khz),
+        tsc_khz,
     })
 }
 
