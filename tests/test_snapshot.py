@@ -1018,3 +1018,34 @@ def test_a_version_1_file_still_loads_and_restores(guest_dir: Path, tmp_path: Pa
         assert_as_snapshot(vm, snap, [cpu])
         assert cpu.run(timeout=10).reason == "exit"
         assert vm.read(DATA, 8) == struct.pack("<Q", 0x1000)
+
+
+MSR_TSC_DEADLINE = 0x6E0
+# mov eax, 0xfee00320 ; mov dword [rax], 0x50030 (LAPIC timer: TSC-deadline mode, masked,
+# vector 0x30) ; out 0xf4, al
+LVT_TSC_DEADLINE = bytes.fromhex("b82003e0fec70030000500e6f4")
+
+
+def test_a_reset_moves_an_armed_tsc_deadline_with_the_running_tsc(guest_dir: Path) -> None:
+    vm = kvmpy.Vm(irqchip=True, dirty_ring=RING)
+    with vm:
+        vm.add_memory(0, RAM)
+        vm.write(RANDOM_CODE, LVT_TSC_DEADLINE)
+        vm.add_exit_port(EXIT_PORT)
+        cpu = vm.create_vcpu()
+        cpu.setup_long_mode(user=False, map_gib=4)  # ring 0 writes the LAPIC's registers
+        cpu.set_regs(rip=RANDOM_CODE)
+        assert cpu.run(timeout=10).reason == "exit"
+        tsc = cpu.get_msrs([MSR_IA32_TSC])[MSR_IA32_TSC]
+        cpu.set_msrs({MSR_TSC_DEADLINE: tsc + 10**12})  # far ahead: it does not fire here
+        snap = vm.snapshot()
+        then, deadline = snap.msrs(0)[MSR_IA32_TSC], snap.msrs(0)[MSR_TSC_DEADLINE]
+        assert deadline == tsc + 10**12
+        cpu.set_regs(rip=RANDOM_CODE)
+        assert cpu.run(timeout=10).reason == "exit"
+        before = cpu.get_msrs([MSR_IA32_TSC])[MSR_IA32_TSC]
+        vm.restore(snap)  # ring 0: a full restore, the TSC left running
+        now = cpu.get_msrs([MSR_IA32_TSC, MSR_TSC_DEADLINE])
+        # The deadline moved by what the TSC ran since the snapshot: as far ahead as then.
+        assert before - then <= now[MSR_TSC_DEADLINE] - deadline <= now[MSR_IA32_TSC] - then
+        assert cpu.stats()["full_restores"] == 1

@@ -211,12 +211,13 @@ pub fn put_all(vcpu: &VcpuCore, fd: &mut VcpuFd, st: &VcpuState, keep_tsc: bool)
             .map_err(|e| Error::ioctl("KVM_SET_LAPIC", e))?;
     }
     if keep_tsc {
-        let msrs: Vec<kvm_msr_entry> = st
+        let mut msrs: Vec<kvm_msr_entry> = st
             .msrs
             .iter()
             .filter(|e| e.index != MSR_IA32_TSC)
             .copied()
             .collect();
+        shift_tsc_deadline(fd, st, &mut msrs)?;
         write_msrs(fd, &msrs, st.lapic.is_some())?;
     } else {
         write_msrs(fd, &st.msrs, st.lapic.is_some())?;
@@ -224,6 +225,33 @@ pub fn put_all(vcpu: &VcpuCore, fd: &mut VcpuFd, st: &VcpuState, keep_tsc: bool)
     fd.set_vcpu_events(&st.events)
         .map_err(|e| Error::ioctl("KVM_SET_VCPU_EVENTS", e))?;
     vcpu.set_queued_interrupts(&st.interrupts);
+    Ok(())
+}
+
+/// With the TSC left running: an armed TSC deadline timer (an absolute TSC value) moves
+/// by as much as the TSC did since the snapshot, so it fires as long after the restore
+/// as it would have after the snapshot.
+fn shift_tsc_deadline(fd: &VcpuFd, st: &VcpuState, msrs: &mut [kvm_msr_entry]) -> Result<()> {
+    let Some(deadline) = msrs
+        .iter_mut()
+        .find(|e| e.index == MSR_IA32_TSC_DEADLINE && e.data != 0)
+    else {
+        return Ok(());
+    };
+    let Some(then) = st.msrs.iter().find(|e| e.index == MSR_IA32_TSC) else {
+        return Ok(());
+    };
+    let mut now = msrs_of(&[kvm_msr_entry {
+        index: MSR_IA32_TSC,
+        ..Default::default()
+    }])?;
+    let n = fd
+        .get_msrs(&mut now)
+        .map_err(|e| Error::ioctl("KVM_GET_MSRS", e))?;
+    if n == 1 {
+        let ran = now.as_slice()[0].data.wrapping_sub(then.data);
+        deadline.data = deadline.data.wrapping_add(ran);
+    }
     Ok(())
 }
 

@@ -14,7 +14,8 @@
 //! restored: a fuzzing reset) leaves both clocks running, so a guest reading `rdtsc` or
 //! kvmclock sees time go forward across resets and the two agree (KVM keeps kvmclock's
 //! TSC-to-time mapping, and the restored pvclock page computes the same time from the
-//! running TSC); writing them back would cost two ioctls per reset. Any other restore
+//! running TSC); writing them back would cost two ioctls per reset. An armed TSC
+//! deadline moves with the TSC (see `cpu::put_all`). Any other restore
 //! (another snapshot, one from a file, a new VM from a snapshot) sets both back to the
 //! snapshot's values, as if no time had passed since it was taken (a host that runs
 //! guests on its own TSC, like a nested PVM-style KVM, ignores the TSC write).
