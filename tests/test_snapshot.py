@@ -268,11 +268,8 @@ def test_dirty_pages_still_reports_and_restore_still_sees_them(guest_dir: Path) 
         cpu.set_regs(rip=LONG_LOAD, rdi=2, rsi=1)
         snap = vm.snapshot()
         assert cpu.run(timeout=10).reason == "exit"
-        if RING is None:
-            assert {DATA, DATA + 0x1000} <= set(ram.dirty_pages())
-        else:  # the ring has no bitmap to read; the restore still sees the pages
-            with pytest.raises(kvmpy.KvmUnsupported, match="dirty ring"):
-                ram.dirty_pages()
+        assert {DATA, DATA + 0x1000} <= set(ram.dirty_pages())
+        assert DATA not in set(ram.dirty_pages())  # reported once
         vm.restore(snap)
         assert_as_snapshot(vm, snap, [cpu])
 
@@ -1049,3 +1046,21 @@ def test_a_reset_moves_an_armed_tsc_deadline_with_the_running_tsc(guest_dir: Pat
         # The deadline moved by what the TSC ran since the snapshot: as far ahead as then.
         assert before - then <= now[MSR_TSC_DEADLINE] - deadline <= now[MSR_IA32_TSC] - then
         assert cpu.stats()["full_restores"] == 1
+
+
+def test_dirty_pages_come_from_the_ring_and_survive_a_full_one(guest_dir: Path) -> None:
+    vm = kvmpy.Vm(dirty_ring=256)
+    with vm:
+        ram = vm.add_memory(0, 8 << 20, dirty_log=True)
+        other = vm.add_memory(16 << 20, 1 << 20, dirty_log=True)
+        ram.write(LONG_LOAD, (guest_dir / "snapshot64.bin").read_bytes())
+        vm.add_exit_port(EXIT_PORT)
+        cpu = vm.create_vcpu()
+        cpu.setup_long_mode(user=True)
+        cpu.set_regs(rip=LONG_LOAD, rdi=1500, rsi=1)
+        ram.dirty_pages()
+        assert cpu.run(timeout=30).reason == "exit"  # the ring filled up several times
+        written = {DATA + 0x1000 * i for i in range(1500)}
+        assert written <= set(ram.dirty_pages())
+        assert not written & set(ram.dirty_pages())
+        assert other.dirty_pages() == []

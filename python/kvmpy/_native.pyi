@@ -279,7 +279,8 @@ class MemoryRegion:
         """Writes a bytes-like object at region offset `offset`."""
     def dirty_pages(self) -> list[int]:
         """The region-relative byte offsets of the pages the guest wrote since the last call
-        (`KVM_GET_DIRTY_LOG`, which also resets the log). Needs `dirty_log=True`.
+        (`KVM_GET_DIRTY_LOG`, which also resets the log). Needs `dirty_log=True`. In a VM
+        with `dirty_ring=N` the pages come from the vCPUs' rings, which needs them stopped.
         """
     def __len__(self) -> int: ...
 

@@ -62,6 +62,9 @@ pub struct VmCore {
     group: Mutex<Option<Arc<RunGroup>>>,
     /// Entries of each vCPU's dirty ring; 0: the VM uses the dirty bitmap.
     ring_entries: AtomicU32,
+    /// With the dirty ring: pages harvested outside a restore and not reported by
+    /// `dirty_log` yet, `(slot, bitmap)` (see `snapshot::ring`).
+    pub ring_unreported: Mutex<Vec<(u32, Vec<u64>)>>,
 }
 
 impl VmCore {
@@ -105,6 +108,7 @@ impl VmCore {
             breakpoints: Mutex::default(),
             group: Mutex::new(None),
             ring_entries: AtomicU32::new(0),
+            ring_unreported: Mutex::new(Vec::new()),
         }))
     }
 
@@ -260,11 +264,7 @@ impl VmCore {
     /// pages are also kept for its next restore.
     pub fn dirty_log(&self, region: &Region) -> Result<Vec<u64>> {
         if self.dirty_ring() != 0 {
-            return Err(Error::Unsupported(
-                "this VM logs dirty pages in KVM's dirty ring (dirty_ring=...), which has no \
-                 dirty bitmap to read: KVM_GET_DIRTY_LOG is refused"
-                    .into(),
-            ));
+            return self.ring_dirty_log(region);
         }
         let manual = lock(&self.tracking).manual.unwrap_or(false);
         let mut bits = vec![0; crate::engine::snapshot::dirty::bitmap_words(region)];

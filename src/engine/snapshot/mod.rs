@@ -253,6 +253,7 @@ fn start_tracking(
         if with_ring {
             ring::harvest_regions(rings(guards), memory.regions(), |_, _| {});
             ring::reset(fd)?;
+            lock(&vm.ring_unreported).clear();
         }
         Ok(())
     })
@@ -542,6 +543,8 @@ impl VmCore {
         pages.clear();
         ring::harvest_regions(rings(guards), regions, |i, page| pages.push((i, page)));
         self.with_fd(ring::reset)?;
+        // As a restore's read of the dirty bitmap does, this consumes the log.
+        lock(&self.ring_unreported).clear();
         for (i, (image, region)) in snap.regions.iter().zip(regions).enumerate() {
             let listed = pages.iter().filter(|(r, _)| *r == i).map(|(_, p)| *p);
             if !region.record.has_host_writes() {

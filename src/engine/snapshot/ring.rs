@@ -181,23 +181,85 @@ pub fn harvest_regions<'a>(
 }
 
 impl crate::engine::vcpu::VcpuCore {
-    /// KVM_EXIT_DIRTY_RING_FULL: the vCPU's ring is harvested into the regions' write
-    /// records (the next restore copies those pages back) and reset; the run goes on.
+    /// KVM_EXIT_DIRTY_RING_FULL: the vCPU's ring is harvested (see `keep_harvested`) and
+    /// reset; the run goes on.
     pub(crate) fn ring_full(&self, holder: &mut crate::engine::vcpu::VcpuFdHolder) -> Result<()> {
         let Some(ring) = holder.ring.as_mut() else {
             return Err(Error::Refused(
                 "KVM exited for a full dirty ring in a VM without one".into(),
             ));
         };
-        {
-            let memory = crate::engine::lock(self.vm.memory_map());
-            let regions = memory.regions();
-            harvest_regions([ring], regions, |i, page| {
-                regions[i]
-                    .record
-                    .note_write(page * crate::engine::memory::PAGE_SIZE, 1);
-            });
-        }
+        self.vm.keep_harvested([ring], None);
         self.vm.with_fd(reset)
+    }
+}
+
+impl crate::engine::vm::VmCore {
+    /// Harvests `rings` outside a restore: each page goes into its region's write record
+    /// (the next restore copies it back) and, unless it is of `report` (a region index,
+    /// whose bitmap is returned), into the pages `dirty_log` has yet to report.
+    fn keep_harvested<'a>(
+        &self,
+        rings: impl IntoIterator<Item = &'a mut DirtyRing>,
+        report: Option<usize>,
+    ) -> Option<Vec<u64>> {
+        let memory = crate::engine::lock(self.memory_map());
+        let regions = memory.regions();
+        let mut unreported = crate::engine::lock(&self.ring_unreported);
+        let mut reported = report.map(|i| vec![0u64; regions[i].pages().div_ceil(64) as usize]);
+        harvest_regions(rings, regions, |i, page| {
+            let region = &regions[i];
+            region
+                .record
+                .note_write(page * crate::engine::memory::PAGE_SIZE, 1);
+            let bits = match (report, reported.as_mut()) {
+                (Some(r), Some(bits)) if r == i => bits,
+                _ => {
+                    let at = match unreported.iter().position(|(s, _)| *s == region.slot) {
+                        Some(at) => at,
+                        None => {
+                            let words = region.pages().div_ceil(64) as usize;
+                            unreported.push((region.slot, vec![0; words]));
+                            unreported.len() - 1
+                        }
+                    };
+                    &mut unreported[at].1
+                }
+            };
+            if let Some(word) = bits.get_mut((page / 64) as usize) {
+                *word |= 1 << (page % 64);
+            }
+        });
+        reported
+    }
+
+    /// `dirty_log` with the dirty ring: the pages of `region` in every vCPU's ring (all
+    /// stopped) and those harvested since the last call, which resets them.
+    pub(crate) fn ring_dirty_log(
+        &self,
+        region: &crate::engine::memory::Region,
+    ) -> Result<Vec<u64>> {
+        let vcpus = self.vcpus();
+        let mut guards = vcpus
+            .iter()
+            .map(|v| v.lock_idle())
+            .collect::<Result<Vec<_>>>()?;
+        let index = self.with_memory(|m| m.regions().iter().position(|r| r.slot == region.slot));
+        let Some(index) = index else {
+            return Err(Error::Value("the memory region was removed".into()));
+        };
+        let rings = guards
+            .iter_mut()
+            .filter_map(|g| g.as_mut().and_then(|h| h.ring.as_mut()));
+        let mut bits = self.keep_harvested(rings, Some(index)).unwrap_or_default();
+        self.with_fd(reset)?;
+        let mut unreported = crate::engine::lock(&self.ring_unreported);
+        if let Some(at) = unreported.iter().position(|(s, _)| *s == region.slot) {
+            let (_, kept) = unreported.swap_remove(at);
+            for (b, k) in bits.iter_mut().zip(kept) {
+                *b |= k;
+            }
+        }
+        Ok(bits)
     }
 }
