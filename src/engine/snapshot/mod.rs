@@ -30,6 +30,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use kvm_bindings::{kvm_clock_data, kvm_irqchip, kvm_pit_state2};
+use kvm_ioctls::VmFd;
 
 use crate::engine::error::{Error, Result};
 use crate::engine::lock;
@@ -232,31 +233,30 @@ type Guard<'a> = std::sync::MutexGuard<'a, Option<crate::engine::vcpu::VcpuFdHol
 /// emptied.
 fn start_tracking(
     vm: &VmCore,
+    fd: &VmFd,
     memory: &MemoryMap,
     tracking: &mut Tracking,
     guards: &mut [Guard<'_>],
 ) -> Result<()> {
     let with_ring = vm.dirty_ring() != 0;
-    vm.with_fd(|fd| {
-        if tracking.manual.is_none() {
-            tracking.manual = Some(!with_ring && dirty::enable_manual_protect(&vm.kvm, fd));
+    if tracking.manual.is_none() {
+        tracking.manual = Some(!with_ring && dirty::enable_manual_protect(&vm.kvm, fd));
+    }
+    let manual = tracking.manual.unwrap_or(false);
+    for region in memory.regions() {
+        memory.log_dirty_pages(fd, region)?;
+        if !with_ring {
+            let mut bits = vec![0; dirty::bitmap_words(region)];
+            dirty::read(fd, region, manual, &mut bits)?;
         }
-        let manual = tracking.manual.unwrap_or(false);
-        for region in memory.regions() {
-            memory.log_dirty_pages(fd, region)?;
-            if !with_ring {
-                let mut bits = vec![0; dirty::bitmap_words(region)];
-                dirty::read(fd, region, manual, &mut bits)?;
-            }
-            region.record.track(region.pages());
-        }
-        if with_ring {
-            ring::harvest_regions(rings(guards), memory.regions(), |_, _| {});
-            ring::reset(fd)?;
-            lock(&vm.ring_unreported).clear();
-        }
-        Ok(())
-    })
+        region.record.track(region.pages());
+    }
+    if with_ring {
+        ring::harvest_regions(rings(guards), memory.regions(), |_, _| {});
+        ring::reset(fd)?;
+        lock(&vm.ring_unreported).clear();
+    }
+    Ok(())
 }
 
 impl VmCore {
@@ -310,25 +310,29 @@ impl VmCore {
             .filter_map(|d| d.save_state().map(|s| (d.name(), s)))
             .collect();
         let originals = self.breakpoint_originals();
-        let memory = lock(self.memory_map());
-        let mut tracking = lock(&self.tracking);
-        start_tracking(self, &memory, &mut tracking, &mut guards)?;
-        let mut regions = memory
-            .regions()
-            .iter()
-            .map(|r| RegionImage::capture(r))
-            .collect::<Result<Vec<_>>>()?;
-        // A snapshot never holds a breakpoint byte.
-        for (gpa, byte) in originals {
-            if let Some(image) = regions
-                .iter_mut()
-                .find(|i| i.guest_addr <= gpa && gpa < i.guest_addr + i.size)
-            {
-                image.set_byte(gpa - image.guest_addr, byte);
+        // The VM fd's lock before the memory map's, as adding and removing memory take them.
+        let (regions, id) = self.with_fd(|fd| {
+            let memory = lock(self.memory_map());
+            let mut tracking = lock(&self.tracking);
+            start_tracking(self, fd, &memory, &mut tracking, &mut guards)?;
+            let mut regions = memory
+                .regions()
+                .iter()
+                .map(|r| RegionImage::capture(r))
+                .collect::<Result<Vec<_>>>()?;
+            // A snapshot never holds a breakpoint byte.
+            for (gpa, byte) in originals {
+                if let Some(image) = regions
+                    .iter_mut()
+                    .find(|i| i.guest_addr <= gpa && gpa < i.guest_addr + i.size)
+                {
+                    image.set_byte(gpa - image.guest_addr, byte);
+                }
             }
-        }
-        let id = next_id();
-        tracking.base = Some(id);
+            let id = next_id();
+            tracking.base = Some(id);
+            Ok((regions, id))
+        })?;
         for (v, g) in vcpus.iter().zip(guards.iter_mut()) {
             if let Some(holder) = g.as_mut() {
                 v.mirror_state(&mut holder.fd);
@@ -431,21 +435,22 @@ impl VmCore {
             v.forget_pending_read();
             v.note_restored_at(st.regs.rip);
         }
-        let tracked = {
+        // The VM fd's lock before the memory map's, as adding and removing memory take them.
+        let tracked = self.with_fd(|fd| {
             let memory = lock(self.memory_map());
             let mut tracking = lock(&self.tracking);
             let tracked = tracking.base == Some(snap.id);
             if tracked {
-                self.restore_dirty(snap, &memory, &mut tracking, &mut guards)?;
+                self.restore_dirty(fd, snap, &memory, &mut tracking, &mut guards)?;
             } else {
-                start_tracking(self, &memory, &mut tracking, &mut guards)?;
+                start_tracking(self, fd, &memory, &mut tracking, &mut guards)?;
                 for (image, region) in snap.regions.iter().zip(memory.regions()) {
                     image.restore_all(region, region.backing == Some(snap.id))?;
                 }
                 tracking.base = Some(snap.id);
             }
-            tracked
-        };
+            Ok(tracked)
+        })?;
         self.restore_chips(snap)?;
         self.repatch_breakpoints()?;
         for ((v, g), (st, khz)) in vcpus
@@ -502,29 +507,28 @@ impl VmCore {
     /// Copies back the pages written since the snapshot or the last restore.
     fn restore_dirty(
         &self,
+        fd: &VmFd,
         snap: &Snapshot,
         memory: &MemoryMap,
         tracking: &mut Tracking,
         guards: &mut [Guard<'_>],
     ) -> Result<()> {
         if self.dirty_ring() != 0 {
-            return self.restore_ring(snap, memory, tracking, guards);
+            return self.restore_ring(fd, snap, memory, tracking, guards);
         }
         let manual = tracking.manual.unwrap_or(false);
-        self.with_fd(|fd| {
-            for (image, region) in snap.regions.iter().zip(memory.regions()) {
-                let words = dirty::bitmap_words(region);
-                tracking.bits.resize(words, 0);
-                let bits = &mut tracking.bits[..words];
-                dirty::read(fd, region, manual, bits)?;
-                if region.record.take(bits) {
-                    image.restore_all(region, region.backing == Some(snap.id))?;
-                } else {
-                    image.restore_pages(region, bits);
-                }
+        for (image, region) in snap.regions.iter().zip(memory.regions()) {
+            let words = dirty::bitmap_words(region);
+            tracking.bits.resize(words, 0);
+            let bits = &mut tracking.bits[..words];
+            dirty::read(fd, region, manual, bits)?;
+            if region.record.take(bits) {
+                image.restore_all(region, region.backing == Some(snap.id))?;
+            } else {
+                image.restore_pages(region, bits);
             }
-            Ok(())
-        })
+        }
+        Ok(())
     }
 
     /// `restore_dirty` with the dirty ring: the pages every vCPU's ring holds, then the
@@ -533,6 +537,7 @@ impl VmCore {
     /// pages too.
     fn restore_ring(
         &self,
+        fd: &VmFd,
         snap: &Snapshot,
         memory: &MemoryMap,
         tracking: &mut Tracking,
@@ -542,7 +547,7 @@ impl VmCore {
         let pages = &mut tracking.ring_pages;
         pages.clear();
         ring::harvest_regions(rings(guards), regions, |i, page| pages.push((i, page)));
-        self.with_fd(ring::reset)?;
+        ring::reset(fd)?;
         // As a restore's read of the dirty bitmap does, this consumes the log.
         lock(&self.ring_unreported).clear();
         for (i, (image, region)) in snap.regions.iter().zip(regions).enumerate() {
