@@ -220,16 +220,16 @@ class Snapshot:
         """The MSRs saved for the vCPU at `index`: `{index: value}`."""
     @property
     def clock(self) -> int | None:
-        """The VM's kvmclock when the snapshot was taken, in nanoseconds (`None` for a file
-        written before kvmpy saved it, or a host without KVM_CAP_ADJUST_CLOCK). A restore into the VM whose memory is based on
-        this snapshot (a reset) leaves the guest's clocks running; any other restore sets
-        kvmclock and each vCPU's TSC back to the snapshot's values.
+        """The VM's kvmclock when the snapshot was taken, in nanoseconds (`None` for a file written
+        before kvmpy saved it, or a host without KVM_CAP_ADJUST_CLOCK). A restore into the VM
+        whose memory is based on this snapshot (a reset) leaves the guest's clocks running; any
+        other restore sets kvmclock and each vCPU's TSC back to the snapshot's values.
         """
     def tsc_khz(self, index: int) -> int | None:
-        """The TSC frequency in kHz of the vCPU at `index` (in `vcpu_ids` order), or `None`
-        for a file written before kvmpy saved it, or a host that cannot tell. Restoring into a vCPU whose TSC runs at
-        another frequency sets it where the host can (KVM_CAP_TSC_CONTROL) and raises
-        `KvmUnsupported` where it cannot.
+        """The TSC frequency in kHz of the vCPU at `index` (in `vcpu_ids` order), or `None` for a
+        file written before kvmpy saved it, or a host that cannot tell. Restoring into a vCPU
+        whose TSC runs at another frequency sets it where the host can (KVM_CAP_TSC_CONTROL) and
+        raises `KvmUnsupported` where it cannot.
         """
     def save(self, path: str | os.PathLike[str]) -> None:
         """Writes the snapshot to a file: a versioned format (kvmpy and CPU vendor in the
