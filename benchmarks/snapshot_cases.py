@@ -19,6 +19,9 @@ SIZE_TARGET = Target("ratio", 1.2, "≤ 1.2× the 64 MiB guest")
 PAGES = (1, 16, 190)
 SMALL_MIB = 64
 BIG_MIB = 4096
+RING = 4096  # dirty ring entries per vCPU for the ring row
+TOUCHED_MIB = 64  # what the capture rows' guests wrote
+CAPTURE_TARGET = Target("ratio", 1.5, "≤ 1.5× the guest of just what it touched")
 
 
 class ResetServer(RawServer):
@@ -35,11 +38,12 @@ class ResetServer(RawServer):
 
 class Restores:
     """snapshot64 writing ``n`` pages per run in a kvmpy VM of ``mib`` MiB, with a
-    snapshot taken before the first run."""
+    snapshot taken before the first run; with ``ring``, a dirty ring of that many entries
+    tracks the writes instead of the dirty bitmap."""
 
-    def __init__(self, code: bytes, n: int, mib: int) -> None:
+    def __init__(self, code: bytes, n: int, mib: int, ring: int | None = None) -> None:
         self.n = n
-        self.vm = kvmpy.Vm()
+        self.vm = kvmpy.Vm(dirty_ring=ring)
         # overcommit: 4 GiB may exceed a small host's memory; the guest touches 2 MiB of it.
         self.vm.add_memory(0, mib << 20, overcommit=True).write(LOAD_ADDR, code)
         self.vm.add_exit_port(EXIT_PORT)
@@ -69,6 +73,26 @@ class Restores:
         self.vm.close()
 
 
+class Captures:
+    """A kvmpy VM of ``mib`` MiB whose first ``touched_mib`` MiB the host wrote (every
+    page non-zero): ``vm.snapshot()`` timed."""
+
+    def __init__(self, mib: int, touched_mib: int) -> None:
+        self.vm = kvmpy.Vm()
+        self.vm.add_memory(0, mib << 20, overcommit=True).write(0, b"\x01" * (touched_mib << 20))
+
+    def __call__(self, k: int) -> float:
+        """Seconds for ``k`` snapshots."""
+        start = time.perf_counter()
+        for _ in range(k):
+            self.vm.snapshot()
+        return time.perf_counter() - start
+
+    def close(self) -> None:
+        """Closes the VM."""
+        self.vm.close()
+
+
 def _scaled(f: Callable[[], float], factor: float) -> float:
     return f() * factor
 
@@ -88,6 +112,12 @@ def figure(raw: RawKvm, guest: Path, k: int, reps: int, warmup: int) -> Figure:
             variants[f"rawfpu{n}"] = partial(_scaled, partial(rawc, n, k, True), per)
         big = stack.enter_context(closing(Restores(code, 16, BIG_MIB)))
         variants["big16"] = partial(_scaled, partial(big, k), per)
+        ring = stack.enter_context(closing(Restores(code, 16, BIG_MIB, RING)))
+        variants["ring16"] = partial(_scaled, partial(ring, k), per)
+        captures = max(1, k // 1000)
+        for key, mib in (("capsmall", TOUCHED_MIB), ("capbig", BIG_MIB)):
+            cap = stack.enter_context(closing(Captures(mib, TOUCHED_MIB)))
+            variants[key] = partial(_scaled, partial(cap, captures), 1e6 / captures)
         v = interleave(variants, reps, warmup)
     fig = Figure(
         "snapshot",
@@ -126,6 +156,31 @@ def figure(raw: RawKvm, guest: Path, k: int, reps: int, warmup: int) -> Figure:
             "kvmpy16",
             SIZE_TARGET,
         )
+    )
+    fig.rows.append(
+        Row(
+            "ring16",
+            f"kvmpy, N=16, {BIG_MIB // 1024} GiB guest, `dirty_ring={RING}`",
+            v["ring16"],
+            "big16",
+        )
+    )
+    fig.rows.append(
+        Row("capsmall", f"`vm.snapshot()` of a {TOUCHED_MIB} MiB guest, all written", v["capsmall"])
+    )
+    fig.rows.append(
+        Row(
+            "capbig",
+            f"`vm.snapshot()` of a {BIG_MIB // 1024} GiB guest, {TOUCHED_MIB} MiB written",
+            v["capbig"],
+            "capsmall",
+            CAPTURE_TARGET,
+        )
+    )
+    fig.notes.append(
+        "The capture rows are µs per `vm.snapshot()`, not per iteration: a capture looks "
+        "only at the pages the process touched (/proc/self/pagemap), so its cost follows "
+        "what the guest wrote, not its size."
     )
     fig.notes.append(
         "Per iteration kvmpy does what raw C does (one run to the exit port, the dirty log, "

@@ -29,7 +29,15 @@ const CODE: &[u8] = &[
 ];
 
 fn vm_with_guest() -> (Arc<VmCore>, Arc<VcpuCore>, Arc<ConsoleDev>) {
+    vm_with_guest_and_ring(0)
+}
+
+/// `vm_with_guest` with a dirty ring of `entries` per vCPU (0: the dirty bitmap).
+fn vm_with_guest_and_ring(entries: u32) -> (Arc<VmCore>, Arc<VcpuCore>, Arc<ConsoleDev>) {
     let vm = VmCore::new(false, false).unwrap();
+    if entries != 0 {
+        vm.enable_dirty_ring(entries).unwrap();
+    }
     vm.add_memory(0, 2 << 20, RegionOptions::default()).unwrap();
     vm.write_memory(LOAD, CODE).unwrap();
     let console = Arc::new(ConsoleDev::new(0x3f8, 1024));
@@ -133,4 +141,77 @@ fn another_vm_with_the_same_layout_takes_the_snapshot() {
     assert_eq!(other_cpu.regs().unwrap(), cpu.regs().unwrap());
     assert_eq!(other_cpu.sregs().unwrap(), cpu.sregs().unwrap());
     assert_eq!(other_cpu.full_restores(), 1);
+}
+
+#[test]
+fn a_snapshot_from_a_tsc_of_another_frequency_is_set_or_refused_untouched() {
+    if !kvm_usable() {
+        return;
+    }
+    let (vm, _cpu, _console) = vm_with_guest();
+    let mut snap = Arc::try_unwrap(vm.snapshot().unwrap())
+        .ok()
+        .expect("the VM keeps no reference to its snapshot");
+    let khz = snap.vcpus[0]
+        .tsc_khz
+        .expect("a snapshot records the TSC frequency");
+    assert!(khz > 0);
+    assert!(snap.clock.is_some());
+    let other_khz = khz / 2;
+    snap.vcpus[0].tsc_khz = Some(other_khz);
+    let (other, other_cpu, _) = vm_with_guest();
+    other.write_memory(0x5000, b"mine").unwrap();
+    let control = kvm_ioctls::Kvm::new()
+        .unwrap()
+        .check_extension_raw(kvm_bindings::KVM_CAP_TSC_CONTROL.into())
+        > 0;
+    let result = other.restore(&snap);
+    let now = other_cpu
+        .with_fd(|fd| Ok(fd.get_tsc_khz().unwrap()))
+        .unwrap();
+    if control {
+        result.unwrap();
+        assert_eq!(now, other_khz);
+    } else {
+        let err = result.unwrap_err().to_string();
+        assert!(err.contains("KVM_CAP_TSC_CONTROL"), "{err}");
+        assert!(err.contains(&format!("{other_khz} kHz")), "{err}");
+        assert_eq!(now, khz);
+        let mut buf = [0; 4];
+        other.read_memory(0x5000, &mut buf).unwrap();
+        assert_eq!(&buf, b"mine");
+    }
+}
+
+#[test]
+fn the_dirty_ring_tracks_guest_writes_for_restores() {
+    if !kvm_usable() {
+        return;
+    }
+    let has_ring = kvm_ioctls::Kvm::new()
+        .unwrap()
+        .check_extension_raw(kvm_bindings::KVM_CAP_DIRTY_LOG_RING.into())
+        > 0;
+    if !has_ring {
+        let vm = VmCore::new(false, false).unwrap();
+        let err = vm.enable_dirty_ring(256).unwrap_err().to_string();
+        assert!(err.contains("KVM_CAP_DIRTY_LOG_RING"), "{err}");
+        return;
+    }
+    let (vm, cpu, console) = vm_with_guest_and_ring(256);
+    assert_eq!(vm.dirty_ring(), 256);
+    assert!(
+        vm.enable_dirty_ring(256).is_err(),
+        "only once, before vCPUs"
+    );
+    let before = memory(&vm);
+    let snap = vm.snapshot().unwrap();
+    for round in 0..3 {
+        run_to_exit(&cpu);
+        assert_eq!(console.take(false), b"k");
+        assert_ne!(memory(&vm), before);
+        vm.restore(&snap).unwrap();
+        assert_eq!(memory(&vm), before, "round {round}");
+    }
+    assert_eq!(cpu.full_restores(), 0);
 }

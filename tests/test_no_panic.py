@@ -7,6 +7,7 @@ from __future__ import annotations
 import inspect
 import itertools
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -122,11 +123,15 @@ FACTORIES: dict[str, Callable[[kvmpy.Vm, kvmpy.Vcpu], object]] = {
     "uart": lambda vm, cpu: vm.add_uart(0x2F8),
     "kvm": lambda vm, cpu: kvmpy.Kvm(),
     "regs": lambda vm, cpu: cpu.regs,
+    "snapshot": lambda vm, cpu: vm.snapshot(),
 }
 
 
 @pytest.mark.parametrize("target", list(FACTORIES))
-def test_every_public_call_survives_every_wrong_argument(target: str) -> None:
+def test_every_public_call_survives_every_wrong_argument(
+    target: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # where a call given a file name (Snapshot.save) writes
     vm, cpu = fresh()
     with vm:
         names = public_methods(FACTORIES[target](vm, cpu))

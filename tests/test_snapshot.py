@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import random
 import struct
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -60,10 +62,23 @@ def random_program(rng: random.Random) -> bytes:
     return code + b"\xe6\xf4"
 
 
+# Every test runs with KVM's dirty bitmap and again with its dirty ring (`dirty_ring=N`)
+# tracking the pages the guest writes.
+RING: int | None = None
+
+
+@pytest.fixture(autouse=True, params=[None, 4096], ids=["bitmap", "ring"])
+def tracking(request: pytest.FixtureRequest) -> Iterator[int | None]:
+    global RING
+    RING = request.param
+    yield RING
+    RING = None
+
+
 def make_vm(
     guest_dir: Path, *, exceptions: bool = False, **vm_args: bool
 ) -> tuple[kvmpy.Vm, kvmpy.Vcpu]:
-    vm = kvmpy.Vm(**vm_args)
+    vm = kvmpy.Vm(dirty_ring=RING, **vm_args)
     ram = vm.add_memory(0, RAM)
     ram.write(LONG_LOAD, (guest_dir / "snapshot64.bin").read_bytes())
     ram.write(DUMP_CODE, dump_program())
@@ -191,7 +206,7 @@ def test_restore_after_a_handler_exception(guest_dir: Path) -> None:
 
 
 def test_four_vcpus(guest_dir: Path) -> None:
-    vm = kvmpy.Vm()
+    vm = kvmpy.Vm(dirty_ring=RING)
     with vm:
         vm.add_memory(0, RAM).write(LONG_LOAD, (guest_dir / "snapshot64.bin").read_bytes())
         vm.add_exit_port(EXIT_PORT)
@@ -243,7 +258,7 @@ def test_views_make_a_region_wholly_dirty(guest_dir: Path) -> None:
 
 
 def test_dirty_pages_still_reports_and_restore_still_sees_them(guest_dir: Path) -> None:
-    vm = kvmpy.Vm()
+    vm = kvmpy.Vm(dirty_ring=RING)
     with vm:
         ram = vm.add_memory(0, RAM, dirty_log=True)
         ram.write(LONG_LOAD, (guest_dir / "snapshot64.bin").read_bytes())
@@ -254,6 +269,7 @@ def test_dirty_pages_still_reports_and_restore_still_sees_them(guest_dir: Path) 
         snap = vm.snapshot()
         assert cpu.run(timeout=10).reason == "exit"
         assert {DATA, DATA + 0x1000} <= set(ram.dirty_pages())
+        assert DATA not in set(ram.dirty_pages())  # reported once
         vm.restore(snap)
         assert_as_snapshot(vm, snap, [cpu])
 
@@ -521,6 +537,30 @@ def test_restore_to_the_exit_instruction_runs_it_again(guest_dir: Path) -> None:
         assert (cpu.regs.rip, cpu.regs.rbx) == (RANDOM_CODE + 7, 1)
 
 
+def test_an_exit_port_write_left_pending_is_not_completed_at_the_restored_rip(
+    guest_dir: Path,
+) -> None:
+    # inc eax ; inc eax ; out 0xf4, al. A run ends on the OUT, which KVM completes at the
+    # next entry (kvmpy does not re-enter just for that, and nothing here reads the
+    # registers, which would complete it). The restore moves RIP back to the first inc:
+    # KVM's complete_fast_pio_out skips an instruction only where the linear RIP is still
+    # the OUT's, so both incs run again and the exit value stays 2 (a skip of the OUT's
+    # two bytes at the restored RIP would make it 1).
+    vm, cpu = make_vm(guest_dir)
+    with vm:
+        vm.write(RANDOM_CODE, bytes([0xFF, 0xC0, 0xFF, 0xC0, 0xE6, 0xF4]))
+        cpu.set_regs(rip=RANDOM_CODE, rax=0)
+        snap = vm.snapshot()
+        values = []
+        for _ in range(5):
+            exit = cpu.run(timeout=10)
+            assert exit.reason == "exit"
+            values.append(exit.code)
+            vm.restore(snap)
+        assert values == [2] * 5
+        assert cpu.stats()["full_restores"] == 0
+
+
 def test_a_vm_from_a_snapshot_gets_its_cpuid(guest_dir: Path) -> None:
     vm = kvmpy.Vm()
     with vm:
@@ -552,13 +592,14 @@ def test_vms_from_one_snapshot_share_its_memory(guest_dir: Path, tmp_path: Path)
         vm.write(0x150000, b"clean image")
         snap = vm.snapshot()
     views = snapshot_views()
-    vms = [kvmpy.Vm.from_snapshot(snap) for _ in range(2)]
+    vms = [kvmpy.Vm.from_snapshot(snap, dirty_ring=RING) for _ in range(2)]
     vms.append(kvmpy.Vm.from_snapshot(kvmpy.Snapshot.load(_saved(snap, tmp_path))))
     # One private view per VM (the loaded snapshot, gone again, kept no mapping).
     assert snapshot_views() == views + 3
     try:
         for i, other in enumerate(vms):
             assert other.irqchip and len(other.vcpus) == 1
+            assert other.dirty_ring == (RING if i < 2 else None)
             other.add_exit_port(EXIT_PORT)
             ocpu = other.vcpus[0]
             assert other.read(0, RAM) == snap.read(0, RAM)
@@ -620,3 +661,406 @@ def test_a_changed_layout_is_refused_and_a_restored_one_is_copied_whole(guest_di
         assert cpu.run(timeout=10).reason == "exit"
         vm.restore(snap)
         assert_as_snapshot(vm, snap, [cpu])
+
+
+MSR_IA32_TSC = 0x10
+# rdtsc ; shl rdx, 32 ; or rax, rdx ; out 0xf4, al
+RDTSC_CODE = bytes([0x0F, 0x31, 0x48, 0xC1, 0xE2, 0x20, 0x48, 0x09, 0xD0, 0xE6, 0xF4])
+AHEAD = 1 << 50  # TSC ticks: years at any frequency
+
+
+def read_tsc(cpu: kvmpy.Vcpu) -> int:
+    cpu.set_regs(rip=RANDOM_CODE)
+    assert cpu.run(timeout=10).reason == "exit"
+    return cpu.regs.rax
+
+
+def host_sets_the_tsc(cpu: kvmpy.Vcpu) -> bool:
+    """Whether this host's KVM honours a host write of IA32_TSC (a nested PVM host runs
+    every guest on the host's TSC and ignores it)."""
+    tsc = cpu.get_msrs([MSR_IA32_TSC])[MSR_IA32_TSC]
+    cpu.set_msrs({MSR_IA32_TSC: tsc + AHEAD})
+    moved = cpu.get_msrs([MSR_IA32_TSC])[MSR_IA32_TSC] >= tsc + AHEAD
+    cpu.set_msrs({MSR_IA32_TSC: tsc})
+    return moved
+
+
+def test_resets_keep_the_clocks_running_and_other_restores_set_them_back(
+    guest_dir: Path, tmp_path: Path
+) -> None:
+    vm, cpu = make_vm(guest_dir)
+    with vm:
+        settable = host_sets_the_tsc(cpu)
+        vm.write(RANDOM_CODE, RDTSC_CODE)
+        cpu.set_regs(rip=RANDOM_CODE)
+        time.sleep(0.05)  # kvmclock past any new VM's own start
+        snap = vm.snapshot()
+        tsc0 = snap.msrs(0)[MSR_IA32_TSC]
+        khz = snap.tsc_khz(0)
+        assert khz is not None and khz > 0
+        assert snap.clock is not None
+        # The host moves the TSC far ahead (where it can): a reset (full, as the host
+        # changed state, then fast) leaves it running from there, never sets it back.
+        cpu.set_msrs({MSR_IA32_TSC: tsc0 + AHEAD})
+        ahead = tsc0 + AHEAD if settable else tsc0
+        seen = []
+        for _ in range(3):
+            assert cpu.run(timeout=10).reason == "exit"
+            seen.append(cpu.regs.rax)
+            vm.restore(snap)
+        assert ahead <= seen[0] <= seen[1] <= seen[2]
+        assert cpu.stats()["full_restores"] == 1
+        # Restoring a snapshot the VM is not based on sets the TSC back to its value
+        # (where the host lets it; elsewhere the guest's TSC is the host's, never back).
+        later = vm.snapshot()
+        assert later.msrs(0)[MSR_IA32_TSC] >= ahead
+        assert later.clock is not None and later.clock >= snap.clock
+        vm.restore(snap)
+        back = read_tsc(cpu)
+        if settable:
+            assert tsc0 <= back < tsc0 + AHEAD
+        else:
+            assert seen[2] <= back < tsc0 + AHEAD
+        vm.restore(later)
+        assert read_tsc(cpu) >= (tsc0 + AHEAD if settable else back)
+        saved = tmp_path / "clock.kvmsnap"
+        snap.save(saved)
+    loaded = kvmpy.Snapshot.load(saved)
+    assert (loaded.clock, loaded.tsc_khz(0)) == (snap.clock, khz)
+    # A new VM from the snapshot starts with its TSC and its kvmclock.
+    for source in (snap, loaded):
+        start = time.monotonic_ns()
+        with kvmpy.Vm.from_snapshot(source) as other:
+            other.add_exit_port(EXIT_PORT)
+            assert tsc0 <= read_tsc(other.vcpus[0]) < tsc0 + AHEAD
+            clock = other.snapshot().clock
+            elapsed = time.monotonic_ns() - start
+            # kvmclock counts nanoseconds: from the snapshot's value, for at most as long
+            # as the host took since (a new VM's own clock starts near 0).
+            assert clock is not None and snap.clock <= clock <= snap.clock + elapsed + 10**6
+
+
+def test_xsave_state_is_captured_whole_or_refused(guest_dir: Path) -> None:
+    # KVM_CAP_XSAVE2: the bytes of a VM's XSAVE state (larger than 4096 with AMX state
+    # the process enabled for guests); a snapshot holds 4096.
+    size = kvmpy.Kvm().check_extension("xsave2")
+    vm, cpu = make_vm(guest_dir)
+    with vm:
+        if size > 4096:
+            with pytest.raises(kvmpy.KvmUnsupported, match="KVM_CAP_XSAVE2"):
+                vm.snapshot()
+            return
+        before = vector_state(vm, cpu)
+        snap = vm.snapshot()
+        vm.write(RANDOM_CODE, random_program(random.Random(5)))
+        cpu.set_regs(rip=RANDOM_CODE)
+        assert cpu.run(timeout=10).reason == "exit"
+        vm.restore(snap)
+        assert vector_state(vm, cpu) == before
+
+
+def test_a_full_dirty_ring_is_harvested_and_the_run_goes_on(guest_dir: Path) -> None:
+    # 1500 pages written in one run through a ring of 256 entries: KVM exits with
+    # KVM_EXIT_DIRTY_RING_FULL several times, each harvested inside run().
+    vm = kvmpy.Vm(dirty_ring=256)
+    with vm:
+        ram = vm.add_memory(0, 8 << 20)
+        ram.write(LONG_LOAD, (guest_dir / "snapshot64.bin").read_bytes())
+        vm.add_exit_port(EXIT_PORT)
+        cpu = vm.create_vcpu()
+        cpu.setup_long_mode(user=True)
+        cpu.set_regs(rip=LONG_LOAD, rdi=1500, rsi=7)
+        snap = vm.snapshot()
+        for _ in range(2):
+            exits = cpu.stats()["exits"]
+            assert cpu.run(timeout=30).reason == "exit"
+            assert cpu.stats()["exits"] - exits > 1500 // 256
+            assert vm.read(DATA + 1499 * 0x1000, 8) == struct.pack("<Q", 7 + 1499)
+            vm.restore(snap)
+            assert vm.read(0, 8 << 20) == snap.read(0, 8 << 20)
+            assert cpu.regs == snap.regs(0)
+
+
+def test_dirty_ring_sizes_and_host_limits() -> None:
+    with kvmpy.Vm() as vm:
+        vm.add_memory(0, RAM)
+        snap = vm.snapshot()
+    with pytest.raises(ValueError, match="dirty_ring=0"):
+        kvmpy.Vm.from_snapshot(snap, dirty_ring=0)
+    limit = kvmpy.Kvm().check_extension("dirty_log_ring")
+    if limit == 0:
+        with pytest.raises(kvmpy.KvmUnsupported, match="KVM_CAP_DIRTY_LOG_RING"):
+            kvmpy.Vm(dirty_ring=4096)
+        return
+    for bad in (0, 100, 128, limit // 16 * 2, -1, 2**40):
+        with pytest.raises((ValueError, OverflowError)):
+            kvmpy.Vm(dirty_ring=bad)
+    with kvmpy.Vm(dirty_ring=limit // 16) as vm:
+        assert vm.dirty_ring == limit // 16
+    with kvmpy.Vm() as vm:
+        assert vm.dirty_ring is None
+
+
+def test_capture_of_a_big_sparse_guest_holds_every_page_it_wrote(guest_dir: Path) -> None:
+    # A capture looks only at the pages the process touched: the guest's, the host's,
+    # and pages written and zeroed again; what it holds must be exactly the memory.
+    size = 64 << 20
+    vm = kvmpy.Vm(dirty_ring=RING)
+    with vm:
+        ram = vm.add_memory(0, size)
+        ram.write(LONG_LOAD, (guest_dir / "snapshot64.bin").read_bytes())
+        vm.add_exit_port(EXIT_PORT)
+        cpu = vm.create_vcpu()
+        cpu.setup_long_mode(user=True)
+        cpu.set_regs(rip=LONG_LOAD, rdi=100, rsi=3)
+        assert cpu.run(timeout=10).reason == "exit"
+        rng = random.Random(9)
+        for _ in range(50):
+            vm.write(rng.randrange(0, size - 16), rng.randbytes(16))
+        vm.write(0x3000000, b"\1" * 4096)
+        vm.write(0x3000000, bytes(4096))  # touched, zero again
+        with memoryview(ram) as view:
+            view[size - 1] = 0x77  # the last byte, through a view
+        snap = vm.snapshot()
+        assert snap.read(0, size) == vm.read(0, size)
+        with kvmpy.Vm.from_snapshot(snap) as other:
+            assert other.read(0, size) == vm.read(0, size)
+            # A view of the snapshot's memory is read whole: untouched, it reads the image.
+            other.write(0x2000000, b"other")
+            again = other.snapshot()
+            assert again.read(0, size) == other.read(0, size)
+            assert again.read(size - 1, 1) == b"\x77"
+
+
+PVCLOCK = 0x30000  # where the guest asks KVM for its kvmclock page
+MSR_KVM_SYSTEM_TIME_NEW = 0x4B564D01
+SLACK_NS = 10**6  # rounding between the guest's and KVM's reading of one clock
+
+
+def kvmclock_now(vm: kvmpy.Vm, cpu: kvmpy.Vcpu) -> int:
+    """The time a guest reads from kvmclock: the pvclock page KVM keeps in guest memory,
+    scaled from a guest `rdtsc` (Linux's `pvclock_clocksource_read`)."""
+    tsc = read_tsc(cpu)
+    _, _, stamp, system_time, mul, shift = struct.unpack("<IIQQIb", vm.read(PVCLOCK, 29))
+    delta = tsc - stamp
+    delta = delta << shift if shift >= 0 else delta >> -shift
+    return system_time + ((delta * mul) >> 32)
+
+
+def test_the_guest_kvmclock_runs_on_across_resets_and_is_set_back_elsewhere(
+    guest_dir: Path,
+) -> None:
+    vm = kvmpy.Vm(dirty_ring=RING)
+    with vm:
+        vm.add_memory(0, RAM)
+        # mov ecx, MSR ; mov eax, PVCLOCK | 1 ; xor edx, edx ; wrmsr ; out 0xf4, al
+        enable = b"\xb9" + struct.pack("<I", MSR_KVM_SYSTEM_TIME_NEW)
+        enable += b"\xb8" + struct.pack("<I", PVCLOCK | 1) + b"\x31\xd2\x0f\x30\xe6\xf4"
+        vm.write(DUMP_CODE, enable)
+        vm.write(RANDOM_CODE, RDTSC_CODE)
+        vm.add_exit_port(EXIT_PORT)
+        cpu = vm.create_vcpu()
+        cpu.setup_long_mode(user=False)  # ring 0: the guest turns kvmclock on
+        cpu.set_regs(rip=DUMP_CODE)
+        assert cpu.run(timeout=10).reason == "exit"
+        time.sleep(0.05)  # kvmclock past any new VM's own start
+        snap = vm.snapshot()
+        assert snap.clock is not None
+        first = kvmclock_now(vm, cpu)
+        assert snap.clock <= first
+        # A reset puts the pvclock page back, but the guest's time runs on, and it still
+        # agrees with KVM's clock (read by a snapshot, which takes no time from the guest).
+        vm.restore(snap)
+        start = time.monotonic_ns()
+        again = kvmclock_now(vm, cpu)
+        later = vm.snapshot()
+        elapsed = time.monotonic_ns() - start
+        assert later.clock is not None and first <= again
+        assert later.clock - elapsed - SLACK_NS <= again <= later.clock + SLACK_NS
+        # Restoring a snapshot the VM is not based on sets the guest's time back.
+        vm.restore(snap)
+        assert snap.clock <= kvmclock_now(vm, cpu) <= later.clock
+        vm.restore(snap)
+        start = time.monotonic_ns()
+        with kvmpy.Vm.from_snapshot(snap) as other:
+            other.add_exit_port(EXIT_PORT)
+            back = kvmclock_now(other, other.vcpus[0])
+            kvm_back = other.snapshot().clock
+            elapsed = time.monotonic_ns() - start
+        # A new VM's guest reads the snapshot's time, moved on only by what passed since.
+        assert kvm_back is not None
+        assert snap.clock <= back <= kvm_back + SLACK_NS
+        assert kvm_back <= snap.clock + elapsed + SLACK_NS
+
+
+# Ring 0: xor ecx, ecx ; mov eax, XCR0 ; xor edx, edx ; xsetbv ; out 0xf4, al. Then at
+# CPL3, each part ending in `out 0xf4, al`: fill (ZMM31 and YMM7 all ones, K1 = 0xffff),
+# clobber (all zero), dump (ZMM31 to DUMP, YMM7 to DUMP + 0x40, K1 to DUMP + 0x60).
+AVX512_CODE = bytes.fromhex(
+    "31c9b8e700000031d20f01d1e6f4"  # XCR0 = x87 | SSE | AVX | opmask | ZMM_Hi256 | Hi16_ZMM
+    "6203054025ffff62f3452825ffffc5f446c9e6f4"  # +0x0e vpternlogd zmm31/ymm7; kxnorw k1
+    "62010540efffc5c5efffc5f447c9e6f4"  # +0x22 vpxord zmm31; vpxor ymm7; kxorw k1
+    "6261fe487f3c2500001f00c5fe7f3c2540001f00c5f8910c2560001f00e6f4"  # +0x32 stores
+)
+AVX512_PARTS = (0x0E, 0x22, 0x32)
+# The same without AVX-512 (XCR0 = x87 | SSE | AVX), for CPUs that lack it: YMM7 only.
+AVX_CODE = bytes.fromhex(
+    "31c9b80700000031d20f01d1e6f462f3452825ffffe6f4c5c5efffe6f4c5fe7f3c2540001f00e6f4"
+)
+AVX_PARTS = (0x0E, 0x17, 0x1D)
+CR4_OSXSAVE = 1 << 18
+
+
+def test_avx_and_avx512_state_round_trips(guest_dir: Path) -> None:
+    # What this host allows in the 4096 bytes of KVM_GET_XSAVE: the AVX upper halves and,
+    # where the CPU has AVX-512, the ZMM registers and the mask registers.
+    vm, cpu = make_vm(guest_dir)
+    with vm:
+        leaf7 = next(e for e in cpu.get_cpuid() if e.function == 7 and e.index == 0)
+        avx512 = bool(leaf7.ebx & (1 << 16))
+        code, (fill, clobber, dump) = (
+            (AVX512_CODE, AVX512_PARTS) if avx512 else (AVX_CODE, AVX_PARTS)
+        )
+        vm.write(RANDOM_CODE, code)
+        cpu.setup_long_mode(user=False)  # xsetbv is privileged
+        cpu.set_sregs(cr4=cpu.sregs.cr4 | CR4_OSXSAVE)
+        cpu.set_regs(rip=RANDOM_CODE)
+        assert cpu.run(timeout=10).reason == "exit"
+        cpu.setup_long_mode(user=True)
+        cpu.set_sregs(cr4=cpu.sregs.cr4 | CR4_OSXSAVE)
+
+        def part(at: int) -> None:
+            cpu.set_regs(rip=RANDOM_CODE + at)
+            assert cpu.run(timeout=10).reason == "exit"
+
+        def state() -> bytes:
+            part(dump)
+            data = vm.read(DUMP, 0x62)
+            return data if avx512 else data[0x40:0x60]
+
+        part(fill)
+        ones = state()
+        assert ones == (b"\xff" * 0x62 if avx512 else b"\xff" * 0x20)
+        snap = vm.snapshot()
+        part(clobber)
+        assert state() == bytes(len(ones))
+        vm.restore(snap)
+        assert state() == ones
+
+
+def _checksum(data: bytes) -> int:
+    """The file format's checksum: FNV-1a's constants on little-endian words, then on
+    the bytes left over."""
+    h = 0xCBF29CE484222325
+    whole = len(data) // 8 * 8
+    for (w,) in struct.iter_unpack("<Q", data[:whole]):
+        h = ((h ^ w) * 0x100000001B3) & (2**64 - 1)
+    for b in data[whole:]:
+        h = ((h ^ b) * 0x100000001B3) & (2**64 - 1)
+    return h
+
+
+def as_version_1(data: bytes) -> bytes:
+    """A format-2 snapshot file rewritten as format 1 (before the clock was saved): each
+    vCPU's TSC frequency and the clock taken out, the checksum made again."""
+    out = bytearray()
+    at = 0
+
+    def take(n: int) -> bytes:
+        nonlocal at
+        at += n
+        return data[at - n : at]
+
+    def u32() -> int:
+        return int.from_bytes(take(4), "little")
+
+    out += take(8)  # magic
+    assert u32() == 2
+    out += struct.pack("<I", 1)
+    name_len = u32()
+    out += struct.pack("<I", name_len) + take(name_len) + take(12)
+    sizes = [u32() for _ in range(13)]
+    out += struct.pack("<13I", *sizes)
+    vcpus = u32()
+    out += struct.pack("<I", vcpus)
+    for _ in range(vcpus):
+        out += take(8 + sum(sizes[:7]))  # id, MP state ... vCPU events
+        lapic = take(1)
+        out += lapic + (take(sizes[7]) if lapic == b"\1" else b"")
+        for size in (sizes[8], sizes[9], 4):  # MSRs, CPUID, queued interrupts
+            n = u32()
+            out += struct.pack("<I", n) + take(n * size)
+        take(4)  # the TSC frequency: not in version 1
+    irqchip = take(1)
+    out += irqchip + (take(3 * sizes[10]) if irqchip == b"\1" else b"")
+    pit = take(1)
+    out += pit + (take(sizes[11]) if pit == b"\1" else b"")
+    if take(1) == b"\1":  # the clock: not in version 1
+        take(8)
+    out += data[at:-8]
+    return bytes(out) + struct.pack("<Q", _checksum(bytes(out)))
+
+
+def test_a_version_1_file_still_loads_and_restores(guest_dir: Path, tmp_path: Path) -> None:
+    vm, cpu = make_vm(guest_dir, irqchip=True)
+    with vm:
+        snap = vm.snapshot()
+        snap.save(tmp_path / "v2.kvmsnap")
+        (tmp_path / "v1.kvmsnap").write_bytes(as_version_1((tmp_path / "v2.kvmsnap").read_bytes()))
+        old = kvmpy.Snapshot.load(tmp_path / "v1.kvmsnap")
+        assert (old.clock, old.tsc_khz(0)) == (None, None)
+        assert old.regs(0) == snap.regs(0) and old.msrs(0) == snap.msrs(0)
+        assert cpu.run(timeout=10).reason == "exit"
+        vm.restore(old)
+        assert_as_snapshot(vm, snap, [cpu])
+        assert cpu.run(timeout=10).reason == "exit"
+        assert vm.read(DATA, 8) == struct.pack("<Q", 0x1000)
+
+
+MSR_TSC_DEADLINE = 0x6E0
+# mov eax, 0xfee00320 ; mov dword [rax], 0x50030 (LAPIC timer: TSC-deadline mode, masked,
+# vector 0x30) ; out 0xf4, al
+LVT_TSC_DEADLINE = bytes.fromhex("b82003e0fec70030000500e6f4")
+
+
+def test_a_reset_moves_an_armed_tsc_deadline_with_the_running_tsc(guest_dir: Path) -> None:
+    vm = kvmpy.Vm(irqchip=True, dirty_ring=RING)
+    with vm:
+        vm.add_memory(0, RAM)
+        vm.write(RANDOM_CODE, LVT_TSC_DEADLINE)
+        vm.add_exit_port(EXIT_PORT)
+        cpu = vm.create_vcpu()
+        cpu.setup_long_mode(user=False, map_gib=4)  # ring 0 writes the LAPIC's registers
+        cpu.set_regs(rip=RANDOM_CODE)
+        assert cpu.run(timeout=10).reason == "exit"
+        tsc = cpu.get_msrs([MSR_IA32_TSC])[MSR_IA32_TSC]
+        cpu.set_msrs({MSR_TSC_DEADLINE: tsc + 10**12})  # far ahead: it does not fire here
+        snap = vm.snapshot()
+        then, deadline = snap.msrs(0)[MSR_IA32_TSC], snap.msrs(0)[MSR_TSC_DEADLINE]
+        assert deadline == tsc + 10**12
+        cpu.set_regs(rip=RANDOM_CODE)
+        assert cpu.run(timeout=10).reason == "exit"
+        before = cpu.get_msrs([MSR_IA32_TSC])[MSR_IA32_TSC]
+        vm.restore(snap)  # ring 0: a full restore, the TSC left running
+        now = cpu.get_msrs([MSR_IA32_TSC, MSR_TSC_DEADLINE])
+        # The deadline moved by what the TSC ran since the snapshot: as far ahead as then.
+        assert before - then <= now[MSR_TSC_DEADLINE] - deadline <= now[MSR_IA32_TSC] - then
+        assert cpu.stats()["full_restores"] == 1
+
+
+def test_dirty_pages_come_from_the_ring_and_survive_a_full_one(guest_dir: Path) -> None:
+    vm = kvmpy.Vm(dirty_ring=256)
+    with vm:
+        ram = vm.add_memory(0, 8 << 20, dirty_log=True)
+        other = vm.add_memory(16 << 20, 1 << 20, dirty_log=True)
+        ram.write(LONG_LOAD, (guest_dir / "snapshot64.bin").read_bytes())
+        vm.add_exit_port(EXIT_PORT)
+        cpu = vm.create_vcpu()
+        cpu.setup_long_mode(user=True)
+        cpu.set_regs(rip=LONG_LOAD, rdi=1500, rsi=1)
+        ram.dirty_pages()
+        assert cpu.run(timeout=30).reason == "exit"  # the ring filled up several times
+        written = {DATA + 0x1000 * i for i in range(1500)}
+        assert written <= set(ram.dirty_pages())
+        assert not written & set(ram.dirty_pages())
+        assert other.dirty_pages() == []

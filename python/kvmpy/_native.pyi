@@ -218,6 +218,19 @@ class Snapshot:
         """The special registers of the vCPU at `index` (in `vcpu_ids` order)."""
     def msrs(self, index: int) -> dict[int, int]:
         """The MSRs saved for the vCPU at `index`: `{index: value}`."""
+    @property
+    def clock(self) -> int | None:
+        """The VM's kvmclock when the snapshot was taken, in nanoseconds (`None` for a file written
+        before kvmpy saved it, or a host without KVM_CAP_ADJUST_CLOCK). A restore into the VM
+        whose memory is based on this snapshot (a reset) leaves the guest's clocks running; any
+        other restore sets kvmclock and each vCPU's TSC back to the snapshot's values.
+        """
+    def tsc_khz(self, index: int) -> int | None:
+        """The TSC frequency in kHz of the vCPU at `index` (in `vcpu_ids` order), or `None` for a
+        file written before kvmpy saved it, or a host that cannot tell. Restoring into a vCPU
+        whose TSC runs at another frequency sets it where the host can (KVM_CAP_TSC_CONTROL) and
+        raises `KvmUnsupported` where it cannot.
+        """
     def save(self, path: str | os.PathLike[str]) -> None:
         """Writes the snapshot to a file: a versioned format (kvmpy and CPU vendor in the
         header) holding every vCPU's state, device state and the memory pages that are
@@ -266,7 +279,8 @@ class MemoryRegion:
         """Writes a bytes-like object at region offset `offset`."""
     def dirty_pages(self) -> list[int]:
         """The region-relative byte offsets of the pages the guest wrote since the last call
-        (`KVM_GET_DIRTY_LOG`, which also resets the log). Needs `dirty_log=True`.
+        (`KVM_GET_DIRTY_LOG`, which also resets the log). Needs `dirty_log=True`. In a VM
+        with `dirty_ring=N` the pages come from the vCPUs' rings, which needs them stopped.
         """
     def __len__(self) -> int: ...
 
@@ -802,7 +816,12 @@ class Vm:
     call `close()`: closing stops running vCPUs, closes every KVM fd the VM owns and detaches
     its memory regions.
     """
-    def __new__(cls, *, irqchip: bool = False, pit: bool = False) -> Vm: ...
+    def __new__(
+        cls, *, irqchip: bool = False, pit: bool = False, dirty_ring: int | None = None
+    ) -> Vm: ...
+    @property
+    def dirty_ring(self) -> int | None:
+        """The entries of each vCPU's dirty ring (`dirty_ring=N`), or `None`."""
     @property
     def irqchip(self) -> bool:
         """Whether the VM has an in-kernel irqchip."""
@@ -1024,12 +1043,13 @@ class Vm:
         devices; a mismatch raises `ValueError` before anything changes.
         """
     @staticmethod
-    def from_snapshot(snapshot: Snapshot) -> Vm:
+    def from_snapshot(snapshot: Snapshot, *, dirty_ring: int | None = None) -> Vm:
         """A new VM from a snapshot: the same memory regions, as copy-on-write views of the
         snapshot's memory (several VMs from one snapshot share its pages and pay only for
         the pages they write), vCPUs with the same ids, CPUID and state, and the same irqchip and
         PIT. kvmpy's devices and handlers are not created: add them, then
-        `vm.restore(snapshot)` also puts the devices' state back.
+        `vm.restore(snapshot)` also puts the devices' state back. `dirty_ring=N` as for
+        `Vm(...)`.
         """
     def __enter__(self) -> Vm: ...
     def __exit__(self, *args: object) -> None: ...

@@ -9,6 +9,12 @@
 //! exit, and the instruction emulator finishes an OUT before it exits. So a restore to
 //! another RIP needs no completion, and any other use of the vCPU's state completes it
 //! first (`complete_deferred`).
+//!
+//! Linux's `arch/x86/kvm/x86.c`: `kvm_fast_pio_out` records `kvm_get_linear_rip()` when
+//! it exits to userspace (in `cui_linear_rip`; `pio.linear_rip` in older kernels),
+//! and `complete_fast_pio_out` returns without `kvm_skip_emulated_instruction` unless
+//! `kvm_is_linear_rip()` still matches it; tests/test_snapshot.py checks it on the host
+//! (a restore to the instructions before the OUT runs them all again).
 
 use std::sync::atomic::Ordering;
 

@@ -116,6 +116,11 @@ impl WriteRecord {
         self.viewed.swap(live, Ordering::SeqCst)
     }
 
+    /// Whether the host wrote pages since the record was last taken.
+    pub fn has_host_writes(&self) -> bool {
+        self.host_any.load(Ordering::SeqCst)
+    }
+
     /// Whether KVM logs the slot's dirty pages.
     pub fn logging(&self) -> bool {
         self.logging.load(Ordering::SeqCst)

@@ -261,6 +261,12 @@ impl VcpuCore {
                 self.interrupted(guard, options)
             }
             Err(e) => Err(Error::ioctl("KVM_RUN", e)),
+            Ok(RunExit::Other(Exit::Unknown { raw }))
+                if raw == kvm_bindings::KVM_EXIT_DIRTY_RING_FULL =>
+            {
+                self.ring_full(fd_of(guard)?)?;
+                Ok(Flow::Continue(false))
+            }
             Ok(RunExit::Io(io)) => self.dispatch_io(guard, io),
             Ok(RunExit::Other(exit)) => self.dispatch(guard, exit),
         }

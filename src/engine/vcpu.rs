@@ -26,6 +26,8 @@ pub struct VcpuFdHolder {
     pub timer: Option<Timer>,
     /// The thread and signal mask `KVM_SET_SIGNAL_MASK` was last given for.
     pub sigmask: Option<(libc::pid_t, u64)>,
+    /// The vCPU's dirty ring, in a VM that has the ring on.
+    pub ring: Option<crate::engine::snapshot::ring::DirtyRing>,
     _memory: Arc<Mappings>,
 }
 
@@ -139,6 +141,7 @@ impl VcpuCore {
         mut fd: VcpuFd,
         sync_regs: bool,
         memory: Arc<Mappings>,
+        ring: Option<crate::engine::snapshot::ring::DirtyRing>,
     ) -> Self {
         if sync_regs {
             fd.set_sync_valid_reg(SyncReg::Register);
@@ -150,6 +153,7 @@ impl VcpuCore {
                 fd,
                 timer: None,
                 sigmask: None,
+                ring,
                 _memory: memory,
             })),
             runner: Mutex::new(None),

@@ -1,6 +1,6 @@
 //! The VM: its KVM fd, guest memory, bus and vCPUs.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
@@ -37,6 +37,8 @@ pub struct Tracking {
     pub manual: Option<bool>,
     /// A dirty bitmap reused by restores.
     pub bits: Vec<u64>,
+    /// With the dirty ring: the `(region index, page)` entries a restore harvested.
+    pub ring_pages: Vec<(usize, u64)>,
 }
 
 /// The state of one VM, shared by the face's objects, its vCPUs and their threads.
@@ -58,6 +60,11 @@ pub struct VmCore {
     pub breakpoints: Mutex<crate::engine::breakpoints::Breakpoints>,
     /// The vCPU threads of the last `start`, until they are joined.
     group: Mutex<Option<Arc<RunGroup>>>,
+    /// Entries of each vCPU's dirty ring; 0: the VM uses the dirty bitmap.
+    ring_entries: AtomicU32,
+    /// With the dirty ring: pages harvested outside a restore and not reported by
+    /// `dirty_log` yet, `(slot, bitmap)` (see `snapshot::ring`).
+    pub ring_unreported: Mutex<Vec<(u32, Vec<u64>)>>,
 }
 
 impl VmCore {
@@ -100,7 +107,28 @@ impl VmCore {
             tracking: Mutex::new(Tracking::default()),
             breakpoints: Mutex::default(),
             group: Mutex::new(None),
+            ring_entries: AtomicU32::new(0),
+            ring_unreported: Mutex::new(Vec::new()),
         }))
+    }
+
+    /// Turns KVM's dirty ring on, `entries` per vCPU (see `snapshot::ring`): only before
+    /// the first vCPU.
+    pub fn enable_dirty_ring(&self, entries: u32) -> Result<()> {
+        let vcpus = lock(&self.vcpus);
+        if !vcpus.is_empty() || self.dirty_ring() != 0 {
+            return Err(Error::Value(
+                "the dirty ring must be turned on before the VM has vCPUs, once".into(),
+            ));
+        }
+        self.with_fd(|fd| crate::engine::snapshot::ring::enable(&self.kvm, fd, entries))?;
+        self.ring_entries.store(entries, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// The entries of each vCPU's dirty ring; 0 without the ring.
+    pub fn dirty_ring(&self) -> u32 {
+        self.ring_entries.load(Ordering::SeqCst)
     }
 
     /// Whether the VM has an in-kernel irqchip (PIC, IOAPIC and local APICs).
@@ -235,6 +263,9 @@ impl VmCore {
     /// which resets the log), one bit per page. While a snapshot tracks the region, the
     /// pages are also kept for its next restore.
     pub fn dirty_log(&self, region: &Region) -> Result<Vec<u64>> {
+        if self.dirty_ring() != 0 {
+            return self.ring_dirty_log(region);
+        }
         let manual = lock(&self.tracking).manual.unwrap_or(false);
         let mut bits = vec![0; crate::engine::snapshot::dirty::bitmap_words(region)];
         self.with_fd(|fd| crate::engine::snapshot::dirty::read(fd, region, manual, &mut bits))?;
@@ -341,8 +372,19 @@ impl VmCore {
             .check_extension_raw(kvm_bindings::KVM_CAP_SYNC_REGS.into())
             & kvm_bindings::KVM_SYNC_X86_REGS as i32
             != 0;
+        let ring = match self.dirty_ring() {
+            0 => None,
+            n => Some(crate::engine::snapshot::ring::DirtyRing::map(&fd, n)?),
+        };
         let mappings = lock(&self.memory).mappings();
-        let vcpu = Arc::new(VcpuCore::new(id, Arc::clone(self), fd, sync_regs, mappings));
+        let vcpu = Arc::new(VcpuCore::new(
+            id,
+            Arc::clone(self),
+            fd,
+            sync_regs,
+            mappings,
+            ring,
+        ));
         vcpus.push(Arc::clone(&vcpu));
         Ok(vcpu)
     }

@@ -100,7 +100,8 @@ impl MemoryRegion {
     }
 
     /// The region-relative byte offsets of the pages the guest wrote since the last call
-    /// (`KVM_GET_DIRTY_LOG`, which also resets the log). Needs `dirty_log=True`.
+    /// (`KVM_GET_DIRTY_LOG`, which also resets the log). Needs `dirty_log=True`. In a VM
+    /// with `dirty_ring=N` the pages come from the vCPUs' rings, which needs them stopped.
     fn dirty_pages(&self) -> PyResult<Vec<u64>> {
         self.check_attached()?;
         if !self.region.dirty_log {

@@ -74,6 +74,23 @@ impl Snapshot {
             .collect())
     }
 
+    /// The VM's kvmclock when the snapshot was taken, in nanoseconds (`None` for a file written
+    /// before kvmpy saved it, or a host without KVM_CAP_ADJUST_CLOCK). A restore into the VM
+    /// whose memory is based on this snapshot (a reset) leaves the guest's clocks running; any
+    /// other restore sets kvmclock and each vCPU's TSC back to the snapshot's values.
+    #[getter]
+    fn clock(&self) -> Option<u64> {
+        self.inner.clock
+    }
+
+    /// The TSC frequency in kHz of the vCPU at `index` (in `vcpu_ids` order), or `None` for a
+    /// file written before kvmpy saved it, or a host that cannot tell. Restoring into a vCPU
+    /// whose TSC runs at another frequency sets it where the host can (KVM_CAP_TSC_CONTROL) and
+    /// raises `KvmUnsupported` where it cannot.
+    fn tsc_khz(&self, index: Int<usize>) -> PyResult<Option<u32>> {
+        Ok(self.vcpu(index.0)?.tsc_khz)
+    }
+
     /// Writes the snapshot to a file: a versioned format (kvmpy and CPU vendor in the
     /// header) holding every vCPU's state, device state and the memory pages that are
     /// not all zero, with a checksum.

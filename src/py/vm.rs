@@ -80,12 +80,27 @@ impl Vm {
     /// Creates a VM. With `irqchip=True` KVM emulates the PIC, IOAPIC and local APICs in
     /// the kernel (raise interrupts with `set_irq_line`; HLT is then handled in the kernel
     /// and never reaches `on_hlt`); with `pit=True` (needs `irqchip`) also the PIT timer.
+    /// With `dirty_ring=N` snapshots track the pages the guest writes in KVM's dirty ring
+    /// (N entries per vCPU, a power of two; KVM_CAP_DIRTY_LOG_RING) instead of its dirty
+    /// bitmap: a restore then costs what the guest wrote, not a bitmap of all guest
+    /// memory. A host without the ring raises `KvmUnsupported`.
     #[new]
-    #[pyo3(signature = (*, irqchip=false, pit=false))]
-    fn new(irqchip: bool, pit: bool) -> PyResult<Self> {
+    #[pyo3(signature = (*, irqchip=false, pit=false, dirty_ring=None))]
+    fn new(irqchip: bool, pit: bool, dirty_ring: Option<Int<u32>>) -> PyResult<Self> {
+        let core = VmCore::new(irqchip, pit)?;
+        if let Some(Int(entries)) = dirty_ring {
+            // On failure the VM is dropped here, closing its fd.
+            core.enable_dirty_ring(entries)?;
+        }
         Ok(Vm {
-            inner: Arc::new(VmHandle(VmCore::new(irqchip, pit)?)),
+            inner: Arc::new(VmHandle(core)),
         })
+    }
+
+    /// The entries of each vCPU's dirty ring (`dirty_ring=N`), or `None`.
+    #[getter]
+    fn dirty_ring(&self) -> Option<u32> {
+        Some(self.inner.0.dirty_ring()).filter(|n| *n != 0)
     }
 
     /// Adds `size` bytes of RAM at guest physical address `guest_addr` (both page
@@ -463,14 +478,24 @@ impl Vm {
     /// snapshot's memory (several VMs from one snapshot share its pages and pay only for
     /// the pages they write), vCPUs with the same ids, CPUID and state, and the same
     /// irqchip and PIT. kvmpy's devices and handlers are not created: add them, then
-    /// `vm.restore(snapshot)` also puts the devices' state back.
+    /// `vm.restore(snapshot)` also puts the devices' state back. `dirty_ring=N` as for
+    /// `Vm(...)`.
     #[staticmethod]
+    #[pyo3(signature = (snapshot, *, dirty_ring=None))]
     fn from_snapshot(
         py: Python<'_>,
         snapshot: PyRef<'_, crate::py::snapshot::Snapshot>,
+        dirty_ring: Option<Int<u32>>,
     ) -> PyResult<Self> {
         let core = Arc::clone(&snapshot.inner);
-        let vm = gil::released(py, || VmCore::from_snapshot(&core))?;
+        let entries = dirty_ring.map_or(0, |Int(n)| n);
+        if dirty_ring.is_some() && entries == 0 {
+            return Err(crate::engine::Error::Value(
+                "dirty_ring=0: give a number of entries, or None for the dirty bitmap".into(),
+            )
+            .into());
+        }
+        let vm = gil::released(py, || VmCore::from_snapshot_with_ring(&core, entries))?;
         Ok(Vm {
             inner: Arc::new(VmHandle(vm)),
         })

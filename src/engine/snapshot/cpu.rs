@@ -16,6 +16,8 @@ use crate::engine::vcpu::VcpuCore;
 
 /// IA32_TSC_DEADLINE: written after IA32_TSC, or KVM may miss that a timer must fire.
 const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
+/// IA32_TSC: the guest's time stamp counter.
+pub const MSR_IA32_TSC: u32 = 0x10;
 
 /// Everything KVM holds for one vCPU, and kvmpy's own queue of interrupts for it.
 pub struct VcpuState {
@@ -34,6 +36,9 @@ pub struct VcpuState {
     pub cpuid: Vec<kvm_cpuid_entry2>,
     /// Vectors queued by `queue_interrupt` and not injected yet.
     pub interrupts: Vec<u32>,
+    /// The guest TSC's frequency (KVM_GET_TSC_KHZ); `None` in a file of format version 1
+    /// or where the host cannot tell.
+    pub tsc_khz: Option<u32>,
 }
 
 /// MSRs KVM reported but refused to read or write, found once per process, for VMs
@@ -115,6 +120,24 @@ fn write_msrs(fd: &VcpuFd, entries: &[kvm_msr_entry], irqchip: bool) -> Result<(
     Ok(())
 }
 
+/// The bytes of `kvm_xsave`'s region: the XSAVE state a snapshot holds.
+const XSAVE_BYTES: usize = std::mem::size_of::<kvm_xsave>();
+
+/// Fails, naming the host limit, when a VM's XSAVE state (`size` bytes, what
+/// KVM_CHECK_EXTENSION(KVM_CAP_XSAVE2) says on its fd; 0 where the host lacks the
+/// capability) is larger than a snapshot holds: KVM_GET_XSAVE would drop the rest (the
+/// AMX tile data of a process that asked for it with ARCH_REQ_XCOMP_GUEST_PERM).
+pub fn check_xsave_size(size: i32) -> Result<()> {
+    if usize::try_from(size).unwrap_or(0) <= XSAVE_BYTES {
+        return Ok(());
+    }
+    Err(Error::Unsupported(format!(
+        "this VM's XSAVE state is {size} bytes (KVM_CAP_XSAVE2), larger than the \
+         {XSAVE_BYTES} bytes of KVM_GET_XSAVE that kvmpy's snapshots hold (AMX tile state \
+         this process enabled for guests): snapshots of such a VM are not supported"
+    )))
+}
+
 /// Captures a vCPU's state. KVM_GET_MP_STATE comes first (it may change LAPIC state) and
 /// the vCPU events last (the other reads may change them), as Firecracker does.
 pub fn capture(vcpu: &VcpuCore, fd: &mut VcpuFd, kvm: &Kvm, irqchip: bool) -> Result<VcpuState> {
@@ -146,6 +169,8 @@ pub fn capture(vcpu: &VcpuCore, fd: &mut VcpuFd, kvm: &Kvm, irqchip: bool) -> Re
         .as_slice()
         .to_vec();
     let msrs = read_msrs(kvm, fd, irqchip)?;
+    // A host without KVM_CAP_GET_TSC_KHZ (or an unstable TSC) has none to give.
+    let tsc_khz = fd.get_tsc_khz().ok().filter(|khz| *khz != 0);
     let events = fd
         .get_vcpu_events()
         .map_err(|e| Error::ioctl("KVM_GET_VCPU_EVENTS", e))?;
@@ -162,14 +187,16 @@ pub fn capture(vcpu: &VcpuCore, fd: &mut VcpuFd, kvm: &Kvm, irqchip: bool) -> Re
         events,
         cpuid,
         interrupts: vcpu.queued_interrupts(),
+        tsc_khz,
     })
 }
 
 /// Puts everything back, in Firecracker's order: MP state; general registers before the
 /// vCPU events (setting registers drops a pending exception the events restore); special
 /// registers before the LAPIC (they hold the APIC base); the LAPIC before the MSRs (the
-/// TSC deadline needs it); the events last.
-pub fn put_all(vcpu: &VcpuCore, fd: &mut VcpuFd, st: &VcpuState) -> Result<()> {
+/// TSC deadline needs it); the events last. With `keep_tsc` the guest's TSC is left
+/// running (see `Snapshot`'s clock rule) instead of set back.
+pub fn put_all(vcpu: &VcpuCore, fd: &mut VcpuFd, st: &VcpuState, keep_tsc: bool) -> Result<()> {
     fd.set_mp_state(st.mp_state)
         .map_err(|e| Error::ioctl("KVM_SET_MP_STATE", e))?;
     vcpu.put_regs_now(fd, &st.regs)?;
@@ -183,10 +210,48 @@ pub fn put_all(vcpu: &VcpuCore, fd: &mut VcpuFd, st: &VcpuState) -> Result<()> {
         fd.set_lapic(lapic)
             .map_err(|e| Error::ioctl("KVM_SET_LAPIC", e))?;
     }
-    write_msrs(fd, &st.msrs, st.lapic.is_some())?;
+    if keep_tsc {
+        let mut msrs: Vec<kvm_msr_entry> = st
+            .msrs
+            .iter()
+            .filter(|e| e.index != MSR_IA32_TSC)
+            .copied()
+            .collect();
+        shift_tsc_deadline(fd, st, &mut msrs)?;
+        write_msrs(fd, &msrs, st.lapic.is_some())?;
+    } else {
+        write_msrs(fd, &st.msrs, st.lapic.is_some())?;
+    }
     fd.set_vcpu_events(&st.events)
         .map_err(|e| Error::ioctl("KVM_SET_VCPU_EVENTS", e))?;
     vcpu.set_queued_interrupts(&st.interrupts);
+    Ok(())
+}
+
+/// With the TSC left running: an armed TSC deadline timer (an absolute TSC value) moves
+/// by as much as the TSC did since the snapshot, so it fires as long after the restore
+/// as it would have after the snapshot.
+fn shift_tsc_deadline(fd: &VcpuFd, st: &VcpuState, msrs: &mut [kvm_msr_entry]) -> Result<()> {
+    let Some(deadline) = msrs
+        .iter_mut()
+        .find(|e| e.index == MSR_IA32_TSC_DEADLINE && e.data != 0)
+    else {
+        return Ok(());
+    };
+    let Some(then) = st.msrs.iter().find(|e| e.index == MSR_IA32_TSC) else {
+        return Ok(());
+    };
+    let mut now = msrs_of(&[kvm_msr_entry {
+        index: MSR_IA32_TSC,
+        ..Default::default()
+    }])?;
+    let n = fd
+        .get_msrs(&mut now)
+        .map_err(|e| Error::ioctl("KVM_GET_MSRS", e))?;
+    if n == 1 {
+        let ran = now.as_slice()[0].data.wrapping_sub(then.data);
+        deadline.data = deadline.data.wrapping_add(ran);
+    }
     Ok(())
 }
 
@@ -203,6 +268,49 @@ fn put_xsave(fd: &VcpuFd, st: &VcpuState) -> Result<()> {
     // SAFETY: `st.xsave` is a whole kvm_xsave that KVM_GET_XSAVE filled (or a snapshot file
     // whose size was checked); KVM reads exactly that struct.
     unsafe { fd.set_xsave(&st.xsave) }.map_err(|e| Error::ioctl("KVM_SET_XSAVE", e))
+}
+
+/// Whether the host's KVM can run a guest TSC at another frequency than the host's
+/// (KVM_CAP_TSC_CONTROL).
+fn host_has_tsc_control(kvm: &Kvm) -> bool {
+    static CONTROL: OnceLock<bool> = OnceLock::new();
+    *CONTROL.get_or_init(|| kvm.check_extension_raw(kvm_bindings::KVM_CAP_TSC_CONTROL.into()) > 0)
+}
+
+/// Frequencies KVM treats as the same (its `tsc_tolerance_ppm`, 250 ppm): it neither
+/// scales nor catches up within them.
+fn same_khz(a: u32, b: u32) -> bool {
+    u64::from(a.abs_diff(b)) * 1_000_000 <= u64::from(a) * 250
+}
+
+/// Fails, naming the host limit, unless the vCPU behind `fd` runs its TSC at the
+/// snapshot's frequency or this host can make it (KVM_CAP_TSC_CONTROL). Returns the
+/// frequency to set, if one must be.
+pub fn check_tsc_khz(kvm: &Kvm, fd: &VcpuFd, st: &VcpuState) -> Result<Option<u32>> {
+    let Some(want) = st.tsc_khz else {
+        return Ok(None);
+    };
+    let have = fd
+        .get_tsc_khz()
+        .map_err(|e| Error::ioctl("KVM_GET_TSC_KHZ", e))?;
+    if same_khz(want, have) {
+        return Ok(None);
+    }
+    if want == 0 || !host_has_tsc_control(kvm) {
+        return Err(Error::Unsupported(format!(
+            "vCPU {}'s TSC ran at {want} kHz in the snapshot and runs at {have} kHz here, and \
+             this host's KVM cannot change a guest's TSC frequency (no KVM_CAP_TSC_CONTROL): \
+             restore the snapshot on a host with the same TSC frequency",
+            st.id
+        )));
+    }
+    Ok(Some(want))
+}
+
+/// Sets the vCPU's TSC frequency (after `check_tsc_khz` said so).
+pub fn set_tsc_khz(fd: &VcpuFd, khz: u32) -> Result<()> {
+    fd.set_tsc_khz(khz)
+        .map_err(|e| Error::ioctl("KVM_SET_TSC_KHZ", e))
 }
 
 /// Fails, naming the first difference, unless the vCPU behind `fd` has the CPUID `st` was
@@ -245,4 +353,26 @@ pub fn check_cpuid(fd: &VcpuFd, st: &VcpuState) -> Result<()> {
          the snapshot's CPUID with set_cpuid first",
         st.id
     )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn xsave_state_larger_than_a_snapshot_holds_is_refused() {
+        for size in [0, 576, 4096] {
+            check_xsave_size(size).unwrap();
+        }
+        let err = check_xsave_size(11_008).unwrap_err().to_string();
+        assert!(err.contains("11008 bytes (KVM_CAP_XSAVE2)"), "{err}");
+    }
+
+    #[test]
+    fn tsc_frequencies_within_250_ppm_are_the_same() {
+        assert!(same_khz(2_596_098, 2_596_098));
+        assert!(same_khz(2_596_098, 2_596_098 + 600));
+        assert!(!same_khz(2_596_098, 2_596_098 + 700));
+        assert!(!same_khz(2_596_098, 1_298_049));
+    }
 }

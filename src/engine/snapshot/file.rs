@@ -1,12 +1,14 @@
-//! The snapshot file format, version 1. Little-endian throughout:
+//! The snapshot file format, version 2. Little-endian throughout:
 //!
 //! ```text
 //! header   magic "KVMPYSNP", format version (u32), kvmpy version (str), CPU vendor
 //!          (12 bytes, CPUID leaf 0), the sizes of the KVM structs stored (u32 each)
 //! vCPUs    count (u32); per vCPU: id (u64), MP state, regs, sregs, XSAVE, XCRs, debug
 //!          registers, vCPU events, LAPIC (flag + struct), MSRs (count + kvm_msr_entry),
-//!          CPUID (count + kvm_cpuid_entry2), queued interrupts (count + u32)
+//!          CPUID (count + kvm_cpuid_entry2), queued interrupts (count + u32),
+//!          TSC frequency in kHz (u32; 0: not known)
 //! chips    irqchip flag (+ 3 kvm_irqchip), PIT flag (+ kvm_pit_state2)
+//! clock    kvmclock flag (+ nanoseconds, u64)
 //! devices  count (u32); per device: name (str), state (bytes)
 //! memory   count (u32); per region: guest_addr (u64), size (u64), readonly (u8),
 //!          stored page count (u64), then per page: index (u64) + 4096 bytes;
@@ -14,7 +16,9 @@
 //! trailer  a 64-bit checksum of everything before it
 //! ```
 //! `str` and `bytes` are a u32 length and the bytes. Everything is checked when a file
-//! is read, before any VM sees the snapshot.
+//! is read, before any VM sees the snapshot. Version 1 (kvmpy before the clock was
+//! saved) lacks the TSC frequency and the clock: such a file still loads, and a restore
+//! of it leaves the VM's kvmclock as it is and checks no TSC frequency.
 
 use std::io::Write;
 
@@ -31,7 +35,7 @@ use crate::engine::snapshot::image::RegionImage;
 use crate::engine::snapshot::{next_id, Snapshot};
 
 const MAGIC: &[u8; 8] = b"KVMPYSNP";
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 const PAGE: usize = 4096;
 /// The most guest memory a file may describe (4 TiB): what is mapped and tracked for it
 /// is allocated before the pages are read.
@@ -114,9 +118,27 @@ impl Writer {
 /// Writes `snap` to `path` (through a temporary file renamed into place); `cpu_vendor`
 /// is the vendor of the CPU the snapshot was taken on.
 pub fn save(snap: &Snapshot, path: &std::path::Path, cpu_vendor: [u8; 12]) -> Result<()> {
+    let w = encode(snap, cpu_vendor, FORMAT_VERSION);
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".partial");
+    let tmp = std::path::PathBuf::from(tmp);
+    let written = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(&w)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    written.map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        Error::Io(format!("cannot write {}", path.display()), e)
+    })
+}
+
+/// The bytes of a file of format `version` (this one, or 1 for tests of old files).
+fn encode(snap: &Snapshot, cpu_vendor: [u8; 12], version: u32) -> Vec<u8> {
     let mut w = Writer(Vec::new());
     w.raw(MAGIC);
-    w.u32(FORMAT_VERSION);
+    w.u32(version);
     w.bytes(env!("CARGO_PKG_VERSION").as_bytes());
     w.raw(&cpu_vendor);
     for s in struct_sizes() {
@@ -139,6 +161,9 @@ pub fn save(snap: &Snapshot, path: &std::path::Path, cpu_vendor: [u8; 12]) -> Re
         w.list(&v.msrs);
         w.list(&v.cpuid);
         w.list(&v.interrupts);
+        if version >= 2 {
+            w.u32(v.tsc_khz.unwrap_or(0));
+        }
     }
     w.raw(&[u8::from(snap.irqchip.is_some())]);
     for chip in snap.irqchip.iter().flatten() {
@@ -147,6 +172,12 @@ pub fn save(snap: &Snapshot, path: &std::path::Path, cpu_vendor: [u8; 12]) -> Re
     w.raw(&[u8::from(snap.pit.is_some())]);
     if let Some(pit) = &snap.pit {
         w.pod(pit);
+    }
+    if version >= 2 {
+        w.raw(&[u8::from(snap.clock.is_some())]);
+        if let Some(ns) = snap.clock {
+            w.u64(ns);
+        }
     }
     w.u32(snap.devices.len() as u32);
     for (name, state) in &snap.devices {
@@ -167,19 +198,7 @@ pub fn save(snap: &Snapshot, path: &std::path::Path, cpu_vendor: [u8; 12]) -> Re
     }
     let sum = checksum(&w.0);
     w.u64(sum);
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".partial");
-    let tmp = std::path::PathBuf::from(tmp);
-    let written = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&w.0)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    written.map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        Error::Io(format!("cannot write {}", path.display()), e)
-    })
+    w.0
 }
 
 struct Reader<'a> {
@@ -265,8 +284,8 @@ pub fn parse(data: &[u8], host_vendor: [u8; 12]) -> Result<Snapshot> {
             env!("CARGO_PKG_VERSION")
         )));
     }
-    if version != FORMAT_VERSION {
-        return Err(bad(format_args!("unknown format version {version}")));
+    if version == 0 {
+        return Err(bad("format version 0"));
     }
     let body = data
         .len()
@@ -303,7 +322,7 @@ pub fn parse(data: &[u8], host_vendor: [u8; 12]) -> Result<Snapshot> {
         )));
     }
     let vcpus = (0..r.u32("the vCPU count")?)
-        .map(|_| read_vcpu(&mut r))
+        .map(|_| read_vcpu(&mut r, version))
         .collect::<Result<Vec<_>>>()?;
     let irqchip = if r.flag("the irqchip flag")? {
         Some(
@@ -316,6 +335,11 @@ pub fn parse(data: &[u8], host_vendor: [u8; 12]) -> Result<Snapshot> {
     };
     let pit = if r.flag("the PIT flag")? {
         Some(r.pod("the PIT")?)
+    } else {
+        None
+    };
+    let clock = if version >= 2 && r.flag("the clock flag")? {
+        Some(r.u64("the clock")?)
     } else {
         None
     };
@@ -344,10 +368,11 @@ pub fn parse(data: &[u8], host_vendor: [u8; 12]) -> Result<Snapshot> {
         irqchip,
         pit,
         devices,
+        clock,
     })
 }
 
-fn read_vcpu(r: &mut Reader<'_>) -> Result<VcpuState> {
+fn read_vcpu(r: &mut Reader<'_>, version: u32) -> Result<VcpuState> {
     Ok(VcpuState {
         id: r.u64("a vCPU id")?,
         mp_state: r.pod("an MP state")?,
@@ -365,6 +390,11 @@ fn read_vcpu(r: &mut Reader<'_>) -> Result<VcpuState> {
         msrs: r.list("MSRs", 4096)?,
         cpuid: r.list("CPUID entries", kvm_bindings::KVM_MAX_CPUID_ENTRIES)?,
         interrupts: r.list("queued interrupts", 1 << 16)?,
+        tsc_khz: if version >= 2 {
+            Some(r.u32("a TSC frequency")?).filter(|khz| *khz != 0)
+        } else {
+            None
+        },
     })
 }
 
@@ -407,153 +437,5 @@ fn read_region(r: &mut Reader<'_>, room: u64) -> Result<RegionImage> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn tiny() -> Snapshot {
-        let mut image = RegionImage::empty(0x1000, 0x3000, false).unwrap();
-        image.page_mut(1)[7] = 0x5a;
-        image.set_present(1);
-        Snapshot {
-            id: next_id(),
-            regions: vec![image],
-            vcpus: Vec::new(),
-            irqchip: None,
-            pit: None,
-            devices: vec![("a console".into(), b"hi".to_vec())],
-        }
-    }
-
-    /// `tiny()` with a vCPU (all-zero KVM state, an MSR, a CPUID entry, an interrupt) and
-    /// a LAPIC, so that a file exercises every part of the reader.
-    fn tiny_with_a_vcpu() -> Snapshot {
-        let mut snap = tiny();
-        snap.vcpus.push(VcpuState {
-            id: 0,
-            mp_state: kvm_mp_state::default(),
-            regs: kvm_regs::default(),
-            sregs: kvm_sregs::default(),
-            xsave: kvm_xsave::default(),
-            xcrs: kvm_xcrs::default(),
-            debugregs: kvm_debugregs::default(),
-            lapic: Some(kvm_lapic_state::default()),
-            msrs: vec![kvm_msr_entry {
-                index: 0x10,
-                data: 7,
-                ..Default::default()
-            }],
-            events: kvm_vcpu_events::default(),
-            cpuid: vec![kvm_cpuid_entry2::default()],
-            interrupts: vec![32],
-        });
-        snap
-    }
-
-    /// `data` with its trailing checksum made right again.
-    fn resealed(mut data: Vec<u8>) -> Vec<u8> {
-        if data.len() >= 8 {
-            let body = data.len() - 8;
-            let sum = checksum(&data[..body]).to_le_bytes();
-            data[body..].copy_from_slice(&sum);
-        }
-        data
-    }
-
-    #[test]
-    fn any_changed_or_cut_file_with_a_right_checksum_parses_or_is_refused_without_panic() {
-        let data = bytes_of(&tiny_with_a_vcpu());
-        assert!(parse(&data, [0; 12]).is_ok());
-        // Every byte before the pages, set to values that make lengths, counts, flags and
-        // sizes wrong; the checksum made right, so the reader sees the change.
-        let pages_start = data.len() - 8 - 4104;
-        for i in 0..pages_start {
-            for value in [
-                0u8,
-                1,
-                0x7f,
-                0x80,
-                0xff,
-                data[i] ^ 0x40,
-                data[i].wrapping_add(1),
-            ] {
-                let mut bad = data.clone();
-                bad[i] = value;
-                let _ = parse(&resealed(bad), [0; 12]);
-            }
-        }
-        // Every length, with a checksum of its own.
-        for n in 8..data.len() {
-            let mut cut = data[..n].to_vec();
-            cut.extend_from_slice(&checksum(&data[..n]).to_le_bytes());
-            let _ = parse(&cut, [0; 12]);
-        }
-    }
-
-    fn bytes_of(snap: &Snapshot) -> Vec<u8> {
-        let dir = std::env::temp_dir().join(format!("kvmpy-file-test-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join(format!("{}.kvmsnap", snap.id));
-        save(snap, &path, [0; 12]).unwrap();
-        let data = std::fs::read(&path).unwrap();
-        std::fs::remove_file(&path).unwrap();
-        data
-    }
-
-    #[test]
-    fn round_trip_keeps_pages_and_devices() {
-        let data = bytes_of(&tiny());
-        let snap = parse(&data, [0; 12]).unwrap();
-        assert_eq!(snap.regions[0].page(1)[7], 0x5a);
-        assert_eq!(snap.regions[0].present(), &[0b10]);
-        assert_eq!(
-            snap.devices,
-            vec![("a console".to_string(), b"hi".to_vec())]
-        );
-    }
-
-    #[test]
-    fn every_truncation_and_every_flipped_byte_is_refused() {
-        let data = bytes_of(&tiny());
-        for n in 0..data.len() {
-            assert!(parse(&data[..n], [0; 12]).is_err(), "truncated to {n}");
-        }
-        for i in (0..data.len()).step_by(97) {
-            let mut bad = data.clone();
-            bad[i] ^= 0x40;
-            assert!(parse(&bad, [0; 12]).is_err(), "byte {i} flipped");
-        }
-    }
-
-    #[test]
-    fn a_file_describing_too_much_memory_is_refused() {
-        let data = bytes_of(&tiny());
-        // The region's size follows its address, at a fixed distance from the end: the
-        // checksum (8), the stored page (8 + 4096), the page count (8), the flag (1).
-        let at = data.len() - 8 - 4104 - 8 - 1 - 8;
-        let mut big = data.clone();
-        big[at..at + 8].copy_from_slice(&(1u64 << 50).to_le_bytes());
-        let body = big.len() - 8;
-        let sum = checksum(&big[..body]).to_le_bytes();
-        big[body..].copy_from_slice(&sum);
-        let err = parse(&big, [0; 12]).err().unwrap().to_string();
-        assert!(err.contains("more than"), "{err}");
-    }
-
-    #[test]
-    fn newer_versions_and_other_vendors_are_named() {
-        let mut data = bytes_of(&tiny());
-        let err = parse(&data, *b"GenuineIntel").err().unwrap().to_string();
-        assert!(
-            err.contains("CPU vendor") || err.contains("GenuineIntel"),
-            "{err}"
-        );
-        data[8] = 2;
-        let err = parse(&data, [0; 12]).err().unwrap().to_string();
-        assert!(err.contains("newer"), "{err}");
-        let err = parse(b"ELF\x7f and more bytes", [0; 12])
-            .err()
-            .unwrap()
-            .to_string();
-        assert!(err.contains("not a kvmpy snapshot"), "{err}");
-    }
-}
+#[path = "file_tests.rs"]
+mod tests;

@@ -7,6 +7,7 @@ use std::os::fd::FromRawFd;
 use std::sync::Arc;
 
 use vm_memory::{FileOffset, MmapRegion};
+use zerocopy::IntoBytes;
 
 use crate::engine::error::{Error, Result};
 use crate::engine::memory::{Region, PAGE_SIZE};
@@ -53,6 +54,69 @@ fn map(size: u64) -> Result<MmapRegion> {
         .map_err(|e| Error::Memory(format!("cannot map {size:#x} bytes for a snapshot: {e}")))
 }
 
+/// `/proc/self/pagemap`: a page is present in memory (bit 63) or swapped out (bit 62).
+const PAGEMAP_PRESENT: u64 = 1 << 63;
+const PAGEMAP_SWAPPED: u64 = 1 << 62;
+/// Pagemap entries read per `pread` (512 KiB).
+const PAGEMAP_CHUNK: usize = 1 << 16;
+
+/// The pages of the anonymous mapping of `pages` pages at `addr` that the process ever
+/// touched (present or swapped out, from `/proc/self/pagemap`), one bit per page; the
+/// others were never written and read as zero. `None` where pagemap cannot be read.
+fn touched_pages(addr: usize, pages: u64) -> Option<Vec<u64>> {
+    use std::os::unix::fs::FileExt;
+    let file = File::open("/proc/self/pagemap").ok()?;
+    let mut bits = vec![0u64; pages.div_ceil(64) as usize];
+    let mut entries = vec![0u64; PAGEMAP_CHUNK.min(pages as usize)];
+    let first = (addr / PAGE) as u64;
+    let mut done = 0u64;
+    while done < pages {
+        let n = (pages - done).min(entries.len() as u64) as usize;
+        let buf = entries[..n].as_mut_bytes();
+        file.read_exact_at(buf, (first + done) * 8).ok()?;
+        for (i, e) in entries[..n].iter().enumerate() {
+            if e & (PAGEMAP_PRESENT | PAGEMAP_SWAPPED) != 0 {
+                let page = done + i as u64;
+                bits[(page / 64) as usize] |= 1 << (page % 64);
+            }
+        }
+        done += n as u64;
+    }
+    Some(bits)
+}
+
+/// Sets in `bits` the pages of `file` from byte `start` on (`pages` of them) that hold
+/// data (`lseek` SEEK_DATA/SEEK_HOLE; the holes of a snapshot's memfd read as zero).
+/// `None` where the file cannot say.
+fn add_data_pages(file: &File, start: u64, pages: u64, bits: &mut [u64]) -> Option<()> {
+    use std::os::fd::AsRawFd;
+    let end = start.checked_add(pages * PAGE as u64)?;
+    let mut at = start;
+    while at < end {
+        // SAFETY: lseek on an fd the File owns; the results are checked.
+        let data = unsafe { libc::lseek(file.as_raw_fd(), at as libc::off_t, libc::SEEK_DATA) };
+        if data < 0 {
+            // ENXIO: no data from `at` to the end of the file.
+            return (std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO))
+                .then_some(());
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(file.as_raw_fd(), data, libc::SEEK_HOLE) };
+        if hole < 0 {
+            return None;
+        }
+        let (data, hole) = (data as u64, (hole as u64).min(end));
+        if data >= end {
+            break;
+        }
+        for page in (data - start) / PAGE as u64..(hole - start).div_ceil(PAGE as u64) {
+            bits[(page / 64) as usize] |= 1 << (page % 64);
+        }
+        at = hole;
+    }
+    Some(())
+}
+
 impl RegionImage {
     /// An empty (all-zero) image of `size` bytes.
     pub fn empty(guest_addr: u64, size: u64, readonly: bool) -> Result<Self> {
@@ -65,11 +129,23 @@ impl RegionImage {
         })
     }
 
-    /// Copies a region's pages that are not all zero.
+    /// Copies a region's pages that are not all zero. Of an anonymous region only the
+    /// pages the process ever touched are looked at (see `touched_pages`): the others
+    /// read as zero.
     pub fn capture(region: &Region) -> Result<Self> {
         let mut image = Self::empty(region.guest_addr, region.size, region.readonly)?;
         let src = region.mem.as_ptr();
-        for page in 0..region.pages() {
+        let touched = match region.backing {
+            None => touched_pages(src as usize, region.pages()),
+            // A view of a snapshot's memfd reads the file where it was not touched: its
+            // data pages count too.
+            Some(_) => region.mem.file_offset().and_then(|f| {
+                let mut bits = touched_pages(src as usize, region.pages())?;
+                add_data_pages(f.file(), f.start(), region.pages(), &mut bits)?;
+                Some(bits)
+            }),
+        };
+        let check = |page: u64| {
             let at = page as usize * PAGE;
             // SAFETY: `at + PAGE <= size`: the page lies inside the region's live mapping,
             // which `region` keeps mapped; no vCPU runs while a snapshot is taken.
@@ -78,6 +154,10 @@ impl RegionImage {
                 image.page_mut(page).copy_from_slice(bytes);
                 image.present[(page / 64) as usize] |= 1 << (page % 64);
             }
+        };
+        match touched {
+            Some(bits) => for_each_page(&bits, check),
+            None => (0..region.pages()).for_each(check),
         }
         Ok(image)
     }
@@ -138,20 +218,22 @@ impl RegionImage {
 
     /// Copies the pages set in `bits` back into `region` (same size).
     pub fn restore_pages(&self, region: &Region, bits: &[u64]) {
-        let dst = region.mem.as_ptr();
-        for_each_page(bits, |page| {
-            if page < self.pages() {
-                // SAFETY: the page lies inside the region's live mapping (same size as
-                // the image, checked by the caller), and no vCPU runs during a restore.
-                unsafe {
-                    std::ptr::copy_nonoverlapping(
-                        self.page(page).as_ptr(),
-                        dst.add(page as usize * PAGE),
-                        PAGE,
-                    )
-                };
-            }
-        });
+        for_each_page(bits, |page| self.restore_page(region, page));
+    }
+
+    /// Copies one page back into `region` (same size); a page outside it is ignored.
+    pub fn restore_page(&self, region: &Region, page: u64) {
+        if page < self.pages() {
+            // SAFETY: the page lies inside the region's live mapping (same size as the
+            // image, checked by the caller), and no vCPU runs during a restore.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    self.page(page).as_ptr(),
+                    region.mem.as_ptr().add(page as usize * PAGE),
+                    PAGE,
+                )
+            };
+        }
     }
 
     /// Makes `region` (same size) equal to the image: its memory is dropped, and the pages
@@ -200,6 +282,41 @@ mod tests {
         page[PAGE - 1] = 0;
         page[3] = 7;
         assert!(!is_zero(&page[1..]));
+    }
+
+    #[test]
+    fn touched_pages_of_an_anonymous_mapping_are_found() {
+        let pages = 200u64;
+        let map = MmapRegion::<()>::new(pages as usize * PAGE).unwrap();
+        let base = map.as_ptr();
+        let bits = touched_pages(base as usize, pages).unwrap();
+        assert!(bits.iter().all(|w| *w == 0), "nothing touched yet");
+        for page in [0u64, 3, 64, 199] {
+            // SAFETY: inside the mapping, which lives until the end of the test.
+            unsafe { base.add(page as usize * PAGE + 5).write(1) };
+        }
+        let bits = touched_pages(base as usize, pages).unwrap();
+        let mut found = Vec::new();
+        for_each_page(&bits, |p| found.push(p));
+        assert_eq!(found, vec![0, 3, 64, 199]);
+    }
+
+    #[test]
+    fn data_pages_of_a_sparse_memfd_are_found() {
+        let mut image = RegionImage::empty(0, 300 * PAGE_SIZE, false).unwrap();
+        for page in [1u64, 2, 130, 299] {
+            image.page_mut(page)[9] = 1;
+        }
+        let file = image.data.file_offset().unwrap().file();
+        let mut bits = vec![0u64; 5];
+        add_data_pages(file, 0, 300, &mut bits).unwrap();
+        let mut found = Vec::new();
+        for_each_page(&bits, |p| found.push(p));
+        assert_eq!(found, vec![1, 2, 130, 299]);
+        // From an offset: page 0 of the range is the file's page 130.
+        let mut bits = vec![0u64; 3];
+        add_data_pages(file, 130 * PAGE_SIZE, 100, &mut bits).unwrap();
+        assert_eq!(bits, vec![1, 0, 0]);
     }
 
     #[test]

@@ -8,16 +8,29 @@
 //! state is written only when it may differ: `kvm_run` mirrors the special registers
 //! and events (compared there), and state only ring-0 code or the host can change is
 //! rewritten when the host changed some or the vCPU exited at ring 0 since.
+//!
+//! Time: a snapshot holds each vCPU's TSC (an MSR), its frequency and the VM's kvmclock.
+//! A restore of the snapshot a VM's memory is based on (the one it took or last
+//! restored: a fuzzing reset) leaves both clocks running, so a guest reading `rdtsc` or
+//! kvmclock sees time go forward across resets and the two agree (KVM keeps kvmclock's
+//! TSC-to-time mapping, and the restored pvclock page computes the same time from the
+//! running TSC); writing them back would cost two ioctls per reset. An armed TSC
+//! deadline moves with the TSC (see `cpu::put_all`). Any other restore
+//! (another snapshot, one from a file, a new VM from a snapshot) sets both back to the
+//! snapshot's values, as if no time had passed since it was taken (a host that runs
+//! guests on its own TSC, like a nested PVM-style KVM, ignores the TSC write).
 
 pub mod cpu;
 pub mod dirty;
 pub mod file;
 pub mod image;
+pub mod ring;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use kvm_bindings::{kvm_irqchip, kvm_pit_state2};
+use kvm_bindings::{kvm_clock_data, kvm_irqchip, kvm_pit_state2};
+use kvm_ioctls::VmFd;
 
 use crate::engine::error::{Error, Result};
 use crate::engine::lock;
@@ -37,6 +50,9 @@ pub struct Snapshot {
     pub pit: Option<kvm_pit_state2>,
     /// `(name, state)` of each device that has state, in bus order.
     pub devices: Vec<(String, Vec<u8>)>,
+    /// The VM's kvmclock in nanoseconds (KVM_GET_CLOCK); `None` in a file of format
+    /// version 1 or where the host has none.
+    pub clock: Option<u64>,
 }
 
 /// This host's CPU vendor, as KVM reports it to guests.
@@ -201,22 +217,46 @@ fn device_names(vm: &VmCore) -> Vec<String> {
         .collect()
 }
 
+/// The dirty rings of the vCPUs whose fd holders are `guards` (a VM with the ring on).
+fn rings<'a, 'b: 'a>(
+    guards: &'a mut [Guard<'b>],
+) -> impl Iterator<Item = &'a mut ring::DirtyRing> + use<'a, 'b> {
+    guards
+        .iter_mut()
+        .filter_map(|g| g.as_mut().and_then(|h| h.ring.as_mut()))
+}
+
+type Guard<'a> = std::sync::MutexGuard<'a, Option<crate::engine::vcpu::VcpuFdHolder>>;
+
 /// Makes the VM track writes for snapshots from now on: manual re-protection where the
-/// host has it, KVM's dirty log on for every region, every log and record emptied.
-fn start_tracking(vm: &VmCore, memory: &MemoryMap, tracking: &mut Tracking) -> Result<()> {
-    vm.with_fd(|fd| {
-        if tracking.manual.is_none() {
-            tracking.manual = Some(dirty::enable_manual_protect(&vm.kvm, fd));
-        }
-        let manual = tracking.manual.unwrap_or(false);
-        for region in memory.regions() {
-            memory.log_dirty_pages(fd, region)?;
+/// host has it, KVM's dirty log on for every region, every log (or ring) and record
+/// emptied.
+fn start_tracking(
+    vm: &VmCore,
+    fd: &VmFd,
+    memory: &MemoryMap,
+    tracking: &mut Tracking,
+    guards: &mut [Guard<'_>],
+) -> Result<()> {
+    let with_ring = vm.dirty_ring() != 0;
+    if tracking.manual.is_none() {
+        tracking.manual = Some(!with_ring && dirty::enable_manual_protect(&vm.kvm, fd));
+    }
+    let manual = tracking.manual.unwrap_or(false);
+    for region in memory.regions() {
+        memory.log_dirty_pages(fd, region)?;
+        if !with_ring {
             let mut bits = vec![0; dirty::bitmap_words(region)];
             dirty::read(fd, region, manual, &mut bits)?;
-            region.record.track(region.pages());
         }
-        Ok(())
-    })
+        region.record.track(region.pages());
+    }
+    if with_ring {
+        ring::harvest_regions(rings(guards), memory.regions(), |_, _| {});
+        ring::reset(fd)?;
+        lock(&vm.ring_unreported).clear();
+    }
+    Ok(())
 }
 
 impl VmCore {
@@ -246,6 +286,9 @@ impl VmCore {
                 v.id
             )));
         }
+        cpu::check_xsave_size(
+            self.with_fd(|fd| Ok(fd.check_extension_raw(kvm_bindings::KVM_CAP_XSAVE2.into())))?,
+        )?;
         let mut states = Vec::with_capacity(vcpus.len());
         for (v, g) in vcpus.iter().zip(guards.iter_mut()) {
             let holder = g.as_mut().ok_or(Error::Closed("vCPU"))?;
@@ -258,6 +301,8 @@ impl VmCore {
             )?);
         }
         let (irqchip, pit) = self.capture_chips()?;
+        // A host without KVM_CAP_ADJUST_CLOCK has no kvmclock to save.
+        let clock = self.with_fd(|fd| Ok(fd.get_clock().ok().map(|c| c.clock)))?;
         let devices = self
             .bus()
             .devices()
@@ -265,25 +310,29 @@ impl VmCore {
             .filter_map(|d| d.save_state().map(|s| (d.name(), s)))
             .collect();
         let originals = self.breakpoint_originals();
-        let memory = lock(self.memory_map());
-        let mut tracking = lock(&self.tracking);
-        start_tracking(self, &memory, &mut tracking)?;
-        let mut regions = memory
-            .regions()
-            .iter()
-            .map(|r| RegionImage::capture(r))
-            .collect::<Result<Vec<_>>>()?;
-        // A snapshot never holds a breakpoint byte.
-        for (gpa, byte) in originals {
-            if let Some(image) = regions
-                .iter_mut()
-                .find(|i| i.guest_addr <= gpa && gpa < i.guest_addr + i.size)
-            {
-                image.set_byte(gpa - image.guest_addr, byte);
+        // The VM fd's lock before the memory map's, as adding and removing memory take them.
+        let (regions, id) = self.with_fd(|fd| {
+            let memory = lock(self.memory_map());
+            let mut tracking = lock(&self.tracking);
+            start_tracking(self, fd, &memory, &mut tracking, &mut guards)?;
+            let mut regions = memory
+                .regions()
+                .iter()
+                .map(|r| RegionImage::capture(r))
+                .collect::<Result<Vec<_>>>()?;
+            // A snapshot never holds a breakpoint byte.
+            for (gpa, byte) in originals {
+                if let Some(image) = regions
+                    .iter_mut()
+                    .find(|i| i.guest_addr <= gpa && gpa < i.guest_addr + i.size)
+                {
+                    image.set_byte(gpa - image.guest_addr, byte);
+                }
             }
-        }
-        let id = next_id();
-        tracking.base = Some(id);
+            let id = next_id();
+            tracking.base = Some(id);
+            Ok((regions, id))
+        })?;
         for (v, g) in vcpus.iter().zip(guards.iter_mut()) {
             if let Some(holder) = g.as_mut() {
                 v.mirror_state(&mut holder.fd);
@@ -297,6 +346,7 @@ impl VmCore {
             irqchip,
             pit,
             devices,
+            clock,
         }))
     }
 
@@ -337,7 +387,15 @@ impl VmCore {
     /// write), its vCPUs (CPUID included) and in-kernel chips are as the snapshot saw them. Devices are
     /// not created: add them, then `restore` puts their state back too.
     pub fn from_snapshot(snap: &Snapshot) -> Result<Arc<VmCore>> {
+        Self::from_snapshot_with_ring(snap, 0)
+    }
+
+    /// `from_snapshot`, with a dirty ring of `entries` per vCPU (0: the dirty bitmap).
+    pub fn from_snapshot_with_ring(snap: &Snapshot, entries: u32) -> Result<Arc<VmCore>> {
         let vm = VmCore::new(snap.irqchip.is_some(), snap.pit.is_some())?;
+        if entries != 0 {
+            vm.enable_dirty_ring(entries)?;
+        }
         for image in &snap.regions {
             vm.add_mapped_memory(
                 image.guest_addr,
@@ -362,11 +420,13 @@ impl VmCore {
             .iter()
             .map(|v| v.lock_idle())
             .collect::<Result<Vec<_>>>()?;
+        let mut khz = vec![None; snap.vcpus.len()];
         if lock(&self.tracking).base != Some(snap.id) {
             // Another VM's snapshot, or one loaded from a file: its vCPU state must fit.
-            for (g, st) in guards.iter_mut().zip(&snap.vcpus) {
+            for ((g, st), khz) in guards.iter_mut().zip(&snap.vcpus).zip(&mut khz) {
                 let holder = g.as_mut().ok_or(Error::Closed("vCPU"))?;
                 cpu::check_cpuid(&holder.fd, st)?;
+                *khz = cpu::check_tsc_khz(&self.kvm, &holder.fd, st)?;
             }
         }
         for ((v, g), st) in vcpus.iter().zip(guards.iter_mut()).zip(&snap.vcpus) {
@@ -375,25 +435,33 @@ impl VmCore {
             v.forget_pending_read();
             v.note_restored_at(st.regs.rip);
         }
-        let tracked = {
+        // The VM fd's lock before the memory map's, as adding and removing memory take them.
+        let tracked = self.with_fd(|fd| {
             let memory = lock(self.memory_map());
             let mut tracking = lock(&self.tracking);
             let tracked = tracking.base == Some(snap.id);
             if tracked {
-                self.restore_dirty(snap, &memory, &mut tracking)?;
+                self.restore_dirty(fd, snap, &memory, &mut tracking, &mut guards)?;
             } else {
-                start_tracking(self, &memory, &mut tracking)?;
+                start_tracking(self, fd, &memory, &mut tracking, &mut guards)?;
                 for (image, region) in snap.regions.iter().zip(memory.regions()) {
                     image.restore_all(region, region.backing == Some(snap.id))?;
                 }
                 tracking.base = Some(snap.id);
             }
-            tracked
-        };
+            Ok(tracked)
+        })?;
         self.restore_chips(snap)?;
         self.repatch_breakpoints()?;
-        for ((v, g), st) in vcpus.iter().zip(guards.iter_mut()).zip(&snap.vcpus) {
+        for ((v, g), (st, khz)) in vcpus
+            .iter()
+            .zip(guards.iter_mut())
+            .zip(snap.vcpus.iter().zip(khz))
+        {
             let holder = g.as_mut().ok_or(Error::Closed("vCPU"))?;
+            if let Some(khz) = khz {
+                cpu::set_tsc_khz(&holder.fd, khz)?;
+            }
             let hidden = v.take_hidden_dirty();
             let fast = tracked
                 && !hidden
@@ -403,11 +471,23 @@ impl VmCore {
             if fast {
                 cpu::put_user(v, &mut holder.fd, st)?;
             } else {
-                cpu::put_all(v, &mut holder.fd, st)?;
+                cpu::put_all(v, &mut holder.fd, st, tracked)?;
                 v.mirror_state(&mut holder.fd);
                 v.take_hidden_dirty();
                 v.count_full_restore();
             }
+        }
+        if let (false, Some(ns)) = (tracked, snap.clock) {
+            // Flags 0: the clock is set to exactly this value, not advanced by the
+            // real time that passed since.
+            let data = kvm_clock_data {
+                clock: ns,
+                ..Default::default()
+            };
+            self.with_fd(|fd| {
+                fd.set_clock(&data)
+                    .map_err(|e| Error::ioctl("KVM_SET_CLOCK", e))
+            })?;
         }
         if !devices {
             return Ok(());
@@ -427,25 +507,71 @@ impl VmCore {
     /// Copies back the pages written since the snapshot or the last restore.
     fn restore_dirty(
         &self,
+        fd: &VmFd,
         snap: &Snapshot,
         memory: &MemoryMap,
         tracking: &mut Tracking,
+        guards: &mut [Guard<'_>],
     ) -> Result<()> {
+        if self.dirty_ring() != 0 {
+            return self.restore_ring(fd, snap, memory, tracking, guards);
+        }
         let manual = tracking.manual.unwrap_or(false);
-        self.with_fd(|fd| {
-            for (image, region) in snap.regions.iter().zip(memory.regions()) {
-                let words = dirty::bitmap_words(region);
-                tracking.bits.resize(words, 0);
-                let bits = &mut tracking.bits[..words];
-                dirty::read(fd, region, manual, bits)?;
-                if region.record.take(bits) {
+        for (image, region) in snap.regions.iter().zip(memory.regions()) {
+            let words = dirty::bitmap_words(region);
+            tracking.bits.resize(words, 0);
+            let bits = &mut tracking.bits[..words];
+            dirty::read(fd, region, manual, bits)?;
+            if region.record.take(bits) {
+                image.restore_all(region, region.backing == Some(snap.id))?;
+            } else {
+                image.restore_pages(region, bits);
+            }
+        }
+        Ok(())
+    }
+
+    /// `restore_dirty` with the dirty ring: the pages every vCPU's ring holds, then the
+    /// rings reset. The pages are copied from the list the rings give, so a restore costs
+    /// what the guest wrote; a bitmap of the region is used only where the host wrote
+    /// pages too.
+    fn restore_ring(
+        &self,
+        fd: &VmFd,
+        snap: &Snapshot,
+        memory: &MemoryMap,
+        tracking: &mut Tracking,
+        guards: &mut [Guard<'_>],
+    ) -> Result<()> {
+        let regions = memory.regions();
+        let pages = &mut tracking.ring_pages;
+        pages.clear();
+        ring::harvest_regions(rings(guards), regions, |i, page| pages.push((i, page)));
+        ring::reset(fd)?;
+        // As a restore's read of the dirty bitmap does, this consumes the log.
+        lock(&self.ring_unreported).clear();
+        for (i, (image, region)) in snap.regions.iter().zip(regions).enumerate() {
+            let listed = pages.iter().filter(|(r, _)| *r == i).map(|(_, p)| *p);
+            if !region.record.has_host_writes() {
+                // Nothing to merge: `take` only says whether a writable view existed.
+                if region.record.take(&mut []) {
                     image.restore_all(region, region.backing == Some(snap.id))?;
                 } else {
-                    image.restore_pages(region, bits);
+                    listed.for_each(|page| image.restore_page(region, page));
                 }
+                continue;
             }
-            Ok(())
-        })
+            let mut bits = vec![0; dirty::bitmap_words(region)];
+            for page in listed {
+                bits[(page / 64) as usize] |= 1 << (page % 64);
+            }
+            if region.record.take(&mut bits) {
+                image.restore_all(region, region.backing == Some(snap.id))?;
+            } else {
+                image.restore_pages(region, &bits);
+            }
+        }
+        Ok(())
     }
 
     fn restore_chips(&self, snap: &Snapshot) -> Result<()> {
