@@ -5,6 +5,7 @@
 pub mod breakpoints;
 pub mod bus;
 pub mod complete;
+pub mod coverage;
 pub mod debug;
 pub mod error;
 pub mod exit;
