@@ -32,9 +32,10 @@ pub fn disassemble(
 /// The basic blocks of the 64-bit code `code` at virtual address `base`, found by
 /// recursive-descent disassembly from `entries` (addresses; those outside the code are
 /// ignored): `(block_starts, instruction_starts, bad)`, sorted lists, where `bad` are the
-/// `check` addresses that lie inside a decoded instruction without being its start.
+/// `check` addresses (none by default) that lie inside a decoded instruction without
+/// being its start.
 #[pyfunction]
-#[pyo3(name = "_find_blocks", signature = (code, base, entries, check = Vec::new()), text_signature = "(code, base, entries, check=())")]
+#[pyo3(name = "_find_blocks", signature = (code, base, entries, check = Vec::new()), text_signature = "(code, base, entries, check=[])")]
 pub fn find_blocks(
     code: &Bound<'_, PyAny>,
     base: Int<u64>,
