@@ -65,7 +65,34 @@ impl Mechanism {
             _ => Mechanism::ExceptionStubs,
         }
     }
+
+    /// The mechanism `wanted` names (`KVMPY_COVERAGE_MECHANISM`), or the choice above;
+    /// one that cannot work for this host or privilege is refused.
+    pub fn pick(debug: debug::Mechanism, cpl: u8, iopl: u8, wanted: Option<&str>) -> Result<Self> {
+        match wanted {
+            None | Some("") => Ok(Self::choose(debug, cpl, iopl)),
+            Some("exception-stubs") => Ok(Mechanism::ExceptionStubs),
+            Some("kvm") if debug == debug::Mechanism::Intercept => Ok(Mechanism::Kvm),
+            Some("kvm") => Err(Error::Unsupported(format!(
+                "{COVERAGE_ENV}=kvm, but this host's KVM does not intercept int3 (see \
+                 `python -m kvmpy info`)"
+            ))),
+            Some("port-io") if cpl <= iopl => Ok(Mechanism::PortIo),
+            Some("port-io") => Err(Error::Unsupported(format!(
+                "{COVERAGE_ENV}=port-io, but the target runs at CPL {cpl} with IOPL {iopl}: \
+                 its port I/O faults instead of exiting"
+            ))),
+            Some(other) => Err(Error::Value(format!(
+                "{COVERAGE_ENV} must be \"kvm\", \"port-io\" or \"exception-stubs\", not \
+                 {other:?}"
+            ))),
+        }
+    }
 }
+
+/// The environment variable that picks the coverage mechanism instead of kvmpy's choice
+/// (to compare them, or test each on one host).
+pub const COVERAGE_ENV: &str = "KVMPY_COVERAGE_MECHANISM";
 
 /// AFL's coverage map and what a campaign has covered.
 #[derive(Debug)]
@@ -166,7 +193,8 @@ pub fn install(
     };
     let iopl = ((st.regs.rflags >> 12) & 3) as u8;
     let debug = debug::mechanism()?;
-    let mechanism = Mechanism::choose(debug, cpl, iopl);
+    let wanted = std::env::var(COVERAGE_ENV).ok();
+    let mechanism = Mechanism::pick(debug, cpl, iopl, wanted.as_deref())?;
     if mechanism == Mechanism::ExceptionStubs {
         vm.check_debuggable("coverage breakpoints")?;
     }
@@ -357,6 +385,15 @@ mod tests {
             Mechanism::ExceptionStubs
         );
         assert_eq!(Mechanism::PortIo.patch(), 0xee);
+        let pick = |w| Mechanism::pick(D::ExceptionStubs, 3, 3, Some(w));
+        assert_eq!(pick("exception-stubs").unwrap(), Mechanism::ExceptionStubs);
+        assert_eq!(pick("port-io").unwrap(), Mechanism::PortIo);
+        assert!(matches!(pick("kvm"), Err(Error::Unsupported(_))));
+        assert!(matches!(pick("gdb"), Err(Error::Value(_))));
+        assert!(matches!(
+            Mechanism::pick(D::ExceptionStubs, 3, 0, Some("port-io")),
+            Err(Error::Unsupported(_))
+        ));
         assert_eq!(Mechanism::Kvm.patch(), 0xcc);
     }
 }
