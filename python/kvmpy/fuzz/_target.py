@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -269,6 +270,9 @@ class Target:
             raise ValueError(f"map_size must be a power of two, not {map_size}")
         self.vm = vm
         self.cpu = cpu
+        self.rebuild: Callable[[], Target] | None = None
+        """A function that builds this target anew (``from_elf`` sets it): what each
+        child of the afl-fuzz fork server calls, as a VM never crosses a fork."""
         self.symbols: dict[str, int] = dict(symbols or {})
         self.hooks: dict[int, str] = {}
         for hook in crash_hooks:
@@ -428,7 +432,7 @@ class Target:
                 blocks = _code_blocks(vm, segments, target_symbols, roots, coverage)
             vm.write(stack_top - 8, stub.to_bytes(8, "little"))
             cpu.set_regs(rip=rip, rsp=stack_top - 8, rbp=0)
-            return cls(
+            target = cls(
                 vm,
                 cpu,
                 vm.snapshot(),
@@ -444,6 +448,22 @@ class Target:
                 coverage_mode=coverage_mode,
                 map_size=map_size,
             )
+            target.rebuild = functools.partial(
+                cls.from_elf,
+                path,
+                entry=entry,
+                input_arg=input_arg,
+                length_arg=length_arg,
+                max_len=max_len,
+                timeout_ms=timeout_ms,
+                crash_hooks=tuple(crash_hooks),
+                stack_size=stack_size,
+                extra_memory=tuple(extra),
+                coverage=coverage if isinstance(coverage, str | None) else tuple(coverage),
+                coverage_mode=coverage_mode,
+                map_size=map_size,
+            )
+            return target
         except BaseException:
             vm.close()
             raise
