@@ -114,6 +114,10 @@ def test_no_patch_byte_is_ever_shown(parser: Path, tmp_path: Path) -> None:
         t.vm.restore(t.snapshot)
         assert t.run(b"nope").new_coverage == ()
         assert region.read(parse, 1) == clean[:1]
+        # After a restore to the user's snapshot (no patches), a run still counts the
+        # blocks it covers first: the target goes back to its patched copy first.
+        t.vm.restore(t.snapshot)
+        assert t.run(b"KVL\x01a").new_coverage
 
 
 # Every mechanism this host can use: kvmpy's choice, and each forced.

@@ -207,6 +207,14 @@ impl Executor {
                 c.max_len
             )));
         }
+        if let Some(cov) = &self.coverage {
+            // The VM was put back to another snapshot since (the user's own, say): the
+            // patched copy first, so that every block not covered yet has its patch.
+            let clean_id = lock(&cov.clean).id;
+            if lock(&self.vm.tracking).base != Some(clean_id) {
+                self.restore()?;
+            }
+        }
         let addr = c.input_end - data.len() as u64;
         self.vm.write_memory(addr, data)?;
         let (addr_reg, len_reg) = (c.addr_reg, c.len_reg);
