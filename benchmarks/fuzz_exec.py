@@ -84,7 +84,7 @@ def hit_cost(mechanism: str | None, mode: str = "once") -> Callable[[], float]:
         cpu.setup_long_mode(user=True, exceptions=True)
         cpu.set_regs(rip=LOAD)
         if mechanism is not None:
-            os.environ["KVMPY_COVERAGE_MECHANISM"] = mechanism
+            os.environ["KVMPY_BREAKPOINT_MECHANISM"] = mechanism
         try:
             t = fuzz.Target(
                 vm,
@@ -96,7 +96,7 @@ def hit_cost(mechanism: str | None, mode: str = "once") -> Callable[[], float]:
                 coverage_mode=mode,
             )
         finally:
-            os.environ.pop("KVMPY_COVERAGE_MECHANISM", None)
+            os.environ.pop("KVMPY_BREAKPOINT_MECHANISM", None)
         with t:
             t0 = time.perf_counter()
             first = t.run(b"")
@@ -116,7 +116,7 @@ def hit_cost(mechanism: str | None, mode: str = "once") -> Callable[[], float]:
 def coverage_costs(reps: int) -> None:
     from kvmpy._native import _debug_support
 
-    chosen = str(_debug_support()["coverage"])
+    chosen = str(_debug_support()["breakpoints"])
     names = ["port-io", "exception-stubs"] + (["kvm"] if chosen == "kvm" else [])
     variants = {"none": hit_cost(None)}
     variants |= {name: hit_cost(name) for name in names}

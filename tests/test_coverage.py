@@ -53,7 +53,7 @@ def loop_target(user: bool, mode: str) -> fuzz.Target:
 def test_deeper_inputs_cover_more_blocks(parser: Path) -> None:
     with parser_target(parser, coverage="disasm") as t:
         assert t.coverage_blocks > 20
-        assert t.coverage_mechanism == _debug_support()["coverage"]
+        assert t.coverage_mechanism == _debug_support()["breakpoints"]
         seen: set[int] = set()
         counts = []
         for data in CAMPAIGN:
@@ -127,7 +127,7 @@ MECHANISMS = ["chosen", "exception-stubs", "port-io"]
 @pytest.fixture(params=MECHANISMS)
 def mechanism(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     if request.param != "chosen":
-        monkeypatch.setenv("KVMPY_COVERAGE_MECHANISM", request.param)
+        monkeypatch.setenv("KVMPY_BREAKPOINT_MECHANISM", request.param)
     return str(request.param)
 
 
@@ -202,14 +202,14 @@ def test_without_coverage_there_is_no_map(parser: Path) -> None:
 def test_a_mechanism_that_cannot_work_is_refused(
     parser: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("KVMPY_COVERAGE_MECHANISM", "carrier-pigeon")
-    with pytest.raises(ValueError, match="KVMPY_COVERAGE_MECHANISM must be"):
+    monkeypatch.setenv("KVMPY_BREAKPOINT_MECHANISM", "carrier-pigeon")
+    with pytest.raises(ValueError, match="KVMPY_BREAKPOINT_MECHANISM must be"):
         parser_target(parser, coverage="disasm")
-    if _debug_support()["coverage"] != "kvm":
-        monkeypatch.setenv("KVMPY_COVERAGE_MECHANISM", "kvm")
+    if _debug_support()["breakpoints"] != "kvm":
+        monkeypatch.setenv("KVMPY_BREAKPOINT_MECHANISM", "kvm")
         with pytest.raises(kvmpy.KvmUnsupported, match="does not intercept int3"):
             parser_target(parser, coverage="disasm")
-    monkeypatch.delenv("KVMPY_COVERAGE_MECHANISM")
+    monkeypatch.delenv("KVMPY_BREAKPOINT_MECHANISM")
     with parser_target(parser, coverage="disasm") as t:
         assert t.run(b"KV").new_coverage
 
@@ -269,5 +269,5 @@ def test_info_names_the_coverage_mechanism() -> None:
     from kvmpy.__main__ import debugging
 
     d = _debug_support()
-    assert d["coverage"] in ("kvm", "port-io", "exception-stubs")
-    assert f"fuzzing coverage: {d['coverage']} (" in debugging()
+    assert d["breakpoints"] in ("kvm", "port-io", "exception-stubs")
+    assert f"fuzzing coverage in user mode: {d['breakpoints']} (" in debugging()

@@ -85,9 +85,10 @@ def _debug_support() -> dict[str, str | bool]:
     small test VM): `mechanism` (`"kvm"`: KVM_EXIT_DEBUG; `"exception-stubs"`: #BP/#DB
     through kvmpy's exception stubs; `KVMPY_DEBUG_MECHANISM` picks one instead),
     `sw_breakpoints`, `single_step`, `hw_breakpoints`, `watchpoints` (whether KVM
-    intercepts each), and `coverage`: how fuzzing coverage breakpoints reach kvmpy in its
-    user mode (`"kvm"`: `int3` intercepted; `"port-io"`: a one-byte `out dx, al` patch,
-    an exit straight from CPL3).
+    intercepts each), and `breakpoints`: how breakpoints (a debugger's and fuzzing
+    coverage's) reach kvmpy in its user mode (`"kvm"`: `int3` intercepted; `"port-io"`: a
+    one-byte `out dx, al` patch, an exit straight from CPL3; `KVMPY_BREAKPOINT_MECHANISM`
+    picks one instead).
     """
 
 @final

@@ -146,6 +146,20 @@ impl Breakpoints {
         owner: Owner,
         one_shot: bool,
     ) -> Result<Write, TableError> {
+        self.insert_patch(vaddr, gpa, current, owner, one_shot, PATCH)
+    }
+
+    /// [`Breakpoints::insert`] with the byte to patch in ([`PATCH`] or [`PIO_PATCH`]),
+    /// for a new entry (an existing one keeps its own).
+    pub fn insert_patch(
+        &mut self,
+        vaddr: u64,
+        gpa: u64,
+        current: u8,
+        owner: Owner,
+        one_shot: bool,
+        patch: u8,
+    ) -> Result<Write, TableError> {
         if let Some(e) = self.entries.get_mut(&vaddr) {
             if e.gpa == gpa {
                 if !e.owners.contains(&owner) {
@@ -168,12 +182,13 @@ impl Breakpoints {
                 owners: vec![owner],
                 one_shot,
                 armed: true,
-                patch: PATCH,
+                patch,
                 coverage: false,
                 in_image: false,
             },
         );
-        Ok(Write::Byte { gpa, byte: PATCH })
+        self.count(patch, true, false, 1);
+        Ok(Write::Byte { gpa, byte: patch })
     }
 
     /// Adds a coverage block at `vaddr` (physical `gpa`, original byte `original`) whose
@@ -206,12 +221,12 @@ impl Breakpoints {
                 in_image: true,
             },
         );
-        self.count(patch, true, 1);
+        self.count(patch, true, true, 1);
         Ok(())
     }
 
-    fn count(&mut self, patch: u8, in_image: bool, add: isize) {
-        if patch == PIO_PATCH {
+    fn count(&mut self, patch: u8, armed: bool, in_image: bool, add: isize) {
+        if patch == PIO_PATCH && armed {
             self.pio = self.pio.saturating_add_signed(add);
         }
         if in_image {
@@ -231,7 +246,7 @@ impl Breakpoints {
         let mut out = Vec::new();
         for vaddr in gone {
             let e = self.entries.remove(&vaddr).expect("listed above");
-            self.count(e.patch, true, -1);
+            self.count(e.patch, e.armed, true, -1);
             out.push((e.gpa, e.original));
         }
         self.coverage = None;
@@ -270,7 +285,7 @@ impl Breakpoints {
             return Ok(Write::None);
         }
         let e = self.entries.remove(&vaddr).expect("entry found above");
-        self.count(e.patch, e.in_image, -1);
+        self.count(e.patch, e.armed, e.in_image, -1);
         if e.in_image {
             self.image_writes.push((e.gpa, e.original));
         }
@@ -353,17 +368,19 @@ impl Breakpoints {
     /// After memory was replaced (a restore): `read(gpa)` gives the byte now in memory.
     /// A byte that is not the patch is the new original; returns the patches to write.
     /// Entries whose patch is in an image are left alone (the restore brought it back).
-    pub fn repatch(&mut self, mut read: impl FnMut(u64) -> Option<u8>) -> Vec<u64> {
+    /// Returns `(gpa, patch)` for each write.
+    pub fn repatch(&mut self, mut read: impl FnMut(u64) -> Option<u8>) -> Vec<(u64, u8)> {
         let mut writes = Vec::new();
         if self.imaged == self.entries.len() {
             return writes;
         }
         for e in self.entries.values_mut().filter(|e| e.armed && !e.in_image) {
             match read(e.gpa) {
-                Some(PATCH) | None => {}
+                None => {}
+                Some(byte) if byte == e.patch => {}
                 Some(byte) => {
                     e.original = byte;
-                    writes.push(e.gpa);
+                    writes.push((e.gpa, e.patch));
                 }
             }
         }
@@ -483,7 +500,7 @@ mod tests {
         t.insert(0x200, 0x200, 0x22, Owner::Vm, false).unwrap();
         // A restore copied 0x100's page back (a clean byte 0x33); 0x200 still patched.
         let writes = t.repatch(|gpa| Some(if gpa == 0x100 { 0x33 } else { PATCH }));
-        assert_eq!(writes, vec![0x100]);
+        assert_eq!(writes, vec![(0x100, PATCH)]);
         assert_eq!(t.originals(), vec![(0x100, 0x33), (0x200, 0x22)]);
         let mut buf = [PATCH; 0x180];
         t.hide(0x100, &mut buf);

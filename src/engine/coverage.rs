@@ -66,7 +66,7 @@ impl Mechanism {
         }
     }
 
-    /// The mechanism `wanted` names (`KVMPY_COVERAGE_MECHANISM`), or the choice above;
+    /// The mechanism `wanted` names (`KVMPY_BREAKPOINT_MECHANISM`), or the choice above;
     /// one that cannot work for this host or privilege is refused.
     pub fn pick(debug: debug::Mechanism, cpl: u8, iopl: u8, wanted: Option<&str>) -> Result<Self> {
         match wanted {
@@ -74,25 +74,25 @@ impl Mechanism {
             Some("exception-stubs") => Ok(Mechanism::ExceptionStubs),
             Some("kvm") if debug == debug::Mechanism::Intercept => Ok(Mechanism::Kvm),
             Some("kvm") => Err(Error::Unsupported(format!(
-                "{COVERAGE_ENV}=kvm, but this host's KVM does not intercept int3 (see \
+                "{PATCH_ENV}=kvm, but this host's KVM does not intercept int3 (see \
                  `python -m kvmpy info`)"
             ))),
             Some("port-io") if cpl <= iopl => Ok(Mechanism::PortIo),
             Some("port-io") => Err(Error::Unsupported(format!(
-                "{COVERAGE_ENV}=port-io, but the target runs at CPL {cpl} with IOPL {iopl}: \
+                "{PATCH_ENV}=port-io, but the code runs at CPL {cpl} with IOPL {iopl}: \
                  its port I/O faults instead of exiting"
             ))),
             Some(other) => Err(Error::Value(format!(
-                "{COVERAGE_ENV} must be \"kvm\", \"port-io\" or \"exception-stubs\", not \
+                "{PATCH_ENV} must be \"kvm\", \"port-io\" or \"exception-stubs\", not \
                  {other:?}"
             ))),
         }
     }
 }
 
-/// The environment variable that picks the coverage mechanism instead of kvmpy's choice
-/// (to compare them, or test each on one host).
-pub const COVERAGE_ENV: &str = "KVMPY_COVERAGE_MECHANISM";
+/// The environment variable that picks how breakpoints reach kvmpy, coverage's and
+/// debuggers', instead of kvmpy's choice (to compare them, or test each on one host).
+pub const PATCH_ENV: &str = "KVMPY_BREAKPOINT_MECHANISM";
 
 /// AFL's coverage map and what a campaign has covered.
 #[derive(Debug)]
@@ -193,7 +193,7 @@ pub fn install(
     };
     let iopl = ((st.regs.rflags >> 12) & 3) as u8;
     let debug = debug::mechanism()?;
-    let wanted = std::env::var(COVERAGE_ENV).ok();
+    let wanted = std::env::var(PATCH_ENV).ok();
     let mechanism = Mechanism::pick(debug, cpl, iopl, wanted.as_deref())?;
     if mechanism == Mechanism::ExceptionStubs {
         vm.check_debuggable("coverage breakpoints")?;

@@ -220,11 +220,12 @@ impl VmCore {
     pub fn add_breakpoint(&self, cpu: &VcpuCore, vaddr: u64, owner: Owner) -> Result<()> {
         self.check_debuggable("breakpoints")?;
         let gpa = cpu.translate(vaddr)?;
+        let patch = breakpoint_patch(cpu)?;
         let mut table = lock(&self.breakpoints);
         let mut current = [0u8];
         self.read_memory_raw(gpa, &mut current)?;
         let write = table
-            .insert(vaddr, gpa, current[0], owner, false)
+            .insert_patch(vaddr, gpa, current[0], owner, false, patch)
             .map_err(|e| Error::Value(e.to_string()))?;
         self.apply(write)
     }
@@ -301,8 +302,8 @@ impl VmCore {
             let mut b = [0u8];
             self.read_memory_raw(gpa, &mut b).ok().map(|_| b[0])
         });
-        for gpa in writes {
-            self.write_memory(gpa, &[PATCH])?;
+        for (gpa, patch) in writes {
+            self.write_memory(gpa, &[patch])?;
         }
         Ok(())
     }
@@ -311,6 +312,23 @@ impl VmCore {
     pub(crate) fn breakpoint_originals(&self) -> Vec<(u64, u8)> {
         lock(&self.breakpoints).originals()
     }
+}
+
+/// The byte a debugger breakpoint for `cpu` patches in: `int3`, or where KVM does not
+/// intercept it and `cpu` may do port I/O (CPL <= IOPL: kvmpy's user mode, ring 0), the
+/// one-byte `out dx, al` (see `coverage`), whose exit skips the ring-0 stubs; if the code
+/// later runs where port I/O faults, the #GP is taken as the breakpoint.
+fn breakpoint_patch(cpu: &VcpuCore) -> Result<u8> {
+    let debug = mechanism()?;
+    let sregs = cpu.sregs()?;
+    let cpl = if sregs.cr0 & 1 == 0 {
+        0
+    } else {
+        (sregs.cs.selector & 3) as u8
+    };
+    let iopl = ((cpu.regs()?.rflags >> 12) & 3) as u8;
+    let wanted = std::env::var(crate::engine::coverage::PATCH_ENV).ok();
+    Ok(crate::engine::coverage::Mechanism::pick(debug, cpl, iopl, wanted.as_deref())?.patch())
 }
 
 /// Counts a coverage hit at `vaddr` (a one-shot entry also goes: the write to make).
@@ -491,16 +509,27 @@ impl VcpuCore {
         }
     }
 
-    /// An `"exception"` exit of the stubs (KVM does not intercept): #BP at a breakpoint
-    /// or the #DB of a step kvmpy asked for becomes a breakpoint or step.
+    /// An `"exception"` exit of the stubs (KVM does not intercept): #BP at a breakpoint,
+    /// #GP at a port-I/O patch, or the #DB of a step kvmpy asked for becomes a breakpoint
+    /// or step.
     pub(crate) fn stub_trap(&self, fd: &mut VcpuFd, exit: Exit) -> Result<Trap> {
         let Exit::Exception { vector, rip, .. } = exit else {
             return Ok(Trap::Pass(exit));
         };
         let mut st = lock(&self.debug);
+        // Where the breakpoint is: before the int3, or at an `out dx, al` patch that
+        // faulted (#GP: code that may not do port I/O reached it).
+        let addr = if vector == 3 {
+            rip.wrapping_sub(1)
+        } else {
+            rip
+        };
         let hit = match vector {
-            3 => lock(&self.vm.breakpoints).hit(rip.wrapping_sub(1), self.id),
+            3 => lock(&self.vm.breakpoints).hit(addr, self.id),
             1 if st.stepping => Hit::Report,
+            13 if lock(&self.vm.breakpoints).pio_at(addr) => {
+                lock(&self.vm.breakpoints).hit(addr, self.id)
+            }
             _ => Hit::NotOurs,
         };
         if hit == Hit::NotOurs {
@@ -518,7 +547,6 @@ impl VcpuCore {
             self.end_step(fd, &mut st)?;
             return Ok(self.after_step(&mut st, rip));
         }
-        let addr = rip.wrapping_sub(1);
         self.unwind_stub(fd, Some(addr))?;
         match hit {
             Hit::Report => {

@@ -339,7 +339,11 @@ impl VcpuCore {
             };
             match action {
                 Action::Continue => {}
-                Action::Exit(exit @ Exit::Exception { vector: 1 | 3, .. }) => {
+                Action::Exit(
+                    exit @ Exit::Exception {
+                        vector: 1 | 3 | 13, ..
+                    },
+                ) => {
                     let trap = self.stub_trap(&mut fd_of(guard)?.fd, exit)?;
                     return self.trap(guard, trap);
                 }
