@@ -151,8 +151,16 @@ def _child(
     if target.coverage_map is None:
         print("kvmpy.fuzz: afl-fuzz needs a target with coverage=...", file=sys.stderr)
         return 1
+    afl_map = int(os.environ.get("AFL_MAP_SIZE", "65536"))
+    if len(target.coverage_map) > afl_map:
+        print(
+            f"kvmpy.fuzz: the target's map_size ({len(target.coverage_map)}) is larger than "
+            f"afl-fuzz's map (AFL_MAP_SIZE={afl_map}): set AFL_MAP_SIZE={len(target.coverage_map)}",
+            file=sys.stderr,
+        )
+        return 1
     trace = _Shm("__AFL_SHM_ID")
-    map_size = min(int(os.environ.get("AFL_MAP_SIZE", "65536")), len(target.coverage_map))
+    map_size = len(target.coverage_map)
     fuzz_in = _Shm("__AFL_SHM_FUZZ_ID") if shm_input else None
     while True:
         if fuzz_in is not None:
