@@ -193,6 +193,17 @@ def test_a_crash_hook_on_a_block_still_crashes(parser: Path) -> None:
             assert (o.kind, o.hook) == ("crash", "report_bug")
 
 
+def test_data_in_the_code_segment_is_never_patched(parser: Path) -> None:
+    # fuzz_cases' lookup_table (a symbol, data in the read-only executable segment) holds
+    # bytes that decode as calls and jumps: only function symbols start the disassembly.
+    elf = parser.parent / "fuzz_cases.elf"
+    with fuzz.Target.from_elf(elf, entry="table_lookup", coverage="disasm") as t:
+        table = t.symbols["lookup_table"]
+        clean = t.snapshot.read(table, 16)
+        assert t.vm.memory_regions[0].read(table, 16) == clean, "no patch in the table"
+        assert [t.run(bytes([i])).code for i in range(16)] == list(clean)
+
+
 def test_without_coverage_there_is_no_map(parser: Path) -> None:
     with parser_target(parser) as t:
         assert (t.coverage_map, t.blocks_covered, t.coverage_blocks) == (None, 0, 0)

@@ -114,12 +114,23 @@ int hangs_or_crashes(const uint8_t *data, uint64_t len)
     return 0;
 }
 
+/* A constant table in the code segment (.rodata): data that coverage must not patch. */
+static const uint8_t lookup_table[16] = {
+    0x11, 0xcc, 0xee, 0x90, 0xe8, 0x00, 0x00, 0x00, 0x00, 0xc3, 0x5a, 0xa5, 0x3c, 0x7e, 0xeb, 0xfe,
+};
+
+/* Returns lookup_table[data[0] & 15]. */
+int table_lookup(const uint8_t *data, uint64_t len)
+{
+    return len ? lookup_table[data[0] & 15] : -1;
+}
+
 typedef int (*entry_fn)(const uint8_t *, uint64_t);
 
 /* Referenced from main so that --gc-sections keeps every entry. */
 static entry_fn const entries[] = {
     returns_len, null_read, null_write, write_at, write_code, stack_overflow,
-    spin, invalid_opcode, divide_by_zero, calls_report, hangs_or_crashes,
+    spin, invalid_opcode, divide_by_zero, calls_report, hangs_or_crashes, table_lookup,
 };
 
 /* main(index, 0) runs entries[index] on an empty input. */

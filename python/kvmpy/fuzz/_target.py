@@ -155,6 +155,35 @@ def _elf_segments(image: bytes) -> list[_Segment]:
     return out
 
 
+_SHT_SYMTAB, _STT_FUNC = 2, 2
+
+
+def _elf_functions(image: bytes) -> list[int]:
+    """The addresses of a 64-bit ELF's function symbols (``STT_FUNC``), from its symbol
+    table (none for a stripped file): where disassembly may start (a data symbol in the
+    code segment must not be decoded, let alone patched)."""
+    (shoff,) = struct.unpack_from("<Q", image, 0x28)
+    shentsize, shnum = struct.unpack_from("<HH", image, 0x3A)
+    out = []
+    for i in range(shnum if shoff else 0):
+        at = shoff + i * shentsize
+        if at + 64 > len(image):
+            break
+        (sh_type,) = struct.unpack_from("<I", image, at + 4)
+        if sh_type != _SHT_SYMTAB:
+            continue
+        offset, size, _, _, entsize = struct.unpack_from("<QQIIQ", image, at + 0x18)
+        for k in range(size // max(entsize, 24)):
+            sym = offset + k * max(entsize, 24)
+            if sym + 24 > len(image):
+                break
+            info = image[sym + 4]
+            (value,) = struct.unpack_from("<Q", image, sym + 8)
+            if info & 0xF == _STT_FUNC and value:
+                out.append(value)
+    return sorted(set(out))
+
+
 def _code_blocks(
     vm: Vm,
     segments: list[_Segment],
@@ -163,14 +192,14 @@ def _code_blocks(
     coverage: str | Iterable[str | int],
 ) -> list[int]:
     """Block starts for ``from_elf(coverage=...)``: ``"disasm"`` (recursive descent from
-    every symbol in the code and ``roots``), ``"symbols"`` (the symbols in the code), or
+    the functions and ``roots``), ``"symbols"`` (the functions and ``roots``), or
     addresses and symbol names, checked to lie in the code at instruction starts."""
     code = [s for s in segments if s.flags & _PF_X]
 
     def segment_of(addr: int) -> _Segment | None:
         return next((s for s in code if s.gpa <= addr < s.gpa + s.size), None)
 
-    starts = {a for a in [*symbols.values(), *roots] if segment_of(a) is not None}
+    starts = {a for a in roots if segment_of(a) is not None}
     if coverage == "symbols":
         return sorted(starts)
     wanted: list[int] = []
@@ -384,9 +413,9 @@ class Target:
 
         ``coverage`` turns on block coverage (see :class:`Target`) with blocks from
         ``"disasm"`` (recursive-descent disassembly of the ELF's executable segments from
-        ``entry``, the ELF entry point and every symbol in them), ``"symbols"`` (the
-        symbols in the code: function-level coverage) or a list of addresses and symbol
-        names (each must lie in the code, at an instruction start).
+        ``entry``, the ELF entry point and every function symbol), ``"symbols"`` (those
+        addresses: function-level coverage) or a list of addresses and symbol names (each
+        must lie in the code, at an instruction start).
         """
         image = Path(path).read_bytes()
         segments = _elf_segments(image)
@@ -428,7 +457,7 @@ class Target:
             rip = target_symbols[entry] if isinstance(entry, str) else entry
             blocks = None
             if coverage is not None:
-                roots = [rip, loaded.entry]
+                roots = [rip, loaded.entry, *_elf_functions(image)]
                 blocks = _code_blocks(vm, segments, target_symbols, roots, coverage)
             vm.write(stack_top - 8, stub.to_bytes(8, "little"))
             cpu.set_regs(rip=rip, rsp=stack_top - 8, rbp=0)
