@@ -23,6 +23,7 @@ import os
 import signal
 import struct
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
@@ -125,6 +126,8 @@ def serve(make_target: Callable[[], Target], inputs: Sequence[str]) -> int:
                 code = 1
                 try:
                     code = _child(make_target, inputs, go_r, result_w, shm_input)
+                except BaseException:
+                    traceback.print_exc()  # seen with AFL_DEBUG_CHILD=1
                 finally:
                     os._exit(code)
             os.close(go_r)
