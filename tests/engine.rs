@@ -409,7 +409,10 @@ fn breakpoints_and_steps_without_python() {
     vm.read_memory_raw(LOAD + 5, &mut raw).unwrap();
     // int3, or where KVM does not intercept it, out dx, al (user mode has IOPL=3).
     let debug = kvmpy::engine::debug::mechanism().unwrap();
-    let patch = kvmpy::engine::coverage::Mechanism::choose(debug, 3, 3).patch();
+    let wanted = std::env::var(kvmpy::engine::coverage::PATCH_ENV).ok();
+    let patch = kvmpy::engine::coverage::Mechanism::pick(debug, 3, 3, wanted.as_deref())
+        .unwrap()
+        .patch();
     assert_eq!(raw, [patch, 0xc9]);
     let mut shown = [0u8; 2];
     vm.read_memory(LOAD + 5, &mut shown).unwrap();

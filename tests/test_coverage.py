@@ -3,6 +3,7 @@ block per campaign in "once" mode, hit counts in "armed" mode; no patch byte eve
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -128,7 +129,9 @@ MECHANISMS = ["chosen", "exception-stubs", "port-io"]
 def mechanism(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     if request.param != "chosen":
         monkeypatch.setenv("KVMPY_BREAKPOINT_MECHANISM", request.param)
-    return str(request.param)
+        return str(request.param)
+    # kvmpy's choice, unless the environment of the whole run picks one.
+    return os.environ.get("KVMPY_BREAKPOINT_MECHANISM") or "chosen"
 
 
 @pytest.mark.parametrize("user", [True, False], ids=["user", "ring0"])
@@ -210,13 +213,21 @@ def test_without_coverage_there_is_no_map(parser: Path) -> None:
         assert t.coverage_mechanism is None and t.run(b"KV").new_coverage == ()
 
 
+def _debug_support_without_env(monkeypatch: pytest.MonkeyPatch) -> dict[str, str | bool]:
+    with monkeypatch.context() as m:
+        m.delenv("KVMPY_BREAKPOINT_MECHANISM", raising=False)
+        return _debug_support()
+
+
 def test_a_mechanism_that_cannot_work_is_refused(
     parser: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("KVMPY_BREAKPOINT_MECHANISM", "carrier-pigeon")
     with pytest.raises(ValueError, match="KVMPY_BREAKPOINT_MECHANISM must be"):
         parser_target(parser, coverage="disasm")
-    if _debug_support()["breakpoints"] != "kvm":
+    with pytest.raises(ValueError, match="KVMPY_BREAKPOINT_MECHANISM must be"):
+        _debug_support()
+    if _debug_support_without_env(monkeypatch)["mechanism"] != "kvm":
         monkeypatch.setenv("KVMPY_BREAKPOINT_MECHANISM", "kvm")
         with pytest.raises(kvmpy.KvmUnsupported, match="does not intercept int3"):
             parser_target(parser, coverage="disasm")

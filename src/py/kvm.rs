@@ -197,7 +197,8 @@ pub fn debug_support(py: Python<'_>) -> PyResult<Bound<'_, pyo3::types::PyDict>>
     let d = pyo3::types::PyDict::new(py);
     let mechanism = crate::engine::debug::mechanism()?;
     d.set_item("mechanism", mechanism.as_str())?;
-    let patch = crate::engine::coverage::Mechanism::choose(mechanism, 3, 3);
+    let wanted = std::env::var(crate::engine::coverage::PATCH_ENV).ok();
+    let patch = crate::engine::coverage::Mechanism::pick(mechanism, 3, 3, wanted.as_deref())?;
     d.set_item("breakpoints", patch.as_str())?;
     d.set_item("sw_breakpoints", host.sw_breakpoints)?;
     d.set_item("single_step", host.single_step)?;
