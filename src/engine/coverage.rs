@@ -303,6 +303,11 @@ impl VcpuCore {
             return Ok(None);
         }
         self.update_regs(fd, |r| r.rip = addr)?;
+        if !table.get(addr).is_some_and(|e| e.armed) {
+            // Another vCPU took the patch out to step over it after this one reached it:
+            // the original instruction is back, run it.
+            return Ok(Some(Trap::Continue));
+        }
         let hit = table.hit(addr, self.id);
         match hit {
             Hit::OneShot | Hit::Count => {
