@@ -249,7 +249,9 @@ class Target:
     address and length in ``input_arg`` and ``length_arg``, runs for at most
     ``timeout_ms``, classifies how it ended (an :class:`Outcome`) and restores the
     snapshot. ``vm``, ``cpu``, ``snapshot``, ``symbols``, ``max_len`` and ``input_end``
-    are attributes. The loop of one run is native code with the GIL released.
+    are attributes, and ``rebuild``: a function that builds the target anew (set by
+    :meth:`from_elf`; what each child of the afl-fuzz fork server calls, see
+    ``fuzz.main``). The loop of one run is native code with the GIL released.
 
     Build one from a guest ELF with :meth:`from_elf`, or by hand from a VM whose vCPU is
     ready to run the code under test (``setup_long_mode(exceptions=True)`` so that faults
@@ -299,9 +301,7 @@ class Target:
             raise ValueError(f"map_size must be a power of two, not {map_size}")
         self.vm = vm
         self.cpu = cpu
-        self.rebuild: Callable[[], Target] | None = None
-        """A function that builds this target anew (``from_elf`` sets it): what each
-        child of the afl-fuzz fork server calls, as a VM never crosses a fork."""
+        self.rebuild: Callable[[], Target] | None = None  # a VM never crosses a fork
         self.symbols: dict[str, int] = dict(symbols or {})
         self.hooks: dict[int, str] = {}
         for hook in crash_hooks:
