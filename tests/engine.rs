@@ -407,7 +407,13 @@ fn breakpoints_and_steps_without_python() {
         .unwrap();
     let mut raw = [0u8; 2];
     vm.read_memory_raw(LOAD + 5, &mut raw).unwrap();
-    assert_eq!(raw, [0xcc, 0xc9]);
+    // int3, or where KVM does not intercept it, out dx, al (user mode has IOPL=3).
+    let debug = kvmpy::engine::debug::mechanism().unwrap();
+    let wanted = std::env::var(kvmpy::engine::coverage::PATCH_ENV).ok();
+    let patch = kvmpy::engine::coverage::Mechanism::pick(debug, 3, 3, wanted.as_deref())
+        .unwrap()
+        .patch();
+    assert_eq!(raw, [patch, 0xc9]);
     let mut shown = [0u8; 2];
     vm.read_memory(LOAD + 5, &mut shown).unwrap();
     assert_eq!(shown, [0xff, 0xc9]);

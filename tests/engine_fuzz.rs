@@ -110,3 +110,58 @@ fn inputs_run_from_the_snapshot_and_faults_carry_the_guests_registers() {
     ));
     assert!(ex.run(&[0; 0x1001], None).is_err(), "longer than max_len");
 }
+
+/// Block coverage from Rust: blocks from the disassembly, one exit each for the whole
+/// campaign, the original instructions run, the map AFL-style.
+#[test]
+fn coverage_costs_one_exit_per_block_and_changes_no_result() {
+    use kvmpy::arch::x86_64::blocks::find_blocks;
+    use kvmpy::engine::coverage::block_hash;
+    use kvmpy::engine::fuzz::CoverageConfig;
+    if !kvm_usable() {
+        return;
+    }
+    let plain = executor();
+    let mut code = [0u8; 14];
+    plain.vm.read_memory(CODE, &mut code).unwrap();
+    // One block, and a second where the store starts (a block by the caller's choice).
+    let mut blocks: Vec<u64> = find_blocks(&code, CODE, &[CODE])
+        .starts
+        .into_iter()
+        .collect();
+    assert_eq!(blocks, [CODE]);
+    blocks.push(CODE + 3);
+    let cov = CoverageConfig {
+        blocks: blocks.clone(),
+        armed: false,
+        map_size: 1 << 16,
+    };
+    let ex = executor().with_coverage(&cov).unwrap();
+    assert!(
+        executor()
+            .with_coverage(&CoverageConfig {
+                map_size: 3,
+                ..cov.clone()
+            })
+            .is_err(),
+        "map_size must be a power of two"
+    );
+    let ok = (INPUT_END - 0x800).to_le_bytes();
+    let exits = || ex.vcpu.stats().0;
+    let before = exits();
+    let first = ex.run(&ok, None).unwrap();
+    assert!(matches!(first.exit, Exit::Guest { code: 8, .. }));
+    assert_eq!(first.new_blocks, blocks);
+    assert_eq!(exits() - before, 1 + 2, "the exit port and each block once");
+    let before = exits();
+    for _ in 0..3 {
+        let run = ex.run(&ok, None).unwrap();
+        assert!(matches!(run.exit, Exit::Guest { code: 8, .. }) && run.new_blocks.is_empty());
+    }
+    assert_eq!(exits() - before, 3, "no block exits any more");
+    let map = ex.coverage_map().unwrap();
+    assert_eq!(map.iter().map(|b| u32::from(*b)).sum::<u32>(), 2);
+    assert_eq!(map[(block_hash(CODE) & 0xffff) as usize], 1);
+    assert_eq!(ex.blocks_covered(), 2);
+    assert!(plain.coverage_map().is_none());
+}

@@ -102,12 +102,35 @@ int calls_report(const uint8_t *data, uint64_t len)
     return 0;
 }
 
+/* Hangs when the input starts with "HA", crashes (NULL write) on "CR", else returns 0:
+ * a target whose hangs and crashes depend on the input (for afl-fuzz runs). */
+int hangs_or_crashes(const uint8_t *data, uint64_t len)
+{
+    if (len >= 2 && data[0] == 'H' && data[1] == 'A')
+        for (;;)
+            sink += len;
+    if (len >= 2 && data[0] == 'C' && data[1] == 'R')
+        *(volatile uint64_t *)opaque(0) = len;
+    return 0;
+}
+
+/* A constant table in the code segment (.rodata): data that coverage must not patch. */
+static const uint8_t lookup_table[16] = {
+    0x11, 0xcc, 0xee, 0x90, 0xe8, 0x00, 0x00, 0x00, 0x00, 0xc3, 0x5a, 0xa5, 0x3c, 0x7e, 0xeb, 0xfe,
+};
+
+/* Returns lookup_table[data[0] & 15]. */
+int table_lookup(const uint8_t *data, uint64_t len)
+{
+    return len ? lookup_table[data[0] & 15] : -1;
+}
+
 typedef int (*entry_fn)(const uint8_t *, uint64_t);
 
 /* Referenced from main so that --gc-sections keeps every entry. */
 static entry_fn const entries[] = {
     returns_len, null_read, null_write, write_at, write_code, stack_overflow,
-    spin, invalid_opcode, divide_by_zero, calls_report,
+    spin, invalid_opcode, divide_by_zero, calls_report, hangs_or_crashes, table_lookup,
 };
 
 /* main(index, 0) runs entries[index] on an empty input. */

@@ -174,10 +174,18 @@ def debugging() -> str:
         how = "breakpoints and steps through KVM_EXIT_DEBUG"
     else:
         how = (
-            "breakpoints and steps through kvmpy's exception stubs "
-            "(setup_long_mode(exceptions=True))"
+            "single steps, and breakpoints where port I/O faults, through kvmpy's "
+            "exception stubs (setup_long_mode(exceptions=True))"
         )
-    return f"{how}; KVM intercepts: {caught}"
+    patch = {
+        "kvm": "int3 through KVM_EXIT_DEBUG",
+        "port-io": "a one-byte out dx, al patch, an exit straight from user mode",
+        "exception-stubs": "int3 through kvmpy's exception stubs",
+    }.get(str(d.get("breakpoints")), "unknown")
+    return (
+        f"{how}; KVM intercepts: {caught}; breakpoints and fuzzing coverage in user mode: "
+        f"{d.get('breakpoints')} ({patch})"
+    )
 
 
 def info() -> int:

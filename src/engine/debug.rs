@@ -1,6 +1,6 @@
-//! Guest debugging: what this host's KVM intercepts (probed once per process), adding and
-//! removing breakpoints, and how the run loop turns traps into `breakpoint` and `step`
-//! exits.
+//! Guest debugging: adding and removing breakpoints, and how the run loop turns traps
+//! into `breakpoint` and `step` exits (what this host's KVM intercepts is probed in
+//! `debug_host`, re-exported here).
 //!
 //! Two mechanisms give the same exits:
 //! - **KVM intercepts** (bare-metal KVM): `KVM_SET_GUEST_DEBUG` with `USE_SW_BP` makes an
@@ -16,175 +16,23 @@
 //! instruction, and puts it back (gdb's way). A run that starts on a breakpoint anywhere
 //! else (RIP set by hand) hits it at once.
 
-use std::sync::OnceLock;
-use std::time::{Duration, Instant};
-
 use kvm_bindings::{
-    kvm_guest_debug, KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_INJECT_BP, KVM_GUESTDBG_SINGLESTEP,
-    KVM_GUESTDBG_USE_HW_BP, KVM_GUESTDBG_USE_SW_BP,
+    KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_INJECT_BP, KVM_GUESTDBG_SINGLESTEP, KVM_GUESTDBG_USE_SW_BP,
 };
 use kvm_ioctls::VcpuFd;
 
 use crate::arch::x86_64::gdt;
-use crate::engine::breakpoints::{Hit, Owner, Write, PATCH};
+use crate::engine::breakpoints::{Hit, Owner, Write, PATCH, PIO_PATCH};
+use crate::engine::debug_host::set_guest_debug;
+pub use crate::engine::debug_host::{host, mechanism, HostDebug, Mechanism, MECHANISM_ENV};
 use crate::engine::error::{Error, Result};
 use crate::engine::exit::Exit;
 use crate::engine::lock;
-use crate::engine::run::{Outcome, RunOptions};
-use crate::engine::setup::LongMode;
 use crate::engine::vcpu::VcpuCore;
-use crate::engine::vm::{RegionOptions, VmCore};
+use crate::engine::vm::VmCore;
 
 /// RFLAGS.TF: trap after the next instruction.
 const TF: u64 = 1 << 8;
-
-/// What this host's KVM intercepts, as probed in a small test VM.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct HostDebug {
-    /// `int3` with `KVM_GUESTDBG_USE_SW_BP` ends `KVM_RUN` with `KVM_EXIT_DEBUG`.
-    pub sw_breakpoints: bool,
-    /// `KVM_GUESTDBG_SINGLESTEP` ends `KVM_RUN` after one instruction.
-    pub single_step: bool,
-    /// A DR0 execute breakpoint with `KVM_GUESTDBG_USE_HW_BP` ends `KVM_RUN`.
-    pub hw_breakpoints: bool,
-    /// A DR0 write watchpoint with `KVM_GUESTDBG_USE_HW_BP` ends `KVM_RUN`.
-    pub watchpoints: bool,
-}
-
-/// How breakpoints and steps reach kvmpy on a host.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Mechanism {
-    /// `KVM_EXIT_DEBUG`.
-    Intercept,
-    /// #BP/#DB through kvmpy's exception stubs.
-    ExceptionStubs,
-}
-
-impl Mechanism {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Mechanism::Intercept => "kvm",
-            Mechanism::ExceptionStubs => "exception-stubs",
-        }
-    }
-
-    /// The mechanism for a host: KVM's only where it intercepts both `int3` and single
-    /// steps (a breakpoint cannot be stepped over otherwise).
-    pub fn for_host(host: &HostDebug) -> Mechanism {
-        if host.sw_breakpoints && host.single_step {
-            Mechanism::Intercept
-        } else {
-            Mechanism::ExceptionStubs
-        }
-    }
-}
-
-static HOST: OnceLock<std::result::Result<HostDebug, String>> = OnceLock::new();
-
-/// What this host's KVM intercepts (probed on the first call, then cached).
-pub fn host() -> Result<HostDebug> {
-    HOST.get_or_init(|| probe().map_err(|e| e.to_string()))
-        .clone()
-        .map_err(|e| Error::Refused(format!("probing guest debugging failed: {e}")))
-}
-
-/// The environment variable that picks a mechanism instead of the probe's choice
-/// (`kvm` or `exception-stubs`), so that a host that intercepts can test both paths.
-pub const MECHANISM_ENV: &str = "KVMPY_DEBUG_MECHANISM";
-
-/// The mechanism this host uses: the probe's choice, or the one `KVMPY_DEBUG_MECHANISM`
-/// names (`kvm` where the host does not intercept is refused).
-pub fn mechanism() -> Result<Mechanism> {
-    static CHOSEN: OnceLock<std::result::Result<Mechanism, Error>> = OnceLock::new();
-    let host = host()?;
-    match CHOSEN.get_or_init(|| chosen(&host, std::env::var(MECHANISM_ENV).ok().as_deref())) {
-        Ok(m) => Ok(*m),
-        Err(Error::Unsupported(m)) => Err(Error::Unsupported(m.clone())),
-        Err(e) => Err(Error::Value(e.to_string())),
-    }
-}
-
-fn chosen(host: &HostDebug, wanted: Option<&str>) -> Result<Mechanism> {
-    match wanted {
-        None | Some("") => Ok(Mechanism::for_host(host)),
-        Some("exception-stubs") => Ok(Mechanism::ExceptionStubs),
-        Some("kvm") if Mechanism::for_host(host) == Mechanism::Intercept => {
-            Ok(Mechanism::Intercept)
-        }
-        Some("kvm") => Err(Error::Unsupported(format!(
-            "{MECHANISM_ENV}=kvm, but this host's KVM does not intercept int3 and single \
-             steps (see `python -m kvmpy info`)"
-        ))),
-        Some(other) => Err(Error::Value(format!(
-            "{MECHANISM_ENV} must be \"kvm\" or \"exception-stubs\", not {other:?}"
-        ))),
-    }
-}
-
-const PROBE_CODE: u64 = 0x10000;
-const PROBE_DATA: u64 = 0x20000;
-
-/// Runs the probe guest: each test starts fresh in 64-bit user mode with exception
-/// stubs and ends with `out 0xf4, al` unless KVM stops it first.
-fn probe() -> Result<HostDebug> {
-    let vm = VmCore::new(false, false)?;
-    let result = probe_in(&vm);
-    vm.shutdown();
-    result
-}
-
-fn probe_in(vm: &std::sync::Arc<VmCore>) -> Result<HostDebug> {
-    vm.add_memory(0, 2 << 20, RegionOptions::default())?;
-    #[rustfmt::skip]
-    let code: &[u8] = &[
-        0xcc, 0xe6, 0xf4, 0x90,                               // 0x00: int3; out 0xf4, al
-        0x90, 0x90, 0xe6, 0xf4,                               // 0x04: nop; nop; out
-        0xc6, 0x04, 0x25, 0x00, 0x00, 0x02, 0x00, 0x01,       // 0x08: mov byte [0x20000], 1
-        0x90, 0xe6, 0xf4,                                     // 0x10: nop; out
-    ];
-    vm.write_memory(PROBE_CODE, code)?;
-    let cpu = vm.create_vcpu(None)?;
-    let mode = LongMode::user_mode(true);
-    let trial = |rip: u64, flags: u32, dr0: u64, dr7: u64| -> Result<Option<u32>> {
-        cpu.setup_long_mode(mode)?;
-        cpu.with_fd(|fd| {
-            cpu.update_regs(fd, |r| r.rip = rip)?;
-            set_guest_debug(fd, flags, dr0, dr7)
-        })?;
-        let options = RunOptions {
-            deadline: Some(Instant::now() + Duration::from_secs(2)),
-            on_signal: None,
-        };
-        let outcome = cpu.run(&options);
-        cpu.with_fd(|fd| set_guest_debug(fd, 0, 0, 0))?;
-        match outcome {
-            Outcome::Exit(Exit::Debug { exception, .. }) => Ok(Some(exception)),
-            Outcome::Error(e) => Err(e),
-            _ => Ok(None),
-        }
-    };
-    let enable = KVM_GUESTDBG_ENABLE;
-    let hw = enable | KVM_GUESTDBG_USE_HW_BP;
-    Ok(HostDebug {
-        sw_breakpoints: trial(PROBE_CODE, enable | KVM_GUESTDBG_USE_SW_BP, 0, 0)? == Some(3),
-        single_step: trial(PROBE_CODE + 4, enable | KVM_GUESTDBG_SINGLESTEP, 0, 0)? == Some(1),
-        // DR7: L0, and for the watchpoint R/W0 = 01 (write), LEN0 = 00 (1 byte).
-        hw_breakpoints: trial(PROBE_CODE + 4, hw, PROBE_CODE + 5, 1)? == Some(1),
-        watchpoints: trial(PROBE_CODE + 8, hw, PROBE_DATA, 1 | 1 << 16)? == Some(1),
-    })
-}
-
-/// `KVM_SET_GUEST_DEBUG` with DR0 and DR7 (the other debug registers zero).
-fn set_guest_debug(fd: &VcpuFd, control: u32, dr0: u64, dr7: u64) -> Result<()> {
-    let mut dbg = kvm_guest_debug {
-        control,
-        ..Default::default()
-    };
-    dbg.arch.debugreg[0] = dr0;
-    dbg.arch.debugreg[7] = dr7;
-    fd.set_guest_debug(&dbg)
-        .map_err(|e| Error::ioctl("KVM_SET_GUEST_DEBUG", e))
-}
 
 /// A vCPU's debugging state between and during runs.
 #[derive(Default)]
@@ -220,11 +68,12 @@ impl VmCore {
     pub fn add_breakpoint(&self, cpu: &VcpuCore, vaddr: u64, owner: Owner) -> Result<()> {
         self.check_debuggable("breakpoints")?;
         let gpa = cpu.translate(vaddr)?;
+        let patch = breakpoint_patch(cpu)?;
         let mut table = lock(&self.breakpoints);
         let mut current = [0u8];
         self.read_memory_raw(gpa, &mut current)?;
         let write = table
-            .insert(vaddr, gpa, current[0], owner, false)
+            .insert_patch(vaddr, gpa, current[0], owner, false, patch)
             .map_err(|e| Error::Value(e.to_string()))?;
         self.apply(write)
     }
@@ -274,14 +123,14 @@ impl VmCore {
     /// Writes a byte the table asked for. An original byte goes back only over the
     /// patch: if something else was written there since (new code loaded over a
     /// breakpoint), that stays.
-    fn apply(&self, write: Write) -> Result<()> {
+    pub(crate) fn apply(&self, write: Write) -> Result<()> {
         match write {
             Write::None => Ok(()),
             Write::Byte { gpa, byte } => {
-                if byte != PATCH {
+                if byte != PATCH && byte != PIO_PATCH {
                     let mut now = [0u8];
                     self.read_memory_raw(gpa, &mut now)?;
-                    if now[0] != PATCH {
+                    if now[0] != PATCH && now[0] != PIO_PATCH {
                         return Ok(());
                     }
                 }
@@ -301,8 +150,8 @@ impl VmCore {
             let mut b = [0u8];
             self.read_memory_raw(gpa, &mut b).ok().map(|_| b[0])
         });
-        for gpa in writes {
-            self.write_memory(gpa, &[PATCH])?;
+        for (gpa, patch) in writes {
+            self.write_memory(gpa, &[patch])?;
         }
         Ok(())
     }
@@ -310,6 +159,36 @@ impl VmCore {
     /// `(gpa, original byte)` of every patch in memory now.
     pub(crate) fn breakpoint_originals(&self) -> Vec<(u64, u8)> {
         lock(&self.breakpoints).originals()
+    }
+}
+
+/// The byte a debugger breakpoint for `cpu` patches in: `int3`, or where KVM does not
+/// intercept it and `cpu` may do port I/O (CPL <= IOPL: kvmpy's user mode, ring 0), the
+/// one-byte `out dx, al` (see `coverage`), whose exit skips the ring-0 stubs; if the code
+/// later runs where port I/O faults, the #GP is taken as the breakpoint.
+fn breakpoint_patch(cpu: &VcpuCore) -> Result<u8> {
+    let debug = mechanism()?;
+    let sregs = cpu.sregs()?;
+    let cpl = if sregs.cr0 & 1 == 0 {
+        0
+    } else {
+        (sregs.cs.selector & 3) as u8
+    };
+    let iopl = ((cpu.regs()?.rflags >> 12) & 3) as u8;
+    let wanted = std::env::var(crate::engine::coverage::PATCH_ENV).ok();
+    Ok(crate::engine::coverage::Mechanism::pick(debug, cpl, iopl, wanted.as_deref())?.patch())
+}
+
+/// Counts a coverage hit at `vaddr` (a one-shot entry also goes: the write to make).
+fn count_hit(vm: &VmCore, vaddr: u64, one_shot: bool) -> Write {
+    let mut table = lock(&vm.breakpoints);
+    if let Some(map) = table.coverage.as_mut() {
+        map.record(vaddr);
+    }
+    if one_shot {
+        table.disarm(vaddr)
+    } else {
+        Write::None
     }
 }
 
@@ -366,7 +245,12 @@ impl VcpuCore {
         let rip = self.read_regs(fd)?.rip;
         let mut step = st.user_step;
         let resuming = st.resume_from.take() == Some(rip);
-        if !table_empty && resuming {
+        // A coverage block at RIP is hit, not stepped over: its hit counts.
+        let ours = matches!(
+            lock(&self.vm.breakpoints).hit(rip, self.id),
+            Hit::Report | Hit::Pass
+        );
+        if !table_empty && resuming && ours {
             let write = lock(&self.vm.breakpoints).disarm(rip);
             if write != Write::None {
                 self.vm.apply(write)?;
@@ -446,8 +330,13 @@ impl VcpuCore {
                         Ok(Trap::Done(Exit::Breakpoint { address: pc }))
                     }
                     Hit::OneShot => {
-                        let write = lock(&self.vm.breakpoints).disarm(pc);
+                        let write = count_hit(&self.vm, pc, true);
                         self.vm.apply(write)?;
+                        Ok(Trap::Continue)
+                    }
+                    Hit::Count => {
+                        count_hit(&self.vm, pc, false);
+                        self.step_over_locked(fd, &mut st, pc)?;
                         Ok(Trap::Continue)
                     }
                     Hit::Pass => {
@@ -468,16 +357,27 @@ impl VcpuCore {
         }
     }
 
-    /// An `"exception"` exit of the stubs (KVM does not intercept): #BP at a breakpoint
-    /// or the #DB of a step kvmpy asked for becomes a breakpoint or step.
+    /// An `"exception"` exit of the stubs (KVM does not intercept): #BP at a breakpoint,
+    /// #GP at a port-I/O patch, or the #DB of a step kvmpy asked for becomes a breakpoint
+    /// or step.
     pub(crate) fn stub_trap(&self, fd: &mut VcpuFd, exit: Exit) -> Result<Trap> {
         let Exit::Exception { vector, rip, .. } = exit else {
             return Ok(Trap::Pass(exit));
         };
         let mut st = lock(&self.debug);
+        // Where the breakpoint is: before the int3, or at an `out dx, al` patch that
+        // faulted (#GP: code that may not do port I/O reached it).
+        let addr = if vector == 3 {
+            rip.wrapping_sub(1)
+        } else {
+            rip
+        };
         let hit = match vector {
-            3 => lock(&self.vm.breakpoints).hit(rip.wrapping_sub(1), self.id),
+            3 => lock(&self.vm.breakpoints).hit(addr, self.id),
             1 if st.stepping => Hit::Report,
+            13 if lock(&self.vm.breakpoints).pio_at(addr) => {
+                lock(&self.vm.breakpoints).hit(addr, self.id)
+            }
             _ => Hit::NotOurs,
         };
         if hit == Hit::NotOurs {
@@ -495,7 +395,6 @@ impl VcpuCore {
             self.end_step(fd, &mut st)?;
             return Ok(self.after_step(&mut st, rip));
         }
-        let addr = rip.wrapping_sub(1);
         self.unwind_stub(fd, Some(addr))?;
         match hit {
             Hit::Report => {
@@ -503,11 +402,14 @@ impl VcpuCore {
                 Ok(Trap::Done(Exit::Breakpoint { address: addr }))
             }
             Hit::OneShot => {
-                let write = lock(&self.vm.breakpoints).disarm(addr);
+                let write = count_hit(&self.vm, addr, true);
                 self.vm.apply(write)?;
                 Ok(Trap::Continue)
             }
             _ => {
+                if hit == Hit::Count {
+                    count_hit(&self.vm, addr, false);
+                }
                 self.step_over_locked(fd, &mut st, addr)?;
                 Ok(Trap::Continue)
             }
@@ -608,43 +510,5 @@ impl VcpuCore {
         self.write_sregs(fd, &sregs)?;
         self.write_regs(fd, &regs)?;
         Ok(regs.rip)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn kvm_is_used_only_where_it_intercepts_both_int3_and_steps() {
-        let all = HostDebug {
-            sw_breakpoints: true,
-            single_step: true,
-            hw_breakpoints: true,
-            watchpoints: true,
-        };
-        assert_eq!(Mechanism::for_host(&all), Mechanism::Intercept);
-        let no_step = HostDebug {
-            single_step: false,
-            ..all
-        };
-        assert_eq!(Mechanism::for_host(&no_step), Mechanism::ExceptionStubs);
-        assert_eq!(
-            Mechanism::for_host(&HostDebug::default()),
-            Mechanism::ExceptionStubs
-        );
-        assert_eq!(Mechanism::ExceptionStubs.as_str(), "exception-stubs");
-        let none = HostDebug::default();
-        assert_eq!(chosen(&all, None).unwrap(), Mechanism::Intercept);
-        assert_eq!(
-            chosen(&all, Some("exception-stubs")).unwrap(),
-            Mechanism::ExceptionStubs
-        );
-        assert_eq!(chosen(&all, Some("kvm")).unwrap(), Mechanism::Intercept);
-        assert!(matches!(
-            chosen(&none, Some("kvm")),
-            Err(Error::Unsupported(_))
-        ));
-        assert!(matches!(chosen(&none, Some("gdb")), Err(Error::Value(_))));
     }
 }

@@ -5,7 +5,9 @@
 pub mod breakpoints;
 pub mod bus;
 pub mod complete;
+pub mod coverage;
 pub mod debug;
+pub mod debug_host;
 pub mod error;
 pub mod exit;
 pub mod fuzz;

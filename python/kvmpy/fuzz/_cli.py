@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from kvmpy.fuzz import _afl
 from kvmpy.fuzz._target import Target
 from kvmpy.fuzz._triage import Triage
 
@@ -50,7 +51,23 @@ def run_inputs(target: Target, paths: Sequence[str], out: Path | None, harness: 
 def main(target: Target, argv: Sequence[str] | None = None) -> int:
     """A harness script's entry point: ``python harness.py INPUT...`` runs the inputs
     and prints their reports (``--out DIR`` saves the crashes, bucketed). Returns the
-    exit status (0: every input ran clean)."""
+    exit status (0: every input ran clean).
+
+    Started by afl-fuzz (``afl-fuzz -i IN -o OUT -- python harness.py [@@]``), it is
+    an AFL++ fork server in persistent mode instead: each of its children builds the
+    target with ``target.rebuild`` (set by ``Target.from_elf``), which needs coverage,
+    and runs afl-fuzz's inputs in it (see ``kvmpy.fuzz._afl``)."""
+    if _afl.under_afl():
+        if target.rebuild is None:
+            print(
+                "kvmpy.fuzz: under afl-fuzz each fork-server child builds its own VM: build "
+                "the target with Target.from_elf, or set target.rebuild to a function that "
+                "builds it",
+                file=sys.stderr,
+            )
+            return 2
+        words = list(sys.argv[1:] if argv is None else argv)
+        return _afl.serve(target.rebuild, [w for w in words if not w.startswith("-")])
     parser = argparse.ArgumentParser(description="Run inputs through a kvmpy fuzz target.")
     parser.add_argument("inputs", nargs="+", help="input files")
     parser.add_argument("--out", type=Path, help="save the crashes' buckets here")

@@ -1,0 +1,154 @@
+"""A harness script under AFL++'s afl-fuzz: the fork server in persistent mode, coverage
+into afl-fuzz's map, crashes and hangs reported as afl-fuzz expects, and the crashes it
+saves replayed by ``python -m kvmpy.fuzz replay``."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.kvm
+
+AFL = shutil.which("afl-fuzz")
+needs_afl = pytest.mark.skipif(AFL is None, reason="afl-fuzz is not installed (apt: afl++)")
+
+HARNESS = """
+from kvmpy import fuzz
+target = fuzz.Target.from_elf({elf!r}, entry={entry!r}, max_len=512, timeout_ms=100,
+                              coverage="disasm")
+if __name__ == "__main__":
+    raise SystemExit(fuzz.main(target))
+"""
+
+AFL_ENV = {
+    "AFL_SKIP_BIN_CHECK": "1",  # the target is a Python script
+    "AFL_NO_UI": "1",
+    "AFL_I_DONT_CARE_ABOUT_MISSING_CRASHES": "1",
+    "AFL_SKIP_CPUFREQ": "1",
+    "AFL_NO_AFFINITY": "1",
+}
+
+
+def afl_fuzz(
+    tmp: Path,
+    elf: Path,
+    entry: str,
+    seeds: list[bytes],
+    seconds: int,
+    *extra: str,
+    env: dict[str, str] | None = None,
+) -> Path:
+    """Runs afl-fuzz on a harness for ``elf``'s ``entry`` for at most ``seconds``; returns
+    its output directory (``default/`` of ``-o``)."""
+    harness = tmp / "harness.py"
+    harness.write_text(HARNESS.format(elf=str(elf), entry=entry))
+    seeds_dir = tmp / "in"
+    seeds_dir.mkdir()
+    for i, seed in enumerate(seeds):
+        (seeds_dir / f"seed{i}").write_bytes(seed)
+    assert AFL is not None
+    cmd = [AFL, "-D", "-V", str(seconds), "-i", str(seeds_dir), "-o", str(tmp / "out"), *extra]
+    cmd += ["--", sys.executable, str(harness), "@@"]
+    run = subprocess.run(
+        cmd,
+        env=os.environ | AFL_ENV | (env or {}),
+        cwd=tmp,
+        capture_output=True,
+        text=True,
+        timeout=seconds + 120,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert not harness_processes(harness), "the fork server and its children are gone"
+    return tmp / "out" / "default"
+
+
+def harness_processes(harness: Path) -> list[int]:
+    """The processes still running ``harness``."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if str(harness).encode() in cmdline:
+            found.append(int(proc.name))
+    return found
+
+
+def saved(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.iterdir() if p.name.startswith("id:"))
+
+
+def stats(out: Path) -> dict[str, str]:
+    lines = (out / "fuzzer_stats").read_text().splitlines()
+    return {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
+
+
+@needs_afl
+def test_afl_fuzz_finds_the_parser_crash_and_replay_reproduces_it(
+    guest_dir: Path, tmp_path: Path
+) -> None:
+    elf = guest_dir.parent / "c" / "build" / "fuzz_parser.elf"
+    until_crash = {"AFL_BENCH_UNTIL_CRASH": "1"}  # stop at the first crash
+    out = afl_fuzz(tmp_path, elf, "parse", [b"BUG#", b"KVL\x02ab"], 60, env=until_crash)
+    crashes = saved(out / "crashes")
+    assert crashes, "afl-fuzz found no crash"
+    assert int(stats(out)["corpus_count"]) >= 2
+    replay = [sys.executable, "-m", "kvmpy.fuzz", "replay", str(tmp_path / "harness.py")]
+    first = subprocess.run([*replay, str(crashes[0])], capture_output=True, text=True, timeout=120)
+    assert first.returncode == 1, first.stdout + first.stderr
+    assert re.search(r"crash #(PF|GP|DE) ", first.stdout), first.stdout
+    again = subprocess.run([*replay, str(crashes[0])], capture_output=True, text=True, timeout=120)
+    assert again.stdout == first.stdout
+
+
+@needs_afl
+def test_afl_fuzz_kills_on_timeouts_and_the_fork_server_goes_on(
+    guest_dir: Path, tmp_path: Path
+) -> None:
+    # hangs_or_crashes: "HA..." hangs, "CR..." crashes. From "CA", afl-fuzz's arithmetic
+    # stage reaches both; each hang makes afl-fuzz kill the child, and the fork server
+    # starts a new one for the next input.
+    elf = guest_dir.parent / "c" / "build" / "fuzz_cases.elf"
+    out = afl_fuzz(tmp_path, elf, "hangs_or_crashes", [b"CA"], 12, "-t", "300")
+    hangs, crashes = saved(out / "hangs"), saved(out / "crashes")
+    assert hangs and crashes, stats(out)
+    assert all(h.read_bytes().startswith(b"HA") for h in hangs)
+    assert all(c.read_bytes().startswith(b"CR") for c in crashes)
+
+    def execs(p: Path) -> int:
+        return int(re.search(r"execs:(\d+)", p.name).group(1))  # type: ignore[union-attr]
+
+    assert int(stats(out)["execs_done"]) > execs(hangs[0]) + 100, "fuzzing went on"
+
+
+def test_a_target_without_rebuild_is_refused_under_afl_fuzz(tmp_path: Path) -> None:
+    harness = tmp_path / "harness.py"
+    harness.write_text(
+        "import kvmpy\n"
+        "from kvmpy import fuzz\n"
+        "vm = kvmpy.Vm()\n"
+        "vm.add_memory(0, 2 << 20).write(0x10000, bytes.fromhex('e6f4'))\n"
+        "vm.add_exit_port(0xF4)\n"
+        "cpu = vm.create_vcpu()\n"
+        "cpu.setup_long_mode(user=True, exceptions=True)\n"
+        "cpu.set_regs(rip=0x10000)\n"
+        "target = fuzz.Target(vm, cpu, vm.snapshot(), input_end=0x30000, max_len=8)\n"
+        "raise SystemExit(fuzz.main(target))\n"
+    )
+    # Started as afl-fuzz starts a fork server: its two pipes at fds 198 and 199.
+    shell = 'exec "$0" "$1" 198</dev/null 199>/dev/null'
+    run = subprocess.run(
+        ["bash", "-c", shell, sys.executable, str(harness)],
+        env=os.environ | {"__AFL_SHM_ID": "0"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 2 and "target.rebuild" in run.stderr
