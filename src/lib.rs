@@ -47,6 +47,7 @@ fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(py::kvm::kick_signal, m)?)?;
     m.add_function(wrap_pyfunction!(py::kvm::debug_support, m)?)?;
     m.add_function(wrap_pyfunction!(py::disasm::disassemble, m)?)?;
+    m.add_function(wrap_pyfunction!(py::disasm::find_blocks, m)?)?;
     m.add("KVM_API_VERSION", engine::kvm::KVM_API_VERSION)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())

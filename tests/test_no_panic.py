@@ -176,3 +176,26 @@ def test_setting_fields_to_wrong_values_never_panics(kind: str) -> None:
                 cpu.set_regs(**{f: getattr(obj, f) for f in fields})
             except Exception:
                 pass
+
+
+def test_coverage_arguments_survive_every_wrong_value() -> None:
+    from kvmpy._native import FuzzExecutor, _find_blocks
+
+    call_every_way(kvmpy._native, "_find_blocks")
+    for code, base, entries in itertools.product(HOSTILE[:8], HOSTILE[:8], ([0], [2**64], [-1])):
+        try:
+            _find_blocks(b"\x90\xeb\xfe" if code == 0 else code, base, entries, entries)
+        except Exception:
+            pass
+    vm, cpu = fresh()
+    with vm:
+        vm.add_exit_port(0xF4)
+        snap = vm.snapshot()
+        for name in ("coverage", "coverage_mode", "map_size"):
+            for value in [*HOSTILE, [REAL_LOAD], [REAL_LOAD, REAL_LOAD]]:
+                try:
+                    ex = FuzzExecutor(vm, cpu, snap, input_end=0x9000, max_len=8, **{name: value})
+                    ex.run(b"")
+                    del ex
+                except Exception:
+                    pass

@@ -177,7 +177,12 @@ def debugging() -> str:
             "breakpoints and steps through kvmpy's exception stubs "
             "(setup_long_mode(exceptions=True))"
         )
-    return f"{how}; KVM intercepts: {caught}"
+    coverage = {
+        "kvm": "int3 through KVM_EXIT_DEBUG",
+        "port-io": "a one-byte out dx, al patch, an exit straight from user mode",
+        "exception-stubs": "int3 through kvmpy's exception stubs",
+    }.get(str(d.get("coverage")), "unknown")
+    return f"{how}; KVM intercepts: {caught}; fuzzing coverage: {d.get('coverage')} ({coverage})"
 
 
 def info() -> int:

@@ -51,6 +51,7 @@ __all__ = [
     "_debug_support",
     "_disassemble",
     "_exit_reasons",
+    "_find_blocks",
     "_kick_signal",
     "_shutdown_all",
 ]
@@ -66,6 +67,16 @@ def _disassemble(
     `"(bad)"` and ends the list.
     """
 
+def _find_blocks(
+    code: _BytesLike, base: int, entries: list[int], check: list[int] = ...
+) -> tuple[list[int], list[int], list[int]]:
+    """The basic blocks of the 64-bit code `code` at virtual address `base`, found by
+    recursive-descent disassembly from `entries` (addresses; those outside the code are
+    ignored): `(block_starts, instruction_starts, bad)`, sorted lists, where `bad` are the
+    `check` addresses (none by default) that lie inside a decoded instruction without
+    being its start.
+    """
+
 def _shutdown_all() -> None: ...
 def _exit_reasons() -> list[str]: ...
 def _kick_signal() -> int: ...
@@ -74,7 +85,9 @@ def _debug_support() -> dict[str, str | bool]:
     small test VM): `mechanism` (`"kvm"`: KVM_EXIT_DEBUG; `"exception-stubs"`: #BP/#DB
     through kvmpy's exception stubs; `KVMPY_DEBUG_MECHANISM` picks one instead),
     `sw_breakpoints`, `single_step`, `hw_breakpoints`, `watchpoints` (whether KVM
-    intercepts each).
+    intercepts each), and `coverage`: how fuzzing coverage breakpoints reach kvmpy in its
+    user mode (`"kvm"`: `int3` intercepted; `"port-io"`: a one-byte `out dx, al` patch,
+    an exit straight from CPL3).
     """
 
 @final
@@ -167,6 +180,12 @@ class FuzzExecutor:
     `exception_stack_top` (`tables_addr + 0x7000` of `setup_long_mode(exceptions=True)`)
     lets a crash's registers show the guest's RAX and RDX, which the exception stubs save
     there.
+
+    `coverage` (guest-virtual block addresses, or None) turns on block coverage: a
+    breakpoint patched at each block in the executor's own copy of `snapshot` (which
+    itself never shows one); `coverage_mode` `"once"` takes a block's patch out on its
+    first hit, for good (one exit per block per campaign), `"armed"` keeps it and counts
+    every hit as an AFL edge; `map_size` (a power of two) is the AFL-style map's size.
     """
 
     def __new__(
@@ -181,14 +200,37 @@ class FuzzExecutor:
         len_reg: str | None = "rsi",
         timeout: float = 1.0,
         exception_stack_top: int | None = None,
+        coverage: list[int] | None = None,
+        coverage_mode: str = "once",
+        map_size: int = 65536,
     ) -> FuzzExecutor: ...
-    def run(self, data: _BytesLike) -> tuple[ExitInfo, Regs | None]:
+    def run(self, data: _BytesLike) -> tuple[ExitInfo, Regs | None, list[int]]:
         """Runs one input (bytes-like, at most `max_len` bytes) and restores the snapshot.
-        Returns `(exit, regs)`: the exit that ended the run (`GuestExit` for the exit
-        port, `ExceptionExit`, `MmioExit` for an access with no RAM behind it, reason
-        `"timeout"`, ...) and, except after a clean exit, the registers when it ended (for
-        an exception, the faulting context's). Ctrl-C stops the run and raises
+        Returns `(exit, regs, new_blocks)`: the exit that ended the run (`GuestExit` for
+        the exit port, `ExceptionExit`, `MmioExit` for an access with no RAM behind it,
+        reason `"timeout"`, ...), except after a clean exit the registers when it ended
+        (for an exception, the faulting context's), and the blocks this run covered for
+        the first time (empty without coverage). Ctrl-C stops the run and raises
         `KeyboardInterrupt`.
+        """
+    @property
+    def coverage_map(self) -> bytes | None:
+        """The AFL-style coverage map (`map_size` bytes; None without coverage): in "once"
+        mode, 1 at `hash(block) & (map_size - 1)` for each block covered so far; in
+        "armed" mode, the last run's edge hit counts.
+        """
+    @property
+    def blocks_covered(self) -> int:
+        """How many blocks have been covered (hit at least once) since coverage began."""
+    @property
+    def coverage_blocks(self) -> int:
+        """How many blocks are patched for coverage (0 without coverage)."""
+    @property
+    def coverage_mechanism(self) -> str | None:
+        """How coverage breakpoints reach kvmpy on this host and target (None without
+        coverage): `"kvm"` (`int3`, intercepted by KVM), `"port-io"` (`out dx, al`: an
+        exit straight from user mode with IOPL=3 or ring 0) or `"exception-stubs"`
+        (`int3` through kvmpy's exception stubs).
         """
     @property
     def max_len(self) -> int:

@@ -7,14 +7,23 @@
 //!   by several owners is patched once and removed when its last owner removes it.
 //! - `one_shot` entries are meant for coverage: the run loop disarms them on their first
 //!   hit and reports nothing to the user (see [`Hit`]).
+//! - Coverage entries (see `coverage`) count blocks into an AFL-style map. Their patch
+//!   may be [`PIO_PATCH`] instead of `int3`, and it lives in a fuzzing executor's own
+//!   clean image (`in_image`), so a restore brings it back with the page; when such an
+//!   entry goes, the original byte for that image is queued in [`Breakpoints::image_writes`].
 //! - Snapshots never hold a patch byte: [`Breakpoints::originals`] gives the bytes a
 //!   captured image must hold instead, and [`Breakpoints::repatch`] re-applies the
 //!   patches after a restore copied pages back.
 
 use std::collections::BTreeMap;
 
+use crate::engine::coverage::CoverageMap;
+
 /// The byte patched in: `int3`.
 pub const PATCH: u8 = 0xcc;
+/// The byte patched in where port I/O exits straight to the host (CPL3 with IOPL=3, or
+/// ring 0): `out dx, al`, one byte, an exit from user mode with no ring-0 code run.
+pub const PIO_PATCH: u8 = 0xee;
 
 /// Who set a breakpoint.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -33,6 +42,13 @@ pub struct Entry {
     pub one_shot: bool,
     /// Whether the patch byte is in memory now (false while stepping over it).
     pub armed: bool,
+    /// The byte patched in: [`PATCH`] or [`PIO_PATCH`].
+    pub patch: u8,
+    /// A coverage block: a hit counts into the coverage map.
+    pub coverage: bool,
+    /// The patch is also in a fuzzing executor's clean image (not re-patched after a
+    /// restore: the restore brings it back).
+    pub in_image: bool,
 }
 
 /// What a hit at an address means for a vCPU.
@@ -46,6 +62,8 @@ pub enum Hit {
     Pass,
     /// A one-shot (coverage) breakpoint: disarm it for good and go on.
     OneShot,
+    /// A coverage block that stays in ("armed" mode): count the hit, step over it.
+    Count,
 }
 
 /// Why an insertion or removal was refused.
@@ -55,6 +73,8 @@ pub enum TableError {
     Alias { vaddr: u64, gpa: u64 },
     /// The owner has no breakpoint at this address.
     Missing { vaddr: u64 },
+    /// A coverage block where a breakpoint already is.
+    Taken { vaddr: u64 },
 }
 
 impl std::fmt::Display for TableError {
@@ -66,6 +86,11 @@ impl std::fmt::Display for TableError {
                  {vaddr:#x}"
             ),
             TableError::Missing { vaddr } => write!(f, "no breakpoint at {vaddr:#x}"),
+            TableError::Taken { vaddr } => write!(
+                f,
+                "a coverage block at {vaddr:#x}, where a breakpoint already is (each block \
+                 address once, and no debugger breakpoint on it)"
+            ),
         }
     }
 }
@@ -74,6 +99,17 @@ impl std::fmt::Display for TableError {
 #[derive(Default, Debug)]
 pub struct Breakpoints {
     entries: BTreeMap<u64, Entry>,
+    /// How many armed entries patch [`PIO_PATCH`] (the run loop looks at port writes only
+    /// while there are some).
+    pio: usize,
+    /// How many entries have their patch in an image: the others are re-patched after
+    /// a restore.
+    imaged: usize,
+    /// `(gpa, original)` for each image patch that went (a one-shot hit, a removal): the
+    /// executor that owns the image writes them there before its next restore.
+    pub image_writes: Vec<(u64, u8)>,
+    /// The coverage map the coverage entries count into.
+    pub coverage: Option<CoverageMap>,
 }
 
 /// What the caller must write to memory after a table change.
@@ -116,6 +152,8 @@ impl Breakpoints {
                     e.owners.push(owner);
                 }
                 e.one_shot &= one_shot;
+                // A debugger breakpoint on a coverage block: a breakpoint from now on.
+                e.coverage = false;
                 return Ok(Write::None);
             }
         }
@@ -130,9 +168,93 @@ impl Breakpoints {
                 owners: vec![owner],
                 one_shot,
                 armed: true,
+                patch: PATCH,
+                coverage: false,
+                in_image: false,
             },
         );
         Ok(Write::Byte { gpa, byte: PATCH })
+    }
+
+    /// Adds a coverage block at `vaddr` (physical `gpa`, original byte `original`) whose
+    /// `patch` the caller writes into its clean image and memory; `one_shot` for "once"
+    /// mode (gone on the first hit), else it stays and counts every hit.
+    pub fn insert_coverage(
+        &mut self,
+        vaddr: u64,
+        gpa: u64,
+        original: u8,
+        patch: u8,
+        one_shot: bool,
+    ) -> Result<(), TableError> {
+        if self.entries.contains_key(&vaddr) {
+            return Err(TableError::Taken { vaddr });
+        }
+        if let Some((&other, _)) = self.entries.iter().find(|(_, e)| e.gpa == gpa) {
+            return Err(TableError::Alias { vaddr: other, gpa });
+        }
+        self.entries.insert(
+            vaddr,
+            Entry {
+                gpa,
+                original,
+                owners: Vec::new(),
+                one_shot,
+                armed: true,
+                patch,
+                coverage: true,
+                in_image: true,
+            },
+        );
+        self.count(patch, true, 1);
+        Ok(())
+    }
+
+    fn count(&mut self, patch: u8, in_image: bool, add: isize) {
+        if patch == PIO_PATCH {
+            self.pio = self.pio.saturating_add_signed(add);
+        }
+        if in_image {
+            self.imaged = self.imaged.saturating_add_signed(add);
+        }
+    }
+
+    /// Takes every coverage entry out: returns `(gpa, original)` of those still patched
+    /// (for memory and the image) and drops the map.
+    pub fn clear_coverage(&mut self) -> Vec<(u64, u8)> {
+        let gone: Vec<u64> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| e.in_image && e.owners.is_empty())
+            .map(|(v, _)| *v)
+            .collect();
+        let mut out = Vec::new();
+        for vaddr in gone {
+            let e = self.entries.remove(&vaddr).expect("listed above");
+            self.count(e.patch, true, -1);
+            out.push((e.gpa, e.original));
+        }
+        self.coverage = None;
+        out
+    }
+
+    /// How many coverage entries have their patch in an image.
+    pub fn coverage_blocks(&self) -> usize {
+        self.imaged
+    }
+
+    /// Whether a port write may be a [`PIO_PATCH`] hit.
+    pub fn has_pio(&self) -> bool {
+        self.pio > 0
+    }
+
+    /// Whether an armed [`PIO_PATCH`] entry is at `vaddr`.
+    pub fn pio_at(&self, vaddr: u64) -> bool {
+        self.pio > 0
+            && self
+                .entries
+                .get(&vaddr)
+                .is_some_and(|e| e.armed && e.patch == PIO_PATCH)
     }
 
     /// Removes `owner`'s breakpoint at `vaddr`; the original byte goes back when it was
@@ -148,6 +270,10 @@ impl Breakpoints {
             return Ok(Write::None);
         }
         let e = self.entries.remove(&vaddr).expect("entry found above");
+        self.count(e.patch, e.in_image, -1);
+        if e.in_image {
+            self.image_writes.push((e.gpa, e.original));
+        }
         Ok(if e.armed {
             Write::Byte {
                 gpa: e.gpa,
@@ -164,6 +290,7 @@ impl Breakpoints {
             None => Hit::NotOurs,
             Some(e) if !e.armed => Hit::NotOurs,
             Some(e) if e.one_shot => Hit::OneShot,
+            Some(e) if e.coverage => Hit::Count,
             Some(e) if e.owners.contains(&Owner::Vm) || e.owners.contains(&Owner::Vcpu(vcpu)) => {
                 Hit::Report
             }
@@ -180,8 +307,16 @@ impl Breakpoints {
                     gpa: e.gpa,
                     byte: e.original,
                 };
+                let (patch, in_image) = (e.patch, e.in_image);
+                if patch == PIO_PATCH {
+                    self.pio -= 1;
+                }
                 if e.one_shot {
-                    self.entries.remove(&vaddr);
+                    let e = self.entries.remove(&vaddr).expect("found above");
+                    if in_image {
+                        self.imaged -= 1;
+                        self.image_writes.push((e.gpa, e.original));
+                    }
                 }
                 w
             }
@@ -194,9 +329,12 @@ impl Breakpoints {
         match self.entries.get_mut(&vaddr) {
             Some(e) if !e.armed => {
                 e.armed = true;
+                if e.patch == PIO_PATCH {
+                    self.pio += 1;
+                }
                 Write::Byte {
                     gpa: e.gpa,
-                    byte: PATCH,
+                    byte: e.patch,
                 }
             }
             _ => Write::None,
@@ -214,9 +352,13 @@ impl Breakpoints {
 
     /// After memory was replaced (a restore): `read(gpa)` gives the byte now in memory.
     /// A byte that is not the patch is the new original; returns the patches to write.
+    /// Entries whose patch is in an image are left alone (the restore brought it back).
     pub fn repatch(&mut self, mut read: impl FnMut(u64) -> Option<u8>) -> Vec<u64> {
         let mut writes = Vec::new();
-        for e in self.entries.values_mut().filter(|e| e.armed) {
+        if self.imaged == self.entries.len() {
+            return writes;
+        }
+        for e in self.entries.values_mut().filter(|e| e.armed && !e.in_image) {
             match read(e.gpa) {
                 Some(PATCH) | None => {}
                 Some(byte) => {
@@ -346,5 +488,53 @@ mod tests {
         let mut buf = [PATCH; 0x180];
         t.hide(0x100, &mut buf);
         assert_eq!((buf[0], buf[1]), (0x33, PATCH));
+    }
+
+    #[test]
+    fn coverage_entries_live_in_an_image_and_queue_their_originals() {
+        let mut t = Breakpoints::default();
+        t.insert_coverage(0x30, 0x30, 0x55, PIO_PATCH, true)
+            .unwrap();
+        t.insert_coverage(0x40, 0x40, 0x48, PIO_PATCH, false)
+            .unwrap();
+        assert_eq!(
+            t.insert_coverage(0x30, 0x30, 0x55, PIO_PATCH, true),
+            Err(TableError::Taken { vaddr: 0x30 })
+        );
+        assert!(t.has_pio() && t.pio_at(0x30) && !t.pio_at(0x31));
+        assert_eq!(t.coverage_blocks(), 2);
+        assert_eq!((t.hit(0x30, 0), t.hit(0x40, 0)), (Hit::OneShot, Hit::Count));
+        // A restore brings image patches back itself: nothing to re-patch.
+        assert!(t.repatch(|_| Some(0x55)).is_empty());
+        // Snapshots and reads still hide them.
+        assert_eq!(t.originals(), vec![(0x30, 0x55), (0x40, 0x48)]);
+        // The one-shot hit: the original goes to memory now and to the image later.
+        assert_eq!(
+            t.disarm(0x30),
+            Write::Byte {
+                gpa: 0x30,
+                byte: 0x55
+            }
+        );
+        assert_eq!(t.image_writes, vec![(0x30, 0x55)]);
+        assert!(!t.pio_at(0x30) && t.get(0x30).is_none());
+        // An armed entry is stepped over and comes back with its own patch byte.
+        t.disarm(0x40);
+        assert!(!t.has_pio());
+        assert_eq!(
+            t.rearm(0x40),
+            Write::Byte {
+                gpa: 0x40,
+                byte: PIO_PATCH
+            }
+        );
+        assert!(t.has_pio());
+        // A debugger breakpoint on a coverage block makes it a breakpoint.
+        t.insert(0x40, 0x40, PIO_PATCH, Owner::Vm, false).unwrap();
+        assert_eq!(t.hit(0x40, 0), Hit::Report);
+        assert_eq!(t.clear_coverage(), vec![]);
+        t.remove(0x40, Owner::Vm).unwrap();
+        assert_eq!(t.image_writes, vec![(0x30, 0x55), (0x40, 0x48)]);
+        assert!(t.is_empty() && !t.has_pio() && t.coverage_blocks() == 0);
     }
 }

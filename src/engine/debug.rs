@@ -26,7 +26,7 @@ use kvm_bindings::{
 use kvm_ioctls::VcpuFd;
 
 use crate::arch::x86_64::gdt;
-use crate::engine::breakpoints::{Hit, Owner, Write, PATCH};
+use crate::engine::breakpoints::{Hit, Owner, Write, PATCH, PIO_PATCH};
 use crate::engine::error::{Error, Result};
 use crate::engine::exit::Exit;
 use crate::engine::lock;
@@ -274,14 +274,14 @@ impl VmCore {
     /// Writes a byte the table asked for. An original byte goes back only over the
     /// patch: if something else was written there since (new code loaded over a
     /// breakpoint), that stays.
-    fn apply(&self, write: Write) -> Result<()> {
+    pub(crate) fn apply(&self, write: Write) -> Result<()> {
         match write {
             Write::None => Ok(()),
             Write::Byte { gpa, byte } => {
-                if byte != PATCH {
+                if byte != PATCH && byte != PIO_PATCH {
                     let mut now = [0u8];
                     self.read_memory_raw(gpa, &mut now)?;
-                    if now[0] != PATCH {
+                    if now[0] != PATCH && now[0] != PIO_PATCH {
                         return Ok(());
                     }
                 }
@@ -310,6 +310,19 @@ impl VmCore {
     /// `(gpa, original byte)` of every patch in memory now.
     pub(crate) fn breakpoint_originals(&self) -> Vec<(u64, u8)> {
         lock(&self.breakpoints).originals()
+    }
+}
+
+/// Counts a coverage hit at `vaddr` (a one-shot entry also goes: the write to make).
+fn count_hit(vm: &VmCore, vaddr: u64, one_shot: bool) -> Write {
+    let mut table = lock(&vm.breakpoints);
+    if let Some(map) = table.coverage.as_mut() {
+        map.record(vaddr);
+    }
+    if one_shot {
+        table.disarm(vaddr)
+    } else {
+        Write::None
     }
 }
 
@@ -366,7 +379,12 @@ impl VcpuCore {
         let rip = self.read_regs(fd)?.rip;
         let mut step = st.user_step;
         let resuming = st.resume_from.take() == Some(rip);
-        if !table_empty && resuming {
+        // A coverage block at RIP is hit, not stepped over: its hit counts.
+        let ours = matches!(
+            lock(&self.vm.breakpoints).hit(rip, self.id),
+            Hit::Report | Hit::Pass
+        );
+        if !table_empty && resuming && ours {
             let write = lock(&self.vm.breakpoints).disarm(rip);
             if write != Write::None {
                 self.vm.apply(write)?;
@@ -446,8 +464,13 @@ impl VcpuCore {
                         Ok(Trap::Done(Exit::Breakpoint { address: pc }))
                     }
                     Hit::OneShot => {
-                        let write = lock(&self.vm.breakpoints).disarm(pc);
+                        let write = count_hit(&self.vm, pc, true);
                         self.vm.apply(write)?;
+                        Ok(Trap::Continue)
+                    }
+                    Hit::Count => {
+                        count_hit(&self.vm, pc, false);
+                        self.step_over_locked(fd, &mut st, pc)?;
                         Ok(Trap::Continue)
                     }
                     Hit::Pass => {
@@ -503,11 +526,14 @@ impl VcpuCore {
                 Ok(Trap::Done(Exit::Breakpoint { address: addr }))
             }
             Hit::OneShot => {
-                let write = lock(&self.vm.breakpoints).disarm(addr);
+                let write = count_hit(&self.vm, addr, true);
                 self.vm.apply(write)?;
                 Ok(Trap::Continue)
             }
             _ => {
+                if hit == Hit::Count {
+                    count_hit(&self.vm, addr, false);
+                }
                 self.step_over_locked(fd, &mut st, addr)?;
                 Ok(Trap::Continue)
             }

@@ -3,13 +3,15 @@
 //! report needs, and put the VM back as the snapshot saw it. No Python here: the face
 //! calls [`Executor::run`] once per input with the interpreter lock released.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use kvm_bindings::kvm_regs;
 
+use crate::engine::coverage::{self, Mechanism};
 use crate::engine::error::{Error, Result};
 use crate::engine::exit::Exit;
+use crate::engine::lock;
 use crate::engine::run::{Outcome, RunOptions};
 use crate::engine::snapshot::Snapshot;
 use crate::engine::vcpu::VcpuCore;
@@ -67,10 +69,33 @@ pub struct Config {
     pub exception_stack_top: Option<u64>,
 }
 
+/// Block coverage for an executor (see `coverage`).
+#[derive(Clone, Debug)]
+pub struct CoverageConfig {
+    /// Guest-virtual block starts, translated by the snapshot's page tables.
+    pub blocks: Vec<u64>,
+    /// "armed" mode: the patches stay and every hit counts (edges, hit counts).
+    pub armed: bool,
+    /// The coverage map's size: a power of two.
+    pub map_size: usize,
+}
+
 /// How one execution ended, with the registers a report needs (none for a clean end).
 pub struct Execution {
     pub exit: Exit,
     pub regs: Option<kvm_regs>,
+    /// The blocks this execution covered for the first time (with coverage).
+    pub new_blocks: Vec<u64>,
+}
+
+/// What an executor with coverage keeps.
+pub struct CoverageState {
+    /// The snapshot restores use: a copy of the user's with the coverage patches in its
+    /// memory image, whose bytes go back as blocks are covered.
+    pub clean: Mutex<Snapshot>,
+    pub mechanism: Mechanism,
+    /// How many blocks were patched.
+    pub blocks: usize,
 }
 
 /// Runs inputs on one vCPU of a VM, restoring `snapshot` after each.
@@ -79,6 +104,7 @@ pub struct Executor {
     pub vcpu: Arc<VcpuCore>,
     pub snapshot: Arc<Snapshot>,
     pub config: Config,
+    pub coverage: Option<CoverageState>,
 }
 
 impl Executor {
@@ -105,7 +131,65 @@ impl Executor {
             vcpu,
             snapshot,
             config,
+            coverage: None,
         })
+    }
+
+    /// Adds block coverage: patches every block into a copy of the snapshot's memory and
+    /// puts the VM back as that copy holds it. Fails, changing nothing, on a block that
+    /// is not mapped or not in guest RAM, or where the VM has coverage already.
+    pub fn with_coverage(mut self, cov: &CoverageConfig) -> Result<Self> {
+        let index = self
+            .vm
+            .vcpus()
+            .iter()
+            .position(|v| Arc::ptr_eq(v, &self.vcpu))
+            .ok_or_else(|| Error::Value("the vCPU belongs to another VM".into()))?;
+        // A snapshot of the VM as the user's snapshot has it: the executor's own, whose
+        // memory image takes the patches.
+        self.vm.restore(&self.snapshot)?;
+        let mut clean = Arc::try_unwrap(self.vm.snapshot()?)
+            .map_err(|_| Error::Value("a fresh snapshot is shared".into()))?;
+        let mechanism = coverage::install(&self.vm, &mut clean, index, cov)?;
+        let blocks = lock(&self.vm.breakpoints).coverage_blocks();
+        let clean = Mutex::new(clean);
+        self.coverage = Some(CoverageState {
+            clean,
+            mechanism,
+            blocks,
+        });
+        Ok(self)
+    }
+
+    /// The coverage map as it is now (None without coverage).
+    pub fn coverage_map(&self) -> Option<Vec<u8>> {
+        self.coverage.as_ref()?;
+        lock(&self.vm.breakpoints)
+            .coverage
+            .as_ref()
+            .map(|m| m.map.clone())
+    }
+
+    /// How many blocks have been covered (0 without coverage).
+    pub fn blocks_covered(&self) -> usize {
+        lock(&self.vm.breakpoints)
+            .coverage
+            .as_ref()
+            .map_or(0, |m| m.covered())
+    }
+
+    /// Puts the VM back as the snapshot saw it (with coverage: the patched copy, after
+    /// writing the original bytes of the blocks covered since into it).
+    fn restore(&self) -> Result<()> {
+        match &self.coverage {
+            None => self.vm.restore(&self.snapshot),
+            Some(cov) => {
+                let mut clean = lock(&cov.clean);
+                let writes = std::mem::take(&mut lock(&self.vm.breakpoints).image_writes);
+                coverage::write_image(&mut clean, &writes);
+                self.vm.restore(&clean)
+            }
+        }
     }
 
     /// Runs one input and restores the snapshot. `on_signal` is called when `KVM_RUN`
@@ -142,18 +226,34 @@ impl Executor {
             deadline: Instant::now().checked_add(c.timeout),
             on_signal,
         };
+        if self.coverage.is_some() {
+            if let Some(map) = lock(&self.vm.breakpoints).coverage.as_mut() {
+                map.begin();
+            }
+        }
         let result = match self.vcpu.run(&options) {
             Outcome::Exit(exit) => self.finish(exit),
             Outcome::Stopped(_) => Ok(Execution {
                 exit: Exit::Stopped,
                 regs: None,
+                new_blocks: Vec::new(),
             }),
             Outcome::Error(e) => Err(e),
         };
+        let new_blocks = if self.coverage.is_some() {
+            lock(&self.vm.breakpoints)
+                .coverage
+                .as_mut()
+                .map(|m| m.take_new())
+                .unwrap_or_default()
+        } else {
+            Vec::new()
+        };
         // Restore even when the run failed, so the next input starts clean.
-        let restored = self.vm.restore(&self.snapshot);
-        let execution = result?;
+        let restored = self.restore();
+        let mut execution = result?;
         restored?;
+        execution.new_blocks = new_blocks;
         Ok(execution)
     }
 
@@ -181,6 +281,19 @@ impl Executor {
             }
             _ => Some(self.vcpu.regs()?),
         };
-        Ok(Execution { exit, regs })
+        Ok(Execution {
+            exit,
+            regs,
+            new_blocks: Vec::new(),
+        })
+    }
+}
+
+impl Drop for Executor {
+    /// Takes the coverage patches out of the VM's memory.
+    fn drop(&mut self) {
+        if self.coverage.is_some() {
+            coverage::uninstall(&self.vm);
+        }
     }
 }

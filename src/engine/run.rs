@@ -11,6 +11,7 @@ use crate::engine::error::{Error, Result};
 use crate::engine::exit::{self, Data, Exit, IoRaw, RunExit};
 use crate::engine::gettid;
 use crate::engine::kick::{self, Timer};
+use crate::engine::lock;
 use crate::engine::vcpu::{fd_of, FdGuard, Last, PendingRead, VcpuCore};
 use crate::engine::vm::VmCore;
 
@@ -261,7 +262,15 @@ impl VcpuCore {
                 self.interrupted(guard, options)
             }
             Err(e) => Err(Error::ioctl("KVM_RUN", e)),
-            Ok(RunExit::Io(io)) => self.dispatch_io(guard, io),
+            Ok(RunExit::Io(io)) => {
+                let maybe_patch = io.is_write && io.size == 1 && io.count == 1;
+                if maybe_patch && lock(&self.vm.breakpoints).has_pio() {
+                    if let Some(trap) = self.pio_trap(&mut fd_of(guard)?.fd)? {
+                        return self.trap(guard, trap);
+                    }
+                }
+                self.dispatch_io(guard, io)
+            }
             Ok(RunExit::Other(exit)) => self.dispatch(guard, exit),
         }
     }

@@ -6,8 +6,9 @@ use std::time::Duration;
 
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
+use pyo3::types::PyBytes;
 
-use crate::engine::fuzz::{ArgReg, Config, Executor};
+use crate::engine::fuzz::{ArgReg, Config, CoverageConfig, Executor};
 use crate::engine::kick;
 use crate::py::args::{bytes_arg, Int};
 use crate::py::error::through_engine;
@@ -27,6 +28,12 @@ use crate::py::{exit, gil};
 /// `exception_stack_top` (`tables_addr + 0x7000` of `setup_long_mode(exceptions=True)`)
 /// lets a crash's registers show the guest's RAX and RDX, which the exception stubs save
 /// there.
+///
+/// `coverage` (guest-virtual block addresses, or None) turns on block coverage: a
+/// breakpoint patched at each block in the executor's own copy of `snapshot` (which
+/// itself never shows one); `coverage_mode` `"once"` takes a block's patch out on its
+/// first hit, for good (one exit per block per campaign), `"armed"` keeps it and counts
+/// every hit as an AFL edge; `map_size` (a power of two) is the AFL-style map's size.
 #[pyclass(module = "kvmpy._native", frozen)]
 pub struct FuzzExecutor {
     inner: Arc<Executor>,
@@ -50,7 +57,7 @@ fn arg_reg(name: Option<&str>, what: &str) -> PyResult<Option<ArgReg>> {
 #[pymethods]
 impl FuzzExecutor {
     #[new]
-    #[pyo3(signature = (vm, vcpu, snapshot, *, input_end, max_len, addr_reg=Some("rdi"), len_reg=Some("rsi"), timeout=1.0, exception_stack_top=None), text_signature = "(vm, vcpu, snapshot, *, input_end, max_len, addr_reg='rdi', len_reg='rsi', timeout=1.0, exception_stack_top=None)")]
+    #[pyo3(signature = (vm, vcpu, snapshot, *, input_end, max_len, addr_reg=Some("rdi"), len_reg=Some("rsi"), timeout=1.0, exception_stack_top=None, coverage=None, coverage_mode="once", map_size=Int(65536)), text_signature = "(vm, vcpu, snapshot, *, input_end, max_len, addr_reg='rdi', len_reg='rsi', timeout=1.0, exception_stack_top=None, coverage=None, coverage_mode='once', map_size=65536)")]
     #[allow(clippy::too_many_arguments)]
     fn new(
         vm: Py<Vm>,
@@ -62,7 +69,19 @@ impl FuzzExecutor {
         len_reg: Option<&str>,
         timeout: f64,
         exception_stack_top: Option<Int<u64>>,
+        coverage: Option<Vec<Int<u64>>>,
+        coverage_mode: &str,
+        map_size: Int<usize>,
     ) -> PyResult<Self> {
+        let armed = match coverage_mode {
+            "once" => false,
+            "armed" => true,
+            other => {
+                return Err(PyValueError::new_err(format!(
+                    "coverage_mode must be \"once\" or \"armed\", not {other:?}"
+                )))
+            }
+        };
         if !(timeout.is_finite() && timeout > 0.0 && timeout <= 1e9) {
             return Err(PyValueError::new_err(format!(
                 "timeout must be a number of seconds above 0 and at most 1e9, got {timeout}"
@@ -81,12 +100,20 @@ impl FuzzExecutor {
             timeout: Duration::from_secs_f64(timeout),
             exception_stack_top: exception_stack_top.map(|t| t.0),
         };
-        let inner = Executor::new(
+        let mut inner = Executor::new(
             core,
             Arc::clone(&vcpu.inner),
             Arc::clone(&snapshot.inner),
             config,
         )?;
+        if let Some(blocks) = coverage {
+            let cov = CoverageConfig {
+                blocks: blocks.into_iter().map(|b| b.0).collect(),
+                armed,
+                map_size: map_size.0,
+            };
+            inner = gil::released(py, || inner.with_coverage(&cov))?;
+        }
         Ok(FuzzExecutor {
             inner: Arc::new(inner),
             vcpu_id: vcpu.inner.id,
@@ -95,12 +122,17 @@ impl FuzzExecutor {
     }
 
     /// Runs one input (bytes-like, at most `max_len` bytes) and restores the snapshot.
-    /// Returns `(exit, regs)`: the exit that ended the run (`GuestExit` for the exit
-    /// port, `ExceptionExit`, `MmioExit` for an access with no RAM behind it, reason
-    /// `"timeout"`, ...) and, except after a clean exit, the registers when it ended (for
-    /// an exception, the faulting context's). Ctrl-C stops the run and raises
+    /// Returns `(exit, regs, new_blocks)`: the exit that ended the run (`GuestExit` for
+    /// the exit port, `ExceptionExit`, `MmioExit` for an access with no RAM behind it,
+    /// reason `"timeout"`, ...), except after a clean exit the registers when it ended
+    /// (for an exception, the faulting context's), and the blocks this run covered for
+    /// the first time (empty without coverage). Ctrl-C stops the run and raises
     /// `KeyboardInterrupt`.
-    fn run(&self, py: Python<'_>, data: &Bound<'_, PyAny>) -> PyResult<(Py<PyAny>, Option<Regs>)> {
+    fn run(
+        &self,
+        py: Python<'_>,
+        data: &Bound<'_, PyAny>,
+    ) -> PyResult<(Py<PyAny>, Option<Regs>, Vec<u64>)> {
         let data = bytes_arg(data)?;
         kick::block_in_this_thread(kick::signal()?)?;
         let ctrl_c = CtrlC::hold();
@@ -112,7 +144,40 @@ impl FuzzExecutor {
         let data: &[u8] = &data;
         let execution = gil::released(py, || inner.run(data, Some(&on_signal)))?;
         let obj = exit::to_python(py, &execution.exit, self.vcpu_id)?;
-        Ok((obj, execution.regs.as_ref().map(Regs::from_kvm)))
+        Ok((
+            obj,
+            execution.regs.as_ref().map(Regs::from_kvm),
+            execution.new_blocks,
+        ))
+    }
+
+    /// The AFL-style coverage map (`map_size` bytes; None without coverage): in "once"
+    /// mode, 1 at `hash(block) & (map_size - 1)` for each block covered so far; in
+    /// "armed" mode, the last run's edge hit counts.
+    #[getter]
+    fn coverage_map<'py>(&self, py: Python<'py>) -> Option<Bound<'py, PyBytes>> {
+        self.inner.coverage_map().map(|m| PyBytes::new(py, &m))
+    }
+
+    /// How many blocks have been covered (hit at least once) since coverage began.
+    #[getter]
+    fn blocks_covered(&self) -> usize {
+        self.inner.blocks_covered()
+    }
+
+    /// How many blocks are patched for coverage (0 without coverage).
+    #[getter]
+    fn coverage_blocks(&self) -> usize {
+        self.inner.coverage.as_ref().map_or(0, |c| c.blocks)
+    }
+
+    /// How coverage breakpoints reach kvmpy on this host and target (None without
+    /// coverage): `"kvm"` (`int3`, intercepted by KVM), `"port-io"` (`out dx, al`: an
+    /// exit straight from user mode with IOPL=3 or ring 0) or `"exception-stubs"`
+    /// (`int3` through kvmpy's exception stubs).
+    #[getter]
+    fn coverage_mechanism(&self) -> Option<&'static str> {
+        self.inner.coverage.as_ref().map(|c| c.mechanism.as_str())
     }
 
     /// The longest input `run()` accepts.

@@ -186,13 +186,18 @@ pub fn kick_signal() -> PyResult<i32> {
 /// small test VM): `mechanism` (`"kvm"`: KVM_EXIT_DEBUG; `"exception-stubs"`: #BP/#DB
 /// through kvmpy's exception stubs; `KVMPY_DEBUG_MECHANISM` picks one instead),
 /// `sw_breakpoints`, `single_step`, `hw_breakpoints`, `watchpoints` (whether KVM
-/// intercepts each).
+/// intercepts each), and `coverage`: how fuzzing coverage breakpoints reach kvmpy in its
+/// user mode (`"kvm"`: `int3` intercepted; `"port-io"`: a one-byte `out dx, al` patch,
+/// an exit straight from CPL3).
 #[pyfunction]
 #[pyo3(name = "_debug_support")]
 pub fn debug_support(py: Python<'_>) -> PyResult<Bound<'_, pyo3::types::PyDict>> {
     let host = crate::engine::debug::host()?;
     let d = pyo3::types::PyDict::new(py);
-    d.set_item("mechanism", crate::engine::debug::mechanism()?.as_str())?;
+    let mechanism = crate::engine::debug::mechanism()?;
+    d.set_item("mechanism", mechanism.as_str())?;
+    let coverage = crate::engine::coverage::Mechanism::choose(mechanism, 3, 3);
+    d.set_item("coverage", coverage.as_str())?;
     d.set_item("sw_breakpoints", host.sw_breakpoints)?;
     d.set_item("single_step", host.single_step)?;
     d.set_item("hw_breakpoints", host.hw_breakpoints)?;

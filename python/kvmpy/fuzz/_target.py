@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import struct
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from kvmpy._native import (
@@ -18,6 +18,7 @@ from kvmpy._native import (
     Vcpu,
     Vm,
     _disassemble,
+    _find_blocks,
 )
 from kvmpy.explain import EXCEPTION_NAMES, symbolize
 
@@ -33,6 +34,7 @@ _RETURN_STUB = b"\xe7\xf4\xeb\xfe"  # out 0xf4, eax ; jmp $
 _PF_W, _PF_X = 2, 1
 
 OUTCOME_KINDS = ("ok", "crash", "timeout", "unmapped", "shutdown", "internal_error", "other")
+COVERAGE_MODES = ("once", "armed")
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,10 @@ class Outcome:
       complete the access before reporting it, the next one;
     - ``"shutdown"``, ``"internal_error"``, or ``"other"`` (an exit nobody handles, such
       as port I/O to a port with no device; ``reason`` says which).
+
+    With coverage, ``new_coverage`` holds the blocks this input covered first (sorted
+    addresses; a tuple, empty when it found nothing new). It is left out of comparisons:
+    the same input run again finds nothing new.
     """
 
     kind: str
@@ -66,6 +72,7 @@ class Outcome:
     instruction: str | None = None
     location: str = ""
     regs: Regs | None = field(default=None, compare=False)
+    new_coverage: tuple[int, ...] = field(default=(), compare=False)
 
     @property
     def is_crash(self) -> bool:
@@ -147,6 +154,61 @@ def _elf_segments(image: bytes) -> list[_Segment]:
     return out
 
 
+def _code_blocks(
+    vm: Vm,
+    segments: list[_Segment],
+    symbols: Mapping[str, int],
+    roots: Iterable[int],
+    coverage: str | Iterable[str | int],
+) -> list[int]:
+    """Block starts for ``from_elf(coverage=...)``: ``"disasm"`` (recursive descent from
+    every symbol in the code and ``roots``), ``"symbols"`` (the symbols in the code), or
+    addresses and symbol names, checked to lie in the code at instruction starts."""
+    code = [s for s in segments if s.flags & _PF_X]
+
+    def segment_of(addr: int) -> _Segment | None:
+        return next((s for s in code if s.gpa <= addr < s.gpa + s.size), None)
+
+    starts = {a for a in [*symbols.values(), *roots] if segment_of(a) is not None}
+    if coverage == "symbols":
+        return sorted(starts)
+    wanted: list[int] = []
+    if coverage != "disasm":
+        if isinstance(coverage, (str, bytes)):
+            raise ValueError(
+                f'coverage must be "disasm", "symbols", a list of addresses or symbol names, '
+                f"or None, not {coverage!r}"
+            )
+        for item in coverage:
+            if isinstance(item, str):
+                if item not in symbols:
+                    raise ValueError(f"coverage block {item!r} is not a symbol of the target")
+                wanted.append(symbols[item])
+            elif isinstance(item, int) and not isinstance(item, bool) and item >= 0:
+                wanted.append(item)
+            else:
+                raise TypeError(f"a coverage block is an address or a symbol name, not {item!r}")
+        spans = ", ".join(f"{s.gpa:#x}..{s.gpa + s.size:#x}" for s in code)
+        for addr in wanted:
+            if segment_of(addr) is None:
+                raise ValueError(
+                    f"coverage block {addr:#x} is outside the target's code (its executable "
+                    f"segments: {spans})"
+                )
+    found: set[int] = set()
+    for seg in code:
+        roots_here = sorted(a for a in starts if seg.gpa <= a < seg.gpa + seg.size)
+        check = [a for a in wanted if seg.gpa <= a < seg.gpa + seg.size]
+        blocks, _, bad = _find_blocks(vm.read(seg.gpa, seg.size), seg.gpa, roots_here, check)
+        if bad:
+            raise ValueError(
+                f"coverage block {bad[0]:#x} is not at the start of an instruction (it lies "
+                "inside one that the disassembly of the target's code decoded)"
+            )
+        found.update(blocks)
+    return sorted(found) if coverage == "disasm" else sorted(set(wanted))
+
+
 def _round_up(value: int, to: int) -> int:
     return (value + to - 1) // to * to
 
@@ -166,6 +228,17 @@ class Target:
     (symbol names or addresses) count as a crash when reached; they are patched into the
     VM's memory and a fresh snapshot is taken. ``symbols`` (name -> address) name the
     places in reports.
+
+    ``coverage`` (block addresses, guest-virtual) turns on block coverage, with a
+    breakpoint patched at each block start (see :meth:`from_elf` for finding them):
+    ``coverage_mode="once"`` takes a block's breakpoint out on its first hit, in memory
+    and in the clean image restores use, so each block costs one exit for the whole
+    campaign; ``"armed"`` keeps them and counts every hit (AFL edge hit counts, two exits
+    per hit). ``coverage_map`` is the AFL-style map (``map_size`` bytes, a power of
+    two), ``blocks_covered`` how many blocks were hit, ``coverage_blocks`` how many are
+    patched, ``coverage_mechanism`` how the breakpoints reach kvmpy on this host
+    (``"kvm"``, ``"port-io"`` or ``"exception-stubs"``). ``snapshot`` never holds a
+    breakpoint byte, and neither does what ``vm.read`` shows.
     """
 
     def __init__(
@@ -182,9 +255,18 @@ class Target:
         symbols: Mapping[str, int] | None = None,
         crash_hooks: Iterable[str | int] = (),
         exception_stack_top: int | None = None,
+        coverage: Iterable[str | int] | None = None,
+        coverage_mode: str = "once",
+        map_size: int = 65536,
     ) -> None:
         if not isinstance(max_len, int) or isinstance(max_len, bool) or max_len < 0:
             raise ValueError(f"max_len must be a non-negative int, got {max_len!r}")
+        if coverage_mode not in COVERAGE_MODES:
+            raise ValueError(f'coverage_mode must be "once" or "armed", not {coverage_mode!r}')
+        if isinstance(map_size, bool) or not isinstance(map_size, int):
+            raise TypeError(f"map_size must be an int, got {map_size!r}")
+        if map_size <= 0 or map_size & (map_size - 1):
+            raise ValueError(f"map_size must be a power of two, not {map_size}")
         self.vm = vm
         self.cpu = cpu
         self.symbols: dict[str, int] = dict(symbols or {})
@@ -201,6 +283,14 @@ class Target:
         self.max_len = max_len
         self.input_end = input_end
         self.timeout_ms = timeout_ms
+        blocks = None
+        if coverage is not None:
+            if isinstance(coverage, (str, bytes)):
+                raise TypeError(
+                    "coverage must be block addresses or symbol names (an iterable), "
+                    f"got {coverage!r}"
+                )
+            blocks = sorted({self._address(b, "coverage block") for b in coverage})
         self._executor = FuzzExecutor(
             vm,
             cpu,
@@ -211,7 +301,35 @@ class Target:
             len_reg=length_arg,
             timeout=timeout_ms / 1000,
             exception_stack_top=exception_stack_top,
+            coverage=blocks,
+            coverage_mode=coverage_mode,
+            map_size=map_size,
         )
+
+    @property
+    def coverage_map(self) -> bytes | None:
+        """The AFL-style coverage map (None without coverage): in ``"once"`` mode 1 (or
+        more, where blocks share a slot) at ``hash(block) & (map_size - 1)`` for every
+        block covered so far; in ``"armed"`` mode the last run's edge hit counts."""
+        return self._executor.coverage_map
+
+    @property
+    def blocks_covered(self) -> int:
+        """How many blocks have been hit since coverage began (0 without coverage)."""
+        return self._executor.blocks_covered
+
+    @property
+    def coverage_blocks(self) -> int:
+        """How many blocks are patched for coverage (0 without coverage)."""
+        return self._executor.coverage_blocks
+
+    @property
+    def coverage_mechanism(self) -> str | None:
+        """How coverage breakpoints reach kvmpy: ``"kvm"`` (``int3`` that KVM
+        intercepts), ``"port-io"`` (a one-byte ``out dx, al`` patch: an exit straight from
+        user mode), ``"exception-stubs"`` (``int3`` through kvmpy's exception stubs), or
+        None without coverage."""
+        return self._executor.coverage_mechanism
 
     def _address(self, where: str | int, what: str) -> int:
         if isinstance(where, str):
@@ -238,6 +356,9 @@ class Target:
         crash_hooks: Iterable[str | int] = (),
         stack_size: int = 0x10000,
         extra_memory: Iterable[tuple[int, int, str]] = (),
+        coverage: str | Iterable[str | int] | None = None,
+        coverage_mode: str = "once",
+        map_size: int = 65536,
     ) -> Target:
         """A target that calls the function ``entry`` (a symbol or an address) of the
         64-bit guest ELF at ``path`` (a kvmpy C guest, or any static executable that runs
@@ -256,6 +377,12 @@ class Target:
         ``extra_memory`` maps more for the guest: ``(address, size, permissions)`` with
         permissions made of ``"r"``, ``"w"``, ``"x"`` (a heap arena, a buffer the target
         expects at a fixed address); RAM is added to cover it, zero-filled.
+
+        ``coverage`` turns on block coverage (see :class:`Target`) with blocks from
+        ``"disasm"`` (recursive-descent disassembly of the ELF's executable segments from
+        ``entry``, the ELF entry point and every symbol in them), ``"symbols"`` (the
+        symbols in the code: function-level coverage) or a list of addresses and symbol
+        names (each must lie in the code, at an instruction start).
         """
         image = Path(path).read_bytes()
         segments = _elf_segments(image)
@@ -295,6 +422,10 @@ class Target:
             cpu = vm.create_vcpu()
             cpu.setup_long_mode(user=True, exceptions=True, tables_addr=TABLES, user_map=user_map)
             rip = target_symbols[entry] if isinstance(entry, str) else entry
+            blocks = None
+            if coverage is not None:
+                roots = [rip, loaded.entry]
+                blocks = _code_blocks(vm, segments, target_symbols, roots, coverage)
             vm.write(stack_top - 8, stub.to_bytes(8, "little"))
             cpu.set_regs(rip=rip, rsp=stack_top - 8, rbp=0)
             return cls(
@@ -309,6 +440,9 @@ class Target:
                 symbols=target_symbols,
                 crash_hooks=crash_hooks,
                 exception_stack_top=TABLES + 0x7000,
+                coverage=blocks,
+                coverage_mode=coverage_mode,
+                map_size=map_size,
             )
         except BaseException:
             vm.close()
@@ -317,8 +451,11 @@ class Target:
     def run(self, data: bytes | bytearray | memoryview) -> Outcome:
         """Runs one input (at most ``max_len`` bytes, else ``ValueError``) from the
         snapshot, classifies how it ended and restores the snapshot."""
-        exit, regs = self._executor.run(data)
-        return self._classify(exit, regs)
+        exit, regs, new = self._executor.run(data)
+        outcome = self._classify(exit, regs)
+        if new:
+            return replace(outcome, new_coverage=tuple(sorted(new)))
+        return outcome
 
     def _instruction(self, rip: int) -> str | None:
         try:

@@ -5,6 +5,7 @@
 //! Everything here is pure (bytes and register values); the callers write the bytes into
 //! guest memory and the registers into the vCPU.
 
+pub mod blocks;
 pub mod disasm;
 pub mod fuzzmap;
 pub mod gdt;
