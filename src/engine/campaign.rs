@@ -30,7 +30,11 @@ use libafl::state::{HasCorpus, HasExecutions, HasMaxSize, HasSolutions, StdState
 use libafl_bolts::rands::StdRand;
 use libafl_bolts::tuples::tuple_list;
 
+use crate::engine::coverage::block_hash;
 use crate::engine::error::{Error, Result};
+use crate::engine::exit::Exit;
+use crate::engine::fuzz::Executor as FuzzExecutor;
+use crate::engine::lock;
 
 /// How one execution ended, as the fuzzing loop needs to know it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -449,6 +453,86 @@ fn settle(
         return Err(e);
     }
     result.map_err(libafl_error)
+}
+
+/// A fuzzing [`FuzzExecutor`] as a campaign's harness: each input is one
+/// `FuzzExecutor::run` (write, run, restore). With one-shot coverage a block shows up in
+/// exactly one execution of the whole campaign, so the map gives each block its own
+/// entry in the order they are found: a map as small as the block count, which the
+/// feedback scans after every execution (an AFL-sized map would cost microseconds per
+/// execution for nothing). With armed coverage the map is the executor's edge counts.
+pub struct ExecutorHarness<'a> {
+    pub executor: &'a FuzzExecutor,
+    /// Called when `KVM_RUN` was interrupted by a signal that was not a kick.
+    pub on_signal: Option<&'a dyn Fn() -> Result<()>>,
+    /// Blocks given a map entry so far (one-shot coverage).
+    found: usize,
+}
+
+impl<'a> ExecutorHarness<'a> {
+    pub fn new(executor: &'a FuzzExecutor, on_signal: Option<&'a dyn Fn() -> Result<()>>) -> Self {
+        ExecutorHarness {
+            executor,
+            on_signal,
+            found: 0,
+        }
+    }
+
+    /// The map size a campaign over `executor` needs.
+    pub fn map_size(executor: &FuzzExecutor) -> usize {
+        let cov = lock(&executor.vm.breakpoints);
+        match cov.coverage.as_ref() {
+            Some(c) if c.armed => c.map.len(),
+            _ => {
+                let blocks = executor.coverage.as_ref().map_or(0, |c| c.blocks);
+                blocks.max(64).next_power_of_two()
+            }
+        }
+    }
+}
+
+impl Harness for ExecutorHarness<'_> {
+    fn run(&mut self, input: &[u8], map: &mut [u8]) -> Result<Verdict> {
+        let execution = self.executor.run(input, self.on_signal)?;
+        match lock(&self.executor.vm.breakpoints).coverage.as_ref() {
+            Some(cov) if cov.armed && cov.map.len() == map.len() => map.copy_from_slice(&cov.map),
+            _ => {
+                for _ in &execution.new_blocks {
+                    // Blocks beyond the map (none, with `map_size()`) share its last entry.
+                    let at = self.found.min(map.len() - 1);
+                    map[at] = 1;
+                    self.found += 1;
+                }
+            }
+        }
+        let rip = execution.regs.as_ref().map_or(0, |r| r.rip);
+        Ok(verdict(&execution.exit, rip))
+    }
+
+    fn covered(&self) -> usize {
+        self.executor.blocks_covered()
+    }
+}
+
+/// How the fuzzing loop sees an exit of a fuzz run (`rip`: where the run ended). The
+/// crash buckets follow the face's triage: (kind, vector, rip).
+pub fn verdict(exit: &Exit, rip: u64) -> Verdict {
+    let bucket = |kind: u64, vector: u64, rip: u64| {
+        block_hash(kind.wrapping_mul(0x1_0000_0001) ^ block_hash(vector ^ block_hash(rip)))
+    };
+    match exit {
+        Exit::Guest { .. } | Exit::Stopped => Verdict::Ok,
+        Exit::Timeout => Verdict::Timeout,
+        Exit::Exception { vector, rip, .. } => Verdict::Crash {
+            bucket: bucket(1, *vector, *rip),
+        },
+        Exit::Mmio { .. } => Verdict::Crash {
+            bucket: bucket(2, 0, rip),
+        },
+        other => Verdict::Crash {
+            bucket: bucket(3 + other.reason() as u64, 0, rip),
+        },
+    }
 }
 
 #[cfg(test)]
