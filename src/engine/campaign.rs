@@ -363,6 +363,13 @@ impl Campaign {
             settle(&book, r.map(|_| ()), findings)?;
             drop_solutions(&mut state)?;
         }
+        if state.corpus().count() == 0 {
+            return Err(Error::Value(format!(
+                "every seed crashed or timed out ({} of them): the fuzzer needs at least one \
+                 that runs clean to mutate",
+                self.seeds.len().max(1)
+            )));
+        }
         let mut corpus_seen = 0;
         let mut next_poll = Instant::now();
         loop {
@@ -702,6 +709,20 @@ mod tests {
         assert_eq!(stats.imported, published as u64);
         assert!(stats.covered >= 3, "{stats:?}");
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_campaign_whose_seeds_all_crash_says_so() {
+        let mut harness = Prefix {
+            covered: HashSet::new(),
+        };
+        let err = Campaign::new(options(100), vec![b"KV!".to_vec(), b"SLOW".to_vec()])
+            .unwrap()
+            .run(&mut harness, &mut Found::default())
+            .unwrap_err();
+        assert!(err
+            .to_string()
+            .contains("every seed crashed or timed out (2 of them)"));
     }
 
     #[test]
