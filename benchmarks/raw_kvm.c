@@ -19,6 +19,15 @@
  *                                    written, KVM_GET_DIRTY_LOG, copy the dirty pages back
  *                                    from a clean copy; with F=1 also KVM_SET_XSAVE), answers
  *                                    one JSON line
+ *   raw_kvm fuzz    IMAGE.bin ENTRY  a kvmpy fuzz target's flat image (objcopy -O binary of
+ *                                    its ELF, linked at 0x100000) with dirty logging, kept
+ *                                    for many runs: reads "HEXINPUT K" from each stdin line
+ *                                    and does K fuzzing iterations with that input (write
+ *                                    it, registers through kvm_run's sync area: ENTRY with
+ *                                    RDI = input, RSI = length and a return address whose
+ *                                    code is OUT to 0xF4; run to that OUT;
+ *                                    KVM_GET_DIRTY_LOG; copy the dirty pages back), answers
+ *                                    one JSON line
  *
  * The VM setup, shared with cext_exit.c, is in raw_kvm.h: kvmpy's
  * `setup_long_mode(user=True)` (GDT at 0x1000, TSS with a full I/O permission bitmap at
@@ -273,6 +282,96 @@ static void mode_reset(const char *bin, uint64_t mib) {
     vm_destroy(&v);
 }
 
+/* The fuzz-execution floor: restore, write the input and run, nothing else. */
+#define FUZZ_IMAGE 0x100000u
+#define FUZZ_RET 0x1f0000u      /* out 0xf4, al */
+#define FUZZ_STACK 0x1e0000u    /* grows down */
+#define FUZZ_INPUT_END 0x1f8000u
+
+static void mode_fuzz(const char *image, uint64_t entry) {
+    vm_t v;
+    vcpu_t c;
+    vm_create(&v, GUEST_MEM);
+    FILE *f = fopen(image, "rb");
+    if (!f) DIE("open %s", image);
+    size_t got = fread(v.mem + FUZZ_IMAGE, 1, FUZZ_RET - FUZZ_IMAGE, f);
+    fclose(f);
+    if (got == 0) DIE("empty image %s", image);
+    v.mem[FUZZ_RET] = 0xe6;
+    v.mem[FUZZ_RET + 1] = PORT_EXIT;
+    memcpy(v.mem + FUZZ_STACK - 8, &(uint64_t){FUZZ_RET}, 8);
+    write_tables(&v);
+    vcpu_create(&v, &c, 0);
+    setup_long(&c, 0);
+    struct kvm_userspace_memory_region r = {.slot = 0, .flags = KVM_MEM_LOG_DIRTY_PAGES,
+                                            .guest_phys_addr = 0, .memory_size = v.memsz,
+                                            .userspace_addr = (uint64_t)v.mem};
+    if (ioctl(v.vm, KVM_SET_USER_MEMORY_REGION, &r) < 0) DIE("KVM_SET_USER_MEMORY_REGION");
+    size_t words = (v.memsz / 4096 + 63) / 64;
+    uint64_t *bitmap = calloc(words, 8);
+    uint8_t *clean = malloc(v.memsz);
+    if (!bitmap || !clean) DIE("allocate the clean copy");
+    memcpy(clean, v.mem, v.memsz);
+    struct kvm_dirty_log log = {.slot = 0, .dirty_bitmap = bitmap};
+    if (ioctl(v.vm, KVM_GET_DIRTY_LOG, &log) < 0) DIE("KVM_GET_DIRTY_LOG");
+    struct kvm_regs regs;
+    if (ioctl(c.fd, KVM_GET_REGS, &regs) < 0) DIE("KVM_GET_REGS");
+    c.run->kvm_valid_regs = KVM_SYNC_X86_REGS;
+    static char line[1 << 16];
+    uint8_t input[(sizeof line) / 2];
+    while (fgets(line, sizeof line, stdin)) {
+        char *space = strchr(line, ' ');
+        if (!space) {
+            errno = EINVAL;
+            DIE("expected 'HEXINPUT K'");
+        }
+        size_t len = (size_t)(space - line) / 2;
+        for (size_t i = 0; i < len; i++) {
+            unsigned byte;
+            if (sscanf(line + 2 * i, "%2x", &byte) != 1) {
+                errno = EINVAL;
+                DIE("bad hex input");
+            }
+            input[i] = (uint8_t)byte;
+        }
+        unsigned long long k = strtoull(space + 1, NULL, 10), copied = 0;
+        regs.rip = entry;
+        regs.rdi = FUZZ_INPUT_END - len;
+        regs.rsi = len;
+        regs.rsp = FUZZ_STACK - 8;
+        regs.rflags = 0x3002;
+        double t0 = now();
+        for (uint64_t i = 0; i < k; i++) {
+            memcpy(v.mem + FUZZ_INPUT_END - len, input, len);
+            c.run->s.regs.regs = regs;
+            c.run->kvm_dirty_regs = KVM_SYNC_X86_REGS;
+            int e = kvm_run(&c);
+            if (e != KVM_EXIT_IO || c.run->io.port != PORT_EXIT) {
+                errno = 0;
+                DIE("unexpected exit %d", e);
+            }
+            if (ioctl(v.vm, KVM_GET_DIRTY_LOG, &log) < 0) DIE("KVM_GET_DIRTY_LOG");
+            for (size_t w = 0; w < words; w++) {
+                uint64_t bits = bitmap[w];
+                while (bits) {
+                    size_t p = w * 64 + (size_t)__builtin_ctzll(bits);
+                    memcpy(v.mem + p * 4096, clean + p * 4096, 4096);
+                    bits &= bits - 1;
+                    copied++;
+                }
+            }
+        }
+        double dt = now() - t0;
+        printf("{\"mode\": \"fuzz\", \"len\": %zu, \"k\": %llu, \"pages\": %llu, "
+               "\"seconds\": %.9f}\n", len, k, copied, dt);
+        fflush(stdout);
+    }
+    free(clean);
+    free(bitmap);
+    vcpu_destroy(&c);
+    vm_destroy(&v);
+}
+
 typedef struct {
     vcpu_t c;
     pthread_barrier_t *start;
@@ -327,7 +426,8 @@ static void mode_multi(const char *bin, uint64_t n, int threads) {
 int main(int argc, char **argv) {
     if (argc < 3) {
         fprintf(stderr, "usage: raw_kvm compute GUEST.bin N | native|regs N | create N [MAPS] | "
-                        "multi GUEST.bin N THREADS | serve GUEST.bin | reset GUEST.bin MIB\n");
+                        "multi GUEST.bin N THREADS | serve GUEST.bin | reset GUEST.bin MIB | "
+                        "fuzz IMAGE.bin ENTRY\n");
         return 2;
     }
     const char *mode = argv[1];
@@ -342,6 +442,7 @@ int main(int argc, char **argv) {
     else if (!strcmp(mode, "regs") && argc == 3) mode_regs(parse_u64(argv[2]));
     else if (!strcmp(mode, "serve") && argc == 3) mode_serve(argv[2]);
     else if (!strcmp(mode, "reset") && argc == 4) mode_reset(argv[2], parse_u64(argv[3]));
+    else if (!strcmp(mode, "fuzz") && argc == 4) mode_fuzz(argv[2], parse_u64(argv[3]));
     else if (!strcmp(mode, "multi") && argc == 5)
         mode_multi(argv[2], parse_u64(argv[3]), (int)parse_u64(argv[4]));
     else {

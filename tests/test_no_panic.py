@@ -204,3 +204,39 @@ def test_coverage_arguments_survive_every_wrong_value() -> None:
                     del ex
                 except Exception:
                     pass
+
+
+def test_campaign_arguments_survive_every_wrong_value() -> None:
+    from kvmpy._native import FuzzExecutor
+
+    vm, cpu = fresh()
+    with vm:
+        vm.add_exit_port(0xF4)
+        snap = vm.snapshot()
+        ex = FuzzExecutor(vm, cpu, snap, input_end=0x9000, max_len=8, timeout=0.01)
+        base: dict[str, Any] = {"executions": 3}
+        for name in (
+            "seeds",
+            "seed",
+            "executions",
+            "duration",
+            "sync_dir",
+            "worker",
+            "on_crash",
+            "on_timeout",
+            "on_status",
+            "status_every",
+        ):
+            for value in HOSTILE:
+                # Every campaign is bounded: by 3 executions, or 0.05 s where those vary.
+                kwargs = dict(base, **{name: value})
+                if name == "executions":
+                    kwargs["duration"] = 0.05
+                try:
+                    ex.fuzz(**kwargs)
+                except Exception:
+                    pass
+        # Still usable; this guest's every run ends in HLT, which the fuzzer counts as a
+        # crash, and a campaign needs a seed that runs clean.
+        with pytest.raises(ValueError, match="every seed crashed or timed out"):
+            ex.fuzz([b"\x00"], executions=2)

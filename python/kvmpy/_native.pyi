@@ -1,7 +1,7 @@
 """Type stubs of kvmpy's native core (``kvmpy._native``)."""
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Literal, TypeVar, final, overload
 
 from typing_extensions import disjoint_base
@@ -236,6 +236,35 @@ class FuzzExecutor:
     @property
     def max_len(self) -> int:
         """The longest input `run()` accepts."""
+    def fuzz(
+        self,
+        seeds: Sequence[_BytesLike] = (),
+        *,
+        seed: int = 0,
+        executions: int | None = None,
+        duration: float | None = None,
+        sync_dir: str | os.PathLike[str] | None = None,
+        worker: str = "w0",
+        on_crash: Callable[[bytes], object] | None = None,
+        on_timeout: Callable[[bytes], object] | None = None,
+        on_status: Callable[[dict[str, float]], bool | None] | None = None,
+        status_every: float = 0.5,
+    ) -> dict[str, float]:
+        """Fuzzes with LibAFL's mutations and this executor's coverage map as feedback (the
+        loop runs with the GIL released), starting from `seeds` (bytes-like; none: one
+        empty input), until `executions` inputs ran, `duration` seconds passed, or
+        `on_status` returned False. `seed` makes the campaign reproducible.
+
+        `on_crash(input)` is called for an input in a new crash bucket (its exception
+        vector and rip, or its other kind of end) or a shorter one for a known bucket;
+        `on_timeout(input)` for a timeout shorter than those before. `on_status(stats)`
+        is called about every `status_every` seconds. With `sync_dir`, the inputs that
+        grew the corpus are written there as `<worker>-<n>` and other workers' files in
+        it are read, so that several processes share one corpus. Returns the final stats:
+        a dict with `executions`, `corpus`, `blocks_covered`, `crash_buckets`, `crashes`,
+        `timeouts`, `last_new_coverage`, `imported` and `seconds`. Ctrl-C stops it with
+        `KeyboardInterrupt`.
+        """
 
 @final
 class Snapshot:

@@ -4,6 +4,7 @@
 
 pub mod breakpoints;
 pub mod bus;
+pub mod campaign;
 pub mod complete;
 pub mod coverage;
 pub mod debug;

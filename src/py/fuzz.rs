@@ -17,7 +17,7 @@ use crate::py::regs::Regs;
 use crate::py::snapshot::Snapshot;
 use crate::py::vcpu::Vcpu;
 use crate::py::vm::Vm;
-use crate::py::{exit, gil};
+use crate::py::{campaign, exit, gil};
 
 /// Runs inputs on `vcpu` of `vm`, restoring `snapshot` after each. The low-level loop
 /// under `kvmpy.fuzz.Target`; most programs use that instead.
@@ -184,5 +184,60 @@ impl FuzzExecutor {
     #[getter]
     fn max_len(&self) -> usize {
         self.inner.config.max_len
+    }
+
+    /// Fuzzes with LibAFL's mutations and this executor's coverage map as feedback (the
+    /// loop runs with the GIL released), starting from `seeds` (bytes-like; none: one
+    /// empty input), until `executions` inputs ran, `duration` seconds passed, or
+    /// `on_status` returned False. `seed` makes the campaign reproducible.
+    ///
+    /// `on_crash(input)` is called for an input in a new crash bucket (its exception
+    /// vector and rip, or its other kind of end) or a shorter one for a known bucket;
+    /// `on_timeout(input)` for a timeout shorter than those before. `on_status(stats)`
+    /// is called about every `status_every` seconds. With `sync_dir`, the inputs that
+    /// grew the corpus are written there as `<worker>-<n>` and other workers' files in
+    /// it are read, so that several processes share one corpus. Returns the final stats:
+    /// a dict with `executions`, `corpus`, `blocks_covered`, `crash_buckets`, `crashes`,
+    /// `timeouts`, `last_new_coverage`, `imported` and `seconds`. Ctrl-C stops it with
+    /// `KeyboardInterrupt`.
+    #[pyo3(signature = (seeds=Vec::new(), *, seed=Int(0), executions=None, duration=None, sync_dir=None, worker="w0".to_string(), on_crash=None, on_timeout=None, on_status=None, status_every=0.5), text_signature = "($self, seeds=(), *, seed=0, executions=None, duration=None, sync_dir=None, worker='w0', on_crash=None, on_timeout=None, on_status=None, status_every=0.5)")]
+    #[allow(clippy::too_many_arguments)]
+    fn fuzz<'py>(
+        &self,
+        py: Python<'py>,
+        seeds: Vec<Bound<'py, PyAny>>,
+        seed: Int<u64>,
+        executions: Option<Int<u64>>,
+        duration: Option<f64>,
+        sync_dir: Option<std::path::PathBuf>,
+        worker: String,
+        on_crash: Option<Py<PyAny>>,
+        on_timeout: Option<Py<PyAny>>,
+        on_status: Option<Py<PyAny>>,
+        status_every: f64,
+    ) -> PyResult<Bound<'py, pyo3::types::PyDict>> {
+        let seeds = seeds
+            .iter()
+            .map(|s| bytes_arg(s).map(|b| b.to_vec()))
+            .collect::<PyResult<Vec<_>>>()?;
+        kick::block_in_this_thread(kick::signal()?)?;
+        let ctrl_c = CtrlC::hold();
+        campaign::fuzz(
+            py,
+            &self.inner,
+            &ctrl_c,
+            campaign::Request {
+                seeds,
+                seed: seed.0,
+                executions: executions.map(|e| e.0),
+                duration,
+                sync_dir,
+                worker,
+                status_every,
+                on_crash,
+                on_timeout,
+                on_status,
+            },
+        )
     }
 }

@@ -2,6 +2,7 @@
 //! devices that call Python, and the GIL helpers live here; the engine never sees Python.
 
 pub mod args;
+pub mod campaign;
 pub mod devices;
 pub mod disasm;
 pub mod error;

@@ -10,7 +10,19 @@ outcome = target.run(b"BUG!")        # Outcome(kind="crash", name="#PF", rip=...
 """
 
 from kvmpy.fuzz._cli import load_harness, main
+from kvmpy.fuzz._fuzzer import Fuzzer, FuzzStats, read_corpus
 from kvmpy.fuzz._target import OUTCOME_KINDS, Outcome, Target
 from kvmpy.fuzz._triage import Bucket, Triage
 
-__all__ = ["OUTCOME_KINDS", "Bucket", "Outcome", "Target", "Triage", "load_harness", "main"]
+__all__ = [
+    "OUTCOME_KINDS",
+    "Bucket",
+    "FuzzStats",
+    "Fuzzer",
+    "Outcome",
+    "Target",
+    "Triage",
+    "load_harness",
+    "main",
+    "read_corpus",
+]
