@@ -9,6 +9,7 @@ pub mod debug;
 pub mod error;
 pub mod exit;
 pub mod fuzz;
+pub mod gdb;
 pub mod internal_error;
 pub mod kick;
 pub mod kvm;
