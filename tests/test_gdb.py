@@ -165,7 +165,6 @@ def test_gdb_breaks_steps_and_watches_what_the_guest_does(elf: Path) -> None:
                 "stepi",
                 "info registers rip",
                 "next",
-                "set can-use-hw-watchpoints 0",
                 "watch counter",
                 "continue",
                 "print counter",
@@ -179,13 +178,32 @@ def test_gdb_breaks_steps_and_watches_what_the_guest_does(elf: Path) -> None:
         rips = [int(v, 16) for v in re.findall(r"^rip\s+(0x[0-9a-f]+)", out, re.MULTILINE)]
         assert rips[0] == int(listed[1], 16), out
         assert f"{line_of('total = bump(i)')}\t        total = bump(i);" in out, out
-        assert "Old value = 0\nNew value = 1" in out, out
+        assert re.search(r"Hardware watchpoint \d+: counter\n\nOld value = 0\nNew value = 1\n", out)
         assert f"bump (by=1) at gdb_counter.c:{line_of('return counter')}" in out, out
         assert "$1 = 1" in out, out
-        # The guest is stopped where gdb left it, and runs on from Python.
+        # The guest is stopped where gdb left it.
         assert cpu.regs.rip == rips[1]
         assert symbols["bump"] <= rips[1] < symbols["main"]
         assert struct.unpack("<Q", cpu.read_virtual(symbols["counter"], 8)) == (1,)
+
+        # Session 3: read watchpoints are refused; gdb's own software watchpoints work.
+        with vm.gdb_server() as server:
+            out = gdb(
+                elf,
+                server.port,
+                "rwatch counter",
+                "continue",
+                "delete",
+                "set can-use-hw-watchpoints 0",
+                "watch counter",
+                "continue",
+                "detach",
+            )
+            assert server.wait(60), out
+        assert re.search(r"Could not insert hardware watchpoint \d+", out), out
+        assert re.search(r"\nWatchpoint \d+: counter\n\nOld value = 1\nNew value = 3\n", out), out
+        assert struct.unpack("<Q", cpu.read_virtual(symbols["counter"], 8)) == (3,)
+        # And the guest runs on from Python.
         exit = cpu.run(timeout=10)
         assert isinstance(exit, kvmpy.GuestExit) and exit.code == 55
         assert console.output() == b"counter = 55\n"
@@ -238,6 +256,17 @@ def test_ctrl_c_from_gdb_stops_the_running_guest(remote_of: list[Remote]) -> Non
         r.sock.settimeout(20)
         r.sock.sendall(b"\x03")
         assert r.reply().startswith("T02"), "SIGINT"
+        # The same while the stub single-steps the guest for a write watchpoint.
+        assert r.ask("Z2,20000,8") == "OK"
+        assert r.ask("Z3,20000,8").startswith("E"), "read watchpoints: refused"
+        r.send("vCont;c")
+        with pytest.raises(TimeoutError):
+            r.sock.settimeout(0.3)
+            r.reply()
+        r.sock.settimeout(20)
+        r.sock.sendall(b"\x03")
+        assert r.reply().startswith("T02"), "SIGINT"
+        assert r.ask("z2,20000,8") == "OK"
         r.send("D")
         assert r.reply() == "OK"
         assert server.wait(10) and server.ending == "gdb detached"

@@ -10,6 +10,7 @@
 
 mod regs;
 mod target;
+mod watch;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};

@@ -18,8 +18,10 @@ use gdbstub::target::ext::base::multithread::{
     MultiThreadSchedulerLockingOps, MultiThreadSingleStep, MultiThreadSingleStepOps,
 };
 use gdbstub::target::ext::base::BaseOps;
-use gdbstub::target::ext::breakpoints::SwBreakpointOps;
-use gdbstub::target::ext::breakpoints::{Breakpoints, BreakpointsOps, SwBreakpoint};
+use gdbstub::target::ext::breakpoints::{
+    Breakpoints, BreakpointsOps, HwWatchpoint, HwWatchpointOps, SwBreakpoint, SwBreakpointOps,
+    WatchKind,
+};
 use gdbstub::target::{Target, TargetError, TargetResult};
 use gdbstub_arch::x86::reg::X86_64CoreRegs;
 use gdbstub_arch::x86::X86_64_SSE;
@@ -29,6 +31,8 @@ use crate::engine::breakpoints::Owner;
 use crate::engine::error::{Error, Result};
 use crate::engine::exit::Exit;
 use crate::engine::gdb::regs;
+use crate::engine::gdb::watch::{Watches, MAX_LEN};
+use crate::engine::run::{Outcome, RunOptions};
 use crate::engine::runner::RunGroup;
 use crate::engine::vcpu::Last;
 use crate::engine::{VcpuCore, VmCore};
@@ -47,6 +51,17 @@ enum Action {
     Step,
 }
 
+/// A resume under watchpoints: its vCPUs take turns at single steps.
+struct Watching {
+    vcpus: Vec<Arc<VcpuCore>>,
+    /// gdb asked for one step (of each vCPU), not a continue.
+    single: bool,
+    /// Steps taken: the next vCPU is `vcpus[taken % len]`.
+    taken: usize,
+    /// The VM-wide breakpoints (gdb's among them): a step that lands on one stops there.
+    stops: BTreeSet<u64>,
+}
+
 /// A VM under gdb's control.
 pub struct VmTarget {
     vm: Arc<VmCore>,
@@ -56,6 +71,10 @@ pub struct VmTarget {
     running: Option<Arc<RunGroup>>,
     /// The addresses of the breakpoints gdb added to the VM's table.
     breakpoints: BTreeSet<u64>,
+    /// gdb's write watchpoints.
+    watches: Watches,
+    /// A resume that steps instruction by instruction for the watchpoints.
+    watching: Option<Watching>,
     /// The first error a run ended with (a handler's exception), for whoever started the
     /// session.
     pub error: Option<Error>,
@@ -103,6 +122,8 @@ impl VmTarget {
             locked: false,
             running: None,
             breakpoints: BTreeSet::new(),
+            watches: Watches::default(),
+            watching: None,
             error: None,
         }
     }
@@ -127,6 +148,12 @@ impl VmTarget {
 
     /// Stops the vCPUs of a resume still running and waits for them.
     pub fn stop(&mut self) -> Option<MultiThreadStopReason<u64>> {
+        if let Some(w) = self.watching.take() {
+            return Some(MultiThreadStopReason::SignalWithThread {
+                tid: w.vcpus.first().map_or(NonZeroUsize::MIN, |v| tid_of(v.id)),
+                signal: Signal::SIGINT,
+            });
+        }
         let group = self.running.as_ref()?;
         for v in &group.vcpus {
             v.kicker.stop_run();
@@ -170,6 +197,57 @@ impl VmTarget {
             tid: stopped.unwrap_or(NonZeroUsize::MIN),
             signal: Signal::SIGINT,
         }
+    }
+
+    /// One single step of the next vCPU of a resume under watchpoints, on this thread;
+    /// the stop reason when the resume is over.
+    fn watch_step(&mut self) -> Option<MultiThreadStopReason<u64>> {
+        let w = self.watching.as_mut()?;
+        let v = Arc::clone(&w.vcpus[w.taken % w.vcpus.len()]);
+        w.taken += 1;
+        let round_done = w.taken % w.vcpus.len() == 0;
+        let tid = tid_of(v.id);
+        v.request_step(true);
+        let outcome = v.run(&RunOptions::default());
+        v.request_step(false);
+        let reason = match outcome {
+            Outcome::Exit(Exit::Step { rip }) => {
+                let changed = self
+                    .watches
+                    .changed(|addr, buf| v.read_virtual(addr, buf).is_ok());
+                match changed {
+                    Some(addr) => Some(MultiThreadStopReason::Watch {
+                        tid,
+                        kind: WatchKind::Write,
+                        addr,
+                    }),
+                    None if w.stops.contains(&rip) => Some(MultiThreadStopReason::SwBreak(tid)),
+                    None if w.single && round_done => {
+                        Some(MultiThreadStopReason::SignalWithThread {
+                            tid,
+                            signal: Signal::SIGTRAP,
+                        })
+                    }
+                    None => None,
+                }
+            }
+            Outcome::Exit(e) => Some(stop_reason(tid, &e)),
+            Outcome::Stopped(_) => Some(MultiThreadStopReason::SignalWithThread {
+                tid,
+                signal: Signal::SIGTRAP,
+            }),
+            Outcome::Error(e) => {
+                self.error.get_or_insert(e);
+                Some(MultiThreadStopReason::SignalWithThread {
+                    tid,
+                    signal: Signal::SIGABRT,
+                })
+            }
+        };
+        if reason.is_some() {
+            self.watching = None;
+        }
+        reason
     }
 
     /// Takes gdb's breakpoints out of the VM's table (when the session ends).
@@ -275,13 +353,26 @@ impl MultiThreadResume for VmTarget {
             .filter(|v| self.actions.get(&v.id) == Some(&Action::Step))
             .cloned()
             .collect();
-        let run = if stepping.is_empty() {
-            vcpus
-        } else {
+        let single = !stepping.is_empty();
+        let run = if single {
             self.vm.check_debuggable("single steps")?;
-            stepping.iter().for_each(|v| v.request_step(true));
             stepping
+        } else {
+            vcpus
         };
+        if !self.watches.is_empty() && !run.is_empty() {
+            self.vm.check_debuggable("watchpoints (single steps)")?;
+            self.watching = Some(Watching {
+                vcpus: run,
+                single,
+                taken: 0,
+                stops: self.vm.breakpoints_of(Owner::Vm).into_iter().collect(),
+            });
+            return Ok(());
+        }
+        if single {
+            run.iter().for_each(|v| v.request_step(true));
+        }
         match RunGroup::start(&self.vm, run.clone(), None, true) {
             Ok(group) => {
                 self.running = Some(group);
@@ -332,6 +423,43 @@ impl Breakpoints for VmTarget {
     fn support_sw_breakpoint(&mut self) -> Option<SwBreakpointOps<'_, Self>> {
         Some(self)
     }
+
+    fn support_hw_watchpoint(&mut self) -> Option<HwWatchpointOps<'_, Self>> {
+        Some(self)
+    }
+}
+
+impl HwWatchpoint for VmTarget {
+    /// A write watchpoint of up to 64 bytes, by single steps (see `watch`): the debug
+    /// registers are not used (the engine has no watchpoints through them yet, and this
+    /// host's KVM does not deliver them). Read and access watchpoints are refused, which
+    /// gdb reports.
+    fn add_hw_watchpoint(
+        &mut self,
+        addr: u64,
+        len: u64,
+        kind: WatchKind,
+    ) -> TargetResult<bool, Self> {
+        if !matches!(kind, WatchKind::Write) || len == 0 || len > MAX_LEN {
+            return Ok(false);
+        }
+        let cpu = self.first_vcpu().map_err(TargetError::Fatal)?;
+        let mut now = vec![0; len as usize];
+        if cpu.read_virtual(addr, &mut now).is_err() {
+            return Ok(false);
+        }
+        self.watches.add(addr, now);
+        Ok(true)
+    }
+
+    fn remove_hw_watchpoint(
+        &mut self,
+        addr: u64,
+        len: u64,
+        _kind: WatchKind,
+    ) -> TargetResult<bool, Self> {
+        Ok(self.watches.remove(addr, len))
+    }
 }
 
 impl SwBreakpoint for VmTarget {
@@ -363,6 +491,18 @@ impl SwBreakpoint for VmTarget {
     }
 }
 
+/// A byte gdb sent while the target runs (Ctrl-C), if any.
+fn incoming(
+    conn: &mut std::net::TcpStream,
+) -> std::result::Result<Option<u8>, WaitForStopReasonError<Error, std::io::Error>> {
+    match conn.peek().map_err(WaitForStopReasonError::Connection)? {
+        Some(_) => Ok(Some(
+            conn.read().map_err(WaitForStopReasonError::Connection)?,
+        )),
+        None => Ok(None),
+    }
+}
+
 /// `gdbstub`'s blocking event loop over a VM: waits for the vCPUs of a resume to stop,
 /// looking at the connection for gdb's Ctrl-C meanwhile.
 pub enum VmEventLoop {}
@@ -379,6 +519,18 @@ impl BlockingEventLoop for VmEventLoop {
         Event<Self::StopReason>,
         WaitForStopReasonError<Error, <std::net::TcpStream as Connection>::Error>,
     > {
+        let mut steps = 0u32;
+        while target.watching.is_some() {
+            if let Some(reason) = target.watch_step() {
+                return Ok(Event::TargetStopped(reason));
+            }
+            steps = steps.wrapping_add(1);
+            if steps % 64 == 0 {
+                if let Some(byte) = incoming(conn)? {
+                    return Ok(Event::IncomingData(byte));
+                }
+            }
+        }
         loop {
             let Some(group) = target.running.clone() else {
                 return Ok(Event::TargetStopped(target.finish_run()));
@@ -386,12 +538,7 @@ impl BlockingEventLoop for VmEventLoop {
             if group.wait(Some(POLL)) {
                 return Ok(Event::TargetStopped(target.finish_run()));
             }
-            if conn
-                .peek()
-                .map_err(WaitForStopReasonError::Connection)?
-                .is_some()
-            {
-                let byte = conn.read().map_err(WaitForStopReasonError::Connection)?;
+            if let Some(byte) = incoming(conn)? {
                 return Ok(Event::IncomingData(byte));
             }
         }
