@@ -274,6 +274,32 @@ def test_ctrl_c_from_gdb_stops_the_running_guest(remote_of: list[Remote]) -> Non
         assert cpu.run(timeout=0.2).reason == "timeout", "the VM runs again from Python"
 
 
+def test_a_handler_exception_stops_the_guest_and_is_raised_by_wait(
+    remote_of: list[Remote],
+) -> None:
+    vm = kvmpy.Vm()
+    vm.add_memory(0, 4 << 20).write(0x10000, bytes([0xE6, 0x10, 0xEB, 0xFE]))  # out 0x10, al
+    cpu = vm.create_vcpu()
+    cpu.setup_long_mode(user=True, exceptions=True, tables_addr=0x200000)
+    cpu.set_regs(rip=0x10000)
+
+    @vm.on_io(0x10)
+    def device(exit: kvmpy.IoExit) -> None:
+        raise RuntimeError("the device broke")
+
+    with vm, vm.gdb_server() as server:
+        r = Remote(server.port)
+        remote_of.append(r)
+        r.send("vCont;c")
+        assert r.reply().startswith("T06"), "SIGABRT"
+        r.send("D")
+        assert r.reply() == "OK"
+        with pytest.raises(RuntimeError, match="the device broke"):
+            server.wait(10)
+        assert server.wait(0) is True, "raised once"
+        assert server.ending == "gdb detached"
+
+
 def test_each_vcpu_is_a_thread_with_its_own_registers(remote_of: list[Remote]) -> None:
     vm = loop_vm(cpus=2)
     with vm, vm.gdb_server() as server:
