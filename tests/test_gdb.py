@@ -243,6 +243,24 @@ def test_garbage_and_a_disconnect_mid_packet_leave_the_vm_usable(
         assert console.output() == b"counter = 55\n"
 
 
+def test_a_session_with_vcpus_python_runs_fails_clearly(remote_of: list[Remote]) -> None:
+    vm = loop_vm()
+    with vm:
+        vm.start()
+        with vm.gdb_server() as server:
+            r = Remote(server.port)
+            remote_of.append(r)
+            r.send("g")
+            with pytest.raises(ConnectionError):
+                r.reply()
+            assert server.wait(10)
+            assert server.ending is not None
+            assert server.ending.startswith("the session failed: ")
+            assert "vCPU 0 is running on another thread" in server.ending
+        vm.stop()
+        assert [e.reason for e in vm.join(10) or []] == ["stopped"]
+
+
 def test_ctrl_c_from_gdb_stops_the_running_guest(remote_of: list[Remote]) -> None:
     vm = loop_vm()
     cpu = vm.vcpus[0]
@@ -327,6 +345,28 @@ def test_each_vcpu_is_a_thread_with_its_own_registers(remote_of: list[Remote]) -
         r.send("k")
         assert server.wait(10) and server.ending == "gdb sent kill"
         assert vm.breakpoints == []
+
+
+@needs_gdb
+def test_gdb_lists_the_vcpus_as_threads_and_refuses_hardware_breakpoints(elf: Path) -> None:
+    vm = loop_vm(cpus=2)
+    with vm, vm.gdb_server() as server:
+        out = gdb(
+            elf,
+            server.port,
+            "info threads",
+            "thread 2",
+            "info registers rip",
+            "hbreak *0x10001",
+            "continue",
+            "detach",
+        )
+        assert server.wait(30), out
+        assert [cpu.regs.rip for cpu in vm.vcpus] == [0x10000, 0x10010], "nothing ran"
+    assert re.search(r"1\s+Thread 1\.1\s+0x0+10000 in", out), out
+    assert re.search(r"2\s+Thread 1\.2\s+0x0+10010 in", out), out
+    assert re.search(r"^rip\s+0x10010\s", out, re.MULTILINE), out
+    assert "Cannot insert hardware breakpoint 1" in out, out
 
 
 def test_serve_gdb_blocks_until_the_session_ends() -> None:

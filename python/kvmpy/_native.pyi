@@ -184,8 +184,8 @@ class GdbServer:
     @property
     def ending(self) -> str | None:
         """How the session ended (`"gdb detached"`, `"gdb sent kill"`, `"the guest exited with
-        code N"`, `"the gdb connection broke: ..."`, `"the server was closed"`), or None
-        while it has not.
+        code N"`, `"the gdb connection broke: ..."`, `"the session failed: ..."`, `"the
+        server was closed"`), or None while it has not.
         """
     def wait(self, timeout: float | None = None) -> bool:
         """Waits until the session has ended, at most `timeout` seconds; returns whether it

@@ -105,8 +105,8 @@ impl GdbServer {
     }
 
     /// How the session ended (`"gdb detached"`, `"gdb sent kill"`, `"the guest exited with
-    /// code N"`, `"the gdb connection broke: ..."`, `"the server was closed"`), or None
-    /// while it has not.
+    /// code N"`, `"the gdb connection broke: ..."`, `"the session failed: ..."`, `"the
+    /// server was closed"`), or None while it has not.
     #[getter]
     fn ending(&self) -> Option<String> {
         self.inner.ending().map(|e| e.describe())

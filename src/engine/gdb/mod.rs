@@ -42,6 +42,9 @@ pub enum Ending {
     Exited(u8),
     /// The connection broke or the protocol failed; the message says how.
     Broken(String),
+    /// The VM could not do what gdb asked (its vCPUs were running from Python, it was
+    /// closed, ...); the message says what.
+    Failed(String),
     /// The server was closed before or during a session.
     Closed,
 }
@@ -53,6 +56,7 @@ impl Ending {
             Ending::Killed => "gdb sent kill".into(),
             Ending::Exited(code) => format!("the guest exited with code {code}"),
             Ending::Broken(why) => format!("the gdb connection broke: {why}"),
+            Ending::Failed(why) => format!("the session failed: {why}"),
             Ending::Closed => "the server was closed".into(),
         }
     }
@@ -276,6 +280,7 @@ fn session(vm: &Arc<VmCore>, conn: TcpStream, peer: SocketAddr, shared: &Shared)
         Ok(DisconnectReason::TargetTerminated(sig)) => {
             Ending::Broken(format!("the target was terminated by {sig}"))
         }
+        Err(e) if e.is_target_error() => Ending::Failed(e.to_string()),
         Err(e) => Ending::Broken(e.to_string()),
     }
 }
