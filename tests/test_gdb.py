@@ -411,11 +411,18 @@ def test_bad_arguments_and_hosts_it_cannot_debug() -> None:
         with pytest.raises(ValueError, match="cannot resolve"):
             vm.gdb_server(0, "no such host.invalid")
         with vm.gdb_server() as server:
-            with pytest.raises(OSError, match="cannot listen"):
-                vm.gdb_server(server.port)
+            with pytest.raises(kvmpy.VcpuBusyError, match="already has a gdb server"):
+                vm.gdb_server()
+            with kvmpy.Vm() as other:
+                other.add_memory(0, 2 << 20)
+                other.create_vcpu().setup_long_mode(user=True, exceptions=True)
+                with pytest.raises(OSError, match="cannot listen"):
+                    other.gdb_server(server.port)
+                other.gdb_server().close()
             assert repr(server).endswith("waiting for gdb)")
             assert server.vm is vm
         assert server.ending == "the server was closed"
+        vm.gdb_server().close()  # closed: the VM may have another
         server.close()
         assert server.wait(0) is True
         with pytest.raises(ValueError):

@@ -1012,7 +1012,8 @@ class Vm:
         `GdbServer.port`) and returns at once; gdb connects with `target remote HOST:PORT`.
         See `GdbServer`. Raises `KvmUnsupported` where breakpoints cannot reach kvmpy (the
         vCPUs need `setup_long_mode(exceptions=True)` on hosts whose KVM does not intercept
-        `int3`), `ValueError` without vCPUs, `OSError` when the port cannot be listened on.
+        `int3`), `ValueError` without vCPUs, `OSError` when the port cannot be listened on,
+        `VcpuBusyError` while another server of this VM has not ended.
         """
     def serve_gdb(self, port: int = 1234, host: str = "127.0.0.1") -> str:
         """Serves one gdb session on `host:port` and returns when it ends, saying how (see

@@ -245,7 +245,8 @@ impl Vm {
     /// `GdbServer.port`) and returns at once; gdb connects with `target remote HOST:PORT`.
     /// See `GdbServer`. Raises `KvmUnsupported` where breakpoints cannot reach kvmpy (the
     /// vCPUs need `setup_long_mode(exceptions=True)` on hosts whose KVM does not intercept
-    /// `int3`), `ValueError` without vCPUs, `OSError` when the port cannot be listened on.
+    /// `int3`), `ValueError` without vCPUs, `OSError` when the port cannot be listened on,
+    /// `VcpuBusyError` while another server of this VM has not ended.
     #[pyo3(signature = (port=Int(0), host="127.0.0.1"), text_signature = "(self, /, port=0, host='127.0.0.1')")]
     fn gdb_server(slf: &Bound<'_, Self>, port: Int<u16>, host: &str) -> PyResult<GdbServer> {
         GdbServer::start(slf, host, port.0)

@@ -81,6 +81,18 @@ struct Shared {
     ended: Condvar,
 }
 
+/// The VMs that have a gdb server (by address), and where it listens: one at a time.
+static SERVED: Mutex<Vec<(usize, SocketAddr)>> = Mutex::new(Vec::new());
+
+/// Frees `vm`'s place in [`SERVED`] when its server's thread ends.
+struct Served(usize);
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        lock(&SERVED).retain(|(vm, _)| *vm != self.0);
+    }
+}
+
 /// A gdb server for one VM: listening from `start`, serving one session.
 pub struct GdbServer {
     addr: SocketAddr,
@@ -109,6 +121,17 @@ impl GdbServer {
         let addr = listener
             .local_addr()
             .map_err(|e| Error::Io("the gdb listener's address".into(), e))?;
+        let key = Arc::as_ptr(&vm) as usize;
+        let mut served = lock(&SERVED);
+        if let Some((_, other)) = served.iter().find(|(v, _)| *v == key) {
+            return Err(Error::Busy(format!(
+                "this VM already has a gdb server, on {other}: close it (or let its session \
+                 end) first"
+            )));
+        }
+        served.push((key, addr));
+        let registered = Served(key);
+        drop(served);
         listener
             .set_nonblocking(true)
             .map_err(|e| Error::Io("the gdb listener".into(), e))?;
@@ -120,7 +143,7 @@ impl GdbServer {
         let for_thread = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
             .name("kvmpy-gdb".into())
-            .spawn(move || serve(&vm, &listener, &for_thread))
+            .spawn(move || serve(&vm, &listener, &for_thread, registered))
             .map_err(|e| Error::Io("cannot start the gdb server's thread".into(), e))?;
         Ok(GdbServer {
             addr,
@@ -219,7 +242,7 @@ fn accept(listener: &TcpListener, closing: &AtomicBool) -> Option<(TcpStream, So
 }
 
 /// The server thread: the first client's session, the other clients refused meanwhile.
-fn serve(vm: &Arc<VmCore>, listener: &TcpListener, shared: &Arc<Shared>) {
+fn serve(vm: &Arc<VmCore>, listener: &TcpListener, shared: &Arc<Shared>, served: Served) {
     let ending = match accept(listener, &shared.closing) {
         None => Ending::Closed,
         Some((conn, peer)) => {
@@ -243,6 +266,8 @@ fn serve(vm: &Arc<VmCore>, listener: &TcpListener, shared: &Arc<Shared>) {
             ending
         }
     };
+    // The VM may have another server as soon as this one says it is over.
+    drop(served);
     let mut state = lock(&shared.state);
     state.client = None;
     state.conn = None;
