@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -17,7 +18,7 @@ import pytest
 
 import kvmpy
 
-from .support import GUESTS
+from .support import GUESTS, wait_until
 
 pytestmark = pytest.mark.kvm
 
@@ -259,6 +260,31 @@ def test_a_session_with_vcpus_python_runs_fails_clearly(remote_of: list[Remote])
             assert "vCPU 0 is running on another thread" in server.ending
         vm.stop()
         assert [e.reason for e in vm.join(10) or []] == ["stopped"]
+
+
+@needs_gdb
+def test_ctrl_c_in_gdb_interrupts_the_guest() -> None:
+    vm = kvmpy.Vm()
+    ram = vm.add_memory(0, 4 << 20)
+    ram.write(0x10000, bytes([0x48, 0xFF, 0x04, 0x25, 0, 0, 2, 0, 0xEB, 0xF6]))  # inc [0x20000]
+    cpu = vm.create_vcpu()
+    cpu.setup_long_mode(user=True, exceptions=True, tables_addr=0x200000)
+    cpu.set_regs(rip=0x10000)
+    with vm, vm.gdb_server() as server:
+        assert GDB is not None
+        args = [GDB, "-batch", "-nx", "-ex", f"target remote 127.0.0.1:{server.port}"]
+        args += ["-ex", "continue", "-ex", "info registers rip", "-ex", "detach"]
+        gdb = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            wait_until(lambda: ram.read(0x20000, 8) != bytes(8), "gdb's continue")
+            gdb.send_signal(signal.SIGINT)  # what Ctrl-C in gdb's terminal does
+            out, _ = gdb.communicate(timeout=60)
+        finally:
+            gdb.kill()
+        assert server.wait(30), out
+        assert "Program received signal SIGINT, Interrupt." in out, out
+        rip = int(re.findall(r"^rip\s+(0x[0-9a-f]+)", out, re.MULTILINE)[0], 16)
+        assert rip in (0x10000, 0x10008) and cpu.regs.rip == rip
 
 
 def test_ctrl_c_from_gdb_stops_the_running_guest(remote_of: list[Remote]) -> None:
