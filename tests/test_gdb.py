@@ -65,6 +65,18 @@ def loop_vm(cpus: int = 1) -> kvmpy.Vm:
     return vm
 
 
+def counting_vm() -> tuple[kvmpy.Vm, kvmpy.MemoryRegion, kvmpy.Vcpu]:
+    """A vCPU adding 1 to the qword at 0x20000 forever (`inc [0x20000]` at 0x10000, `jmp`
+    back at 0x10008): the count shows that it runs."""
+    vm = kvmpy.Vm()
+    ram = vm.add_memory(0, 4 << 20)
+    ram.write(0x10000, bytes([0x48, 0xFF, 0x04, 0x25, 0, 0, 2, 0, 0xEB, 0xF6]))
+    cpu = vm.create_vcpu()
+    cpu.setup_long_mode(user=True, exceptions=True, tables_addr=0x200000)
+    cpu.set_regs(rip=0x10000)
+    return vm, ram, cpu
+
+
 def gdb(elf: Path, port: int, *commands: str) -> str:
     """Runs gdb in batch mode against the stub on `port`; returns what it printed."""
     assert GDB is not None
@@ -245,9 +257,10 @@ def test_garbage_and_a_disconnect_mid_packet_leave_the_vm_usable(
 
 
 def test_a_session_with_vcpus_python_runs_fails_clearly(remote_of: list[Remote]) -> None:
-    vm = loop_vm()
+    vm, ram, _ = counting_vm()
     with vm:
         vm.start()
+        wait_until(lambda: ram.read(0x20000, 8) != bytes(8), "the guest to run")
         with vm.gdb_server() as server:
             r = Remote(server.port)
             remote_of.append(r)
@@ -264,12 +277,7 @@ def test_a_session_with_vcpus_python_runs_fails_clearly(remote_of: list[Remote])
 
 @needs_gdb
 def test_ctrl_c_in_gdb_interrupts_the_guest() -> None:
-    vm = kvmpy.Vm()
-    ram = vm.add_memory(0, 4 << 20)
-    ram.write(0x10000, bytes([0x48, 0xFF, 0x04, 0x25, 0, 0, 2, 0, 0xEB, 0xF6]))  # inc [0x20000]
-    cpu = vm.create_vcpu()
-    cpu.setup_long_mode(user=True, exceptions=True, tables_addr=0x200000)
-    cpu.set_regs(rip=0x10000)
+    vm, ram, cpu = counting_vm()
     with vm, vm.gdb_server() as server:
         assert GDB is not None
         args = [GDB, "-batch", "-nx", "-ex", f"target remote 127.0.0.1:{server.port}"]
