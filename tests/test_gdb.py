@@ -216,6 +216,16 @@ def test_gdb_breaks_steps_and_watches_what_the_guest_does(elf: Path) -> None:
         assert re.search(r"Could not insert hardware watchpoint \d+", out), out
         assert re.search(r"\nWatchpoint \d+: counter\n\nOld value = 1\nNew value = 3\n", out), out
         assert struct.unpack("<Q", cpu.read_virtual(symbols["counter"], 8)) == (3,)
+
+        # Session 4: finish (out of bump), then next over the call to bump(3).
+        with vm.gdb_server() as server:
+            out = gdb(elf, server.port, "finish", "next", "next", "next", "print counter", "detach")
+            assert server.wait(60), out
+        assert "Value returned is $1 = 3" in out, out
+        lines = re.findall(r"^(\d+)\t", out, re.MULTILINE)
+        for_line, call_line = line_of("for (uint64_t"), line_of("total = bump(i)")
+        assert lines[-3:] == [str(for_line), str(call_line), str(for_line)], out
+        assert "$2 = 6" in out, out
         # And the guest runs on from Python.
         exit = cpu.run(timeout=10)
         assert isinstance(exit, kvmpy.GuestExit) and exit.code == 55
