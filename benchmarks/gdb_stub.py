@@ -5,7 +5,7 @@ of 3), on the same 64-bit user-mode loop (``dec rcx; jnz``, then a write to 0x20
 
 - ``cpu.step()``: a single step from Python (the baseline);
 - ``gdb stepi``: a single step asked over the remote protocol (``vCont;s``, as gdb's
-  ``stepi`` sends it), answered by the stub;
+  ``stepi`` sends it), answered by the stub (the step runs on the stub's thread);
 - ``stub watchpoint``: ``continue`` under a write watchpoint (``Z2``): the stub steps the
   guest instruction by instruction until the write, per instruction;
 - ``gdb software watchpoint``: Debian's gdb with ``set can-use-hw-watchpoints 0`` and

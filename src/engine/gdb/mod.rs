@@ -95,6 +95,7 @@ impl Drop for Served {
 
 /// A gdb server for one VM: listening from `start`, serving one session.
 pub struct GdbServer {
+    vm: Arc<VmCore>,
     addr: SocketAddr,
     shared: Arc<Shared>,
     thread: Mutex<Option<JoinHandle<()>>>,
@@ -141,11 +142,13 @@ impl GdbServer {
             ended: Condvar::new(),
         });
         let for_thread = Arc::clone(&shared);
+        let vm_for_thread = Arc::clone(&vm);
         let thread = std::thread::Builder::new()
             .name("kvmpy-gdb".into())
-            .spawn(move || serve(&vm, &listener, &for_thread, registered))
+            .spawn(move || serve(&vm_for_thread, &listener, &for_thread, registered))
             .map_err(|e| Error::Io("cannot start the gdb server's thread".into(), e))?;
         Ok(GdbServer {
+            vm,
             addr,
             shared,
             thread: Mutex::new(Some(thread)),
@@ -209,6 +212,10 @@ impl GdbServer {
         self.shared.closing.store(true, Ordering::SeqCst);
         if let Some(conn) = lock(&self.shared.state).conn.as_ref() {
             let _ = conn.shutdown(std::net::Shutdown::Both);
+            // gdb's vCPUs: a run or a step that waits (a `hlt`) ends now.
+            for v in self.vm.vcpus() {
+                v.kicker.stop_run();
+            }
         }
         self.wait(None);
     }

@@ -1,13 +1,13 @@
 //! The VM as a `gdbstub` target: each vCPU a thread (thread id = vCPU id + 1), registers
 //! through KVM, memory by guest-virtual address through the vCPU's page tables,
-//! software breakpoints in the VM's breakpoint table, single steps and runs through the
-//! engine's run loop (a run group per resume, stopped as soon as one vCPU stops: gdb's
-//! all-stop mode).
+//! software breakpoints in the VM's breakpoint table. A `continue` runs the vCPUs as a run
+//! group that stops as soon as one vCPU stops (gdb's all-stop mode); steps, and every
+//! resume under a watchpoint, are single steps on the stub's own thread.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::num::NonZeroUsize;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use gdbstub::common::{Signal, Tid};
 use gdbstub::conn::{Connection, ConnectionExt};
@@ -51,7 +51,12 @@ enum Action {
     Step,
 }
 
-/// A resume under watchpoints: its vCPUs take turns at single steps.
+/// How long a single step on the stub's thread may take before the stub looks at the
+/// connection (an instruction that waits: `hlt`, a handler that blocks) and tries again.
+const STEP_SLICE: Duration = Duration::from_millis(100);
+
+/// A resume by single steps on the stub's thread (gdb's steps, and every resume under
+/// watchpoints): its vCPUs take turns.
 struct Watching {
     vcpus: Vec<Arc<VcpuCore>>,
     /// gdb asked for one step (of each vCPU), not a continue.
@@ -73,8 +78,10 @@ pub struct VmTarget {
     breakpoints: BTreeSet<u64>,
     /// gdb's write watchpoints.
     watches: Watches,
-    /// A resume that steps instruction by instruction for the watchpoints.
+    /// A resume that steps instruction by instruction (see [`Watching`]).
     watching: Option<Watching>,
+    /// A step ran out of its slice: look at the connection before the next.
+    poll_now: bool,
     /// The first error a run ended with (a handler's exception), for whoever started the
     /// session.
     pub error: Option<Error>,
@@ -124,6 +131,7 @@ impl VmTarget {
             breakpoints: BTreeSet::new(),
             watches: Watches::default(),
             watching: None,
+            poll_now: false,
             error: None,
         }
     }
@@ -199,17 +207,26 @@ impl VmTarget {
         }
     }
 
-    /// One single step of the next vCPU of a resume under watchpoints, on this thread;
-    /// the stop reason when the resume is over.
+    /// One single step of the next vCPU of a stepping resume, on this thread; the stop
+    /// reason when the resume is over.
     fn watch_step(&mut self) -> Option<MultiThreadStopReason<u64>> {
         let w = self.watching.as_mut()?;
         let v = Arc::clone(&w.vcpus[w.taken % w.vcpus.len()]);
-        w.taken += 1;
-        let round_done = w.taken % w.vcpus.len() == 0;
         let tid = tid_of(v.id);
         v.request_step(true);
-        let outcome = v.run(&RunOptions::default());
+        let outcome = v.run(&RunOptions {
+            deadline: Some(Instant::now() + STEP_SLICE),
+            on_signal: None,
+        });
         v.request_step(false);
+        if matches!(outcome, Outcome::Exit(Exit::Timeout)) {
+            // The instruction has not completed: the same step again, after a look at
+            // the connection.
+            self.poll_now = true;
+            return None;
+        }
+        w.taken += 1;
+        let round_done = w.taken % w.vcpus.len() == 0;
         let reason = match outcome {
             Outcome::Exit(Exit::Step { rip }) => {
                 let changed = self
@@ -360,7 +377,7 @@ impl MultiThreadResume for VmTarget {
         } else {
             vcpus
         };
-        if !self.watches.is_empty() && !run.is_empty() {
+        if (single || !self.watches.is_empty()) && !run.is_empty() {
             self.vm.check_debuggable("watchpoints (single steps)")?;
             self.watching = Some(Watching {
                 vcpus: run,
@@ -370,19 +387,8 @@ impl MultiThreadResume for VmTarget {
             });
             return Ok(());
         }
-        if single {
-            run.iter().for_each(|v| v.request_step(true));
-        }
-        match RunGroup::start(&self.vm, run.clone(), None, true) {
-            Ok(group) => {
-                self.running = Some(group);
-                Ok(())
-            }
-            Err(e) => {
-                run.iter().for_each(|v| v.request_step(false));
-                Err(e)
-            }
-        }
+        self.running = Some(RunGroup::start(&self.vm, run, None, true)?);
+        Ok(())
     }
 
     fn clear_resume_actions(&mut self) -> Result<()> {
@@ -525,7 +531,7 @@ impl BlockingEventLoop for VmEventLoop {
                 return Ok(Event::TargetStopped(reason));
             }
             steps = steps.wrapping_add(1);
-            if steps % 64 == 0 {
+            if steps % 64 == 0 || std::mem::take(&mut target.poll_now) {
                 if let Some(byte) = incoming(conn)? {
                     return Ok(Event::IncomingData(byte));
                 }
