@@ -305,6 +305,21 @@ def test_ctrl_c_in_gdb_interrupts_the_guest() -> None:
         assert rip in (0x10000, 0x10008) and cpu.regs.rip == rip
 
 
+def test_closing_the_vm_ends_the_session(remote_of: list[Remote]) -> None:
+    vm, ram, _ = counting_vm()
+    server = vm.gdb_server()
+    r = Remote(server.port)
+    remote_of.append(r)
+    r.send("vCont;c")
+    wait_until(lambda: ram.read(0x20000, 8) != bytes(8), "gdb's continue")
+    vm.close()  # stops the guest: gdb hears SIGINT, and the next request ends the session
+    assert r.reply().startswith("T02")
+    r.send("g")
+    assert server.wait(10)
+    assert server.ending == "the session failed: Target threw a fatal error: VM is closed"
+    server.close()
+
+
 def test_ctrl_c_from_gdb_stops_the_running_guest(remote_of: list[Remote]) -> None:
     vm = loop_vm()
     cpu = vm.vcpus[0]

@@ -137,6 +137,8 @@ impl VmTarget {
     }
 
     fn vcpu(&self, tid: Tid) -> TargetResult<Arc<VcpuCore>, Self> {
+        // A closed VM ends the session.
+        self.vm.check_open().map_err(TargetError::Fatal)?;
         let id = tid.get() as u64 - 1;
         self.vm
             .vcpus()
@@ -361,6 +363,7 @@ impl MultiThreadResume for VmTarget {
     /// under scheduler locking, every vCPU otherwise. Signals gdb asks to deliver are not
     /// delivered (a VM has none).
     fn resume(&mut self) -> Result<()> {
+        self.vm.check_open()?;
         let mut vcpus = self.vm.vcpus();
         if std::mem::take(&mut self.locked) {
             vcpus.retain(|v| self.actions.contains_key(&v.id));
