@@ -540,6 +540,26 @@ def test_run_waits_for_gdb_and_runs_on_when_it_detaches(elf: Path) -> None:
     assert (proc.returncode, out) == (55, "counter = 55\n"), err
 
 
+def test_run_ends_when_gdb_kills_the_guest(elf: Path) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kvmpy", "run", str(elf), "--gdb", ":0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stderr is not None
+    m = re.search(r"waiting for gdb on 127\.0\.0\.1:(\d+)", proc.stderr.readline())
+    assert m
+    r = Remote(int(m.group(1)))
+    try:
+        r.send("k")
+    finally:
+        r.close()
+    out, err = proc.communicate(timeout=60)
+    assert (proc.returncode, out) == (125, ""), err
+    assert "gdb killed the guest" in err
+
+
 def test_run_rejects_a_bad_gdb_address() -> None:
     done = subprocess.run(
         [sys.executable, "-m", "kvmpy", "run", "hello64.bin", "--gdb", "localhost:x"],
