@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import _thread
 import re
 import shutil
 import signal
@@ -436,13 +437,14 @@ def test_serve_gdb_blocks_until_the_session_ends() -> None:
             port = s.getsockname()[1]
 
         def client() -> None:
-            for _ in range(200):
+            for _ in range(600):
                 try:
                     r = Remote(port)
                     break
                 except ConnectionRefusedError:
                     threading.Event().wait(0.05)
             else:
+                _thread.interrupt_main()  # never listening: fail instead of hanging
                 return
             r.send("D")
             r.reply()
@@ -450,8 +452,12 @@ def test_serve_gdb_blocks_until_the_session_ends() -> None:
 
         t = threading.Thread(target=client)
         t.start()
-        assert vm.serve_gdb(port) == "gdb detached"
-        t.join()
+        try:
+            assert vm.serve_gdb(port) == "gdb detached"
+        except KeyboardInterrupt:
+            pytest.fail(f"serve_gdb({port}) never listened")
+        finally:
+            t.join()
 
 
 def test_bad_arguments_and_hosts_it_cannot_debug() -> None:
