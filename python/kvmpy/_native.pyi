@@ -30,6 +30,7 @@ __all__ = [
     "ExitPort",
     "FailEntryExit",
     "FuzzExecutor",
+    "GdbServer",
     "GuestExit",
     "InternalErrorExit",
     "IoExit",
@@ -169,6 +170,51 @@ class LoadedImage:
     @property
     def boot_info(self) -> int | None:
         """Guest physical address of the multiboot_info structure (Multiboot kernels only)."""
+
+@final
+class GdbServer:
+    """A gdb remote stub for a VM, listening on TCP: made by `vm.gdb_server()`.
+
+    gdb connects with `target remote HOST:PORT` and sees each vCPU as a thread. The first
+    client gets the session; a client that connects while it lasts is refused (gdb prints
+    "Remote failure reply: E.kvmpy: another gdb is attached to this VM"). When the session
+    ends (gdb detaches, kills, disconnects or breaks the connection), the vCPUs are left
+    stopped where they are and gdb's breakpoints are removed: `wait()` returns and the VM
+    can be run from Python again. The server then stops listening.
+    """
+
+    @property
+    def port(self) -> int:
+        """The TCP port the server listens on (the free port chosen for `port=0`)."""
+    @property
+    def host(self) -> str:
+        """The address the server listens on."""
+    @property
+    def client(self) -> str | None:
+        """`"HOST:PORT"` of the gdb client being served, or None."""
+    @property
+    def refused(self) -> int:
+        """How many clients were refused because another one was being served."""
+    @property
+    def ending(self) -> str | None:
+        """How the session ended (`"gdb detached"`, `"gdb sent kill"`, `"the guest exited with
+        code N"`, `"the gdb connection broke: ..."`, `"the session failed: ..."`, `"the
+        server was closed"`), or None while it has not.
+        """
+    def wait(self, timeout: float | None = None) -> bool:
+        """Waits until the session has ended, at most `timeout` seconds; returns whether it
+        has. Raises the first exception a handler raised while gdb ran the guest, and
+        `KeyboardInterrupt` on Ctrl-C (after closing the server).
+        """
+    def close(self) -> None:
+        """Ends the session (the vCPUs are stopped and left as they are) or stops waiting for
+        a client. Idempotent.
+        """
+    def __enter__(self) -> GdbServer: ...
+    def __exit__(self, *args: object) -> None: ...
+    @property
+    def vm(self) -> Vm:
+        """The VM being debugged."""
 
 @final
 class FuzzExecutor:
@@ -1052,6 +1098,19 @@ class Vm:
     @property
     def breakpoints(self) -> list[int]:
         """The addresses of the VM-wide breakpoints."""
+    def gdb_server(self, port: int = 0, host: str = "127.0.0.1") -> GdbServer:
+        """Starts a gdb remote stub for this VM on `host:port` (port 0: a free port, see
+        `GdbServer.port`) and returns at once; gdb connects with `target remote HOST:PORT`.
+        See `GdbServer`. Raises `KvmUnsupported` where breakpoints cannot reach kvmpy (the
+        vCPUs need `setup_long_mode(exceptions=True)` on hosts whose KVM does not intercept
+        `int3`), `ValueError` without vCPUs, `OSError` when the port cannot be listened on,
+        `VcpuBusyError` while another server of this VM has not ended.
+        """
+    def serve_gdb(self, port: int = 1234, host: str = "127.0.0.1") -> str:
+        """Serves one gdb session on `host:port` and returns when it ends, saying how (see
+        `GdbServer.ending`); the vCPUs are then stopped where gdb left them. Ctrl-C ends
+        the session and raises `KeyboardInterrupt`.
+        """
     def remove_handler(self, handler: object) -> int:
         """Removes every registration of `handler` (a function, a `Console` or an `ExitPort`).
         Returns how many were removed; raises `ValueError` if there were none.

@@ -7,6 +7,7 @@ import os
 import re
 import struct
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -71,6 +72,20 @@ def parse_port(text: str) -> int:
     if not 0 <= port <= 0xFFFF:
         raise argparse.ArgumentTypeError(f"port {text} is outside 0..0xffff")
     return port
+
+
+def parse_gdb_address(text: str) -> tuple[str, int]:
+    """``HOST:PORT``, ``:PORT`` or ``PORT`` (host 127.0.0.1)."""
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        host = ""
+    try:
+        number = int(port, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, not {text!r}") from None
+    if not 0 <= number <= 0xFFFF:
+        raise argparse.ArgumentTypeError(f"port {number} is outside 0..65535")
+    return host.strip("[]") or "127.0.0.1", number
 
 
 def parse_reg(text: str) -> tuple[str, int]:
@@ -150,6 +165,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help="vCPUs, all starting at the entry with the same registers; the first to stop "
         "ends the run",
+    )
+    p.add_argument(
+        "--gdb",
+        type=parse_gdb_address,
+        metavar="HOST:PORT",
+        help="wait for gdb on HOST:PORT (e.g. :1234) with the guest stopped at its entry; "
+        "the guest runs on when gdb detaches",
     )
     p.add_argument(
         "--reg",
@@ -291,6 +313,10 @@ def run(args: argparse.Namespace) -> int:
                 out.write(data)
                 out.flush()
 
+        if args.gdb is not None:
+            status = debug(vm, args.gdb, flush)
+            if status is not None:
+                return status
         vm.start(timeout=args.timeout, until="any")
         try:
             while (exits := vm.join(POLL)) is None:
@@ -302,6 +328,39 @@ def run(args: argparse.Namespace) -> int:
         finally:
             flush()
         return report(exits, cpus, symbols, args.timeout)
+
+
+def debug(vm: kvmpy.Vm, address: tuple[str, int], flush: Callable[[], None]) -> int | None:
+    """One gdb session with the guest at its entry. Returns the exit status when the
+    session ended the run (the guest exited, gdb killed it, Ctrl-C), None to run on."""
+    host, port = address
+    try:
+        server = vm.gdb_server(port, host)
+    except (OSError, kvmpy.KvmError, ValueError) as e:
+        raise UsageError(f"--gdb {host}:{port}: {e}") from None
+    with server:
+        print(
+            f"kvmpy run: waiting for gdb on {server.host}:{server.port} "
+            f"(gdb IMAGE -ex 'target remote {server.host}:{server.port}')",
+            file=sys.stderr,
+            flush=True,
+        )
+        try:
+            while not server.wait(POLL):
+                flush()
+        except KeyboardInterrupt:
+            flush()
+            print("kvmpy run: interrupted", file=sys.stderr)
+            return 130
+        finally:
+            flush()
+        ending = server.ending or ""
+    if ending.startswith("the guest exited with code "):
+        return int(ending.rsplit(" ", 1)[1])
+    if ending == "gdb sent kill":
+        print("kvmpy run: gdb killed the guest", file=sys.stderr)
+        return EXIT_STOPPED
+    return None
 
 
 def setup_cpus(

@@ -12,6 +12,7 @@ pub mod debug_host;
 pub mod error;
 pub mod exit;
 pub mod fuzz;
+pub mod gdb;
 pub mod internal_error;
 pub mod kick;
 pub mod kvm;

@@ -8,6 +8,7 @@ pub mod disasm;
 pub mod error;
 pub mod exit;
 pub mod fuzz;
+pub mod gdb;
 pub mod gil;
 pub mod handler;
 pub mod interrupt;

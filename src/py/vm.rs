@@ -17,6 +17,7 @@ use crate::engine::lock;
 use crate::engine::{Device, Error, RegionOptions, VmCore};
 use crate::py::args::{bytes_arg, deadline_after, Int};
 use crate::py::devices::{Console, ExitPort, Uart};
+use crate::py::gdb::GdbServer;
 use crate::py::gil;
 use crate::py::handler::{PyHandler, PyHostFunction};
 use crate::py::load::{image_bytes, module_arg, LoadedImage};
@@ -253,6 +254,27 @@ impl Vm {
     #[getter]
     fn breakpoints(&self) -> Vec<u64> {
         self.inner.0.breakpoints_of(Owner::Vm)
+    }
+
+    /// Starts a gdb remote stub for this VM on `host:port` (port 0: a free port, see
+    /// `GdbServer.port`) and returns at once; gdb connects with `target remote HOST:PORT`.
+    /// See `GdbServer`. Raises `KvmUnsupported` where breakpoints cannot reach kvmpy (the
+    /// vCPUs need `setup_long_mode(exceptions=True)` on hosts whose KVM does not intercept
+    /// `int3`), `ValueError` without vCPUs, `OSError` when the port cannot be listened on,
+    /// `VcpuBusyError` while another server of this VM has not ended.
+    #[pyo3(signature = (port=Int(0), host="127.0.0.1"), text_signature = "(self, /, port=0, host='127.0.0.1')")]
+    fn gdb_server(slf: &Bound<'_, Self>, port: Int<u16>, host: &str) -> PyResult<GdbServer> {
+        GdbServer::start(slf, host, port.0)
+    }
+
+    /// Serves one gdb session on `host:port` and returns when it ends, saying how (see
+    /// `GdbServer.ending`); the vCPUs are then stopped where gdb left them. Ctrl-C ends
+    /// the session and raises `KeyboardInterrupt`.
+    #[pyo3(signature = (port=Int(1234), host="127.0.0.1"), text_signature = "(self, /, port=1234, host='127.0.0.1')")]
+    fn serve_gdb(slf: &Bound<'_, Self>, port: Int<u16>, host: &str) -> PyResult<String> {
+        let server = GdbServer::start(slf, host, port.0)?;
+        server.wait_for(slf.py(), None)?;
+        Ok(server.ending_text())
     }
 
     /// Registers `handler` for port I/O on `ports` (an int or a `range`). Without
