@@ -16,6 +16,8 @@
 //!   patches after a restore copied pages back.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use crate::engine::coverage::CoverageMap;
 
@@ -100,8 +102,9 @@ impl std::fmt::Display for TableError {
 pub struct Breakpoints {
     entries: BTreeMap<u64, Entry>,
     /// How many entries patch [`PIO_PATCH`], armed or stepped over (the run loop looks at
-    /// port writes only while there are some).
-    pio: usize,
+    /// port writes only while there are some). Shared with the VM (`pio_counter`) so the
+    /// run loop can look without taking the table's lock on every port write.
+    pio: Arc<AtomicUsize>,
     /// How many entries have their patch in an image: the others are re-patched after
     /// a restore.
     imaged: usize,
@@ -227,7 +230,10 @@ impl Breakpoints {
 
     fn count(&mut self, patch: u8, in_image: bool, add: isize) {
         if patch == PIO_PATCH {
-            self.pio = self.pio.saturating_add_signed(add);
+            // Changed only with the table locked; the count is published before the
+            // caller writes the patch byte that a guest could hit.
+            let now = self.pio.load(Ordering::Relaxed).saturating_add_signed(add);
+            self.pio.store(now, Ordering::Release);
         }
         if in_image {
             self.imaged = self.imaged.saturating_add_signed(add);
@@ -260,13 +266,18 @@ impl Breakpoints {
 
     /// Whether a port write may be a [`PIO_PATCH`] hit.
     pub fn has_pio(&self) -> bool {
-        self.pio > 0
+        self.pio.load(Ordering::Relaxed) > 0
+    }
+
+    /// The count behind [`Breakpoints::has_pio`], for reading without the table's lock.
+    pub fn pio_counter(&self) -> Arc<AtomicUsize> {
+        Arc::clone(&self.pio)
     }
 
     /// Whether a [`PIO_PATCH`] entry is at `vaddr`: armed, or taken out for a step over it
     /// (a port write from it is then one another vCPU made just before).
     pub fn pio_at(&self, vaddr: u64) -> bool {
-        self.pio > 0
+        self.has_pio()
             && self
                 .entries
                 .get(&vaddr)

@@ -1,6 +1,7 @@
 //! The run loop: `KVM_RUN`, decode the exit once, hand it to the device the bus names,
 //! write the device's answer back, re-enter. Called with no interpreter lock held.
 
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use kvm_bindings::kvm_regs;
@@ -11,7 +12,6 @@ use crate::engine::error::{Error, Result};
 use crate::engine::exit::{self, Data, Exit, IoRaw, RunExit};
 use crate::engine::gettid;
 use crate::engine::kick::{self, Timer};
-use crate::engine::lock;
 use crate::engine::vcpu::{fd_of, FdGuard, Last, PendingRead, VcpuCore};
 use crate::engine::vm::VmCore;
 
@@ -270,7 +270,7 @@ impl VcpuCore {
             }
             Ok(RunExit::Io(io)) => {
                 let maybe_patch = io.is_write && io.size == 1 && io.count == 1;
-                if maybe_patch && lock(&self.vm.breakpoints).has_pio() {
+                if maybe_patch && self.vm.pio_patches.load(Ordering::Acquire) > 0 {
                     if let Some(trap) = self.pio_trap(&mut fd_of(guard)?.fd)? {
                         return self.trap(guard, trap);
                     }

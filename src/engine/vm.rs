@@ -58,6 +58,8 @@ pub struct VmCore {
     pub tracking: Mutex<Tracking>,
     /// Software breakpoints patched into guest memory (see `breakpoints`).
     pub breakpoints: Mutex<crate::engine::breakpoints::Breakpoints>,
+    /// `breakpoints`' count of port-I/O patches, read by the run loop without the lock.
+    pub pio_patches: Arc<std::sync::atomic::AtomicUsize>,
     /// The vCPU threads of the last `start`, until they are joined.
     group: Mutex<Option<Arc<RunGroup>>>,
     /// Entries of each vCPU's dirty ring; 0: the VM uses the dirty bitmap.
@@ -94,6 +96,7 @@ impl VmCore {
             fd.create_pit2(config)
                 .map_err(|e| Error::ioctl("KVM_CREATE_PIT2", e))?;
         }
+        let breakpoints = crate::engine::breakpoints::Breakpoints::default();
         Ok(Arc::new(VmCore {
             kvm,
             fd: Mutex::new(Some(fd)),
@@ -105,7 +108,8 @@ impl VmCore {
             irqchip,
             pit,
             tracking: Mutex::new(Tracking::default()),
-            breakpoints: Mutex::default(),
+            pio_patches: breakpoints.pio_counter(),
+            breakpoints: Mutex::new(breakpoints),
             group: Mutex::new(None),
             ring_entries: AtomicU32::new(0),
             ring_unreported: Mutex::new(Vec::new()),
