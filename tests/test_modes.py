@@ -93,6 +93,44 @@ def test_exception_port_conflicts_are_reported() -> None:
         assert console.output() == b""
 
 
+def test_vcpus_sharing_tables_that_fault_at_once_each_get_their_own_report() -> None:
+    # Each vCPU spins RCX times, then reads [RDI]: an address past the 1 GiB identity map,
+    # one per vCPU, so each #PF's CR2 (and the RSP of the faulting context) says whose it
+    # is. Started together, they fault together; the exception stubs are shared.
+    # l: dec rcx ; jnz l ; mov rax, [rdi]
+    code = bytes([0x48, 0xFF, 0xC9, 0x75, 0xFB, 0x48, 0x8B, 0x07])
+    n = 4
+    with kvmpy.Vm() as vm:
+        vm.add_memory(0, 2 << 20).write(LONG_LOAD, code)
+        cpus = [vm.create_vcpu() for _ in range(n)]
+        for c in cpus:
+            c.setup_long_mode(user=True, exceptions=True)
+        trs = {c.sregs.tr.base for c in cpus}
+        assert len(trs) == n, "each vCPU has its own TSS (and exception stack)"
+        for k, c in enumerate(cpus):
+            c.set_regs(rip=LONG_LOAD, rcx=1000, rdi=(1 << 30) + k * 0x1000, rsp=0x80000 - k * 8)
+        snap = vm.snapshot()
+        for _ in range(25):
+            exits = vm.run(timeout=30)
+            for k, exit in enumerate(exits):
+                assert isinstance(exit, kvmpy.ExceptionExit), exit
+                assert (exit.name, exit.rip) == ("#PF", LONG_LOAD + 5)
+                assert (exit.cr2, exit.rsp) == ((1 << 30) + k * 0x1000, 0x80000 - k * 8)
+            vm.restore(snap)
+
+
+def test_at_most_sixteen_vcpus_share_one_set_of_exception_tables() -> None:
+    with kvmpy.Vm() as vm:
+        vm.add_memory(0, 2 << 20)
+        cpus = [vm.create_vcpu() for _ in range(17)]
+        for c in cpus[:16]:
+            c.setup_long_mode(exceptions=True)
+        cpus[0].setup_long_mode(exceptions=True)  # again: keeps its own place
+        with pytest.raises(ValueError, match="at most 16 can share them"):
+            cpus[16].setup_long_mode(exceptions=True)
+        cpus[16].setup_long_mode(exceptions=True, tables_addr=0x100000)  # its own: fine
+
+
 def test_one_gib_pages_map_the_same_addresses() -> None:
     # mov rax, [0x300008] ; out 0xf4, al
     code = bytes([0x48, 0x8B, 0x04, 0x25, 0x08, 0x00, 0x30, 0x00, 0xE6, EXIT_PORT])

@@ -787,7 +787,10 @@ class Vcpu:
         With `exceptions=True` the IDT's stubs report CPU exceptions: `run()` then returns an
         `ExceptionExit` (reason `"exception"`) with the vector, error code, RIP and CR2,
         instead of the guest triple-faulting (reason `"shutdown"`). They report through
-        `exception_port`, which this registers with the VM.
+        `exception_port`, which this registers with the VM. vCPUs may share `tables_addr`:
+        each one after the first to set them up with exceptions gets its own TSS and
+        exception stack, `0x4000` bytes each right after the page tables (which must be
+        RAM inside the identity map), so that vCPUs faulting at once get their own reports.
 
         With `user_map`, a list of `(address, size, permissions)` (permissions: a string
         of `"r"`, `"w"`, `"x"`), the page tables instead map only those ranges (identity,

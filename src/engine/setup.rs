@@ -6,7 +6,7 @@ use std::sync::Arc;
 use kvm_bindings::{kvm_cpuid_entry2, kvm_msr_entry, CpuId, Msrs};
 
 use crate::arch::x86_64::fuzzmap::{self, UserRange};
-use crate::arch::x86_64::{self as x86, modes, paging::WalkError, Layout};
+use crate::arch::x86_64::{self as x86, gdt, modes, paging::WalkError, Layout};
 use crate::devices::exception::ExceptionDev;
 use crate::engine::error::{Error, Result};
 use crate::engine::vcpu::VcpuCore;
@@ -114,17 +114,22 @@ impl VcpuCore {
         if tables.is_none() {
             vm.check_memory(layout.gdt, (layout.end() - layout.gdt) as usize)?;
         }
+        let own = if mode.exceptions {
+            self.exception_tss(&layout)?
+        } else {
+            None
+        };
         if mode.exceptions {
-            let (port, report) = (mode.exception_port, layout.report);
+            let port = mode.exception_port;
             vm.update_bus(|bus| {
                 let same = bus
                     .io(port)
                     .and_then(|d| d.as_any().downcast_ref::<ExceptionDev>())
-                    .is_some_and(|d| d.report == report);
+                    .is_some();
                 if same {
                     return Ok((bus.clone(), ()));
                 }
-                let dev = Arc::new(ExceptionDev { port, report });
+                let dev = Arc::new(ExceptionDev { port });
                 Ok((bus.with_io(port, u32::from(port) + 1, dev)?, ()))
             })?;
         }
@@ -133,6 +138,9 @@ impl VcpuCore {
             image.retain(|(gpa, _)| *gpa < layout.pml4);
             image.extend(pages);
         }
+        if let Some((tss, _, bytes)) = &own {
+            image.push((*tss, bytes.clone()));
+        }
         for (gpa, bytes) in image {
             vm.write_memory(gpa, &bytes)?;
         }
@@ -140,10 +148,37 @@ impl VcpuCore {
             let s = fd
                 .get_sregs()
                 .map_err(|e| Error::ioctl("KVM_GET_SREGS", e))?;
-            let s = x86::long_mode_sregs(&s, &layout, mode.user, mode.exceptions);
+            let mut s = x86::long_mode_sregs(&s, &layout, mode.user, mode.exceptions);
+            if let Some((tss, limit, _)) = &own {
+                (s.tr.base, s.tr.limit) = (*tss, *limit);
+            }
             self.write_sregs(fd, &s)?;
             self.update_regs(fd, |r| r.rflags = x86::long_mode_rflags(mode.user))
         })
+    }
+
+    /// The TSS (with its segment limit) of this vCPU when it is not the first to use the
+    /// tables at `layout` with exceptions: the stubs and IDT are shared, but two vCPUs on
+    /// one stack (and one report area, which is on it) would write over each other when
+    /// they fault at once. The first vCPU uses the layout's own (None); the others get
+    /// [`Layout::exception_slot`]s, inside the tables' own pages.
+    fn exception_tss(&self, layout: &Layout) -> Result<Option<(u64, u32, Vec<u8>)>> {
+        let k = self.vm.exception_slot(layout.gdt, self.id);
+        if k == 0 {
+            return Ok(None);
+        }
+        let Some((tss, stack_top)) = layout.exception_slot(k) else {
+            return Err(Error::Value(format!(
+                "vCPU {} would be vCPU number {} to use the tables at {:#x} with \
+                 exceptions=True; at most {} can share them: give it its own tables_addr",
+                self.id,
+                k + 1,
+                layout.gdt,
+                x86::EXTRA_EXCEPTION_SLOTS + 1
+            )));
+        };
+        let (bytes, limit) = gdt::extra_tss_bytes(tss, stack_top, layout.tss);
+        Ok(Some((tss, limit, bytes)))
     }
 
     /// Sets RIP, RAX and RBX, as boot protocols hand over.

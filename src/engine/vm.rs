@@ -58,6 +58,9 @@ pub struct VmCore {
     pub tracking: Mutex<Tracking>,
     /// Software breakpoints patched into guest memory (see `breakpoints`).
     pub breakpoints: Mutex<crate::engine::breakpoints::Breakpoints>,
+    /// For each tables address set up with exceptions, the vCPUs that use it, in the order
+    /// they were set up (see `setup.rs`: each after the first has its own stack).
+    exception_slots: Mutex<std::collections::BTreeMap<u64, Vec<u64>>>,
     /// `breakpoints`' count of port-I/O patches, read by the run loop without the lock.
     pub pio_patches: Arc<std::sync::atomic::AtomicUsize>,
     /// The vCPU threads of the last `start`, until they are joined.
@@ -70,6 +73,20 @@ pub struct VmCore {
 }
 
 impl VmCore {
+    /// Which vCPU, counting from 0, `vcpu_id` is among those that set up the tables at
+    /// `tables` with exceptions (the same answer every time for one vCPU).
+    pub fn exception_slot(&self, tables: u64, vcpu_id: u64) -> usize {
+        let mut slots = lock(&self.exception_slots);
+        let users = slots.entry(tables).or_default();
+        match users.iter().position(|v| *v == vcpu_id) {
+            Some(k) => k,
+            None => {
+                users.push(vcpu_id);
+                users.len() - 1
+            }
+        }
+    }
+
     /// Creates a VM; with `irqchip`, KVM's in-kernel PIC/IOAPIC/LAPICs, with `pit` its PIT.
     pub fn new(irqchip: bool, pit: bool) -> Result<Arc<Self>> {
         if pit && !irqchip {
@@ -108,6 +125,7 @@ impl VmCore {
             irqchip,
             pit,
             tracking: Mutex::new(Tracking::default()),
+            exception_slots: Mutex::default(),
             pio_patches: breakpoints.pio_counter(),
             breakpoints: Mutex::new(breakpoints),
             group: Mutex::new(None),

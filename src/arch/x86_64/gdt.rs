@@ -60,6 +60,20 @@ pub fn tss_bytes(stack_top: u64) -> Vec<u8> {
     tss
 }
 
+/// A TSS of 0x68 bytes at `tss_base` for another vCPU's exceptions: RSP0 and IST1 at
+/// `stack_top`, and the I/O map base pointing at the bitmap of the TSS at `shared_tss`
+/// (which must lie above: the base is an unsigned offset). Returns its bytes and the
+/// segment limit that covers that bitmap.
+pub fn extra_tss_bytes(tss_base: u64, stack_top: u64, shared_tss: u64) -> (Vec<u8>, u32) {
+    let iomap = shared_tss + 0x68 - tss_base;
+    assert!(iomap <= 0xffff, "the shared I/O bitmap is out of reach");
+    let mut tss = vec![0u8; 0x68];
+    tss[0x04..0x0c].copy_from_slice(&stack_top.to_le_bytes()); // RSP0
+    tss[0x24..0x2c].copy_from_slice(&stack_top.to_le_bytes()); // IST1
+    tss[0x66..0x68].copy_from_slice(&(iomap as u16).to_le_bytes());
+    (tss, (iomap + 8192) as u32)
+}
+
 /// The hidden segment state KVM needs for descriptor `e` loaded with `selector`.
 pub fn segment(e: u64, selector: u16) -> kvm_segment {
     let base = ((e >> 16) & 0x00ff_ffff) | ((e >> 32) & 0xff00_0000);

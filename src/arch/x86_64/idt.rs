@@ -6,6 +6,12 @@
 //! writes the vector to the report port with `out dx, al`; the host ends the run with an
 //! `"exception"` exit. If the guest is resumed, the stub returns with `iretq` to the
 //! faulting instruction.
+//!
+//! The report area lies [`REPORT_BELOW_TOP`] bytes below the top of the IST1 stack and
+//! the stubs address it from RSP, so vCPUs that share the IDT and stubs but each have a
+//! TSS and stack of their own (see `Layout::exception_slot`) each get their own report: two vCPUs that
+//! fault at once never write over each other's. At the `out`, RSP is always
+//! [`STUB_RSP_BELOW_TOP`] below the stack's top (the IST switch starts from the top).
 
 /// Gates in the IDT (the 32 architectural exception vectors are populated).
 pub const VECTORS: usize = 256;
@@ -24,6 +30,19 @@ pub mod report {
     pub const RSP: u64 = 40;
     pub const CR2: u64 = 48;
     pub const SIZE: usize = 56;
+}
+
+/// How far below the IST1 stack's top the report area is (the stub's frame, 72 bytes,
+/// stays above it).
+pub const REPORT_BELOW_TOP: u64 = 0x100;
+/// How far below the IST1 stack's top RSP is when the stub writes to the report port:
+/// the CPU's frame (SS, RSP, RFLAGS, CS, RIP, error code), the vector, RAX and RDX.
+pub const STUB_RSP_BELOW_TOP: u64 = 72;
+
+/// The report area of the stub whose `out` found RSP at `rsp`.
+pub fn report_at(rsp: u64) -> u64 {
+    rsp.wrapping_add(STUB_RSP_BELOW_TOP)
+        .wrapping_sub(REPORT_BELOW_TOP)
 }
 
 /// Whether the CPU pushes an error code for `vector`.
@@ -63,8 +82,9 @@ pub fn idt_bytes(stubs: u64, code: u16) -> Vec<u8> {
 }
 
 /// The stubs' machine code, to be placed at `stubs`: 32 stubs of 16 bytes, then the common
-/// part that fills the report at `report_addr` and writes the vector to `port`.
-pub fn stub_code(stubs: u64, report_addr: u64, port: u16) -> Vec<u8> {
+/// part that fills the report (below the stack's top: [`report_at`]) and writes the
+/// vector to `port`.
+pub fn stub_code(stubs: u64, port: u16) -> Vec<u8> {
     let common = stubs + u64::from(EXCEPTIONS) * STUB_SIZE;
     let mut code = Vec::new();
     for v in 0..EXCEPTIONS {
@@ -81,10 +101,16 @@ pub fn stub_code(stubs: u64, report_addr: u64, port: u16) -> Vec<u8> {
     // Stack now: vector, error code, RIP, CS, RFLAGS, RSP, SS.
     code.push(0x50); // push rax            -> everything above moves up by 8
     code.push(0x52); // push rdx            -> and by 8 more
+                     // mov [rsp + disp32], rax: the report field `field`, RSP being the stack's top less
+                     // STUB_RSP_BELOW_TOP here.
+    let to_report = |code: &mut Vec<u8>, field: u64| {
+        let disp = STUB_RSP_BELOW_TOP as i64 - REPORT_BELOW_TOP as i64 + field as i64;
+        code.extend_from_slice(&[0x48, 0x89, 0x84, 0x24]);
+        code.extend_from_slice(&(disp as i32).to_le_bytes());
+    };
     let store = |code: &mut Vec<u8>, stack_slot: u8, field: u64| {
         code.extend_from_slice(&[0x48, 0x8b, 0x44, 0x24, 16 + stack_slot * 8]); // mov rax, [rsp+..]
-        code.extend_from_slice(&[0x48, 0xa3]); // mov [moffs64], rax
-        code.extend_from_slice(&(report_addr + field).to_le_bytes());
+        to_report(code, field);
     };
     store(&mut code, 0, report::VECTOR);
     store(&mut code, 1, report::ERROR_CODE);
@@ -93,8 +119,7 @@ pub fn stub_code(stubs: u64, report_addr: u64, port: u16) -> Vec<u8> {
     store(&mut code, 4, report::RFLAGS);
     store(&mut code, 5, report::RSP);
     code.extend_from_slice(&[0x0f, 0x20, 0xd0]); // mov rax, cr2
-    code.extend_from_slice(&[0x48, 0xa3]);
-    code.extend_from_slice(&(report_addr + report::CR2).to_le_bytes());
+    to_report(&mut code, report::CR2);
     code.extend_from_slice(&[0x48, 0x8b, 0x44, 0x24, 16]); // mov rax, [rsp+16] (vector)
     code.extend_from_slice(&[0x66, 0xba]); // mov dx, port
     code.extend_from_slice(&port.to_le_bytes());
@@ -128,7 +153,7 @@ mod tests {
 
     #[test]
     fn stubs_push_a_dummy_error_code_only_when_the_cpu_does_not() {
-        let code = stub_code(0x5000, 0x3100, 0xf6);
+        let code = stub_code(0x5000, 0xf6);
         // #DE (no error code): push 0; push 0; jmp
         assert_eq!(&code[0..4], &[0x6a, 0x00, 0x6a, 0x00]);
         // #GP (error code): push 13; jmp
@@ -144,5 +169,32 @@ mod tests {
         assert_eq!(&code[code.len() - 2..], &[0x48, 0xcf]);
         assert_eq!(name(14), "#PF");
         assert_eq!(name(99), "#99");
+    }
+
+    #[test]
+    fn the_report_is_written_below_the_stack_top_through_rsp() {
+        let code = stub_code(0x5000, 0xf6);
+        let common = &code[32 * 16..];
+        let texts: Vec<String> = crate::arch::x86_64::disasm::disassemble(common, 64, 0, 40)
+            .into_iter()
+            .map(|i| i.text)
+            .collect();
+        let stores: Vec<&String> = texts.iter().filter(|t| t.starts_with("mov [rsp")).collect();
+        // VECTOR, ERROR_CODE, RIP, CS, RFLAGS, RSP, CR2: report_at(rsp) + field.
+        let want: Vec<String> = [0u64, 8, 16, 24, 32, 40, 48]
+            .iter()
+            .map(|f| {
+                let below = REPORT_BELOW_TOP - STUB_RSP_BELOW_TOP - f;
+                format!("mov [rsp-{below:#x}], rax")
+            })
+            .collect();
+        assert_eq!(stores, want.iter().collect::<Vec<_>>(), "{texts:?}");
+        // No store to a fixed address: vCPUs with their own stacks have their own reports.
+        assert!(texts.iter().all(|t| !t.starts_with("mov [0x")));
+        assert!(texts.contains(&"out dx, al".to_string()));
+        assert_eq!(
+            report_at(0x7000 - STUB_RSP_BELOW_TOP),
+            0x7000 - REPORT_BELOW_TOP
+        );
     }
 }

@@ -38,16 +38,23 @@ pub const EFER_NXE: u64 = 1 << 11;
 pub const RFLAGS_RESERVED: u64 = 1 << 1;
 pub const RFLAGS_IOPL3: u64 = 3 << 12;
 
+/// How many vCPUs besides the first can share one set of tables with exceptions.
+pub const EXTRA_EXCEPTION_SLOTS: usize = 15;
+
 /// Where the mode helpers put their structures in guest memory, from `base`:
 ///
 /// | offset | what |
 /// |---|---|
 /// | `0x0000` | GDT |
 /// | `0x1000` | TSS with an I/O bitmap allowing every port (0x2069 bytes) |
-/// | `0x3100` | exception report written by the IDT stubs (7 u64) |
 /// | `0x4000` | IDT (256 gates) |
 /// | `0x5000` | exception stubs (ring-0 code) |
-/// | `0x6000` | exception stack (one page; its top is the TSS's IST1 and RSP0) |
+/// | `0x6000` | exception stack (one page; its top is the TSS's IST1 and RSP0), with the |
+/// |          | stubs' exception report (7 u64) at `0x6f00`, below the stubs' frame |
+///
+/// vCPUs after the first that use the same tables with exceptions each get a TSS in the
+/// GDT's page and a stack (with its report) in the TSS's last page: see
+/// [`Layout::exception_slot`].
 /// | `0x7000` | PML4 |
 /// | `0x8000` | PDPT |
 /// | `0x9000` | page directories, one per mapped GiB (none with 1 GiB pages) |
@@ -85,7 +92,7 @@ impl Layout {
         Ok(Layout {
             gdt: base,
             tss: base + 0x1000,
-            report: base + 0x3100,
+            report: base + 0x7000 - idt::REPORT_BELOW_TOP,
             idt: base + 0x4000,
             stubs: base + 0x5000,
             stack_top: base + 0x7000,
@@ -95,6 +102,22 @@ impl Layout {
             gib,
             huge,
         })
+    }
+
+    /// The TSS and exception stack top of the `k`-th vCPU (from 1) after the first that
+    /// uses these tables with exceptions, or None past [`EXTRA_EXCEPTION_SLOTS`]. Both
+    /// lie in pages the layout already has: the TSSs (0x68 bytes, sharing the first
+    /// TSS's I/O bitmap) from `+0x100` in the GDT's page, the stacks (0x100 bytes: the
+    /// stubs' 72-byte frame and the report) from `+0x3100`, after the bitmap.
+    pub fn exception_slot(&self, k: usize) -> Option<(u64, u64)> {
+        if !(1..=EXTRA_EXCEPTION_SLOTS).contains(&k) {
+            return None;
+        }
+        let k = k as u64;
+        Some((
+            self.gdt + 0x100 + (k - 1) * 0x80,
+            self.gdt + 0x3100 + k * 0x100,
+        ))
     }
 
     /// One past the last byte the structures use.
@@ -194,8 +217,23 @@ mod tests {
             (0x1000, 0x2000, 0x5000, 0x6000)
         );
         assert_eq!((l.pml4, l.pdpt, l.pd), (0x8000, 0x9000, 0xa000));
-        assert!(l.tss + gdt::TSS_SIZE <= l.report);
-        assert!(l.report + 56 <= l.idt);
+        assert!(l.stubs + 0x1000 <= l.report);
+        assert!(l.report + 56 <= l.stack_top - idt::STUB_RSP_BELOW_TOP);
+        assert_eq!(
+            idt::report_at(l.stack_top - idt::STUB_RSP_BELOW_TOP),
+            l.report
+        );
+        // Extra vCPUs' TSSs sit between the GDT and the first TSS; their stacks between
+        // the first TSS's bitmap and the IDT, each with room for its report and frame.
+        assert_eq!(l.exception_slot(0), None);
+        assert_eq!(l.exception_slot(EXTRA_EXCEPTION_SLOTS + 1), None);
+        let mut prev_top = l.tss + gdt::TSS_SIZE;
+        for k in 1..=EXTRA_EXCEPTION_SLOTS {
+            let (tss, top) = l.exception_slot(k).unwrap();
+            assert!(tss >= l.gdt + 0x100 && tss + 0x68 <= l.tss);
+            assert!(top - idt::REPORT_BELOW_TOP >= prev_top && top <= l.idt);
+            prev_top = top;
+        }
         assert_eq!(l.stack_top, l.pml4);
         assert_eq!(l.end(), 0xc000);
         assert_eq!(Layout::at(0x1000, 2, true).unwrap().end(), 0xa000);

@@ -42,10 +42,7 @@ pub fn long_mode_image(
     ];
     if exceptions {
         writes.push((layout.idt, idt::idt_bytes(layout.stubs, gdt::KERNEL_CODE64)));
-        writes.push((
-            layout.stubs,
-            idt::stub_code(layout.stubs, layout.report, exception_port),
-        ));
+        writes.push((layout.stubs, idt::stub_code(layout.stubs, exception_port)));
     }
     writes.extend(paging::identity_map(layout));
     writes
