@@ -32,6 +32,7 @@ IMAGE = 0x100000
 TARGETS = (
     ("fuzz_parser.elf", "parse", b"KVL\x08abcdefgh"),  # a few hundred instructions
     ("fuzz_compute.elf", "hash", b"kvmpy fuzz " * 4),  # over 1e5 instructions
+    ("fuzz_decode.elf", "decode", b"kvmpy fuzz " * 4),  # about 2e6: loads, stores, branches
 )
 
 

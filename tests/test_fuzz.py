@@ -198,6 +198,17 @@ def test_the_compute_target_is_deterministic() -> None:
         assert t.run(b"hello") == a
 
 
+def test_the_decode_target_is_deterministic_and_has_its_bug() -> None:
+    elf = kvmpy.shipped_guest("fuzz_decode.elf")
+    with fuzz.Target.from_elf(elf, entry="decode", max_len=256, timeout_ms=2000) as t:
+        a, b = t.run(b"hello"), t.run(b"hellp")
+        assert a.kind == b.kind == "ok" and a.code != b.code
+        assert t.run(b"hello") == a
+        crash = t.run(b"DEC!")
+        assert (crash.kind, crash.name, crash.cr2) == ("crash", "#PF", 0)
+        assert crash.location.startswith("decode+")
+
+
 def test_triage_keeps_the_smallest_input_per_bucket(parser: Path, tmp_path: Path) -> None:
     triage = fuzz.Triage()
     with fuzz.Target.from_elf(parser, entry="parse", max_len=512) as t:

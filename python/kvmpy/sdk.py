@@ -54,6 +54,8 @@ SHIPPED_GUESTS: dict[str, str] = {
     "bugs (guests/c/fuzz_parser.c)",
     "fuzz_compute.elf": "a compute-heavy fuzz target, hash(data, len): over 1e5 instructions "
     "per input (guests/c/fuzz_compute.c)",
+    "fuzz_decode.elf": "a compute-heavy fuzz target whose work is loads, stores and branches, "
+    "decode(data, len): about 2e6 instructions per input (guests/c/fuzz_decode.c)",
 }
 """The prebuilt guests in the package (``shipped_guest(name)``), with what they do."""
 
