@@ -205,6 +205,51 @@ static void mode_serve(const char *bin) {
     vm_destroy(&v);
 }
 
+/* Dirty logging on the VM's one slot, and a clean copy of its first 2 MiB (the rest of
+ * guest memory stays zero on both sides) to copy dirty pages back from. */
+typedef struct {
+    uint64_t *bitmap;
+    size_t words;
+    uint8_t *clean;
+    struct kvm_dirty_log log;
+} dirty_t;
+
+static void dirty_start(vm_t *v, dirty_t *d) {
+    struct kvm_userspace_memory_region r = {.slot = 0, .flags = KVM_MEM_LOG_DIRTY_PAGES,
+                                            .guest_phys_addr = 0, .memory_size = v->memsz,
+                                            .userspace_addr = (uint64_t)v->mem};
+    if (ioctl(v->vm, KVM_SET_USER_MEMORY_REGION, &r) < 0) DIE("KVM_SET_USER_MEMORY_REGION");
+    d->words = (v->memsz / 4096 + 63) / 64;
+    d->bitmap = calloc(d->words, 8);
+    d->clean = mmap(NULL, v->memsz, PROT_READ | PROT_WRITE,
+                    MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (!d->bitmap || d->clean == MAP_FAILED) DIE("allocate the clean copy");
+    memcpy(d->clean, v->mem, GUEST_MEM);
+    d->log = (struct kvm_dirty_log){.slot = 0, .dirty_bitmap = d->bitmap};
+    if (ioctl(v->vm, KVM_GET_DIRTY_LOG, &d->log) < 0) DIE("KVM_GET_DIRTY_LOG");
+}
+
+/* KVM_GET_DIRTY_LOG, then the dirty pages copied back; returns how many. */
+static uint64_t dirty_restore(vm_t *v, dirty_t *d) {
+    uint64_t copied = 0;
+    if (ioctl(v->vm, KVM_GET_DIRTY_LOG, &d->log) < 0) DIE("KVM_GET_DIRTY_LOG");
+    for (size_t w = 0; w < d->words; w++) {
+        uint64_t bits = d->bitmap[w];
+        while (bits) {
+            size_t p = w * 64 + (size_t)__builtin_ctzll(bits);
+            memcpy(v->mem + p * 4096, d->clean + p * 4096, 4096);
+            bits &= bits - 1;
+            copied++;
+        }
+    }
+    return copied;
+}
+
+static void dirty_stop(vm_t *v, dirty_t *d) {
+    munmap(d->clean, v->memsz);
+    free(d->bitmap);
+}
+
 /* The fuzzing-style reset floor: what a snapshot restore must do at the least. */
 static void mode_reset(const char *bin, uint64_t mib) {
     vm_t v;
@@ -218,19 +263,8 @@ static void mode_reset(const char *bin, uint64_t mib) {
     write_tables(&v);
     vcpu_create(&v, &c, 0);
     setup_long(&c, 0);
-    struct kvm_userspace_memory_region r = {.slot = 0, .flags = KVM_MEM_LOG_DIRTY_PAGES,
-                                            .guest_phys_addr = 0, .memory_size = v.memsz,
-                                            .userspace_addr = (uint64_t)v.mem};
-    if (ioctl(v.vm, KVM_SET_USER_MEMORY_REGION, &r) < 0) DIE("KVM_SET_USER_MEMORY_REGION");
-    size_t pages = v.memsz / 4096, words = (pages + 63) / 64;
-    uint64_t *bitmap = calloc(words, 8);
-    /* The clean copy: the guest uses its first 2 MiB; the rest stays zero on both sides. */
-    uint8_t *clean = mmap(NULL, v.memsz, PROT_READ | PROT_WRITE,
-                          MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-    if (!bitmap || clean == MAP_FAILED) DIE("allocate the clean copy");
-    memcpy(clean, v.mem, GUEST_MEM);
-    struct kvm_dirty_log log = {.slot = 0, .dirty_bitmap = bitmap};
-    if (ioctl(v.vm, KVM_GET_DIRTY_LOG, &log) < 0) DIE("KVM_GET_DIRTY_LOG");
+    dirty_t d;
+    dirty_start(&v, &d);
     struct kvm_regs regs;
     if (ioctl(c.fd, KVM_GET_REGS, &regs) < 0) DIE("KVM_GET_REGS");
     struct kvm_xsave xsave;
@@ -254,17 +288,8 @@ static void mode_reset(const char *bin, uint64_t mib) {
                 errno = 0;
                 DIE("unexpected exit %d", e);
             }
-            if (ioctl(v.vm, KVM_GET_DIRTY_LOG, &log) < 0) DIE("KVM_GET_DIRTY_LOG");
+            copied += dirty_restore(&v, &d);
             if (fpu && ioctl(c.fd, KVM_SET_XSAVE, &xsave) < 0) DIE("KVM_SET_XSAVE");
-            for (size_t w = 0; w < words; w++) {
-                uint64_t bits = bitmap[w];
-                while (bits) {
-                    size_t p = w * 64 + (size_t)__builtin_ctzll(bits);
-                    memcpy(v.mem + p * 4096, clean + p * 4096, 4096);
-                    bits &= bits - 1;
-                    copied++;
-                }
-            }
         }
         double dt = now() - t0;
         if (copied < n * k) {
@@ -276,8 +301,7 @@ static void mode_reset(const char *bin, uint64_t mib) {
                n, k, fpu, copied, dt);
         fflush(stdout);
     }
-    munmap(clean, v.memsz);
-    free(bitmap);
+    dirty_stop(&v, &d);
     vcpu_destroy(&c);
     vm_destroy(&v);
 }
@@ -303,17 +327,8 @@ static void mode_fuzz(const char *image, uint64_t entry) {
     write_tables(&v);
     vcpu_create(&v, &c, 0);
     setup_long(&c, 0);
-    struct kvm_userspace_memory_region r = {.slot = 0, .flags = KVM_MEM_LOG_DIRTY_PAGES,
-                                            .guest_phys_addr = 0, .memory_size = v.memsz,
-                                            .userspace_addr = (uint64_t)v.mem};
-    if (ioctl(v.vm, KVM_SET_USER_MEMORY_REGION, &r) < 0) DIE("KVM_SET_USER_MEMORY_REGION");
-    size_t words = (v.memsz / 4096 + 63) / 64;
-    uint64_t *bitmap = calloc(words, 8);
-    uint8_t *clean = malloc(v.memsz);
-    if (!bitmap || !clean) DIE("allocate the clean copy");
-    memcpy(clean, v.mem, v.memsz);
-    struct kvm_dirty_log log = {.slot = 0, .dirty_bitmap = bitmap};
-    if (ioctl(v.vm, KVM_GET_DIRTY_LOG, &log) < 0) DIE("KVM_GET_DIRTY_LOG");
+    dirty_t d;
+    dirty_start(&v, &d);
     struct kvm_regs regs;
     if (ioctl(c.fd, KVM_GET_REGS, &regs) < 0) DIE("KVM_GET_REGS");
     c.run->kvm_valid_regs = KVM_SYNC_X86_REGS;
@@ -350,24 +365,14 @@ static void mode_fuzz(const char *image, uint64_t entry) {
                 errno = 0;
                 DIE("unexpected exit %d", e);
             }
-            if (ioctl(v.vm, KVM_GET_DIRTY_LOG, &log) < 0) DIE("KVM_GET_DIRTY_LOG");
-            for (size_t w = 0; w < words; w++) {
-                uint64_t bits = bitmap[w];
-                while (bits) {
-                    size_t p = w * 64 + (size_t)__builtin_ctzll(bits);
-                    memcpy(v.mem + p * 4096, clean + p * 4096, 4096);
-                    bits &= bits - 1;
-                    copied++;
-                }
-            }
+            copied += dirty_restore(&v, &d);
         }
         double dt = now() - t0;
         printf("{\"mode\": \"fuzz\", \"len\": %zu, \"k\": %llu, \"pages\": %llu, "
                "\"seconds\": %.9f}\n", len, k, copied, dt);
         fflush(stdout);
     }
-    free(clean);
-    free(bitmap);
+    dirty_stop(&v, &d);
     vcpu_destroy(&c);
     vm_destroy(&v);
 }
