@@ -1,11 +1,13 @@
 """Every code block of the README and of the documentation runs, in an empty directory,
 as a reader would run it, block after block.
 
-- ```python blocks run in one namespace per page, in order;
+- ```python blocks run in one namespace per page, in order, except those whose first
+  line is `# file: NAME`, which are written to NAME (a script the page then runs);
 - ```c blocks whose first line is `/* file: NAME */` are written to NAME;
-- ```sh lines that start with `python -m kvmpy` run (with this interpreter); a trailing
-  `# exit status N` says the status they must end with (default 0). Other ```sh blocks
-  (installing kvmpy, building wheels) are what CI itself runs (.ci/run).
+- ```sh lines that start with `python -m kvmpy` or `python NAME.py` run (with this
+  interpreter); a trailing `# exit status N` says the status they must end with (default
+  0). Other ```sh blocks (installing kvmpy, building wheels) are what CI itself runs
+  (.ci/run).
 - blocks in other languages (```text) are output shown to the reader.
 """
 
@@ -41,7 +43,7 @@ def run_kvmpy_line(line: str, cwd: Path, where: str) -> None:
     command, _, comment = line.partition("#")
     status = re.search(r"exit status (\d+)", comment)
     argv = shlex.split(command)
-    assert argv[:3] == ["python", "-m", "kvmpy"], where
+    assert argv[:3] == ["python", "-m", "kvmpy"] or argv[1].endswith(".py"), where
     done = subprocess.run(
         [sys.executable, *argv[1:]], cwd=cwd, capture_output=True, text=True, timeout=120
     )
@@ -55,14 +57,21 @@ def run_page(page: Path, cwd: Path) -> int:
     ran = 0
     for lang, code, line in blocks(page):
         where = f"{page.relative_to(ROOT)}:{line}"
-        if lang == "python":
+        script = re.match(r"# file: (\S+)\n", code)
+        if lang == "python" and script:
+            (cwd / script.group(1)).write_text(code)
+        elif lang == "python":
             exec(compile(code, where, "exec"), namespace)
         elif lang == "c":
             name = re.match(r"/\* file: (\S+) \*/\n", code)
             assert name, f"{where}: a C block starts with /* file: NAME */"
             (cwd / name.group(1)).write_text(code)
         elif lang == "sh":
-            lines = [ln for ln in code.splitlines() if ln.startswith("python -m kvmpy")]
+            lines = [
+                ln
+                for ln in code.splitlines()
+                if ln.startswith("python -m kvmpy") or re.match(r"python \S+\.py\b", ln)
+            ]
             for ln in lines:
                 run_kvmpy_line(ln, cwd, where)
             if not lines:
