@@ -11,12 +11,16 @@ less the moment afl-fuzz was started.
 
 Then the fork-server overhead: the inputs of kvmpy's final corpus, run in one process
 through ``fuzz.Target.run`` (and through the Unicorn harness's ``run``), µs per
-execution, against 1e6 / ``execs_per_sec`` under afl-fuzz. And ``--pipes``: the round
+execution, against 1e6 / ``execs_per_sec`` under afl-fuzz. And the round
 trip of one u32 through a chain of Python processes over pipes as kvmpy's fork server
 relays it (afl-fuzz -> server -> child -> server -> afl-fuzz) against a direct one.
 
-``python -m benchmarks.afl_compare [--duration S] [--targets parser,compute] [--pipes]``.
-Needs afl-fuzz (AFL++) and ``pip install unicorn unicornafl``. Nothing is asserted.
+Last, afl-fuzz's own floor here: ``afl_null.c``, a C fork server that runs nothing.
+
+``python -m benchmarks.afl_compare [--duration S] [--targets parser,compute]
+[--floor-only]``.
+Needs afl-fuzz (AFL++) and the Unicorn pair named in ``benchmarks.unicorn_fuzz``
+(``pip install unicornafl==2.0.2 unicorn==2.0.0rc6``). Nothing is asserted.
 """
 
 from __future__ import annotations
@@ -197,6 +201,28 @@ def compare(names: list[str], duration: int) -> None:
         )
 
 
+def afl_floor(duration: int) -> None:
+    """afl-fuzz's own cost per execution here: ``benchmarks/afl_null.c``, a fork server
+    that answers at once and runs nothing, under afl-fuzz for ``duration`` seconds."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        print("\n(no C compiler: afl-fuzz's floor not measured)")
+        return
+    with tempfile.TemporaryDirectory(prefix="afl_floor.") as tmp:
+        work = Path(tmp)
+        binary = work / "afl_null"
+        source = Path(__file__).resolve().parent / "afl_null.c"
+        subprocess.run([cc, "-O2", "-o", str(binary), str(source)], check=True)
+        seeds = work / "seeds"
+        seeds.mkdir()
+        (seeds / "seed0").write_bytes(TARGETS["parser"][2][0])
+        run = run_afl(work, "null", seeds, duration, [str(binary)])
+    print(
+        f"\nafl-fuzz's floor (afl_null.c, -V {duration}): {run.execs_per_sec:.0f} execs/s, "
+        f"{run.us_per_exec:.1f} µs per execution"
+    )
+
+
 # ------------------------------------------------------------------ pipe round trips
 
 
@@ -275,9 +301,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=int, default=60, help="seconds per afl-fuzz run")
     parser.add_argument("--targets", default="parser,compute")
-    parser.add_argument("--pipes", action="store_true", help="only the pipe round trips")
+    parser.add_argument(
+        "--floor-only", action="store_true", help="only afl-fuzz's floor and the pipe round trips"
+    )
     args = parser.parse_args()
-    if args.pipes:
+    if args.floor_only:
+        afl_floor(min(args.duration, 20))
         pipe_round_trips()
         return
     names = [n.strip() for n in args.targets.split(",") if n.strip()]
@@ -285,6 +314,7 @@ def main() -> None:
     if unknown or not names:
         raise SystemExit(f"unknown targets {unknown}: choose from {', '.join(TARGETS)}")
     compare(names, args.duration)
+    afl_floor(min(args.duration, 20))
     pipe_round_trips()
 
 
