@@ -72,6 +72,7 @@ class AflRun:
     execs_done: int
     corpus_count: int
     crashes: int
+    timeouts: int
     first_crash_s: float | None
     out: Path
 
@@ -114,6 +115,7 @@ def run_afl(work: Path, name: str, seeds: Path, duration: int, harness: list[str
         execs_done=int(stats["execs_done"]),
         corpus_count=int(stats["corpus_count"]),
         crashes=len(crashes),
+        timeouts=int(stats.get("total_tmout", "0")),
         first_crash_s=None if first is None else first - started,
         out=out,
     )
@@ -176,7 +178,7 @@ def compare(names: list[str], duration: int) -> None:
     print(f"\nafl-fuzz -V {duration}, same seeds, kvmpy then Unicorn + unicornafl:\n")
     print(
         "| target | kvmpy execs/s | unicornafl execs/s | kvmpy ÷ unicornafl "
-        "| kvmpy execs (crashes, corpus) | unicornafl execs (crashes, corpus) "
+        "| kvmpy execs (crashes, timeouts, corpus) | unicornafl execs (same) "
         "| first crash kvmpy | first crash unicornafl |"
     )
     print("|---|---|---|---|---|---|---|---|")
@@ -184,8 +186,8 @@ def compare(names: list[str], duration: int) -> None:
         print(
             f"| {name} | {k.execs_per_sec:.0f} | {u.execs_per_sec:.0f} "
             f"| {k.execs_per_sec / u.execs_per_sec:.2f}× "
-            f"| {k.execs_done} ({k.crashes}, {k.corpus_count}) "
-            f"| {u.execs_done} ({u.crashes}, {u.corpus_count}) "
+            f"| {k.execs_done} ({k.crashes}, {k.timeouts}, {k.corpus_count}) "
+            f"| {u.execs_done} ({u.crashes}, {u.timeouts}, {u.corpus_count}) "
             f"| {fmt_s(k.first_crash_s)} | {fmt_s(u.first_crash_s)} |"
         )
     print("\nµs per execution under afl-fuzz against the same corpus run in one process:\n")

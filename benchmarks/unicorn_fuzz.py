@@ -3,7 +3,8 @@ through unicornafl (``pip install unicorn unicornafl``), the way unicornafl's ex
 
 The address space mirrors ``kvmpy.fuzz.Target.from_elf``: the ELF's PT_LOAD segments with
 their own permissions, nothing mapped below them (a NULL access faults), a return page
-whose address is the exit (reaching it ends the input cleanly), a stack, and the input
+whose address is the exit (reaching it, or an ``out`` to kvmpy's exit port 0xF4, ends
+the input cleanly), a stack, and the input
 written so that it ends at a page end. Each input: the input in place, RDI = its address,
 RSI = its length, RSP on a return address, RIP at the entry. Any Unicorn error (an
 unmapped or forbidden access, a CPU exception) is a crash, which is how unicornafl
@@ -35,6 +36,7 @@ from typing import Any
 
 PIP = "pip install unicornafl==2.0.2 unicorn==2.0.0rc6"
 PAGE = 0x1000
+EXIT_PORT = 0xF4
 STACK_SIZE = 0x10000
 PF_X, PF_W = 1, 2
 
@@ -144,8 +146,16 @@ class UnicornTarget:
         uc.mem_map(stack_bottom, STACK_SIZE, uc_mod.UC_PROT_READ | uc_mod.UC_PROT_WRITE)
         rw = uc_mod.UC_PROT_READ | uc_mod.UC_PROT_WRITE
         uc.mem_map(input_start, self.input_end - input_start, rw)
+        # The guests' own _start ends with `out 0xf4` after main returns: kvmpy's exit
+        # port ends the run there, so the same OUT ends it here (else `jmp .` hangs).
+        uc.hook_add(uc_mod.UC_HOOK_INSN, self._on_out, None, 1, 0, x86.UC_X86_INS_OUT)
         self.uc = uc
         self._ret = struct.pack("<Q", self.exit)
+
+    @staticmethod
+    def _on_out(uc: Any, port: int, size: int, value: int, user_data: Any) -> None:
+        if port == EXIT_PORT:
+            uc.emu_stop()
 
     def place(self, uc: Any, data: bytes) -> None:
         """Puts one input in place and the registers at the entry."""
