@@ -208,7 +208,11 @@ def main(argv: Iterable[str] | None = None) -> int:
     parser.add_argument("--persistent-iters", type=int, default=0)
     parser.add_argument("--afl", action="store_true", help="serve afl-fuzz (unicornafl)")
     args = parser.parse_args(None if argv is None else list(argv))
-    target = UnicornTarget(args.elf, args.entry, args.max_len)
+    try:
+        target = UnicornTarget(args.elf, args.entry, args.max_len)
+    except (OSError, ValueError) as e:
+        print(f"unicorn_fuzz: {e}", file=sys.stderr)
+        return 2
     if args.afl:
         afl = unicornafl_module()
         try:
