@@ -18,7 +18,9 @@ relays it (afl-fuzz -> server -> child -> server -> afl-fuzz) against a direct o
 Last, afl-fuzz's own floor here: ``afl_null.c``, a C fork server that runs nothing.
 
 ``python -m benchmarks.afl_compare [--duration S] [--targets parser,compute]
-[--floor-only]``.
+[--pin CPU] [--floor-only]``. ``--pin`` keeps afl-fuzz, the fork server and its child on
+one CPU (afl-fuzz's own binding is off here: ``AFL_NO_AFFINITY``): on this nested host a
+wake-up on the other CPU costs tens of µs, paid at every hand-off between the processes.
 Needs afl-fuzz (AFL++) and the Unicorn pair named in ``benchmarks.unicorn_fuzz``
 (``pip install unicornafl==2.0.2 unicorn==2.0.0rc6``). Nothing is asserted.
 """
@@ -86,6 +88,15 @@ def read_stats(out: Path) -> dict[str, str]:
     return {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
 
 
+PIN: int | None = None
+"""With ``--pin CPU``: afl-fuzz and its target run on that one CPU."""
+
+
+def _pin() -> None:
+    if PIN is not None:
+        os.sched_setaffinity(0, {PIN})
+
+
 def run_afl(work: Path, name: str, seeds: Path, duration: int, harness: list[str]) -> AflRun:
     """afl-fuzz for ``duration`` seconds on ``harness`` (a command with ``@@``)."""
     afl = shutil.which("afl-fuzz")
@@ -102,6 +113,7 @@ def run_afl(work: Path, name: str, seeds: Path, duration: int, harness: list[str
         capture_output=True,
         text=True,
         timeout=duration + 300,
+        preexec_fn=_pin,
     )
     print(f"{name}: afl-fuzz ran {time.time() - started:.0f} s", file=sys.stderr)
     out = out / "default"
@@ -267,6 +279,8 @@ def pipe_round_trips(n: int = 20000) -> None:
     """µs per round trip: afl-fuzz's side talking to a child directly, and through a
     relay process as kvmpy's fork server does (all Python here)."""
     results = {}
+    allowed = os.sched_getaffinity(0)
+    _pin()
     for relayed in (False, True):
         a_r, b_w = os.pipe()  # towards "afl-fuzz"
         b_r, a_w = os.pipe()  # from "afl-fuzz"
@@ -293,7 +307,9 @@ def pipe_round_trips(n: int = 20000) -> None:
         os.close(a_r)
         for pid in pids:
             os.waitpid(pid, 0)
-    print("\n| pipe round trip (Python processes) | µs |")
+    os.sched_setaffinity(0, allowed)
+    where = "all CPUs" if PIN is None else f"CPU {PIN}"
+    print(f"\n| pipe round trip (Python processes, {where}) | µs |")
     print("|---|---|")
     print(f"| direct: parent -> child -> parent | {results[False]:.1f} |")
     print(f"| relayed as kvmpy's fork server does | {results[True]:.1f} |")
@@ -304,9 +320,14 @@ def main() -> None:
     parser.add_argument("--duration", type=int, default=60, help="seconds per afl-fuzz run")
     parser.add_argument("--targets", default="parser,compute")
     parser.add_argument(
+        "--pin", type=int, metavar="CPU", help="run afl-fuzz and its targets on this CPU only"
+    )
+    parser.add_argument(
         "--floor-only", action="store_true", help="only afl-fuzz's floor and the pipe round trips"
     )
     args = parser.parse_args()
+    global PIN
+    PIN = args.pin
     if args.floor_only:
         afl_floor(min(args.duration, 20))
         pipe_round_trips()
