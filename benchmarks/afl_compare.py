@@ -107,7 +107,8 @@ def run_afl(work: Path, name: str, seeds: Path, duration: int, harness: list[str
         raise SystemExit("afl-fuzz is not installed (Debian: apt install afl++)")
     out = work / name
     cmd = [afl, "-V", str(duration), "-t", "1000", "-i", str(seeds), "-o", str(out)]
-    env = os.environ | AFL_ENV | {"PYTHONPATH": str(ROOT)}
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    env = os.environ | AFL_ENV | {"PYTHONPATH": path}
     started = time.time()
     run = subprocess.run(
         [*cmd, "--", *harness],
