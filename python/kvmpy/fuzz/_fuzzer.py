@@ -4,7 +4,9 @@ in Rust with the GIL released; crashes triaged and saved as they are found."""
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
@@ -152,20 +154,37 @@ class Fuzzer:
 
 
 def _save_bucket(root: Path, bucket: Bucket, harness: str | None) -> None:
+    """Writes ``root/<bucket>/``: a new bucket appears whole (its files are written in a
+    hidden directory renamed into place), a known one has each file replaced whole."""
     d = root / bucket.name
-    d.mkdir(parents=True, exist_ok=True)
+    report = bucket.outcome.report().encode()
+    repro = None
+    if harness is not None:
+        repro = f"python -m kvmpy.fuzz replay {harness} {d / 'input'}\n".encode()
+    if not d.exists():
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{bucket.name}."))
+        _write_bucket(tmp, report, repro, bucket.data)
+        try:
+            os.rename(tmp, d)
+            return
+        except OSError:  # another worker made it meanwhile: update theirs below
+            shutil.rmtree(tmp, ignore_errors=True)
     existing = d / "input"
     try:
         if existing.stat().st_size <= len(bucket.data) and existing.read_bytes() != bucket.data:
             return  # another worker's input for this bucket is as small
     except FileNotFoundError:
         pass
+    _write_bucket(d, report, repro, bucket.data)
+
+
+def _write_bucket(d: Path, report: bytes, repro: bytes | None, data: bytes) -> None:
     # The report first: a bucket's `input` is there only once its report is.
-    _write_atomic(d / "report.txt", bucket.outcome.report().encode())
-    if harness is not None:
-        cmd = f"python -m kvmpy.fuzz replay {harness} {d / 'input'}\n"
-        _write_atomic(d / "repro.txt", cmd.encode())
-    _write_atomic(existing, bucket.data)
+    _write_atomic(d / "report.txt", report)
+    if repro is not None:
+        _write_atomic(d / "repro.txt", repro)
+    _write_atomic(d / "input", data)
 
 
 class StatusLine:
