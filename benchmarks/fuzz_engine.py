@@ -26,7 +26,7 @@ from benchmarks.common import RawKvm, RawServer, compile_raw_kvm, interleave
 from kvmpy import fuzz
 
 FUZZ_TARGET = 0.9
-"""The issue's target: the fuzzer's executions per second at least 0.9x the raw-C floor's."""
+"""The target: the fuzzer's executions per second at least 0.9x the raw-C floor's."""
 IMAGE = 0x100000
 
 TARGETS = (
