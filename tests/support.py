@@ -149,3 +149,9 @@ def interrupt_script(script: str) -> tuple[str, int]:
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=30)
     return out.strip() + err, proc.returncode
+
+
+def raw(region: kvmpy.MemoryRegion, offset: int, n: int) -> bytes:
+    """`n` bytes at `offset` of `region` as they are in memory (breakpoint and coverage
+    patches included, which `region.read` hides): through a memoryview."""
+    return bytes(memoryview(region)[offset : offset + n])

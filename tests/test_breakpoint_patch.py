@@ -12,7 +12,7 @@ import pytest
 import kvmpy
 from kvmpy._native import _debug_support
 
-from .support import EXIT_PORT, LONG_LOAD
+from .support import EXIT_PORT, LONG_LOAD, raw
 
 pytestmark = pytest.mark.kvm
 
@@ -47,8 +47,10 @@ def test_a_breakpoint_hits_steps_and_continues(user: bool) -> None:
     with vm:
         cpu.add_breakpoint(AT)
         patch = expected_patch()
-        assert vm.memory_regions[0].read(AT, 1) == bytes([patch or 0])
+        region = vm.memory_regions[0]
+        assert bytes(memoryview(region)[AT : AT + 1]) == bytes([patch or 0])
         assert vm.read(AT, 1) == b"\xff", "memory shows the original"
+        assert region.read(AT, 1) == b"\xff", "so does a region's read"
         if not user and patch == 0xCC and _debug_support()["mechanism"] != "kvm":
             # int3 at ring 0 where KVM does not intercept it: on a host that emulates
             # ring-0 code and cannot emulate int3, an emulation failure at the patch.
@@ -78,10 +80,10 @@ def test_snapshots_hide_the_patch_and_a_restore_puts_it_back() -> None:
         assert snap.read(AT, 1) == b"\xff"
         assert cpu.run(timeout=10).reason == "breakpoint"
         vm.restore(snap)
-        assert vm.memory_regions[0].read(AT, 1) == bytes([expected_patch() or 0])
+        assert raw(vm.memory_regions[0], AT, 1) == bytes([expected_patch() or 0])
         assert cpu.run(timeout=10).reason == "breakpoint" and cpu.regs.rax == 0
         cpu.remove_breakpoint(AT)
-        assert vm.memory_regions[0].read(AT, 1) == b"\xff"
+        assert raw(vm.memory_regions[0], AT, 1) == b"\xff"
         assert cpu.run(timeout=10).reason == "exit" and cpu.regs.rax == 3
 
 
@@ -100,7 +102,7 @@ def test_a_patch_reached_where_port_io_faults_is_still_a_breakpoint() -> None:
                 cpu.add_breakpoint(AT + 4)
             return
         cpu.add_breakpoint(AT + 4)  # the jnz
-        assert vm.memory_regions[0].read(AT + 4, 1) == bytes([expected_patch(False) or 0])
+        assert raw(vm.memory_regions[0], AT + 4, 1) == bytes([expected_patch(False) or 0])
         assert cpu.run(timeout=10).reason == "breakpoint" and cpu.regs.rip == AT + 4
         assert cpu.run(timeout=10).reason == "breakpoint" and cpu.regs.rip == AT
 
@@ -112,6 +114,6 @@ def test_the_mechanism_can_be_picked(forced: str, monkeypatch: pytest.MonkeyPatc
     with vm:
         cpu.add_breakpoint(AT)
         patch = 0xEE if forced == "port-io" else 0xCC
-        assert vm.memory_regions[0].read(AT, 1) == bytes([patch])
+        assert raw(vm.memory_regions[0], AT, 1) == bytes([patch])
         assert cpu.run(timeout=10).reason == "breakpoint" and cpu.regs.rax == 0
         assert cpu.run(timeout=10).reason == "breakpoint" and cpu.regs.rax == 1

@@ -12,7 +12,7 @@ import kvmpy
 from kvmpy import fuzz
 from kvmpy._native import FuzzExecutor, _debug_support, _find_blocks
 
-from .support import EXIT_PORT, LONG_LOAD
+from .support import EXIT_PORT, LONG_LOAD, raw
 
 pytestmark = pytest.mark.kvm
 
@@ -101,7 +101,7 @@ def test_no_patch_byte_is_ever_shown(parser: Path, tmp_path: Path) -> None:
     with parser_target(parser, coverage="disasm") as t:
         region = t.vm.memory_regions[0]
         patch = 0xCC if t.coverage_mechanism != "port-io" else 0xEE
-        assert region.read(parse, 1) == bytes([patch]), "the patch is in memory"
+        assert raw(region, parse, 1) == bytes([patch]), "the patch is in memory"
         assert t.vm.read(parse, 0x100) == clean
         assert t.snapshot.read(parse, 0x100) == clean
         assert t.vm.snapshot().read(parse, 0x100) == clean
@@ -111,10 +111,10 @@ def test_no_patch_byte_is_ever_shown(parser: Path, tmp_path: Path) -> None:
             assert kvmpy.Snapshot.load(tmp_path / name).read(parse, 0x100) == clean
         # Covered: the original byte is back in memory, and a restore keeps it there.
         t.run(b"nope")
-        assert region.read(parse, 1) == clean[:1]
+        assert raw(region, parse, 1) == clean[:1]
         t.vm.restore(t.snapshot)
         assert t.run(b"nope").new_coverage == ()
-        assert region.read(parse, 1) == clean[:1]
+        assert raw(region, parse, 1) == clean[:1]
         # After a restore to the user's snapshot (no patches), a run still counts the
         # blocks it covers first: the target goes back to its patched copy first.
         t.vm.restore(t.snapshot)
@@ -203,7 +203,7 @@ def test_data_in_the_code_segment_is_never_patched(parser: Path) -> None:
     with fuzz.Target.from_elf(elf, entry="table_lookup", coverage="disasm") as t:
         table = t.symbols["lookup_table"]
         clean = t.snapshot.read(table, 16)
-        assert t.vm.memory_regions[0].read(table, 16) == clean, "no patch in the table"
+        assert raw(t.vm.memory_regions[0], table, 16) == clean, "no patch in the table"
         assert [t.run(bytes([i])).code for i in range(16)] == list(clean)
 
 
@@ -275,7 +275,7 @@ def test_bad_coverage_arguments_raise_clear_errors(parser: Path) -> None:
         assert first.run(b"")[0].code == 6
         del first
         # Gone with its executor: the VM runs as before, with no patch in memory.
-        assert vm.memory_regions[0].read(LONG_LOAD, len(LOOP)) == LOOP
+        assert raw(vm.memory_regions[0], LONG_LOAD, len(LOOP)) == LOOP
         again = FuzzExecutor(vm, cpu, snap, coverage=[LONG_LOAD + 7], **kw)  # type: ignore[arg-type]
         assert again.run(b"")[2] == [LONG_LOAD + 7]
 

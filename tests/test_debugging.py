@@ -146,6 +146,10 @@ def test_vm_wide_breakpoints_and_another_vcpus_breakpoint() -> None:
         seen, e = hits(cpu1)
         assert seen == [] and e.reason == "exit" and cpu1.regs.rax == 6
         assert vm.read(DEC, 1) == bytes([0x48]), "memory shows the original byte"
+        region = vm.memory_regions[0]
+        at = DEC - region.guest_addr
+        assert region.read(at, 1) == bytes([0x48]), "so does a region's read"
+        assert memoryview(region)[at] != 0x48, "a view is the memory as it is: the patch"
         vm.add_breakpoint(OUT)
         assert vm.breakpoints == [OUT] and cpu0.breakpoints == [DEC]
         seen, e = hits(cpu0)

@@ -392,7 +392,10 @@ class MemoryRegion:
     def attached(self) -> bool:
         """Whether the region is still part of its VM (not removed, VM not closed)."""
     def read(self, offset: int, n: int) -> bytes:
-        """Reads `n` bytes at region offset `offset`."""
+        """Reads `n` bytes at region offset `offset`, as `Vm.read` does: the original bytes
+        where breakpoints or coverage patches are (a `memoryview` of the region shows the
+        memory as it is, patches included).
+        """
     def write(self, offset: int, data: _BytesLike) -> None:
         """Writes a bytes-like object at region offset `offset`."""
     def dirty_pages(self) -> list[int]:

@@ -67,7 +67,9 @@ impl MemoryRegion {
         self.region.attached()
     }
 
-    /// Reads `n` bytes at region offset `offset`.
+    /// Reads `n` bytes at region offset `offset`, as `Vm.read` does: the original bytes
+    /// where breakpoints or coverage patches are (a `memoryview` of the region shows the
+    /// memory as it is, patches included).
     fn read<'py>(
         &self,
         py: Python<'py>,
@@ -77,11 +79,15 @@ impl MemoryRegion {
         let (offset, n) = (offset.0, n.0);
         self.check_attached()?;
         self.region.check_range(offset, n)?;
+        let vm = Arc::clone(&self.owner.bind(py).borrow().inner);
         PyBytes::new_with(py, n as usize, |buf| {
+            let table = crate::engine::lock(&vm.0.breakpoints);
             self.region
                 .mem
                 .read_slice(buf, MemoryRegionAddress(offset))
-                .map_err(|e| Error::Memory(e.to_string()).into())
+                .map_err(|e| PyErr::from(Error::Memory(e.to_string())))?;
+            table.hide(self.region.guest_addr + offset, buf);
+            Ok(())
         })
     }
 
