@@ -42,6 +42,31 @@ pub fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Waits on `changed` while `waiting(&guard)` holds, at most `timeout`; returns the guard
+/// and whether the wait ended because `waiting` stopped holding.
+pub fn wait_while<'a, T>(
+    changed: &std::sync::Condvar,
+    mut guard: std::sync::MutexGuard<'a, T>,
+    timeout: Option<std::time::Duration>,
+    waiting: impl Fn(&T) -> bool,
+) -> (std::sync::MutexGuard<'a, T>, bool) {
+    let deadline = timeout.and_then(|t| std::time::Instant::now().checked_add(t));
+    while waiting(&guard) {
+        let slice = match deadline {
+            Some(d) => match d.checked_duration_since(std::time::Instant::now()) {
+                Some(left) if !left.is_zero() => left,
+                _ => return (guard, false),
+            },
+            None => std::time::Duration::from_secs(3600),
+        };
+        guard = changed
+            .wait_timeout(guard, slice)
+            .unwrap_or_else(|e| e.into_inner())
+            .0;
+    }
+    (guard, true)
+}
+
 /// How many times this process is a child of a `fork` (kept by a `pthread_atfork` handler):
 /// a thread id cached before a fork is not the child's.
 static FORKS: AtomicU64 = AtomicU64::new(0);

@@ -121,23 +121,7 @@ impl RunGroup {
 
     /// Waits until every vCPU thread has stopped, at most `timeout`; true when they have.
     pub fn wait(&self, timeout: Option<Duration>) -> bool {
-        let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
-        let mut state = self.state();
-        while state.running > 0 {
-            let slice = match deadline {
-                Some(d) => match d.checked_duration_since(Instant::now()) {
-                    Some(left) if !left.is_zero() => left,
-                    _ => return false,
-                },
-                None => Duration::from_secs(3600),
-            };
-            state = self
-                .changed
-                .wait_timeout(state, slice)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
-        true
+        crate::engine::wait_while(&self.changed, self.state(), timeout, |s| s.running > 0).1
     }
 
     /// Joins the finished threads, but the calling thread if it is one of them, and leaves

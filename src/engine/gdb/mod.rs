@@ -18,7 +18,7 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use gdbstub::stub::{DisconnectReason, GdbStub};
 
@@ -182,22 +182,11 @@ impl GdbServer {
 
     /// Waits until the session has ended, at most `timeout`; true when it has.
     pub fn wait(&self, timeout: Option<Duration>) -> bool {
-        let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
-        let mut state = lock(&self.shared.state);
-        while state.ending.is_none() {
-            let slice = match deadline {
-                Some(d) => match d.checked_duration_since(Instant::now()) {
-                    Some(left) if !left.is_zero() => left,
-                    _ => return false,
-                },
-                None => Duration::from_secs(3600),
-            };
-            state = self
-                .shared
-                .ended
-                .wait_timeout(state, slice)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
+        let state = lock(&self.shared.state);
+        let (state, ended) =
+            crate::engine::wait_while(&self.shared.ended, state, timeout, |s| s.ending.is_none());
+        if !ended {
+            return false;
         }
         drop(state);
         if let Some(t) = lock(&self.thread).take() {
