@@ -174,10 +174,7 @@ impl Breakpoints {
                 return Ok(Write::None);
             }
         }
-        if let Some((&other, _)) = self.entries.iter().find(|(_, e)| e.gpa == gpa) {
-            return Err(TableError::Alias { vaddr: other, gpa });
-        }
-        self.entries.insert(
+        self.add_entry(
             vaddr,
             Entry {
                 gpa,
@@ -189,8 +186,7 @@ impl Breakpoints {
                 coverage: false,
                 in_image: false,
             },
-        );
-        self.count(patch, false, 1);
+        )?;
         Ok(Write::Byte { gpa, byte: patch })
     }
 
@@ -208,10 +204,7 @@ impl Breakpoints {
         if self.entries.contains_key(&vaddr) {
             return Err(TableError::Taken { vaddr });
         }
-        if let Some((&other, _)) = self.entries.iter().find(|(_, e)| e.gpa == gpa) {
-            return Err(TableError::Alias { vaddr: other, gpa });
-        }
-        self.entries.insert(
+        self.add_entry(
             vaddr,
             Entry {
                 gpa,
@@ -223,8 +216,18 @@ impl Breakpoints {
                 coverage: true,
                 in_image: true,
             },
-        );
-        self.count(patch, true, 1);
+        )
+    }
+
+    /// Adds a new entry, refused where another address already patches its byte.
+    fn add_entry(&mut self, vaddr: u64, entry: Entry) -> Result<(), TableError> {
+        let gpa = entry.gpa;
+        if let Some((&other, _)) = self.entries.iter().find(|(_, e)| e.gpa == gpa) {
+            return Err(TableError::Alias { vaddr: other, gpa });
+        }
+        let (patch, in_image) = (entry.patch, entry.in_image);
+        self.entries.insert(vaddr, entry);
+        self.count(patch, in_image, 1);
         Ok(())
     }
 
