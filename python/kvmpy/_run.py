@@ -318,16 +318,32 @@ def run(args: argparse.Namespace) -> int:
             if status is not None:
                 return status
         vm.start(timeout=args.timeout, until="any")
-        try:
-            while (exits := vm.join(POLL)) is None:
-                flush()
-        except KeyboardInterrupt:
-            flush()
-            print("kvmpy run: interrupted", file=sys.stderr)
+        exits: list[kvmpy.ExitInfo] | None = None
+
+        def joined() -> bool:
+            nonlocal exits
+            exits = vm.join(POLL)
+            return exits is not None
+
+        if not wait_streaming(joined, flush):
             return 130
-        finally:
-            flush()
+        assert exits is not None
         return report(exits, cpus, symbols, args.timeout)
+
+
+def wait_streaming(done: Callable[[], bool], flush: Callable[[], None]) -> bool:
+    """Calls `done` (which waits up to POLL) until it is true, streaming the console
+    output between calls; False after Ctrl-C (said on stderr)."""
+    try:
+        while not done():
+            flush()
+    except KeyboardInterrupt:
+        flush()
+        print("kvmpy run: interrupted", file=sys.stderr)
+        return False
+    finally:
+        flush()
+    return True
 
 
 def debug(vm: kvmpy.Vm, address: tuple[str, int], flush: Callable[[], None]) -> int | None:
@@ -345,15 +361,8 @@ def debug(vm: kvmpy.Vm, address: tuple[str, int], flush: Callable[[], None]) -> 
             file=sys.stderr,
             flush=True,
         )
-        try:
-            while not server.wait(POLL):
-                flush()
-        except KeyboardInterrupt:
-            flush()
-            print("kvmpy run: interrupted", file=sys.stderr)
+        if not wait_streaming(lambda: server.wait(POLL), flush):
             return 130
-        finally:
-            flush()
         ending = server.ending or ""
     if ending.startswith("the guest exited with code "):
         return int(ending.rsplit(" ", 1)[1])
