@@ -229,6 +229,17 @@ static void dirty_start(vm_t *v, dirty_t *d) {
     if (ioctl(v->vm, KVM_GET_DIRTY_LOG, &d->log) < 0) DIE("KVM_GET_DIRTY_LOG");
 }
 
+/* Runs from `regs` (through kvm_run's sync area, no ioctl) to the OUT to the exit port. */
+static void run_from(vcpu_t *c, const struct kvm_regs *regs) {
+    c->run->s.regs.regs = *regs;
+    c->run->kvm_dirty_regs = KVM_SYNC_X86_REGS;
+    int e = kvm_run(c);
+    if (e != KVM_EXIT_IO || c->run->io.port != PORT_EXIT) {
+        errno = 0;
+        DIE("unexpected exit %d", e);
+    }
+}
+
 /* KVM_GET_DIRTY_LOG, then the dirty pages copied back; returns how many. */
 static uint64_t dirty_restore(vm_t *v, dirty_t *d) {
     uint64_t copied = 0;
@@ -281,13 +292,7 @@ static void mode_reset(const char *bin, uint64_t mib) {
         regs.rsi = 0x100;
         double t0 = now();
         for (uint64_t i = 0; i < k; i++) {
-            c.run->s.regs.regs = regs;
-            c.run->kvm_dirty_regs = KVM_SYNC_X86_REGS;
-            int e = kvm_run(&c);
-            if (e != KVM_EXIT_IO || c.run->io.port != PORT_EXIT) {
-                errno = 0;
-                DIE("unexpected exit %d", e);
-            }
+            run_from(&c, &regs);
             copied += dirty_restore(&v, &d);
             if (fpu && ioctl(c.fd, KVM_SET_XSAVE, &xsave) < 0) DIE("KVM_SET_XSAVE");
         }
@@ -358,13 +363,7 @@ static void mode_fuzz(const char *image, uint64_t entry) {
         double t0 = now();
         for (uint64_t i = 0; i < k; i++) {
             memcpy(v.mem + FUZZ_INPUT_END - len, input, len);
-            c.run->s.regs.regs = regs;
-            c.run->kvm_dirty_regs = KVM_SYNC_X86_REGS;
-            int e = kvm_run(&c);
-            if (e != KVM_EXIT_IO || c.run->io.port != PORT_EXIT) {
-                errno = 0;
-                DIE("unexpected exit %d", e);
-            }
+            run_from(&c, &regs);
             copied += dirty_restore(&v, &d);
         }
         double dt = now() - t0;
