@@ -150,6 +150,28 @@ def test_handler_added_by_a_handler_takes_effect_at_once(guest: Guest) -> None:
         assert console[0].output() == b"ello from a KVM guest!\n"
 
 
+def test_handler_removed_by_itself_leaves_the_next_out_to_run(guest: Guest) -> None:
+    vm, cpu = real_mode_vm(guest("hello_real"))
+    with vm:
+        seen = bytearray()
+
+        @vm.on_io(CONSOLE)
+        def three(exit: kvmpy.IoExit) -> None:
+            seen.extend(exit.data)
+            if len(seen) == 3:
+                vm.remove_handler(three)
+
+        before = cpu.stats()
+        ex = cpu.run(timeout=10)
+        # The fourth OUT finds no handler any more: run() returns it.
+        assert isinstance(ex, kvmpy.IoExit)
+        assert (ex.port, ex.data, ex.is_write) == (CONSOLE, b"l", True)
+        assert seen == b"Hel"
+        after = cpu.stats()
+        assert after["handler_calls"] - before["handler_calls"] == 3
+        assert after["exits"] - before["exits"] == 4
+
+
 def test_console_limit_keeps_the_newest_output(guest: Guest) -> None:
     vm, cpu = real_mode_vm(guest("hello_real"))
     with vm:

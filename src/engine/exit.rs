@@ -15,12 +15,21 @@ pub struct Data {
 
 impl Data {
     pub fn new(bytes: &[u8]) -> Self {
-        let mut d = Data {
-            buf: [0; 8],
+        let mut buf = [0; 8];
+        // The sizes accesses have get fixed-size copies (no call to memcpy on the exit path).
+        match bytes.len() {
+            1 => buf[0] = bytes[0],
+            2 => buf[..2].copy_from_slice(&bytes[..2]),
+            4 => buf[..4].copy_from_slice(&bytes[..4]),
+            n => {
+                let n = n.min(8);
+                buf[..n].copy_from_slice(&bytes[..n]);
+            }
+        }
+        Data {
+            buf,
             len: bytes.len().min(8) as u8,
-        };
-        d.buf[..d.len as usize].copy_from_slice(&bytes[..d.len as usize]);
-        d
+        }
     }
 
     pub fn as_slice(&self) -> &[u8] {
@@ -228,15 +237,42 @@ pub enum RunExit {
     Other(Exit),
 }
 
+/// What [`run_once`] finishes after the exit's borrow of the vCPU has ended.
+enum Later {
+    Io,
+    Internal,
+    Raw,
+}
+
 /// Runs `KVM_RUN` once and converts its result into an owned value: the only `match`
-/// over [`VcpuExit`] in the crate.
+/// over [`VcpuExit`] in the crate. Port I/O, the hot case, is tested first; the other
+/// kinds are converted out of line.
 pub fn run_once(vcpu: &mut VcpuFd) -> Result<RunExit, errno::Error> {
-    enum Later {
-        Io,
-        Internal,
-        Raw,
-    }
-    let exit = match vcpu.run()? {
+    let later = match vcpu.run()? {
+        VcpuExit::IoOut(..) | VcpuExit::IoIn(..) => Later::Io,
+        other => match convert(other) {
+            Ok(exit) => return Ok(RunExit::Other(exit)),
+            Err(later) => later,
+        },
+    };
+    // The arms above cannot touch `vcpu` while the exit borrows it; finish those here.
+    Ok(match later {
+        Later::Io => match io_raw(vcpu.get_kvm_run()) {
+            Some(io) => RunExit::Io(io),
+            None => RunExit::Other(Exit::Unknown { raw: KVM_EXIT_IO }),
+        },
+        Later::Internal => RunExit::Other(internal_error(vcpu)),
+        Later::Raw => RunExit::Other(Exit::Unknown {
+            raw: vcpu.get_kvm_run().exit_reason,
+        }),
+    })
+}
+
+/// Every exit but port I/O, or what `run_once` must finish with the vCPU in hand.
+#[cold]
+#[inline(never)]
+fn convert(exit: VcpuExit<'_>) -> Result<Exit, Later> {
+    match exit {
         VcpuExit::IoOut(..) | VcpuExit::IoIn(..) => Err(Later::Io),
         VcpuExit::MmioRead(addr, data) => Ok(Exit::Mmio {
             addr,
@@ -270,19 +306,7 @@ pub fn run_once(vcpu: &mut VcpuFd) -> Result<RunExit, errno::Error> {
         }),
         VcpuExit::Unsupported(raw) => Ok(Exit::Unknown { raw }),
         _ => Err(Later::Raw),
-    };
-    // The arms above cannot touch `vcpu` while the exit borrows it; finish those here.
-    Ok(match exit {
-        Ok(exit) => RunExit::Other(exit),
-        Err(Later::Io) => match io_raw(vcpu.get_kvm_run()) {
-            Some(io) => RunExit::Io(io),
-            None => RunExit::Other(Exit::Unknown { raw: KVM_EXIT_IO }),
-        },
-        Err(Later::Internal) => RunExit::Other(internal_error(vcpu)),
-        Err(Later::Raw) => RunExit::Other(Exit::Unknown {
-            raw: vcpu.get_kvm_run().exit_reason,
-        }),
-    })
+    }
 }
 
 /// The I/O exit in `run`, or None if KVM reported one whose data is not where the API
@@ -309,6 +333,8 @@ fn io_raw(run: &kvm_run) -> Option<IoRaw> {
     })
 }
 
+#[cold]
+#[inline(never)]
 fn internal_error(vcpu: &mut VcpuFd) -> Exit {
     let run = vcpu.get_kvm_run();
     debug_assert_eq!(run.exit_reason, KVM_EXIT_INTERNAL_ERROR);

@@ -102,10 +102,15 @@ thread_local! {
     static RUNS_ENDED: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
 }
 
+/// What one `KVM_RUN` returned.
+type RunResult = std::result::Result<RunExit, vmm_sys_util::errno::Error>;
+
 /// Where the loop goes after one exit.
 enum Flow {
     /// Re-enter; `true` if KVM must complete an access before the state can be read.
     Continue(bool),
+    /// Handle this exit next: the guest was entered again already (see `out_lane`).
+    Next(RunResult),
     Done(Outcome),
 }
 
@@ -210,31 +215,56 @@ impl VcpuCore {
     ) -> Outcome {
         let mut handled_access = false;
         let mut runs_ended = RUNS_ENDED.with(|n| n.get());
+        let mut next = None;
         loop {
-            if self.kicker.stop_requested() || self.vm.is_closed() {
-                if handled_access {
-                    self.complete_pending(guard);
+            let result = match next.take() {
+                // The lane entered the guest already, after these same checks.
+                Some(result) => result,
+                None => {
+                    if self.kicker.stop_requested() || self.vm.is_closed() {
+                        if handled_access {
+                            self.complete_pending(guard);
+                        }
+                        return Outcome::Exit(Exit::Stopped);
+                    }
+                    match self.enter(guard) {
+                        Ok(result) => result,
+                        Err(e) => return e.into(),
+                    }
                 }
-                return Outcome::Exit(Exit::Stopped);
-            }
-            match self.step(guard, options) {
+            };
+            match self.handle(guard, options, result, &mut runs_ended) {
                 Ok(Flow::Continue(handled)) => handled_access = handled,
+                Ok(Flow::Next(result)) => {
+                    next = Some(result);
+                    continue;
+                }
                 Ok(Flow::Done(outcome)) => return outcome,
                 Err(e) => return e.into(),
             }
-            let Some(at) = options.deadline else {
-                continue;
-            };
-            let now_ended = RUNS_ENDED.with(|n| n.get());
-            if now_ended != runs_ended {
-                // A device ran another vCPU on this thread, whose loop may have taken this
-                // run's timer signal: set the timer again.
-                runs_ended = now_ended;
-                if let Err(e) = self.rearm(guard, at) {
-                    return e.into();
-                }
+            if let Err(e) = self.between_exits(guard, options, &mut runs_ended) {
+                return e.into();
             }
         }
+    }
+
+    /// After an exit was handled, before the next entry: a device that ran another vCPU
+    /// on this thread may have taken this run's timer signal, so the timer is set again.
+    fn between_exits<'a>(
+        &'a self,
+        guard: &mut FdGuard<'a>,
+        options: &RunOptions<'_>,
+        runs_ended: &mut u64,
+    ) -> Result<()> {
+        let Some(at) = options.deadline else {
+            return Ok(());
+        };
+        let now_ended = RUNS_ENDED.with(|n| n.get());
+        if now_ended != *runs_ended {
+            *runs_ended = now_ended;
+            self.rearm(guard, at)?;
+        }
+        Ok(())
     }
 
     fn rearm<'a>(&'a self, guard: &mut FdGuard<'a>, at: Instant) -> Result<()> {
@@ -246,8 +276,8 @@ impl VcpuCore {
         Timer::arm(&mut holder.timer, signal, at)
     }
 
-    /// One `KVM_RUN` and the handling of its exit.
-    fn step<'a>(&'a self, guard: &mut FdGuard<'a>, options: &RunOptions<'_>) -> Result<Flow> {
+    /// One `KVM_RUN`, with the bookkeeping every exit needs.
+    fn enter<'a>(&'a self, guard: &mut FdGuard<'a>) -> Result<RunResult> {
         let holder = fd_of(guard)?;
         self.inject_interrupt(&mut holder.fd)?;
         let result = exit::run_once(&mut holder.fd);
@@ -257,6 +287,17 @@ impl VcpuCore {
             Ok(RunExit::Io(_)) | Ok(RunExit::Other(Exit::Mmio { .. }))
         );
         self.note_exit(&mut holder.fd, io);
+        Ok(result)
+    }
+
+    /// The handling of what one `KVM_RUN` returned.
+    fn handle<'a>(
+        &'a self,
+        guard: &mut FdGuard<'a>,
+        options: &RunOptions<'_>,
+        result: RunResult,
+        runs_ended: &mut u64,
+    ) -> Result<Flow> {
         match result {
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 self.interrupted(guard, options)
@@ -275,9 +316,62 @@ impl VcpuCore {
                         return self.trap(guard, trap);
                     }
                 }
+                if io.is_write && io.count == 1 {
+                    return self.out_lane(guard, options, io, runs_ended);
+                }
                 self.dispatch_io(guard, io)
             }
             Ok(RunExit::Other(exit)) => self.dispatch(guard, exit),
+        }
+    }
+
+    /// One-element OUTs, the exits of a guest that talks to a handler or a console,
+    /// handled one after another without going back through the general loop: the bus
+    /// is taken once (and again only when it changes), and the checks
+    /// `exits_until_done` makes between two exits are made here in the same order.
+    /// Any other exit goes back to the general loop as `Flow::Next`.
+    fn out_lane<'a>(
+        &'a self,
+        guard: &mut FdGuard<'a>,
+        options: &RunOptions<'_>,
+        mut io: IoRaw,
+        runs_ended: &mut u64,
+    ) -> Result<Flow> {
+        let mut generation = self.vm.bus_generation();
+        let mut bus = self.vm.bus();
+        loop {
+            let Some(device) = bus.io(io.port) else {
+                return self.dispatch_io(guard, io);
+            };
+            let data = Data::new(exit::io_element(&mut fd_of(guard)?.fd, io, 0));
+            let mut ctx = VcpuCtx {
+                vcpu: self,
+                guard,
+                io_count: 1,
+            };
+            match device.io_out(&mut ctx, io.port, data.as_slice()) {
+                Ok(Action::Continue) => {}
+                other => return self.lane_end(guard, other),
+            }
+            self.between_exits(guard, options, runs_ended)?;
+            if self.kicker.stop_requested() || self.vm.is_closed() {
+                return Ok(self.lane_stopped(guard));
+            }
+            match self.enter(guard)? {
+                Ok(RunExit::Io(next))
+                    if next.is_write
+                        && next.count == 1
+                        && (next.size != 1 || self.vm.pio_patches.load(Ordering::Acquire) == 0) =>
+                {
+                    io = next;
+                }
+                other => return Ok(Flow::Next(other)),
+            }
+            let now = self.vm.bus_generation();
+            if now != generation {
+                generation = now;
+                bus = self.vm.bus();
+            }
         }
     }
 
@@ -345,20 +439,14 @@ impl VcpuCore {
             };
             match action {
                 Action::Continue => {}
-                Action::Exit(
-                    exit @ Exit::Exception {
-                        vector: 1 | 3 | 13, ..
-                    },
-                ) => {
-                    let trap = self.stub_trap(&mut fd_of(guard)?.fd, exit)?;
-                    return self.trap(guard, trap);
-                }
-                Action::Exit(exit) => {
-                    let single_out = io.is_write && io.count == 1;
-                    return Ok(self.finish_access(guard, Outcome::Exit(exit), single_out));
-                }
                 Action::Stop(token) => {
                     stopped.get_or_insert(token);
+                }
+                exit => {
+                    let single_out = io.is_write && io.count == 1;
+                    if let Some(flow) = self.element_done(guard, exit, single_out)? {
+                        return Ok(flow);
+                    }
                 }
             }
         }
@@ -368,6 +456,49 @@ impl VcpuCore {
                 self.finish_access(guard, Outcome::Stopped(token), single_out)
             }
             None => Flow::Continue(true),
+        })
+    }
+
+    /// `out_lane` ends on a device's answer other than `Continue` (kept out of the lane's
+    /// code, which is hot).
+    #[cold]
+    #[inline(never)]
+    fn lane_end<'a>(&'a self, guard: &mut FdGuard<'a>, action: Result<Action>) -> Result<Flow> {
+        Ok(self
+            .element_done(guard, action?, true)?
+            .unwrap_or(Flow::Continue(true)))
+    }
+
+    /// `out_lane` ends on a stop or a closed VM, the OUT it handled completed first.
+    #[cold]
+    #[inline(never)]
+    fn lane_stopped<'a>(&'a self, guard: &mut FdGuard<'a>) -> Flow {
+        self.complete_pending(guard);
+        Flow::Done(Outcome::Exit(Exit::Stopped))
+    }
+
+    /// What a device's answer to one element of port I/O means for the run: `None` to go
+    /// on (the element is handled).
+    fn element_done<'a>(
+        &'a self,
+        guard: &mut FdGuard<'a>,
+        action: Action,
+        single_out: bool,
+    ) -> Result<Option<Flow>> {
+        Ok(match action {
+            Action::Continue => None,
+            Action::Exit(
+                exit @ Exit::Exception {
+                    vector: 1 | 3 | 13, ..
+                },
+            ) => {
+                let trap = self.stub_trap(&mut fd_of(guard)?.fd, exit)?;
+                Some(self.trap(guard, trap)?)
+            }
+            Action::Exit(exit) => Some(self.finish_access(guard, Outcome::Exit(exit), single_out)),
+            Action::Stop(token) => {
+                Some(self.finish_access(guard, Outcome::Stopped(token), single_out))
+            }
         })
     }
 

@@ -455,7 +455,10 @@ impl VcpuCore {
 
     /// Notes that KVM has returned from `KVM_RUN` once more.
     pub(crate) fn count_exit(&self) {
-        self.exits.fetch_add(1, Ordering::Relaxed);
+        // Only the thread that holds the vCPU's fd counts, so a load and a store (no
+        // locked read-modify-write on every exit) lose nothing.
+        let n = self.exits.load(Ordering::Relaxed);
+        self.exits.store(n.wrapping_add(1), Ordering::Relaxed);
         if self.sync_regs {
             // KVM stores the registers in kvm_run on every return from KVM_RUN.
             self.regs_mirrored.store(true, Ordering::Relaxed);
@@ -464,7 +467,10 @@ impl VcpuCore {
 
     /// Counts a call into a handler that needed the face's interpreter (for `stats`).
     pub fn count_handler_call(&self) {
-        self.handler_calls.fetch_add(1, Ordering::Relaxed);
+        // Only the thread that runs the vCPU counts (see `count_exit`).
+        let n = self.handler_calls.load(Ordering::Relaxed);
+        self.handler_calls
+            .store(n.wrapping_add(1), Ordering::Relaxed);
     }
 
     /// `(exits, handler_calls)` since the vCPU was created.

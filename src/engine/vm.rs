@@ -1,6 +1,6 @@
 //! The VM: its KVM fd, guest memory, bus and vCPUs.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
@@ -47,6 +47,9 @@ pub struct VmCore {
     fd: Mutex<Option<VmFd>>,
     memory: Mutex<MemoryMap>,
     bus: RwLock<Arc<Bus>>,
+    /// Counts replacements of `bus`: a run loop that keeps the bus between exits takes it
+    /// again when this changes.
+    bus_generation: AtomicU64,
     /// Serialises changes of `bus` (read-copy-update).
     bus_update: Mutex<()>,
     /// KVM keeps a vCPU until the VM is destroyed, and so does the VM.
@@ -119,6 +122,7 @@ impl VmCore {
             fd: Mutex::new(Some(fd)),
             memory: Mutex::new(MemoryMap::default()),
             bus: RwLock::new(Arc::new(Bus::default())),
+            bus_generation: AtomicU64::new(0),
             bus_update: Mutex::new(()),
             vcpus: Mutex::new(Vec::new()),
             closed: AtomicBool::new(false),
@@ -196,6 +200,12 @@ impl VmCore {
 
     fn replace_bus(&self, bus: Bus) {
         *self.bus.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(bus);
+        self.bus_generation.fetch_add(1, Ordering::Release);
+    }
+
+    /// Changes whenever the bus is replaced (after the new one is in place).
+    pub fn bus_generation(&self) -> u64 {
+        self.bus_generation.load(Ordering::Acquire)
     }
 
     /// Adds `size` bytes of RAM at `guest_addr`. A region larger than the host's memory

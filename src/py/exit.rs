@@ -78,7 +78,9 @@ impl ExitInfo {
     /// Makes the object new again for another exit of `vcpu_id`.
     fn reset(&self, vcpu_id: u64) {
         self.vcpu_id.store(vcpu_id, Ordering::Relaxed);
-        self.stop.store(false, Ordering::SeqCst);
+        // Relaxed is enough: the object is only touched with the GIL held, and taking
+        // the GIL orders this before any handler's `stop()`.
+        self.stop.store(false, Ordering::Relaxed);
     }
 }
 
@@ -576,6 +578,36 @@ pub fn to_python(py: Python<'_>, exit: &Exit, vcpu_id: u64) -> PyResult<Py<PyAny
         Exit::Hlt | Exit::Shutdown | Exit::Timeout | Exit::Stopped => Py::new(py, init)?.into_any(),
     };
     Ok(obj)
+}
+
+/// A new `IoExit` for a one-element OUT of `data` to `port`.
+pub fn new_out(py: Python<'_>, port: u16, data: Data, vcpu_id: u64) -> PyResult<Py<IoExit>> {
+    let base = ExitInfo::base(Reason::Io, vcpu_id);
+    Py::new(
+        py,
+        pyo3::PyClassInitializer::from(base).add_subclass(IoExit::new(
+            port,
+            data.as_slice().len() as u8,
+            1,
+            true,
+            data,
+        )),
+    )
+}
+
+impl IoExit {
+    /// Makes this object, which only the caller holds, present a one-element OUT of
+    /// `data` to `port` by `vcpu_id`.
+    pub fn refill_out(slf: &Bound<'_, IoExit>, port: u16, data: Data, vcpu_id: u64) {
+        slf.as_super().get().reset(vcpu_id);
+        slf.get()
+            .set(port, data.as_slice().len() as u8, 1, true, data);
+    }
+
+    /// Whether a handler called `stop()` on this exit.
+    pub fn stop_requested(slf: &Bound<'_, IoExit>) -> bool {
+        slf.as_super().get().stop.load(Ordering::SeqCst)
+    }
 }
 
 /// Makes `obj`, an exit object only the caller holds, present `exit` instead; false if

@@ -12,7 +12,7 @@ use pyo3::types::{PyBytes, PyInt, PyTuple};
 use crate::devices::hostcall::HostFunction;
 use crate::engine::{Action, Data, Device, Exit, Result, VcpuCtx};
 use crate::py::error::through_engine;
-use crate::py::exit;
+use crate::py::exit::{self, IoExit};
 use crate::py::gil;
 
 /// A Python callable on the bus.
@@ -21,6 +21,36 @@ pub struct PyHandler {
     /// The last exit object, when the handler kept no reference to it: refilled for the
     /// next exit instead of allocating a new one (taken and put back under the GIL).
     spare: Mutex<Option<Py<PyAny>>>,
+    /// The same for one-element OUTs, the most frequent handler exit, typed so that
+    /// refilling it needs no type check.
+    spare_out: GilCell<Option<Py<IoExit>>>,
+}
+
+/// A value only touched with the GIL held, which serialises every access: no lock of
+/// its own on the exit path.
+struct GilCell<T>(std::cell::UnsafeCell<T>);
+
+// SAFETY: the value is reached only through `take` and `put`, which need a `Python`
+// token, so only a thread that holds the GIL touches it, one at a time; each access ends
+// before the method returns (no reference escapes), and `T: Send` lets the value be used
+// by whichever thread holds the GIL.
+unsafe impl<T: Send> Sync for GilCell<T> {}
+
+impl<T: Default> GilCell<T> {
+    fn new(value: T) -> Self {
+        GilCell(std::cell::UnsafeCell::new(value))
+    }
+
+    fn take(&self, _py: Python<'_>) -> T {
+        // SAFETY: the GIL is held (the token), so nothing else accesses the cell now.
+        unsafe { std::mem::take(&mut *self.0.get()) }
+    }
+
+    fn put(&self, _py: Python<'_>, value: T) {
+        // SAFETY: as in `take`. The old value is dropped after the access has ended.
+        let old = unsafe { std::mem::replace(&mut *self.0.get(), value) };
+        drop(old);
+    }
 }
 
 impl PyHandler {
@@ -28,6 +58,7 @@ impl PyHandler {
         PyHandler {
             f,
             spare: Mutex::new(None),
+            spare_out: GilCell::new(None),
         }
     }
 
@@ -103,6 +134,57 @@ impl PyHandler {
     }
 }
 
+impl PyHandler {
+    /// [`PyHandler::call`] for a one-element OUT, the hot case: no `Exit` is built and the
+    /// kept exit object is refilled without a type check.
+    fn out_one(&self, ctx: &mut VcpuCtx<'_, '_>, port: u16, data: Data) -> Result<Action> {
+        let vcpu = ctx.vcpu();
+        vcpu.count_handler_call();
+        let id = vcpu.id;
+        let stopped = ctx.unlocked(|| {
+            gil::attached(|py| -> PyResult<Option<Py<PyAny>>> {
+                let obj = match self.spare_out.take(py) {
+                    Some(obj) => {
+                        IoExit::refill_out(obj.bind(py), port, data, id);
+                        obj
+                    }
+                    None => exit::new_out(py, port, data, id)?,
+                };
+                let f = self.f.bind(py);
+                let ret = call_one(f, obj.bind(py).as_any())?;
+                if !ret.is_none() {
+                    let exit = Exit::Io {
+                        port,
+                        size: data.as_slice().len() as u8,
+                        count: 1,
+                        is_write: true,
+                        data,
+                    };
+                    return Err(PyTypeError::new_err(format!(
+                        "handler {} returned {} for {}; handlers of writes, HLT and \
+                         breakpoints must return None",
+                        describe(f),
+                        type_name(&ret),
+                        describe_exit(&exit)
+                    )));
+                }
+                if IoExit::stop_requested(obj.bind(py)) {
+                    return Ok(Some(obj.into_any()));
+                }
+                // SAFETY: `obj` is a live object and the GIL is held.
+                if unsafe { pyo3::ffi::Py_REFCNT(obj.as_ptr()) } == 1 {
+                    self.spare_out.put(py, Some(obj));
+                }
+                Ok(None)
+            })
+        });
+        Ok(match stopped.map_err(through_engine)? {
+            Some(obj) => Action::Stop(Box::new(obj)),
+            None => Action::Continue,
+        })
+    }
+}
+
 impl Device for PyHandler {
     fn name(&self) -> String {
         gil::attached(|py| describe(self.f.bind(py)))
@@ -120,6 +202,9 @@ impl Device for PyHandler {
     }
 
     fn io_out(&self, ctx: &mut VcpuCtx<'_, '_>, port: u16, data: &[u8]) -> Result<Action> {
+        if ctx.io_count == 1 {
+            return self.out_one(ctx, port, Data::new(data));
+        }
         let exit = Exit::Io {
             port,
             size: data.len() as u8,
@@ -207,21 +292,67 @@ impl HostFunction for PyHostFunction {
     }
 }
 
-/// Calls `f(arg)` without building an argument tuple (with the limited API of Python
-/// 3.11, `PyObject_CallFunctionObjArgs` passes the arguments on the C stack).
+/// `PyObject_Vectorcall`: exported by every CPython this package supports (3.11 exports
+/// it, 3.12 made it part of the stable ABI), but not in 3.11's limited API, so it is looked
+/// up at run time instead of linked.
+type Vectorcall = unsafe extern "C" fn(
+    *mut pyo3::ffi::PyObject,
+    *const *mut pyo3::ffi::PyObject,
+    usize,
+    *mut pyo3::ffi::PyObject,
+) -> *mut pyo3::ffi::PyObject;
+
+/// The interpreter's `PyObject_Vectorcall`, if it has one.
+fn vectorcall() -> Option<Vectorcall> {
+    static FOUND: std::sync::OnceLock<Option<Vectorcall>> = std::sync::OnceLock::new();
+    *FOUND.get_or_init(|| {
+        // SAFETY: dlsym with RTLD_DEFAULT and a NUL-terminated name only looks the symbol
+        // up in the process's global scope, where the interpreter's symbols are.
+        let sym = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c"PyObject_Vectorcall".as_ptr()) };
+        // SAFETY: where the symbol exists it is CPython's `PyObject_Vectorcall`, whose C
+        // signature is exactly `Vectorcall`.
+        (!sym.is_null())
+            .then(|| unsafe { std::mem::transmute::<*mut libc::c_void, Vectorcall>(sym) })
+    })
+}
+
+/// `PY_VECTORCALL_ARGUMENTS_OFFSET`: the callee may use the slot before the arguments.
+const ARGUMENTS_OFFSET: usize = 1 << (usize::BITS - 1);
+
+/// Calls `f(arg)` without building an argument tuple: by vectorcall where the interpreter
+/// exports it, else `PyObject_CallFunctionObjArgs` (which passes the arguments on the C
+/// stack, at about 90 more instructions a call).
 fn call_one<'py>(f: &Bound<'py, PyAny>, arg: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
     let py = f.py();
-    // SAFETY: both pointers are live objects borrowed for the call and the GIL is held; the
-    // argument list is NULL-terminated as the function requires; the result is a new
-    // reference or NULL with a Python error set, which `from_owned_ptr_or_err` handles.
-    unsafe {
-        let ret = pyo3::ffi::PyObject_CallFunctionObjArgs(
-            f.as_ptr(),
-            arg.as_ptr(),
-            std::ptr::null_mut::<pyo3::ffi::PyObject>(),
-        );
-        Bound::from_owned_ptr_or_err(py, ret)
-    }
+    let ret = match vectorcall() {
+        Some(call) => {
+            // Slot 0 is the one ARGUMENTS_OFFSET lets the callee overwrite for a moment.
+            let args = [std::ptr::null_mut(), arg.as_ptr()];
+            // SAFETY: `f` and `arg` are live objects borrowed for the call and the GIL is
+            // held; `args[1..]` holds the one argument (nargs 1) and `args[0]` is writable
+            // scratch as ARGUMENTS_OFFSET promises; no keyword names.
+            unsafe {
+                call(
+                    f.as_ptr(),
+                    args.as_ptr().add(1),
+                    1 | ARGUMENTS_OFFSET,
+                    std::ptr::null_mut(),
+                )
+            }
+        }
+        // SAFETY: both pointers are live objects borrowed for the call and the GIL is held;
+        // the argument list is NULL-terminated as the function requires.
+        None => unsafe {
+            pyo3::ffi::PyObject_CallFunctionObjArgs(
+                f.as_ptr(),
+                arg.as_ptr(),
+                std::ptr::null_mut::<pyo3::ffi::PyObject>(),
+            )
+        },
+    };
+    // SAFETY: the result is a new reference or NULL with a Python error set, which
+    // `from_owned_ptr_or_err` handles.
+    unsafe { Bound::from_owned_ptr_or_err(py, ret) }
 }
 
 pub fn type_name(obj: &Bound<'_, PyAny>) -> String {
