@@ -248,12 +248,14 @@ enum Later {
 /// over [`VcpuExit`] in the crate. Port I/O, the hot case, is tested first; the other
 /// kinds are converted out of line.
 pub fn run_once(vcpu: &mut VcpuFd) -> Result<RunExit, errno::Error> {
-    let later = match vcpu.run()? {
-        VcpuExit::IoOut(..) | VcpuExit::IoIn(..) => Later::Io,
-        other => match convert(other) {
+    // Matched in place (no `?`): the result is not copied on the hot path.
+    let later = match vcpu.run() {
+        Ok(VcpuExit::IoOut(..) | VcpuExit::IoIn(..)) => Later::Io,
+        Ok(other) => match convert(other) {
             Ok(exit) => return Ok(RunExit::Other(exit)),
             Err(later) => later,
         },
+        Err(e) => return Err(e),
     };
     // The arms above cannot touch `vcpu` while the exit borrows it; finish those here.
     Ok(match later {

@@ -2,6 +2,7 @@
 //! write the device's answer back, re-enter. Called with no interpreter lock held.
 
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Instant;
 
 use kvm_bindings::kvm_regs;
@@ -339,9 +340,18 @@ impl VcpuCore {
     ) -> Result<Flow> {
         let mut generation = self.vm.bus_generation();
         let mut bus = self.vm.bus();
+        // The device of the last port, kept while the bus stays (one port is the norm).
+        let mut last: Option<(u16, &Arc<dyn Device>)> = None;
         loop {
-            let Some(device) = bus.io(io.port) else {
-                return self.dispatch_io(guard, io);
+            let device = match last {
+                Some((port, device)) if port == io.port => device,
+                _ => {
+                    let Some(device) = bus.io(io.port) else {
+                        return self.dispatch_io(guard, io);
+                    };
+                    last = Some((io.port, device));
+                    device
+                }
             };
             let data = Data::new(exit::io_element(&mut fd_of(guard)?.fd, io, 0));
             let mut ctx = VcpuCtx {
@@ -349,27 +359,30 @@ impl VcpuCore {
                 guard,
                 io_count: 1,
             };
-            match device.io_out(&mut ctx, io.port, data.as_slice()) {
-                Ok(Action::Continue) => {}
-                other => return self.lane_end(guard, other),
+            let action = device.io_out(&mut ctx, io.port, data.as_slice());
+            if !matches!(action, Ok(Action::Continue)) {
+                return self.lane_end(guard, action);
             }
+            std::mem::forget(action); // `Continue`: nothing to drop
             self.between_exits(guard, options, runs_ended)?;
             if self.kicker.stop_requested() || self.vm.is_closed() {
                 return Ok(self.lane_stopped(guard));
             }
-            match self.enter(guard)? {
+            let result = self.enter(guard)?;
+            match &result {
                 Ok(RunExit::Io(next))
                     if next.is_write
                         && next.count == 1
                         && (next.size != 1 || self.vm.pio_patches.load(Ordering::Acquire) == 0) =>
                 {
-                    io = next;
+                    io = *next;
                 }
-                other => return Ok(Flow::Next(other)),
+                _ => return Ok(Flow::Next(result)),
             }
             let now = self.vm.bus_generation();
             if now != generation {
                 generation = now;
+                last = None;
                 bus = self.vm.bus();
             }
         }
