@@ -123,7 +123,8 @@ impl VcpuCore {
             && s.cs.l == 1
             && s.cs.dpl == 3
             && st.regs.rflags & RFLAGS_TF == 0;
-        if !user64 || self.id >= VCPU_SLOTS {
+        // A PDPT entry restored from a file may point past the guest's address width.
+        if !user64 || self.id >= VCPU_SLOTS || !phys_bits_suffice(&st.cpuid) {
             return Ok(false);
         }
         let image = region_bytes(&st.xsave);
