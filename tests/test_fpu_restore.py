@@ -272,3 +272,14 @@ def test_avx_state_without_osxsave_goes_back_where_the_host_lets_cpl3_use_avx() 
         # stub loads it with xrstor64.
         assert e.reason == "exit"
         check_ymm_resets(vm, cpu)
+
+
+def test_tables_changed_after_a_restore_fall_back(guest_dir: Path) -> None:
+    with fpu_vm(guest_dir) as (vm, cpu, snap):
+        run_record(vm, cpu, snap)
+        loads = cpu.stats()["stub_loads"]
+        vm.write(0x9000 + 511 * 8, bytes(8))  # PDPT entry 511 no longer maps the stub
+        run_record(vm, cpu, snap)  # KVM_SET_XSAVE; the restore puts the entry back
+        assert cpu.stats()["stub_loads"] == loads
+        run_record(vm, cpu, snap)
+        assert cpu.stats()["stub_loads"] == loads + 1
