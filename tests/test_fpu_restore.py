@@ -283,3 +283,13 @@ def test_tables_changed_after_a_restore_fall_back(guest_dir: Path) -> None:
         assert cpu.stats()["stub_loads"] == loads
         run_record(vm, cpu, snap)
         assert cpu.stats()["stub_loads"] == loads + 1
+
+
+def test_a_snapshot_taken_right_after_a_restore_holds_the_restored_fpu_state(
+    guest_dir: Path,
+) -> None:
+    with fpu_vm(guest_dir) as (vm, cpu, snap):
+        run_record(vm, cpu, snap)  # the restore leaves the FPU image for the next run
+        again = vm.snapshot()  # which the capture puts back first
+        for _ in range(3):
+            run_record(vm, cpu, again)

@@ -4,7 +4,8 @@
 //! A VM with a snapshot has KVM's dirty log on for every region, so a restore copies back
 //! only the pages written since the snapshot or the last restore (the guest's, from the
 //! log; the host's, from each region's `WriteRecord`). General registers go back through
-//! `kvm_run` (no ioctl) and the FPU/SSE/AVX state with one ioctl; the rest of a vCPU's
+//! `kvm_run` (no ioctl) and the FPU/SSE/AVX state with one ioctl, or none where the guest
+//! can load it itself when the next run starts (see `stub`); the rest of a vCPU's
 //! state is written only when it may differ: `kvm_run` mirrors the special registers
 //! and events (compared there), and state only ring-0 code or the host can change is
 //! rewritten when the host changed some or the vCPU exited at ring 0 since.
