@@ -243,7 +243,8 @@ impl Device for ClosesTheVm {
         _data: &[u8],
     ) -> kvmpy::engine::Result<Action> {
         ctx.vm().shutdown();
-        let mapped = self.held.upgrade().is_some_and(|m| m.len() == 1);
+        // The region (and the FPU restore stub's slot, where the tables map it).
+        let mapped = self.held.upgrade().is_some_and(|m| !m.is_empty());
         self.mapped_after_close.store(mapped, Ordering::SeqCst);
         Ok(Action::Continue)
     }

@@ -785,7 +785,8 @@ class Vcpu:
         `+0x7000`, PDPT at `+0x8000` and, with 2 MiB pages, one page directory per GiB from
         `+0x9000`: `0x9000 + map_gib * 0x1000` bytes in all (`0x9000` with
         `huge_pages=True`, which maps 1 GiB pages). The first `map_gib` GiB are identity
-        mapped, writable and user-accessible.
+        mapped, writable and user-accessible. PDPT entry 511 (guest virtual `0x7fc0000000`),
+        when free, maps kvmpy's FPU restore stub read-only (see the README's snapshots).
 
         With `exceptions=True` the IDT's stubs report CPU exceptions: `run()` then returns an
         `ExceptionExit` (reason `"exception"`) with the vector, error code, RIP and CR2,
@@ -923,10 +924,12 @@ class Vcpu:
         """
     def stats(self) -> VcpuStats:
         """Counters since the vCPU was created: `exits` (returns from `KVM_RUN`),
-        `handler_calls` (Python handler calls, the only times the run loop takes the GIL)
-        and `full_restores` (snapshot restores that rewrote all of the vCPU's state; the
+        `handler_calls` (Python handler calls, the only times the run loop takes the GIL),
+        `full_restores` (snapshot restores that rewrote all of the vCPU's state; the
         others put back only the general registers and the FPU/SSE/AVX state, because
-        nothing else can have changed).
+        nothing else can have changed) and `stub_loads` (runs that started in kvmpy's FPU
+        restore stub, which loaded a fast restore's FPU/SSE/AVX state in the guest instead
+        of an ioctl; see the snapshots documentation).
         """
     @property
     def vm(self) -> Vm:

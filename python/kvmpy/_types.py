@@ -15,6 +15,9 @@ class VcpuStats(TypedDict):
     full_restores: int
     """Snapshot restores that rewrote all of the vCPU's state (the others put back only the
     general registers and the FPU/SSE/AVX state)."""
+    stub_loads: int
+    """Runs that started in kvmpy's FPU restore stub: fast restores whose FPU/SSE/AVX state
+    the guest loaded itself instead of a ``KVM_SET_XSAVE`` ioctl."""
 
 
 __all__ = ["VcpuStats"]

@@ -234,6 +234,13 @@ impl VcpuCore {
 
     /// Before a run: steps over a breakpoint at RIP, sets up a single step, and gives KVM
     /// the guest debug flags the run needs.
+    /// Whether this run neither steps nor has KVM guest debugging on (decided by
+    /// `debug_enter`): nothing reports an instruction before the first one the guest runs.
+    pub(crate) fn debug_quiet(&self) -> bool {
+        let st = lock(&self.debug);
+        !st.stepping && st.kvm_flags == 0
+    }
+
     pub(crate) fn debug_enter(&self, fd: &mut VcpuFd) -> Result<()> {
         let mut st = lock(&self.debug);
         let table_empty = lock(&self.vm.breakpoints).is_empty();

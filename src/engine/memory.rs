@@ -189,6 +189,10 @@ pub struct MemoryMap {
     guest: GuestMemoryMmap,
     /// What KVM may touch; outlives this map while a vCPU fd is open.
     mappings: Arc<Mappings>,
+    /// The FPU restore stub's slot (see `arch::x86_64::fpustub`): its KVM slot number and
+    /// mapping, outside `regions` and `guest` (no read, write, dirty log or snapshot sees
+    /// it).
+    stub: Option<(u32, Arc<GuestRegionMmap>)>,
 }
 
 /// Checks an address range for the basic rules of a memory slot.
@@ -225,7 +229,10 @@ impl MemoryMap {
 
     fn free_slot(&self, max: usize) -> Result<u32> {
         (0..max as u32)
-            .find(|s| self.regions.iter().all(|r| r.slot != *s))
+            .find(|s| {
+                self.regions.iter().all(|r| r.slot != *s)
+                    && self.stub.as_ref().is_none_or(|(slot, _)| slot != s)
+            })
             .ok_or_else(|| Error::Memory(format!("all {max} KVM memory slots are in use")))
     }
 
@@ -270,6 +277,15 @@ impl MemoryMap {
                 r.guest_addr,
                 r.end(),
                 r.slot
+            )));
+        }
+        let stub = crate::arch::x86_64::fpustub::STUB_GPA;
+        let stub_end = stub + crate::arch::x86_64::fpustub::SLOT_BYTES;
+        if self.stub.is_some() && guest_addr < stub_end && stub < guest_addr + size {
+            return Err(Error::Memory(format!(
+                "memory region {guest_addr:#x}..{:#x} overlaps {stub:#x}..{stub_end:#x}, where \
+                 kvmpy keeps this VM's FPU restore stub (guest memory cannot go there)",
+                guest_addr + size
             )));
         }
         let slot = self.free_slot(max_slots)?;
@@ -321,6 +337,47 @@ impl MemoryMap {
         let at = self.regions.partition_point(|r| r.guest_addr < guest_addr);
         self.regions.insert(at, Arc::clone(&region));
         Ok(region)
+    }
+
+    /// The FPU restore stub's mapping, registered with KVM as a read-only slot of
+    /// `fpustub::SLOT_BYTES` at `fpustub::STUB_GPA` on first use with its page tables
+    /// written; `None` where guest memory is there already.
+    pub fn stub(&mut self, vm: &VmFd, max_slots: usize) -> Result<Option<Arc<GuestRegionMmap>>> {
+        use crate::arch::x86_64::fpustub::{table_pages, SLOT_BYTES, STUB_GPA};
+        if let Some((_, mem)) = &self.stub {
+            return Ok(Some(Arc::clone(mem)));
+        }
+        if self.overlapping(STUB_GPA, STUB_GPA + SLOT_BYTES).is_some() {
+            return Ok(None);
+        }
+        let mmap = MmapRegion::new(SLOT_BYTES as usize).map_err(|e| {
+            Error::Memory(format!(
+                "cannot map the FPU restore stub's {SLOT_BYTES:#x} bytes: {e}"
+            ))
+        })?;
+        let mem = GuestRegionMmap::new(mmap, GuestAddress(STUB_GPA))
+            .ok_or_else(|| Error::Memory("the FPU restore stub's mapping is invalid".into()))?;
+        let (pd, pt) = table_pages();
+        mem.write_slice(&pd, vm_memory::MemoryRegionAddress(0))
+            .and_then(|()| mem.write_slice(&pt, vm_memory::MemoryRegionAddress(PAGE_SIZE)))
+            .map_err(|e| Error::Memory(format!("cannot write the FPU restore stub: {e}")))?;
+        let slot = self.free_slot(max_slots)?;
+        let mem = Arc::new(mem);
+        let desc = kvm_userspace_memory_region {
+            slot,
+            flags: KVM_MEM_READONLY,
+            guest_phys_addr: STUB_GPA,
+            memory_size: SLOT_BYTES,
+            userspace_addr: mem.as_ptr() as u64,
+        };
+        // SAFETY: the host range [userspace_addr, +SLOT_BYTES) is a live mapping owned by
+        // `mem`, and `self.mappings` keeps it mapped until the VM fd and every vCPU fd are
+        // closed (the slot is never deleted), so KVM never sees a dangling address.
+        unsafe { vm.set_user_memory_region(desc) }
+            .map_err(|e| Error::ioctl("KVM_SET_USER_MEMORY_REGION", e))?;
+        self.mappings.add(&mem);
+        self.stub = Some((slot, Arc::clone(&mem)));
+        Ok(Some(mem))
     }
 
     /// Turns KVM's dirty logging of a region's slot on (it stays on).

@@ -160,11 +160,15 @@ impl VcpuCore {
         }
         self.kicker.attach_thread();
         self.set_pending(None);
-        if let Err(e) = fd_of(&mut guard).and_then(|h| self.debug_enter(&mut h.fd)) {
+        if let Err(e) = fd_of(&mut guard).and_then(|h| {
+            self.debug_enter(&mut h.fd)?;
+            self.fpu_enter(h)
+        }) {
             return e.into();
         }
         let outcome = self.exits_until_done(&mut guard, options);
         if let Ok(holder) = fd_of(&mut guard) {
+            self.fpu_leave(holder);
             holder.fd.set_kvm_immediate_exit(0);
             self.debug_leave(&mut holder.fd);
         }

@@ -141,6 +141,14 @@ impl VcpuCore {
         if let Some((tss, _, bytes)) = &own {
             image.push((*tss, bytes.clone()));
         }
+        for (gpa, bytes) in &mut image {
+            if *gpa == layout.pdpt {
+                crate::engine::snapshot::stub::map_in(vm, bytes)?;
+            } else if *gpa == layout.pml4 && bytes.len() >= 8 && bytes[0] & 1 != 0 {
+                // Accessed preset: the CPU's walks never write the PML4 page.
+                bytes[0] |= crate::arch::x86_64::fpustub::ACCESSED as u8;
+            }
+        }
         for (gpa, bytes) in image {
             vm.write_memory(gpa, &bytes)?;
         }

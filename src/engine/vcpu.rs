@@ -28,6 +28,8 @@ pub struct VcpuFdHolder {
     pub sigmask: Option<(libc::pid_t, u64)>,
     /// The vCPU's dirty ring, in a VM that has the ring on.
     pub ring: Option<crate::engine::snapshot::ring::DirtyRing>,
+    /// A fast restore's FPU state still to load (see `snapshot::stub`).
+    pub fpu: crate::engine::snapshot::stub::FpuRestore,
     _memory: Arc<Mappings>,
 }
 
@@ -68,6 +70,8 @@ pub struct VcpuCore {
     handler_calls: AtomicU64,
     /// Restores that rewrote every part of the state (for `stats`).
     full_restores: AtomicU64,
+    /// Runs that started in the FPU restore stub (for `stats`).
+    stub_loads: AtomicU64,
     /// The IN or MMIO read that a run returned unanswered, until the next run.
     pending_read: Mutex<Option<PendingRead>>,
     /// Interrupt vectors queued by `queue_interrupt`, injected when the guest can take them.
@@ -154,6 +158,7 @@ impl VcpuCore {
                 timer: None,
                 sigmask: None,
                 ring,
+                fpu: Default::default(),
                 _memory: memory,
             })),
             runner: Mutex::new(None),
@@ -163,6 +168,7 @@ impl VcpuCore {
             exits: AtomicU64::new(0),
             handler_calls: AtomicU64::new(0),
             full_restores: AtomicU64::new(0),
+            stub_loads: AtomicU64::new(0),
             pending_read: Mutex::new(None),
             interrupts: Mutex::new(VecDeque::new()),
             interrupts_queued: AtomicBool::new(false),
@@ -281,6 +287,16 @@ impl VcpuCore {
         f(&mut holder.fd)
     }
 
+    /// `with_fd` for reading or writing the FPU state: a fast restore's pending FPU
+    /// state is put back first.
+    pub fn with_fpu_fd<T>(&self, f: impl FnOnce(&mut VcpuFd) -> Result<T>) -> Result<T> {
+        let mut guard = self.lock_fd()?;
+        let holder = guard.as_mut().ok_or_else(|| Error::Closed("vCPU"))?;
+        self.complete_deferred(&mut holder.fd);
+        self.settle_fpu(holder)?;
+        f(&mut holder.fd)
+    }
+
     /// The run loop's lock on the fd (blocking).
     pub fn lock_run_fd(&self) -> MutexGuard<'_, Option<VcpuFdHolder>> {
         lock(&self.fd)
@@ -392,6 +408,17 @@ impl VcpuCore {
     /// Counts a restore that rewrote every part of the state.
     pub(crate) fn count_full_restore(&self) {
         self.full_restores.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a run that started in the FPU restore stub.
+    pub(crate) fn count_stub_load(&self) {
+        self.stub_loads.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Runs that started in the FPU restore stub: fast restores whose FPU state the
+    /// guest loaded itself instead of `KVM_SET_XSAVE`.
+    pub fn stub_loads(&self) -> u64 {
+        self.stub_loads.load(Ordering::Relaxed)
     }
 
     /// Restores that rewrote every part of the state, rather than the general registers

@@ -73,6 +73,8 @@ pub struct VmCore {
     /// With the dirty ring: pages harvested outside a restore and not reported by
     /// `dirty_log` yet, `(slot, bitmap)` (see `snapshot::ring`).
     pub ring_unreported: Mutex<Vec<(u32, Vec<u64>)>>,
+    /// The FPU restore stub's mapping, once registered (see `snapshot::stub`).
+    pub fpu_stub: std::sync::OnceLock<Arc<vm_memory::GuestRegionMmap>>,
 }
 
 impl VmCore {
@@ -134,6 +136,7 @@ impl VmCore {
             breakpoints: Mutex::new(breakpoints),
             group: Mutex::new(None),
             ring_entries: AtomicU32::new(0),
+            fpu_stub: std::sync::OnceLock::new(),
             ring_unreported: Mutex::new(Vec::new()),
         }))
     }
@@ -331,6 +334,17 @@ impl VmCore {
             table.hide(gpa, buf);
         }
         Ok(())
+    }
+
+    /// The FPU restore stub's mapping, registered with KVM on first use; `None` where
+    /// guest memory already covers its guest physical range.
+    pub fn stub_memory(&self) -> Result<Option<Arc<vm_memory::GuestRegionMmap>>> {
+        if let Some(mem) = self.fpu_stub.get() {
+            return Ok(Some(Arc::clone(mem)));
+        }
+        let max_slots = self.kvm.get_nr_memslots();
+        let mem = self.with_fd(|fd| lock(&self.memory).stub(fd, max_slots))?;
+        Ok(mem.map(|m| Arc::clone(self.fpu_stub.get_or_init(|| m))))
     }
 
     /// Reads guest physical memory as it is (breakpoint bytes included).

@@ -7,6 +7,7 @@
 
 pub mod blocks;
 pub mod disasm;
+pub mod fpustub;
 pub mod fuzzmap;
 pub mod gdt;
 pub mod idt;

@@ -279,7 +279,7 @@ impl VmTarget {
 
 /// A vCPU's general and special registers and its FPU/SSE state.
 fn state_of(v: &VcpuCore) -> Result<(kvm_regs, kvm_sregs, kvm_fpu)> {
-    let fpu = v.with_fd(|fd| fd.get_fpu().map_err(|e| Error::ioctl("KVM_GET_FPU", e)))?;
+    let fpu = v.with_fpu_fd(|fd| fd.get_fpu().map_err(|e| Error::ioctl("KVM_GET_FPU", e)))?;
     Ok((v.regs()?, v.sregs()?, fpu))
 }
 
@@ -319,7 +319,7 @@ impl MultiThreadBase for VmTarget {
         regs::from_gdb(new, &mut r, &s, &mut f).map_err(|_| TargetError::NonFatal)?;
         v.set_regs(&r)
             .and_then(|()| {
-                v.with_fd(|fd| fd.set_fpu(&f).map_err(|e| Error::ioctl("KVM_SET_FPU", e)))
+                v.with_fpu_fd(|fd| fd.set_fpu(&f).map_err(|e| Error::ioctl("KVM_SET_FPU", e)))
             })
             .map_err(TargetError::Fatal)
     }

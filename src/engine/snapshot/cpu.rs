@@ -12,7 +12,7 @@ use kvm_ioctls::{Kvm, VcpuFd};
 
 use crate::engine::error::{Error, Result};
 use crate::engine::lock;
-use crate::engine::vcpu::VcpuCore;
+use crate::engine::vcpu::{VcpuCore, VcpuFdHolder};
 
 /// IA32_TSC_DEADLINE: written after IA32_TSC, or KVM may miss that a timer must fire.
 const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
@@ -256,10 +256,19 @@ fn shift_tsc_deadline(fd: &VcpuFd, st: &VcpuState, msrs: &mut [kvm_msr_entry]) -
 }
 
 /// Puts back what user-mode code can change between two exits without KVM telling: the
-/// general registers (through `kvm_run`, no ioctl) and the FPU/SSE/AVX state.
-pub fn put_user(vcpu: &VcpuCore, fd: &mut VcpuFd, st: &VcpuState) -> Result<()> {
-    vcpu.write_regs(fd, &st.regs)?;
-    put_xsave(fd, st)?;
+/// general registers (through `kvm_run`, no ioctl) and the FPU/SSE/AVX state: loaded by
+/// the guest itself when the next run starts where it can be (see `stub`), else now with
+/// `KVM_SET_XSAVE`.
+pub fn put_user(
+    vcpu: &VcpuCore,
+    holder: &mut VcpuFdHolder,
+    st: &VcpuState,
+    snap_id: u64,
+) -> Result<()> {
+    vcpu.write_regs(&mut holder.fd, &st.regs)?;
+    if !vcpu.arm_fpu(holder, st, snap_id)? {
+        put_xsave(&holder.fd, st)?;
+    }
     vcpu.set_queued_interrupts(&st.interrupts);
     Ok(())
 }

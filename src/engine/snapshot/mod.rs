@@ -4,7 +4,8 @@
 //! A VM with a snapshot has KVM's dirty log on for every region, so a restore copies back
 //! only the pages written since the snapshot or the last restore (the guest's, from the
 //! log; the host's, from each region's `WriteRecord`). General registers go back through
-//! `kvm_run` (no ioctl) and the FPU/SSE/AVX state with one ioctl; the rest of a vCPU's
+//! `kvm_run` (no ioctl) and the FPU/SSE/AVX state with one ioctl, or none where the guest
+//! can load it itself when the next run starts (see `stub`); the rest of a vCPU's
 //! state is written only when it may differ: `kvm_run` mirrors the special registers
 //! and events (compared there), and state only ring-0 code or the host can change is
 //! rewritten when the host changed some or the vCPU exited at ring 0 since.
@@ -25,6 +26,7 @@ pub mod dirty;
 pub mod file;
 pub mod image;
 pub mod ring;
+pub mod stub;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -293,12 +295,10 @@ impl VmCore {
         for (v, g) in vcpus.iter().zip(guards.iter_mut()) {
             let holder = g.as_mut().ok_or(Error::Closed("vCPU"))?;
             v.complete_pending_io(&mut holder.fd);
-            states.push(cpu::capture(
-                v,
-                &mut holder.fd,
-                &self.kvm,
-                self.has_irqchip(),
-            )?);
+            v.settle_fpu(holder)?;
+            let state = cpu::capture(v, &mut holder.fd, &self.kvm, self.has_irqchip())?;
+            state.note_xcr0(&mut holder.fpu);
+            states.push(state);
         }
         let (irqchip, pit) = self.capture_chips()?;
         // A host without KVM_CAP_ADJUST_CLOCK has no kvmclock to save.
@@ -469,8 +469,9 @@ impl VmCore {
                 && !at_ring0(st)
                 && v.mirrored_state(&mut holder.fd) == Some((st.sregs, st.events));
             if fast {
-                cpu::put_user(v, &mut holder.fd, st)?;
+                cpu::put_user(v, holder, st, snap.id)?;
             } else {
+                st.note_xcr0(&mut holder.fpu);
                 cpu::put_all(v, &mut holder.fd, st, tracked)?;
                 v.mirror_state(&mut holder.fd);
                 v.take_hidden_dirty();
