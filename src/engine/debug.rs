@@ -30,6 +30,7 @@ use crate::engine::exit::Exit;
 use crate::engine::lock;
 use crate::engine::vcpu::VcpuCore;
 use crate::engine::vm::VmCore;
+use crate::engine::watch::{Watch, WatchKind};
 
 /// RFLAGS.TF: trap after the next instruction.
 const TF: u64 = 1 << 8;
@@ -179,6 +180,24 @@ fn breakpoint_patch(cpu: &VcpuCore) -> Result<u8> {
     Ok(crate::engine::coverage::Mechanism::pick(debug, cpl, iopl, wanted.as_deref())?.patch())
 }
 
+/// How watchpoints work on this host: `"memslot"` (by guest-physical page, see `watch`),
+/// or an error naming what the host lacks.
+pub fn watch_mechanism(vm: &VmCore) -> Result<&'static str> {
+    if !crate::engine::kvm::has_cap(&vm.kvm, kvm_ioctls::Cap::ReadonlyMem) {
+        return Err(Error::Unsupported(
+            "this host's KVM has no read-only memory slots (KVM_CAP_READONLY_MEM), which \
+             kvmpy's watchpoints need (its KVM does not deliver debug-register \
+             watchpoints either: see `python -m kvmpy info`)"
+                .into(),
+        ));
+    }
+    Ok("memslot")
+}
+
+fn watch_supported(vm: &VmCore) -> Result<()> {
+    watch_mechanism(vm).map(|_| ())
+}
+
 /// Counts a coverage hit at `vaddr` (a one-shot entry also goes: the write to make).
 fn count_hit(vm: &VmCore, vaddr: u64, one_shot: bool) -> Write {
     let mut table = lock(&vm.breakpoints);
@@ -204,32 +223,27 @@ impl VcpuCore {
         lock(&self.debug).user_step = on;
     }
 
-    /// Fails with a clear error: watchpoints through the debug registers.
+    /// Adds this vCPU's watchpoint of `len` bytes (1, 2, 4 or 8, aligned) at guest-virtual
+    /// `address`, translated once, now, by the vCPU's page tables; `kind` is `"write"` or
+    /// `"rw"` (see `watch` for how it works and what it cannot watch).
     pub fn add_watchpoint(&self, address: u64, len: u64, kind: &str) -> Result<()> {
-        if !matches!(len, 1 | 2 | 4 | 8) {
-            return Err(Error::Value(format!(
-                "a watchpoint covers 1, 2, 4 or 8 bytes (the debug registers' lengths), not {len}"
-            )));
-        }
-        if address % len != 0 {
-            return Err(Error::Value(format!(
-                "a {len}-byte watchpoint must be aligned to {len} bytes, not at {address:#x}"
-            )));
-        }
-        if !matches!(kind, "write" | "rw") {
-            return Err(Error::Value(format!(
-                "a watchpoint's kind is \"write\" or \"rw\", not {kind:?}"
-            )));
-        }
-        let host = host()?;
-        Err(Error::Unsupported(if host.watchpoints {
-            "watchpoints are not implemented yet".into()
-        } else {
-            "this host's KVM does not deliver debug-register watchpoints (a DR7 write \
-             watchpoint did not fire in the probe guest: see `python -m kvmpy info`), and \
-             kvmpy has no other way to watch memory"
-                .into()
-        }))
+        self.vm.check_open()?;
+        crate::engine::watch::check_range(address, len)?;
+        let kind = WatchKind::parse(kind)?;
+        watch_supported(&self.vm)?;
+        let gpa = self.translate(address)?;
+        self.vm.add_watch(Watch {
+            vaddr: address,
+            gpa,
+            len,
+            kind,
+            owner: Some(self.id),
+        })
+    }
+
+    /// Removes this vCPU's watchpoint at `address` of `len` bytes.
+    pub fn remove_watchpoint(&self, address: u64, len: u64) -> Result<()> {
+        self.vm.remove_watch(address, len, Some(self.id))
     }
 
     /// Before a run: steps over a breakpoint at RIP, sets up a single step, and gives KVM

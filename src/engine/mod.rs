@@ -24,6 +24,7 @@ pub mod setup;
 pub mod snapshot;
 pub mod vcpu;
 pub mod vm;
+pub mod watch;
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, Ordering};
