@@ -33,6 +33,8 @@ pub const MAX_WATCHPOINTS: usize = 4;
 pub enum WatchKind {
     /// Writes.
     Write,
+    /// Reads only (gdb's `rwatch`; its page is a hole, as for `ReadWrite`).
+    Read,
     /// Reads and writes.
     ReadWrite,
 }
@@ -52,6 +54,7 @@ impl WatchKind {
     pub fn as_str(self) -> &'static str {
         match self {
             WatchKind::Write => "write",
+            WatchKind::Read => "read",
             WatchKind::ReadWrite => "rw",
         }
     }
@@ -117,7 +120,8 @@ pub fn layout(pages: u64, readonly: bool, watched: &[(u64, WatchKind)]) -> Vec<(
             .iter()
             .filter(|(w, _)| *w == p)
             .map(|(_, k)| *k)
-            .max_by_key(|k| *k == WatchKind::ReadWrite)
+            .map(|k| k != WatchKind::Write)
+            .max()
     };
     let mut out: Vec<(u64, u64, bool)> = Vec::new();
     let mut p = 0;
@@ -130,8 +134,9 @@ pub fn layout(pages: u64, readonly: bool, watched: &[(u64, WatchKind)]) -> Vec<(
             end += 1;
         }
         match kind {
-            Some(WatchKind::ReadWrite) => {}
-            Some(WatchKind::Write) => out.push((p, end - p, true)),
+            // Reads must exit too: no slot.
+            Some(true) => {}
+            Some(false) => out.push((p, end - p, true)),
             None => out.push((p, end - p, readonly)),
         }
         p = end;
@@ -342,7 +347,11 @@ impl VmCore {
         let hit = watches.iter().find(|w| {
             w.owner.is_none_or(|o| o == vcpu)
                 && w.overlaps(addr, len)
-                && (is_write || w.kind == WatchKind::ReadWrite)
+                && match w.kind {
+                    WatchKind::Write => is_write,
+                    WatchKind::Read => !is_write,
+                    WatchKind::ReadWrite => true,
+                }
         });
         let value = |w: &Watch| -> Result<u64> {
             let mut b = [0u8; 8];
@@ -375,7 +384,7 @@ impl VmCore {
     pub fn in_watch_hole(&self, gpa: u64) -> bool {
         lock(&self.watches)
             .iter()
-            .any(|w| w.kind == WatchKind::ReadWrite && w.page() == gpa & !(PAGE_SIZE - 1))
+            .any(|w| w.kind != WatchKind::Write && w.page() == gpa & !(PAGE_SIZE - 1))
     }
 }
 
