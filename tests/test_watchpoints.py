@@ -8,6 +8,8 @@ The guests are 64-bit CPL3 code (what runs natively on every host).
 from __future__ import annotations
 
 import struct
+import subprocess
+import sys
 
 import pytest
 
@@ -264,3 +266,33 @@ def test_bad_watchpoints() -> None:
         c.setup_long_mode(user=True)
         with pytest.raises(ValueError, match="read-only"):
             c.add_watchpoint(0x400000, 8)
+
+
+def test_hardware_breakpoints_are_refused_naming_the_host_limit() -> None:
+    from kvmpy._native import _debug_support
+
+    vm, cpu = machine()
+    with vm:
+        with pytest.raises(kvmpy.KvmUnsupported, match="hardware breakpoints"):
+            cpu.add_breakpoint(AFTER_STORE, hardware=True)
+        if not _debug_support()["hw_breakpoints"]:
+            with pytest.raises(kvmpy.KvmUnsupported, match="did not fire in"):
+                cpu.add_breakpoint(AFTER_STORE, hardware=True)
+        assert cpu.breakpoints == [], "no patch set instead"
+        assert cpu.add_breakpoint(AFTER_STORE, hardware=False) == AFTER_STORE
+    with pytest.raises(kvmpy.VmClosedError):
+        cpu.add_breakpoint(AFTER_STORE, hardware=True)
+
+
+def test_the_host_report_names_the_watchpoint_mechanism_and_blockirq() -> None:
+    from kvmpy._native import _debug_support
+
+    d = _debug_support()
+    assert d["watch_mechanism"] == "memslot"
+    flags = int(d["guest_debug_flags"])
+    assert d["block_irq"] == bool(flags & 0x100000)  # KVM_GUESTDBG_BLOCKIRQ
+    line = subprocess.run(
+        [sys.executable, "-m", "kvmpy", "info"], capture_output=True, text=True, check=True
+    ).stdout
+    assert "watchpoints: memslot" in line
+    assert f"KVM_CAP_SET_GUEST_DEBUG2: {flags:#x}" in line

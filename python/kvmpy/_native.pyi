@@ -879,7 +879,7 @@ class Vcpu:
         """Writes a bytes-like object to guest virtual memory at `vaddr` through the vCPU's
         page tables (ignoring their write-protection, as a debugger does).
         """
-    def add_breakpoint(self, address: int) -> int:
+    def add_breakpoint(self, address: int, *, hardware: bool = False) -> int:
         """Sets a software breakpoint at guest-virtual `address` (translated by this vCPU's
         page tables) for this vCPU: when it gets there, `run()` returns a `BreakpointExit`
         (reason `"breakpoint"`) with RIP at `address`, before the instruction runs; the
@@ -890,6 +890,10 @@ class Vcpu:
 
         Where the host's KVM does not intercept `int3` (`python -m kvmpy info`), the vCPU
         needs `setup_long_mode(exceptions=True)`; otherwise this raises `KvmUnsupported`.
+
+        `hardware=True` asks for a debug-register breakpoint (DR0-DR3, no byte patched):
+        it raises `KvmUnsupported` naming the host's limit (a patch is not a hardware
+        breakpoint, so none is set instead).
         """
     def remove_breakpoint(self, address: int) -> None:
         """Removes this vCPU's breakpoint at `address` (the original byte goes back);

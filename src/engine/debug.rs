@@ -23,7 +23,7 @@ use kvm_ioctls::VcpuFd;
 
 use crate::arch::x86_64::gdt;
 use crate::engine::breakpoints::{Hit, Owner, Write, PATCH, PIO_PATCH};
-use crate::engine::debug_host::set_guest_debug;
+use crate::engine::debug_host::{block_irq, set_guest_debug};
 pub use crate::engine::debug_host::{host, mechanism, HostDebug, Mechanism, MECHANISM_ENV};
 use crate::engine::error::{Error, Result};
 use crate::engine::exit::Exit;
@@ -182,8 +182,8 @@ fn breakpoint_patch(cpu: &VcpuCore) -> Result<u8> {
 
 /// How watchpoints work on this host: `"memslot"` (by guest-physical page, see `watch`),
 /// or an error naming what the host lacks.
-pub fn watch_mechanism(vm: &VmCore) -> Result<&'static str> {
-    if !crate::engine::kvm::has_cap(&vm.kvm, kvm_ioctls::Cap::ReadonlyMem) {
+pub fn watch_mechanism(kvm: &kvm_ioctls::Kvm) -> Result<&'static str> {
+    if !crate::engine::kvm::has_cap(kvm, kvm_ioctls::Cap::ReadonlyMem) {
         return Err(Error::Unsupported(
             "this host's KVM has no read-only memory slots (KVM_CAP_READONLY_MEM), which \
              kvmpy's watchpoints need (its KVM does not deliver debug-register \
@@ -194,8 +194,26 @@ pub fn watch_mechanism(vm: &VmCore) -> Result<&'static str> {
     Ok("memslot")
 }
 
+/// The error for a hardware (debug-register) breakpoint: where the host's KVM does not
+/// deliver them, the probe's finding; elsewhere, that kvmpy sets breakpoints by patching
+/// only (`hbreak` in gdb is refused the same way).
+pub fn hw_breakpoints_refused() -> Result<Error> {
+    let host = host()?;
+    Ok(Error::Unsupported(if host.hw_breakpoints {
+        "hardware breakpoints: kvmpy sets breakpoints by patching guest memory only; use \
+         add_breakpoint(address) (any number, the same exits)"
+            .into()
+    } else {
+        "hardware breakpoints: this host's KVM does not deliver debug-register \
+         breakpoints (a DR0 execute breakpoint with KVM_GUESTDBG_USE_HW_BP did not fire in \
+         the probe guest: see `python -m kvmpy info`); use add_breakpoint(address), a \
+         patched breakpoint, instead"
+            .into()
+    }))
+}
+
 fn watch_supported(vm: &VmCore) -> Result<()> {
-    watch_mechanism(vm).map(|_| ())
+    watch_mechanism(&vm.kvm).map(|_| ())
 }
 
 /// Counts a coverage hit at `vaddr` (a one-shot entry also goes: the write to make).
@@ -311,7 +329,7 @@ impl VcpuCore {
         }
         if std::mem::take(&mut st.stepping) {
             if st.kvm_flags & KVM_GUESTDBG_SINGLESTEP != 0 {
-                let flags = st.kvm_flags & !KVM_GUESTDBG_SINGLESTEP;
+                let flags = st.kvm_flags & !(KVM_GUESTDBG_SINGLESTEP | block_irq());
                 if set_guest_debug(fd, flags, 0, 0).is_ok() {
                     st.kvm_flags = flags;
                 }
@@ -362,7 +380,7 @@ impl VcpuCore {
             1 if st.stepping => {
                 let rip = self.read_regs(fd)?.rip;
                 self.end_step(fd, &mut st)?;
-                let flags = st.kvm_flags & !KVM_GUESTDBG_SINGLESTEP;
+                let flags = st.kvm_flags & !(KVM_GUESTDBG_SINGLESTEP | block_irq());
                 set_guest_debug(fd, flags, 0, 0)?;
                 st.kvm_flags = flags;
                 Ok(self.after_step(&mut st, rip))
@@ -452,7 +470,8 @@ impl VcpuCore {
         match mechanism()? {
             Mechanism::ExceptionStubs => self.update_regs(fd, |r| r.rflags |= TF),
             Mechanism::Intercept => {
-                let flags = st.kvm_flags | KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP;
+                let flags =
+                    st.kvm_flags | KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP | block_irq();
                 set_guest_debug(fd, flags, 0, 0)?;
                 st.kvm_flags = flags;
                 Ok(())

@@ -153,6 +153,24 @@ fn probe_in(vm: &std::sync::Arc<VmCore>) -> Result<HostDebug> {
 }
 
 /// `KVM_SET_GUEST_DEBUG` with DR0 and DR7 (the other debug registers zero).
+/// The guest debug flags this host's KVM supports (`KVM_CAP_SET_GUEST_DEBUG2`; 0 where
+/// it does not say), asked once.
+pub fn supported_flags() -> u32 {
+    static FLAGS: OnceLock<u32> = OnceLock::new();
+    *FLAGS.get_or_init(|| {
+        crate::engine::kvm::shared().map_or(0, |kvm| {
+            kvm.check_extension_raw(kvm_bindings::KVM_CAP_SET_GUEST_DEBUG2.into())
+                .max(0) as u32
+        })
+    })
+}
+
+/// `KVM_GUESTDBG_BLOCKIRQ` where KVM offers it (interrupts held off during a single
+/// step, so a step does not land in an interrupt handler), else 0.
+pub fn block_irq() -> u32 {
+    supported_flags() & kvm_bindings::KVM_GUESTDBG_BLOCKIRQ
+}
+
 pub(crate) fn set_guest_debug(fd: &VcpuFd, control: u32, dr0: u64, dr7: u64) -> Result<()> {
     let mut dbg = kvm_guest_debug {
         control,

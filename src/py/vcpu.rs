@@ -270,8 +270,17 @@ impl Vcpu {
     ///
     /// Where the host's KVM does not intercept `int3` (`python -m kvmpy info`), the vCPU
     /// needs `setup_long_mode(exceptions=True)`; otherwise this raises `KvmUnsupported`.
-    fn add_breakpoint(&self, address: Int<u64>) -> PyResult<u64> {
+    ///
+    /// `hardware=True` asks for a debug-register breakpoint (DR0-DR3, no byte patched):
+    /// it raises `KvmUnsupported` naming the host's limit (a patch is not a hardware
+    /// breakpoint, so none is set instead).
+    #[pyo3(signature = (address, *, hardware=false))]
+    fn add_breakpoint(&self, address: Int<u64>, hardware: bool) -> PyResult<u64> {
         let inner = &self.inner;
+        if hardware {
+            inner.vm.check_open()?;
+            return Err(crate::engine::debug::hw_breakpoints_refused()?.into());
+        }
         inner
             .vm
             .add_breakpoint(inner, address.0, Owner::Vcpu(inner.id))?;

@@ -473,7 +473,7 @@ impl HwWatchpoint for VmTarget {
             WatchKind::ReadWrite => crate::engine::watch::WatchKind::ReadWrite,
         };
         let by_page = crate::engine::watch::check_range(addr, len)
-            .and_then(|()| crate::engine::debug::watch_mechanism(&self.vm))
+            .and_then(|()| crate::engine::debug::watch_mechanism(&self.vm.kvm))
             .and_then(|_| cpu.translate(addr))
             .and_then(|gpa| {
                 self.vm.add_watch(crate::engine::watch::Watch {
