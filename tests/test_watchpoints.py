@@ -123,6 +123,16 @@ def test_an_rw_watchpoint_is_hit_by_a_load() -> None:
 def test_code_on_an_rw_watched_page_is_a_clear_error() -> None:
     vm, cpu = machine()
     with vm:
+        # Refused at once where kvmpy can tell: the code at RIP, the page tables.
+        with pytest.raises(ValueError, match="code at RIP"):
+            cpu.add_watchpoint(CODE + 0x100, 8, "rw")
+        cr3 = cpu.sregs.cr3
+        with pytest.raises(ValueError, match="page tables"):
+            cpu.add_watchpoint(cr3 + 8, 8, "rw")
+        cpu.add_watchpoint(cr3 + 8, 8, "write")  # reads stay native: fine
+        cpu.remove_watchpoint(cr3 + 8, 8)
+        # Otherwise the run that executes code there ends with a clear error.
+        cpu.set_regs(rip=DATA + 0x1000)
         cpu.add_watchpoint(CODE + 0x100, 8, "rw")
         with pytest.raises(kvmpy.KvmUnsupported, match="read/write watchpoint"):
             store(cpu, DATA, 1)
@@ -186,6 +196,10 @@ def test_dirty_log_of_a_region_split_by_a_watchpoint() -> None:
         pages = region.dirty_pages()
         assert 0x100000 in pages, "a page after the watched one"
         assert DATA not in pages and DATA + 0x5000 not in pages
+        cpu.set_regs(rip=CODE, rdi=DATA + 0x10, rsi=1, rdx=DATA + 0x5000)
+        assert cpu.run(timeout=10).reason == "exit"
+        assert DATA in region.dirty_pages(), "a store kvmpy did for the guest"
+        assert DATA not in region.dirty_pages(), "reported once"
 
 
 def test_a_fuzz_run_with_a_watchpoint() -> None:
@@ -296,3 +310,22 @@ def test_the_host_report_names_the_watchpoint_mechanism_and_blockirq() -> None:
     ).stdout
     assert "watchpoints: memslot" in line
     assert f"KVM_CAP_SET_GUEST_DEBUG2: {flags:#x}" in line
+
+
+def test_a_vm_from_a_snapshot_with_a_watchpoint() -> None:
+    vm, cpu = machine()
+    with vm:
+        vm.write(WATCHED, struct.pack("<Q", 0x42))
+        snap = vm.snapshot()
+    clone = kvmpy.Vm.from_snapshot(snap)
+    with clone:
+        c = clone.vcpus[0]
+        clone.add_exit_port(0xF4)
+        c.add_watchpoint(WATCHED, 8, "write")
+        for _ in range(2):
+            e = store(c, WATCHED, 0x99)
+            assert isinstance(e, kvmpy.WatchpointExit) and (e.old, e.new) == (0x42, 0x99)
+            assert store(c, DATA + 0x40, 1).reason == "exit"
+            clone.restore(snap)
+            assert qword(clone, WATCHED) == 0x42 and qword(clone, DATA + 0x40) == 0
+    assert struct.unpack("<Q", snap.read(WATCHED, 8)) == (0x42,), "the snapshot is unchanged"

@@ -250,6 +250,9 @@ impl VcpuCore {
         let kind = WatchKind::parse(kind)?;
         watch_supported(&self.vm)?;
         let gpa = self.translate(address)?;
+        if kind != WatchKind::Write {
+            self.check_rw_page(gpa & !(crate::engine::memory::PAGE_SIZE - 1))?;
+        }
         self.vm.add_watch(Watch {
             vaddr: address,
             gpa,
@@ -257,6 +260,51 @@ impl VcpuCore {
             kind,
             owner: Some(self.id),
         })
+    }
+
+    /// Fails if the page at guest-physical `page` holds what the vCPU needs to read
+    /// without an exit: the code at RIP, the page tables that translate RIP and the
+    /// GDT/IDT (a read/write watchpoint leaves its page with no memory slot, and KVM can
+    /// neither fetch code nor walk tables there).
+    fn check_rw_page(&self, page: u64) -> Result<()> {
+        let sregs = self.sregs()?;
+        let rip = self.regs()?.rip;
+        let mut tables = Vec::new();
+        let mut walk = |vaddr: u64| {
+            crate::arch::x86_64::paging::translate(
+                sregs.cr0,
+                sregs.cr3,
+                sregs.cr4,
+                sregs.efer,
+                vaddr,
+                |gpa, size| {
+                    tables.push(gpa);
+                    let mut buf = [0u8; 8];
+                    self.vm.read_memory(gpa, &mut buf[..size]).ok()?;
+                    Some(u64::from_le_bytes(buf))
+                },
+            )
+            .ok()
+        };
+        let mut needed = vec![("the code at RIP", walk(rip))];
+        needed.push(("the GDT", walk(sregs.gdt.base)));
+        needed.push(("the IDT", walk(sregs.idt.base)));
+        let in_page = |gpa: u64| gpa & !(crate::engine::memory::PAGE_SIZE - 1) == page;
+        if let Some((what, _)) = needed.iter().find(|(_, gpa)| gpa.is_some_and(in_page)) {
+            return Err(Error::Value(format!(
+                "guest-physical page {page:#x} holds {what}: a read/write watchpoint leaves \
+                 its page with no memory slot, where KVM cannot fetch code or read tables; \
+                 watch it for writes only"
+            )));
+        }
+        if tables.iter().any(|g| in_page(*g)) {
+            return Err(Error::Value(format!(
+                "guest-physical page {page:#x} holds the vCPU's page tables: a read/write \
+                 watchpoint leaves its page with no memory slot, where KVM cannot walk \
+                 them; watch it for writes only"
+            )));
+        }
+        Ok(())
     }
 
     /// Removes this vCPU's watchpoint at `address` of `len` bytes.

@@ -66,6 +66,9 @@ pub struct WriteRecord {
     viewed: AtomicBool,
     /// Whether KVM logs the slot's dirty pages now.
     logging: AtomicBool,
+    /// Pages of the region kvmpy wrote for the guest (a store to a watched page), which
+    /// KVM's dirty log does not see; reported by the next `dirty_log`.
+    emulated: Mutex<Vec<u64>>,
 }
 
 impl WriteRecord {
@@ -96,6 +99,25 @@ impl WriteRecord {
         }
     }
 
+    /// Notes that kvmpy wrote `len` bytes at region offset `offset` for the guest.
+    pub fn note_emulated_write(&self, offset: u64, len: u64) {
+        let mut pages = crate::engine::lock(&self.emulated);
+        for page in offset / PAGE_SIZE..=(offset + len.max(1) - 1) / PAGE_SIZE {
+            if !pages.contains(&page) {
+                pages.push(page);
+            }
+        }
+    }
+
+    /// ORs the pages kvmpy wrote for the guest since the last call into `bits`.
+    pub fn take_emulated(&self, bits: &mut [u64]) {
+        for page in std::mem::take(&mut *crate::engine::lock(&self.emulated)) {
+            if let Some(word) = bits.get_mut((page / 64) as usize) {
+                *word |= 1 << (page % 64);
+            }
+        }
+    }
+
     /// Notes that a writable view was exported.
     pub fn view_exported(&self) {
         self.views.fetch_add(1, Ordering::SeqCst);
@@ -110,6 +132,7 @@ impl WriteRecord {
     /// Starts (or restarts) tracking a region of `pages` pages: the record is emptied.
     pub fn track(&self, pages: u64) {
         *crate::engine::lock(&self.host) = Some(vec![0; pages.div_ceil(64) as usize]);
+        crate::engine::lock(&self.emulated).clear();
         self.host_any.store(false, Ordering::SeqCst);
         self.viewed
             .store(self.views.load(Ordering::SeqCst) > 0, Ordering::SeqCst);

@@ -299,12 +299,15 @@ impl VmCore {
     /// pages are also kept for its next restore.
     pub fn dirty_log(&self, region: &Region) -> Result<Vec<u64>> {
         if self.dirty_ring() != 0 {
-            return self.ring_dirty_log(region);
+            let mut bits = self.ring_dirty_log(region)?;
+            region.record.take_emulated(&mut bits);
+            return Ok(bits);
         }
         let manual = lock(&self.tracking).manual.unwrap_or(false);
         let mut bits = vec![0; crate::engine::snapshot::dirty::bitmap_words(region)];
         self.with_fd(|fd| crate::engine::snapshot::dirty::read(fd, region, manual, &mut bits))?;
         region.record.add_pages(&bits);
+        region.record.take_emulated(&mut bits);
         Ok(bits)
     }
 

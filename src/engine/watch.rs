@@ -364,6 +364,16 @@ impl VmCore {
         };
         if is_write {
             self.write_memory(addr, data)?;
+            self.with_memory(|m| {
+                if let Some(r) = m
+                    .regions()
+                    .iter()
+                    .find(|r| r.guest_addr <= addr && addr < r.end())
+                {
+                    r.record
+                        .note_emulated_write(addr - r.guest_addr, len.min(r.end() - addr));
+                }
+            });
         } else {
             self.read_memory_raw(addr, data)?;
         }
