@@ -329,3 +329,44 @@ def test_a_vm_from_a_snapshot_with_a_watchpoint() -> None:
             clone.restore(snap)
             assert qword(clone, WATCHED) == 0x42 and qword(clone, DATA + 0x40) == 0
     assert struct.unpack("<Q", snap.read(WATCHED, 8)) == (0x42,), "the snapshot is unchanged"
+
+
+def test_a_store_crossing_into_the_watched_page() -> None:
+    vm, cpu = machine()
+    with vm:
+        page = DATA + 0x1000
+        cpu.add_watchpoint(page, 4, "write")
+        e = store(cpu, page - 4, 0x1111_2222_3333_4444)
+        assert isinstance(e, kvmpy.WatchpointExit)
+        assert (e.access, e.new) == (page, 0x1111_2222)
+        assert qword(vm, page - 4) == 0x1111_2222_3333_4444
+
+
+def test_another_vcpus_watchpoint_does_not_stop_this_one() -> None:
+    vm, cpu = machine()
+    with vm:
+        other = vm.create_vcpu()
+        other.setup_long_mode(user=True, tables_addr=0x40000)
+        other.add_watchpoint(WATCHED, 8, "write")
+        assert cpu.watchpoints() == [] and other.watchpoints() == [(WATCHED, 8, "write")]
+        assert store(cpu, WATCHED, 3).reason == "exit", "not this vCPU's watchpoint"
+        assert qword(vm, WATCHED) == 3
+        e = store(other, WATCHED, 4)
+        assert isinstance(e, kvmpy.WatchpointExit) and (e.vcpu_id, e.old, e.new) == (1, 3, 4)
+
+
+def test_watchpoints_cannot_change_while_a_vcpu_runs() -> None:
+    vm, cpu = machine(bytes.fromhex("ebfe"))  # jmp $
+    with vm:
+        cpu.add_watchpoint(WATCHED, 8)
+        vm.start(timeout=30)
+        try:
+            with pytest.raises(kvmpy.VcpuBusyError, match="started|running"):
+                cpu.add_watchpoint(DATA, 8)
+            with pytest.raises(kvmpy.VcpuBusyError, match="started|running"):
+                cpu.remove_watchpoint(WATCHED, 8)
+        finally:
+            vm.stop()
+            vm.join(10)
+        cpu.remove_watchpoint(WATCHED, 8)
+        assert cpu.watchpoints() == []

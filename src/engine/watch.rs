@@ -243,6 +243,12 @@ impl VmCore {
 
     /// Fails if a vCPU runs on another thread: its slots cannot change under it.
     fn check_not_running(&self, what: &str) -> Result<()> {
+        if self.group().is_some() {
+            return Err(Error::Busy(format!(
+                "cannot {what} while the VM's vCPUs are started (and not joined yet): \
+                 stop and join them first"
+            )));
+        }
         let me = crate::engine::gettid();
         match self
             .vcpus()
