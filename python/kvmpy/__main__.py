@@ -188,6 +188,8 @@ def debugging() -> str:
             "memslot (the watched page gets a read-only memory slot, or none for "
             "read/write watchpoints: its accesses exit to kvmpy)"
         )
+    elif watch == "debug-registers":
+        watch = "debug-registers (DR0-DR3 through KVM_GUESTDBG_USE_HW_BP)"
     block = "held off (KVM_GUESTDBG_BLOCKIRQ)" if d.get("block_irq") else "not held off"
     return (
         f"{how}; KVM intercepts: {caught}; breakpoints and fuzzing coverage in user mode: "

@@ -23,8 +23,10 @@ use kvm_ioctls::VcpuFd;
 
 use crate::arch::x86_64::gdt;
 use crate::engine::breakpoints::{Hit, Owner, Write, PATCH, PIO_PATCH};
-use crate::engine::debug_host::{block_irq, set_guest_debug};
+use crate::engine::debug_host::block_irq;
+use crate::engine::debug_host::set_guest_debug_regs;
 pub use crate::engine::debug_host::{host, mechanism, HostDebug, Mechanism, MECHANISM_ENV};
+use crate::engine::debug_regs::WatchMechanism;
 use crate::engine::error::{Error, Result};
 use crate::engine::exit::Exit;
 use crate::engine::lock;
@@ -50,6 +52,10 @@ pub struct DebugState {
     /// run that starts there steps over a breakpoint at that address, as a debugger's
     /// "continue" does; a run that starts anywhere else hits it.
     pub resume_from: Option<u64>,
+    /// The debug registers KVM was last given (DR7 at index 7; all zero: none).
+    dr: [u64; 8],
+    /// The watchpoints in DR0-DR3 for this run and their values at entry.
+    armed: Vec<(Watch, u64)>,
 }
 
 /// What the run loop does with a trap.
@@ -183,15 +189,18 @@ fn breakpoint_patch(cpu: &VcpuCore) -> Result<u8> {
 /// How watchpoints work on this host: `"memslot"` (by guest-physical page, see `watch`),
 /// or an error naming what the host lacks.
 pub fn watch_mechanism(kvm: &kvm_ioctls::Kvm) -> Result<&'static str> {
-    if !crate::engine::kvm::has_cap(kvm, kvm_ioctls::Cap::ReadonlyMem) {
+    let chosen = crate::engine::debug_regs::watch_mechanism()?;
+    if chosen == WatchMechanism::Memslot
+        && !crate::engine::kvm::has_cap(kvm, kvm_ioctls::Cap::ReadonlyMem)
+    {
         return Err(Error::Unsupported(
             "this host's KVM has no read-only memory slots (KVM_CAP_READONLY_MEM), which \
-             kvmpy's watchpoints need (its KVM does not deliver debug-register \
+             kvmpy's page watchpoints need (its KVM does not deliver debug-register \
              watchpoints either: see `python -m kvmpy info`)"
                 .into(),
         ));
     }
-    Ok("memslot")
+    Ok(chosen.as_str())
 }
 
 /// The error for a hardware (debug-register) breakpoint: where the host's KVM does not
@@ -250,7 +259,8 @@ impl VcpuCore {
         let kind = WatchKind::parse(kind)?;
         watch_supported(&self.vm)?;
         let gpa = self.translate(address)?;
-        if kind != WatchKind::Write {
+        let by_page = crate::engine::debug_regs::watch_mechanism()? == WatchMechanism::Memslot;
+        if by_page && kind != WatchKind::Write {
             self.check_rw_page(gpa & !(crate::engine::memory::PAGE_SIZE - 1))?;
         }
         self.vm.add_watch(Watch {
@@ -317,7 +327,8 @@ impl VcpuCore {
     pub(crate) fn debug_enter(&self, fd: &mut VcpuFd) -> Result<()> {
         let mut st = lock(&self.debug);
         let table_empty = lock(&self.vm.breakpoints).is_empty();
-        if table_empty && !st.user_step && st.kvm_flags == 0 {
+        let dr_changed = self.arm_debug_registers(&mut st)?;
+        if table_empty && !st.user_step && st.kvm_flags == 0 && !dr_changed {
             st.resume_from = None;
             return Ok(());
         }
@@ -355,15 +366,50 @@ impl VcpuCore {
                         } else {
                             KVM_GUESTDBG_USE_SW_BP
                         }
-                        | if step { KVM_GUESTDBG_SINGLESTEP } else { 0 }
+                        | if step {
+                            KVM_GUESTDBG_SINGLESTEP | block_irq()
+                        } else {
+                            0
+                        }
                 };
-                if flags != st.kvm_flags {
-                    set_guest_debug(fd, flags, 0, 0)?;
+                if flags != st.kvm_flags || dr_changed {
+                    set_guest_debug_regs(fd, flags, &st.dr)?;
                     st.kvm_flags = flags;
                 }
             }
         }
         Ok(())
+    }
+
+    /// With debug-register watchpoints: puts this vCPU's watchpoints in DR0-DR3 (noting
+    /// their values) for the run; true if the registers KVM has must change.
+    fn arm_debug_registers(&self, st: &mut DebugState) -> Result<bool> {
+        let any = self
+            .vm
+            .watch_count
+            .load(std::sync::atomic::Ordering::Acquire)
+            > 0;
+        if !any && st.dr[7] == 0 {
+            return Ok(false);
+        }
+        if crate::engine::debug_regs::watch_mechanism()? != WatchMechanism::DebugRegisters {
+            return Ok(false);
+        }
+        let mine: Vec<Watch> = lock(&self.vm.watches)
+            .iter()
+            .filter(|w| w.owner.is_none_or(|o| o == self.id))
+            .copied()
+            .collect();
+        st.armed.clear();
+        for w in &mine {
+            let mut b = [0u8; 8];
+            self.vm.read_memory_raw(w.gpa, &mut b[..w.len as usize])?;
+            st.armed.push((*w, u64::from_le_bytes(b)));
+        }
+        let regs = crate::engine::debug_regs::registers(&mine);
+        let changed = regs != st.dr;
+        st.dr = regs;
+        Ok(changed)
     }
 
     /// After a run, however it ended: the breakpoint being stepped over goes back, and TF
@@ -378,7 +424,7 @@ impl VcpuCore {
         if std::mem::take(&mut st.stepping) {
             if st.kvm_flags & KVM_GUESTDBG_SINGLESTEP != 0 {
                 let flags = st.kvm_flags & !(KVM_GUESTDBG_SINGLESTEP | block_irq());
-                if set_guest_debug(fd, flags, 0, 0).is_ok() {
+                if set_guest_debug_regs(fd, flags, &st.dr).is_ok() {
                     st.kvm_flags = flags;
                 }
             } else {
@@ -393,6 +439,20 @@ impl VcpuCore {
             return Ok(Trap::Pass(exit));
         };
         let mut st = lock(&self.debug);
+        if exception == 1 && !st.armed.is_empty() {
+            let Exit::Debug { dr6, .. } = exit else {
+                unreachable!("matched above")
+            };
+            let found = crate::engine::debug_regs::hit(dr6, &st.armed, |w| {
+                let mut b = [0u8; 8];
+                self.vm.read_memory_raw(w.gpa, &mut b[..w.len as usize])?;
+                Ok(u64::from_le_bytes(b))
+            })?;
+            if let Some(hit) = found {
+                let rip = self.read_regs(fd)?.rip;
+                return Ok(Trap::Done(Exit::Watchpoint(Box::new(hit), rip)));
+            }
+        }
         match exception {
             3 => {
                 let hit = lock(&self.vm.breakpoints).hit(pc, self.id);
@@ -401,8 +461,8 @@ impl VcpuCore {
                         // The guest's own int3: KVM gives it back to the guest (as a
                         // software exception, RIP after the int3) on the next entry.
                         let flags = st.kvm_flags | KVM_GUESTDBG_INJECT_BP;
-                        set_guest_debug(fd, flags, 0, 0)?;
-                        set_guest_debug(fd, st.kvm_flags, 0, 0)?;
+                        set_guest_debug_regs(fd, flags, &st.dr)?;
+                        set_guest_debug_regs(fd, st.kvm_flags, &st.dr)?;
                         Ok(Trap::Continue)
                     }
                     Hit::Report => {
@@ -429,7 +489,7 @@ impl VcpuCore {
                 let rip = self.read_regs(fd)?.rip;
                 self.end_step(fd, &mut st)?;
                 let flags = st.kvm_flags & !(KVM_GUESTDBG_SINGLESTEP | block_irq());
-                set_guest_debug(fd, flags, 0, 0)?;
+                set_guest_debug_regs(fd, flags, &st.dr)?;
                 st.kvm_flags = flags;
                 Ok(self.after_step(&mut st, rip))
             }
@@ -520,7 +580,7 @@ impl VcpuCore {
             Mechanism::Intercept => {
                 let flags =
                     st.kvm_flags | KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP | block_irq();
-                set_guest_debug(fd, flags, 0, 0)?;
+                set_guest_debug_regs(fd, flags, &st.dr)?;
                 st.kvm_flags = flags;
                 Ok(())
             }

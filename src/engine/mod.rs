@@ -9,6 +9,7 @@ pub mod complete;
 pub mod coverage;
 pub mod debug;
 pub mod debug_host;
+pub mod debug_regs;
 pub mod error;
 pub mod exit;
 pub mod fuzz;

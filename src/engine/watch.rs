@@ -176,7 +176,18 @@ impl VmCore {
             )));
         }
         self.check_not_running("set a watchpoint")?;
+        let by_page = crate::engine::debug_regs::watch_mechanism()?
+            == crate::engine::debug_regs::WatchMechanism::Memslot;
+        if !by_page && watch.kind == WatchKind::Read {
+            return Err(Error::Value(
+                "the debug registers watch writes, or reads and writes, not reads alone".into(),
+            ));
+        }
         watches.push(watch);
+        if !by_page {
+            self.watch_count.store(watches.len(), Ordering::SeqCst);
+            return Ok(());
+        }
         if let Err(e) = self.reslot(&region, &watches) {
             watches.pop();
             return Err(e);
@@ -201,7 +212,9 @@ impl VmCore {
         self.check_not_running("remove a watchpoint")?;
         let removed = watches.remove(at);
         let region = self.region_of(removed.gpa, removed.len);
-        if let Ok(region) = region {
+        let by_page = crate::engine::debug_regs::watch_mechanism()
+            .is_ok_and(|m| m == crate::engine::debug_regs::WatchMechanism::Memslot);
+        if let (Ok(region), true) = (region, by_page) {
             if let Err(e) = self.reslot(&region, &watches) {
                 watches.insert(at, removed);
                 return Err(e);

@@ -192,7 +192,8 @@ pub fn kick_signal() -> PyResult<i32> {
 /// picks one instead); `guest_debug_flags` (what `KVM_CAP_SET_GUEST_DEBUG2` reports, 0
 /// where KVM does not say), `block_irq` (whether single steps hold interrupts off with
 /// `KVM_GUESTDBG_BLOCKIRQ`), and `watch_mechanism`: how watchpoints work (`"memslot"`:
-/// by guest-physical page).
+/// by guest-physical page; `"debug-registers"`: DR0-DR3; `KVMPY_WATCH_MECHANISM` picks
+/// one instead).
 #[pyfunction]
 #[pyo3(name = "_debug_support")]
 pub fn debug_support(py: Python<'_>) -> PyResult<Bound<'_, pyo3::types::PyDict>> {
