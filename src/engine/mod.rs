@@ -26,6 +26,7 @@ pub mod snapshot;
 pub mod vcpu;
 pub mod vm;
 pub mod watch;
+pub mod watch_vcpu;
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, Ordering};
