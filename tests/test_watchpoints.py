@@ -202,6 +202,12 @@ def test_dirty_log_of_a_region_split_by_a_watchpoint() -> None:
         cpu.setup_long_mode(user=True)
         cpu.add_watchpoint(WATCHED, 8, "write")
         region.dirty_pages()
+        cpu.set_regs(rip=CODE, rdi=0x1FF000, rsi=1, rdx=DATA + 0x5000)
+        assert cpu.run(timeout=10).reason == "exit"
+        cpu.add_watchpoint(WATCHED + 8, 8, "rw")  # the slots change again
+        assert 0x1FF000 in region.dirty_pages(), "a page dirtied before the change"
+        cpu.remove_watchpoint(WATCHED + 8, 8)
+        region.dirty_pages()
         cpu.set_regs(rip=CODE, rdi=0x100000, rsi=1, rdx=DATA + 0x5000)
         assert cpu.run(timeout=10).reason == "exit"
         pages = region.dirty_pages()

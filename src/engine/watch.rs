@@ -308,6 +308,12 @@ impl VmCore {
                 let mut bits = vec![0; crate::engine::snapshot::dirty::bitmap_words(region)];
                 crate::engine::snapshot::dirty::read(fd, region, manual, &mut bits)?;
                 region.record.add_pages(&bits);
+                // Still reported by the next `dirty_log`, as if the slots had kept them.
+                crate::engine::snapshot::dirty::for_each_page(&bits, |page| {
+                    region
+                        .record
+                        .note_emulated_write(page * PAGE_SIZE, PAGE_SIZE);
+                });
             }
             // The region's own slot number first (the one it is known by), then its old
             // pieces', then free ones.
