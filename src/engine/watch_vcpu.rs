@@ -10,8 +10,8 @@ use crate::engine::vcpu::VcpuCore;
 use crate::engine::vm::VmCore;
 use crate::engine::watch::{Watch, WatchKind};
 
-/// How watchpoints work on this host: `"memslot"` (by guest-physical page, see `watch`),
-/// or an error naming what the host lacks.
+/// How watchpoints work on this host: `"memslot"` (by guest-physical page, see `watch`)
+/// or `"debug-registers"` (see `debug_regs`), or an error naming what the host lacks.
 pub fn watch_mechanism(kvm: &kvm_ioctls::Kvm) -> Result<&'static str> {
     let chosen = crate::engine::debug_regs::watch_mechanism()?;
     if chosen == WatchMechanism::Memslot
