@@ -14,7 +14,14 @@ the ratio to the first row:
 - ``step``: ``cpu.step()`` per instruction;
 - ``... (int3)``: the two breakpoint variants with ``int3`` patched in
   (``KVMPY_BREAKPOINT_MECHANISM=exception-stubs``), where kvmpy's choice on a host whose
-  KVM does not intercept is the one-byte ``out dx, al`` patch.
+  KVM does not intercept is the one-byte ``out dx, al`` patch;
+- ``watched store (miss)``: a store loop (``mov [rdi], rax; add; cmp; jb``) whose stores
+  go to a page with a write watchpoint, next to the watched bytes: each store exits and
+  kvmpy does it (one run for all; per store);
+- ``watchpoint hit``: the same loop storing to the watched bytes: each run returns with
+  a ``watchpoint`` exit;
+- ``store under single steps``: the same loop stepped instruction by instruction, the way
+  a debugger without watchpoints (gdb's fallback) sees each store (per store: 4 steps).
 
 Each variant checks the guest's counter, so a wrong run fails instead of being timed.
 """
@@ -98,6 +105,47 @@ def step(n: int) -> float:
     return dt / n
 
 
+WATCHED = 0x30000
+# 0x10000 mov [rdi], rax ; add rax, 1 ; cmp rax, rcx ; jb 0x10000 ; out 0xf4, al
+STORE_LOOP = bytes.fromhex("4889074883c0014839c872f4e6f4")
+
+
+def watched_miss(n: int) -> float:
+    vm, cpu = _vm(STORE_LOOP)
+    with vm:
+        cpu.add_watchpoint(WATCHED, 8, "write")
+        cpu.set_regs(rdi=WATCHED + 0x100, rcx=n)
+        t = time.perf_counter()
+        assert cpu.run(timeout=60).reason == "exit"
+        dt = time.perf_counter() - t
+        assert int.from_bytes(vm.read(WATCHED + 0x100, 8), "little") == n - 1
+    return dt / n
+
+
+def watched_hit(n: int) -> float:
+    vm, cpu = _vm(STORE_LOOP)
+    with vm:
+        cpu.add_watchpoint(WATCHED, 8, "write")
+        cpu.set_regs(rdi=WATCHED, rcx=n + 1)
+        t = time.perf_counter()
+        for _ in range(n):
+            assert cpu.run(timeout=10).reason == "watchpoint"
+        dt = time.perf_counter() - t
+        assert int.from_bytes(vm.read(WATCHED, 8), "little") == n - 1
+    return dt / n
+
+
+def stepped_store(n: int) -> float:
+    vm, cpu = _vm(STORE_LOOP)
+    with vm:
+        cpu.set_regs(rdi=WATCHED + 0x100, rcx=n + 1)
+        t = time.perf_counter()
+        cpu.step(4 * n)
+        dt = time.perf_counter() - t
+        assert int.from_bytes(vm.read(WATCHED + 0x100, 8), "little") == n - 1
+    return dt / n
+
+
 def with_int3(f: Callable[[int], float]) -> Callable[[int], float]:
     """``f`` with breakpoints patched as ``int3`` (through the exception stubs where KVM
     does not intercept)."""
@@ -119,6 +167,9 @@ VARIANTS = {
     "breakpoint (int3)": with_int3(breakpoint_run),
     "breakpoint handler (int3)": with_int3(breakpoint_handler),
     "step": step,
+    "watched store (miss)": watched_miss,
+    "watchpoint hit": watched_hit,
+    "store under single steps": stepped_store,
 }
 
 

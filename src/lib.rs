@@ -35,6 +35,7 @@ fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<py::exit::ExceptionExit>()?;
     m.add_class::<py::exit::BreakpointExit>()?;
     m.add_class::<py::exit::StepExit>()?;
+    m.add_class::<py::watch::WatchpointExit>()?;
     m.add_class::<py::exit::UnknownExit>()?;
     m.add_class::<py::devices::Console>()?;
     m.add_class::<py::devices::ExitPort>()?;

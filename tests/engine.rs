@@ -441,3 +441,60 @@ fn breakpoints_and_steps_without_python() {
     assert_eq!(raw, [0xff, 0xc9]);
     vm.shutdown();
 }
+
+#[test]
+fn a_watchpoint_splits_the_slot_and_reports_the_store_that_hits_it() {
+    if !kvm_usable() {
+        return;
+    }
+    // mov [rdi], rsi ; out 0xf4, al
+    let (vm, cpu) = user_vm(&[0x48, 0x89, 0x37, 0xE6, 0xF4]);
+    add_io(
+        &vm,
+        0xf4,
+        Arc::new(ExitPortDev {
+            port: 0xf4,
+            debug_exit: false,
+        }),
+    );
+    let region = vm.with_memory(|m| Arc::clone(&m.regions()[0]));
+    cpu.add_watchpoint(0x30008, 8, "write").unwrap();
+    // Three slots: before the watched page, the page (read-only), after it.
+    let pieces = region.pieces();
+    let spans: Vec<_> = pieces
+        .iter()
+        .map(|p| (p.first, p.pages, p.readonly))
+        .collect();
+    assert_eq!(
+        spans,
+        vec![(0, 0x30, false), (0x30, 1, true), (0x31, 512 - 0x31, false)]
+    );
+    assert_eq!(
+        pieces[0].slot, region.slot,
+        "the region keeps its slot number"
+    );
+    let store = |at: u64, value: u64| {
+        let mut regs = cpu.regs().unwrap();
+        (regs.rip, regs.rdi, regs.rsi) = (LOAD, at, value);
+        cpu.set_regs(&regs).unwrap();
+        exit_of(run(&cpu, 30.0))
+    };
+    assert!(
+        matches!(store(0x30010, 5), Exit::Guest { .. }),
+        "next to it: runs on"
+    );
+    match store(0x30008, 6) {
+        Exit::Watchpoint(hit, rip) => {
+            assert_eq!((hit.access, hit.size, hit.old, hit.new), (0x30008, 8, 0, 6));
+            assert_eq!(rip, LOAD + 3, "after the store");
+        }
+        other => panic!("unexpected exit {:?}", other.reason()),
+    }
+    let mut b = [0u8; 16];
+    vm.read_memory(0x30008, &mut b).unwrap();
+    assert_eq!(b, [6, 0, 0, 0, 0, 0, 0, 0, 5, 0, 0, 0, 0, 0, 0, 0]);
+    cpu.remove_watchpoint(0x30008, 8).unwrap();
+    assert_eq!(region.pieces().len(), 1, "one slot again");
+    assert!(matches!(store(0x30008, 7), Exit::Guest { .. }));
+    vm.shutdown();
+}

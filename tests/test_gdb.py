@@ -200,12 +200,16 @@ def test_gdb_breaks_steps_and_watches_what_the_guest_does(elf: Path) -> None:
         assert symbols["bump"] <= rips[1] < symbols["main"]
         assert struct.unpack("<Q", cpu.read_virtual(symbols["counter"], 8)) == (1,)
 
-        # Session 3: read watchpoints are refused; gdb's own software watchpoints work.
+        # Session 3: a read watchpoint (bump reads counter before it adds to it), an
+        # access watchpoint (the write that follows), then gdb's own software watchpoints.
         with vm.gdb_server() as server:
             out = gdb(
                 elf,
                 server.port,
                 "rwatch counter",
+                "continue",
+                "delete",
+                "awatch counter",
                 "continue",
                 "delete",
                 "set can-use-hw-watchpoints 0",
@@ -214,8 +218,14 @@ def test_gdb_breaks_steps_and_watches_what_the_guest_does(elf: Path) -> None:
                 "detach",
             )
             assert server.wait(60), out
-        assert re.search(r"Could not insert hardware watchpoint \d+", out), out
+        assert re.search(r"Hardware read watchpoint \d+: counter\n\nValue = 1\n", out), out
+        assert re.search(r"Hardware access \(read/write\) watchpoint \d+: counter\n\n", out), out
         assert re.search(r"\nWatchpoint \d+: counter\n\nOld value = 1\nNew value = 3\n", out), out
+        # gdb's watchpoints went with its session: all four can be set from Python.
+        for i in range(4):
+            cpu.add_watchpoint(symbols["counter"] + 8 * i, 8)
+        for i in range(4):
+            cpu.remove_watchpoint(symbols["counter"] + 8 * i, 8)
         assert struct.unpack("<Q", cpu.read_virtual(symbols["counter"], 8)) == (3,)
 
         # Session 4: finish (out of bump), then next over the call to bump(3).
@@ -334,9 +344,11 @@ def test_ctrl_c_from_gdb_stops_the_running_guest(remote_of: list[Remote]) -> Non
         r.sock.settimeout(20)
         r.sock.sendall(b"\x03")
         assert r.reply().startswith("T02"), "SIGINT"
-        # The same while the stub single-steps the guest for a write watchpoint.
-        assert r.ask("Z2,20000,8") == "OK"
-        assert r.ask("Z3,20000,8").startswith("E"), "read watchpoints: refused"
+        # The same while the stub single-steps the guest for a write watchpoint of 16
+        # bytes (longer than a page watchpoint), with a read watchpoint on the page too.
+        assert r.ask("Z2,20000,10") == "OK"
+        assert r.ask("Z3,20000,8") == "OK"
+        assert r.ask("Z3,20001,8").startswith("E"), "unaligned read watchpoints: refused"
         r.send("vCont;c")
         with pytest.raises(TimeoutError):
             r.sock.settimeout(0.3)
@@ -344,7 +356,8 @@ def test_ctrl_c_from_gdb_stops_the_running_guest(remote_of: list[Remote]) -> Non
         r.sock.settimeout(20)
         r.sock.sendall(b"\x03")
         assert r.reply().startswith("T02"), "SIGINT"
-        assert r.ask("z2,20000,8") == "OK"
+        assert r.ask("z2,20000,10") == "OK"
+        assert r.ask("z3,20000,8") == "OK"
         r.send("D")
         assert r.reply() == "OK"
         assert server.wait(10) and server.ending == "gdb detached"

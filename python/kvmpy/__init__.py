@@ -40,6 +40,7 @@ from kvmpy._native import (
     UnknownExit,
     Vcpu,
     Vm,
+    WatchpointExit,
     _shutdown_all,
 )
 from kvmpy._native import __version__ as __version__
@@ -118,6 +119,7 @@ __all__ = [
     "Snapshot",
     "Sregs",
     "StepExit",
+    "WatchpointExit",
     "SystemEventExit",
     "Uart",
     "UnknownExit",

@@ -182,9 +182,19 @@ def debugging() -> str:
         "port-io": "a one-byte out dx, al patch, an exit straight from user mode",
         "exception-stubs": "int3 through kvmpy's exception stubs",
     }.get(str(d.get("breakpoints")), "unknown")
+    watch = str(d.get("watch_mechanism"))
+    if watch == "memslot":
+        watch = (
+            "memslot (the watched page gets a read-only memory slot, or none for "
+            "read/write watchpoints: its accesses exit to kvmpy)"
+        )
+    elif watch == "debug-registers":
+        watch = "debug-registers (DR0-DR3 through KVM_GUESTDBG_USE_HW_BP)"
+    block = "held off (KVM_GUESTDBG_BLOCKIRQ)" if d.get("block_irq") else "not held off"
     return (
         f"{how}; KVM intercepts: {caught}; breakpoints and fuzzing coverage in user mode: "
-        f"{d.get('breakpoints')} ({patch})"
+        f"{d.get('breakpoints')} ({patch}); watchpoints: {watch}; KVM_CAP_SET_GUEST_DEBUG2: "
+        f"{int(d.get('guest_debug_flags', 0)):#x}, interrupts during KVM single steps: {block}"
     )
 
 

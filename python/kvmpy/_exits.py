@@ -41,5 +41,7 @@ class ExitReason(StrEnum):
     """A breakpoint set with ``add_breakpoint`` was reached: a ``BreakpointExit``."""
     STEP = "step"
     """``Vcpu.step()`` executed one instruction: a ``StepExit``."""
+    WATCHPOINT = "watchpoint"
+    """An access hit a watchpoint set with ``add_watchpoint``: a ``WatchpointExit``."""
     UNKNOWN = "unknown"
     """Any other ``KVM_EXIT_*``: an ``UnknownExit`` with the raw number."""

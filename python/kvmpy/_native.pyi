@@ -43,6 +43,7 @@ __all__ = [
     "Snapshot",
     "Sregs",
     "StepExit",
+    "WatchpointExit",
     "SystemEventExit",
     "Uart",
     "UnknownExit",
@@ -659,6 +660,40 @@ class StepExit(ExitInfo):
         """The RIP after the instruction."""
 
 @final
+class WatchpointExit(ExitInfo):
+    """An access hit a watchpoint set with `add_watchpoint`: reason `"watchpoint"`. The
+    access is done (a write is in memory); RIP is after the instruction, or still at a
+    `rep` string instruction that has iterations left.
+    """
+    @property
+    def address(self) -> int:
+        """The guest-virtual address the watchpoint was set at."""
+    @property
+    def length(self) -> int:
+        """The watchpoint's length in bytes."""
+    @property
+    def kind(self) -> str:
+        """The watchpoint's kind: `"write"` or `"rw"`."""
+    @property
+    def access(self) -> int:
+        """The guest-physical address of the access that hit it."""
+    @property
+    def size(self) -> int:
+        """The size of that access in bytes."""
+    @property
+    def is_write(self) -> bool:
+        """Whether the access was a write."""
+    @property
+    def rip(self) -> int:
+        """RIP when the run ended."""
+    @property
+    def old(self) -> int:
+        """The watched bytes before the access, little-endian."""
+    @property
+    def new(self) -> int:
+        """The watched bytes after the access, little-endian."""
+
+@final
 class ExceptionExit(ExitInfo):
     """A CPU exception in the guest, reported by the IDT stubs that
     `setup_long_mode(exceptions=True)` installs: reason `"exception"`.
@@ -845,7 +880,7 @@ class Vcpu:
         """Writes a bytes-like object to guest virtual memory at `vaddr` through the vCPU's
         page tables (ignoring their write-protection, as a debugger does).
         """
-    def add_breakpoint(self, address: int) -> int:
+    def add_breakpoint(self, address: int, *, hardware: bool = False) -> int:
         """Sets a software breakpoint at guest-virtual `address` (translated by this vCPU's
         page tables) for this vCPU: when it gets there, `run()` returns a `BreakpointExit`
         (reason `"breakpoint"`) with RIP at `address`, before the instruction runs; the
@@ -856,6 +891,10 @@ class Vcpu:
 
         Where the host's KVM does not intercept `int3` (`python -m kvmpy info`), the vCPU
         needs `setup_long_mode(exceptions=True)`; otherwise this raises `KvmUnsupported`.
+
+        `hardware=True` asks for a debug-register breakpoint (DR0-DR3, no byte patched):
+        it raises `KvmUnsupported` naming the host's limit (a patch is not a hardware
+        breakpoint, so none is set instead).
         """
     def remove_breakpoint(self, address: int) -> None:
         """Removes this vCPU's breakpoint at `address` (the original byte goes back);
@@ -875,10 +914,27 @@ class Vcpu:
     def add_watchpoint(
         self, address: int, length: int, kind: Literal["write", "rw"] = "write"
     ) -> None:
-        """Raises `KvmUnsupported` naming the host's limit, or `ValueError` for a length
-        other than 1, 2, 4 or 8, an unaligned address or a kind other than `"write"` or
-        `"rw"`. (Watchpoints through the debug registers are not available yet.)
+        """Sets a watchpoint of `length` bytes (1, 2, 4 or 8, aligned to its length) at
+        guest-virtual `address` for this vCPU: an access of `kind` (`"write"`, or `"rw"` for
+        reads and writes) that touches those bytes ends `run()` with a `WatchpointExit`
+        (reason `"watchpoint"`) once the instruction is done. At most 4 watchpoints per VM.
+
+        The address is translated to guest-physical once, now, by this vCPU's page tables:
+        a later change of the mapping is not followed. The page that holds it gets a KVM
+        memory slot of its own (read-only for `"write"`, none for `"rw"`), so every write
+        (every access, for `"rw"`) to that page exits to kvmpy, which does the access and
+        lets the run go on unless the watched bytes were touched. Code cannot run from a
+        page an `"rw"` watchpoint watches (such a run raises `KvmUnsupported`).
+        `ValueError` for a bad length, alignment or kind, a fifth watchpoint or a read-only
+        region; `GuestMemoryError` for an unmapped address; `KvmUnsupported` where the
+        host has no read-only memory slots.
         """
+    def remove_watchpoint(self, address: int, length: int) -> None:
+        """Removes this vCPU's watchpoint at `address` of `length` bytes; `ValueError` if
+        there is none.
+        """
+    def watchpoints(self) -> list[tuple[int, int, str]]:
+        """This vCPU's watchpoints: `(address, length, kind)` tuples."""
     def trace(
         self, count: int | None = None, until: int | None = None
     ) -> Iterator[tuple[int, bytes, str]]:

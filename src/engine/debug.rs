@@ -23,13 +23,16 @@ use kvm_ioctls::VcpuFd;
 
 use crate::arch::x86_64::gdt;
 use crate::engine::breakpoints::{Hit, Owner, Write, PATCH, PIO_PATCH};
-use crate::engine::debug_host::set_guest_debug;
+use crate::engine::debug_host::block_irq;
+use crate::engine::debug_host::set_guest_debug_regs;
 pub use crate::engine::debug_host::{host, mechanism, HostDebug, Mechanism, MECHANISM_ENV};
 use crate::engine::error::{Error, Result};
 use crate::engine::exit::Exit;
 use crate::engine::lock;
 use crate::engine::vcpu::VcpuCore;
 use crate::engine::vm::VmCore;
+use crate::engine::watch::Watch;
+pub use crate::engine::watch_vcpu::{hw_breakpoints_refused, watch_mechanism};
 
 /// RFLAGS.TF: trap after the next instruction.
 const TF: u64 = 1 << 8;
@@ -49,6 +52,10 @@ pub struct DebugState {
     /// run that starts there steps over a breakpoint at that address, as a debugger's
     /// "continue" does; a run that starts anywhere else hits it.
     pub resume_from: Option<u64>,
+    /// The debug registers KVM was last given (DR7 at index 7; all zero: none).
+    pub(crate) dr: [u64; 8],
+    /// The watchpoints in DR0-DR3 for this run and their values at entry.
+    pub(crate) armed: Vec<(Watch, u64)>,
 }
 
 /// What the run loop does with a trap.
@@ -204,34 +211,6 @@ impl VcpuCore {
         lock(&self.debug).user_step = on;
     }
 
-    /// Fails with a clear error: watchpoints through the debug registers.
-    pub fn add_watchpoint(&self, address: u64, len: u64, kind: &str) -> Result<()> {
-        if !matches!(len, 1 | 2 | 4 | 8) {
-            return Err(Error::Value(format!(
-                "a watchpoint covers 1, 2, 4 or 8 bytes (the debug registers' lengths), not {len}"
-            )));
-        }
-        if address % len != 0 {
-            return Err(Error::Value(format!(
-                "a {len}-byte watchpoint must be aligned to {len} bytes, not at {address:#x}"
-            )));
-        }
-        if !matches!(kind, "write" | "rw") {
-            return Err(Error::Value(format!(
-                "a watchpoint's kind is \"write\" or \"rw\", not {kind:?}"
-            )));
-        }
-        let host = host()?;
-        Err(Error::Unsupported(if host.watchpoints {
-            "watchpoints are not implemented yet".into()
-        } else {
-            "this host's KVM does not deliver debug-register watchpoints (a DR7 write \
-             watchpoint did not fire in the probe guest: see `python -m kvmpy info`), and \
-             kvmpy has no other way to watch memory"
-                .into()
-        }))
-    }
-
     /// Before a run: steps over a breakpoint at RIP, sets up a single step, and gives KVM
     /// the guest debug flags the run needs.
     /// Whether this run neither steps nor has KVM guest debugging on (decided by
@@ -244,7 +223,8 @@ impl VcpuCore {
     pub(crate) fn debug_enter(&self, fd: &mut VcpuFd) -> Result<()> {
         let mut st = lock(&self.debug);
         let table_empty = lock(&self.vm.breakpoints).is_empty();
-        if table_empty && !st.user_step && st.kvm_flags == 0 {
+        let dr_changed = self.arm_debug_registers(&mut st)?;
+        if table_empty && !st.user_step && st.kvm_flags == 0 && !dr_changed {
             st.resume_from = None;
             return Ok(());
         }
@@ -282,10 +262,14 @@ impl VcpuCore {
                         } else {
                             KVM_GUESTDBG_USE_SW_BP
                         }
-                        | if step { KVM_GUESTDBG_SINGLESTEP } else { 0 }
+                        | if step {
+                            KVM_GUESTDBG_SINGLESTEP | block_irq()
+                        } else {
+                            0
+                        }
                 };
-                if flags != st.kvm_flags {
-                    set_guest_debug(fd, flags, 0, 0)?;
+                if flags != st.kvm_flags || dr_changed {
+                    set_guest_debug_regs(fd, flags, &st.dr)?;
                     st.kvm_flags = flags;
                 }
             }
@@ -304,8 +288,8 @@ impl VcpuCore {
         }
         if std::mem::take(&mut st.stepping) {
             if st.kvm_flags & KVM_GUESTDBG_SINGLESTEP != 0 {
-                let flags = st.kvm_flags & !KVM_GUESTDBG_SINGLESTEP;
-                if set_guest_debug(fd, flags, 0, 0).is_ok() {
+                let flags = st.kvm_flags & !(KVM_GUESTDBG_SINGLESTEP | block_irq());
+                if set_guest_debug_regs(fd, flags, &st.dr).is_ok() {
                     st.kvm_flags = flags;
                 }
             } else {
@@ -320,6 +304,20 @@ impl VcpuCore {
             return Ok(Trap::Pass(exit));
         };
         let mut st = lock(&self.debug);
+        if exception == 1 && !st.armed.is_empty() {
+            let Exit::Debug { dr6, .. } = exit else {
+                unreachable!("matched above")
+            };
+            let found = crate::engine::debug_regs::hit(dr6, &st.armed, |w| {
+                let mut b = [0u8; 8];
+                self.vm.read_memory_raw(w.gpa, &mut b[..w.len as usize])?;
+                Ok(u64::from_le_bytes(b))
+            })?;
+            if let Some(hit) = found {
+                let rip = self.read_regs(fd)?.rip;
+                return Ok(Trap::Done(Exit::Watchpoint(Box::new(hit), rip)));
+            }
+        }
         match exception {
             3 => {
                 let hit = lock(&self.vm.breakpoints).hit(pc, self.id);
@@ -328,8 +326,8 @@ impl VcpuCore {
                         // The guest's own int3: KVM gives it back to the guest (as a
                         // software exception, RIP after the int3) on the next entry.
                         let flags = st.kvm_flags | KVM_GUESTDBG_INJECT_BP;
-                        set_guest_debug(fd, flags, 0, 0)?;
-                        set_guest_debug(fd, st.kvm_flags, 0, 0)?;
+                        set_guest_debug_regs(fd, flags, &st.dr)?;
+                        set_guest_debug_regs(fd, st.kvm_flags, &st.dr)?;
                         Ok(Trap::Continue)
                     }
                     Hit::Report => {
@@ -355,8 +353,8 @@ impl VcpuCore {
             1 if st.stepping => {
                 let rip = self.read_regs(fd)?.rip;
                 self.end_step(fd, &mut st)?;
-                let flags = st.kvm_flags & !KVM_GUESTDBG_SINGLESTEP;
-                set_guest_debug(fd, flags, 0, 0)?;
+                let flags = st.kvm_flags & !(KVM_GUESTDBG_SINGLESTEP | block_irq());
+                set_guest_debug_regs(fd, flags, &st.dr)?;
                 st.kvm_flags = flags;
                 Ok(self.after_step(&mut st, rip))
             }
@@ -445,8 +443,9 @@ impl VcpuCore {
         match mechanism()? {
             Mechanism::ExceptionStubs => self.update_regs(fd, |r| r.rflags |= TF),
             Mechanism::Intercept => {
-                let flags = st.kvm_flags | KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP;
-                set_guest_debug(fd, flags, 0, 0)?;
+                let flags =
+                    st.kvm_flags | KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP | block_irq();
+                set_guest_debug_regs(fd, flags, &st.dr)?;
                 st.kvm_flags = flags;
                 Ok(())
             }

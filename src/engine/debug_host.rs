@@ -152,14 +152,45 @@ fn probe_in(vm: &std::sync::Arc<VmCore>) -> Result<HostDebug> {
     })
 }
 
+/// The guest debug flags this host's KVM supports (`KVM_CAP_SET_GUEST_DEBUG2`; 0 where
+/// it does not say), asked once.
+pub fn supported_flags() -> u32 {
+    static FLAGS: OnceLock<u32> = OnceLock::new();
+    *FLAGS.get_or_init(|| {
+        crate::engine::kvm::shared().map_or(0, |kvm| {
+            kvm.check_extension_raw(kvm_bindings::KVM_CAP_SET_GUEST_DEBUG2.into())
+                .max(0) as u32
+        })
+    })
+}
+
+/// `KVM_GUESTDBG_BLOCKIRQ` where KVM offers it (interrupts held off during a single
+/// step, so a step does not land in an interrupt handler), else 0.
+pub fn block_irq() -> u32 {
+    supported_flags() & kvm_bindings::KVM_GUESTDBG_BLOCKIRQ
+}
+
 /// `KVM_SET_GUEST_DEBUG` with DR0 and DR7 (the other debug registers zero).
 pub(crate) fn set_guest_debug(fd: &VcpuFd, control: u32, dr0: u64, dr7: u64) -> Result<()> {
+    let mut regs = [0u64; 8];
+    regs[0] = dr0;
+    regs[7] = dr7;
+    set_guest_debug_regs(fd, control, &regs)
+}
+
+/// `KVM_SET_GUEST_DEBUG` with the debug registers `regs` (DR0-DR3, DR7 at index 7); with
+/// DR7 set, the debug registers are used (`KVM_GUESTDBG_USE_HW_BP`).
+pub(crate) fn set_guest_debug_regs(fd: &VcpuFd, control: u32, regs: &[u64; 8]) -> Result<()> {
+    let control = if regs[7] != 0 {
+        control | KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_HW_BP
+    } else {
+        control
+    };
     let mut dbg = kvm_guest_debug {
         control,
         ..Default::default()
     };
-    dbg.arch.debugreg[0] = dr0;
-    dbg.arch.debugreg[7] = dr7;
+    dbg.arch.debugreg = *regs;
     fd.set_guest_debug(&dbg)
         .map_err(|e| Error::ioctl("KVM_SET_GUEST_DEBUG", e))
 }

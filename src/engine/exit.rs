@@ -68,12 +68,13 @@ pub enum Reason {
     Exception,
     Breakpoint,
     Step,
+    Watchpoint,
     Unknown,
 }
 
 impl Reason {
     /// Every reason, in declaration order.
-    pub const ALL: [Reason; 15] = [
+    pub const ALL: [Reason; 16] = [
         Reason::Io,
         Reason::Mmio,
         Reason::Hlt,
@@ -88,6 +89,7 @@ impl Reason {
         Reason::Exception,
         Reason::Breakpoint,
         Reason::Step,
+        Reason::Watchpoint,
         Reason::Unknown,
     ];
 
@@ -107,6 +109,7 @@ impl Reason {
             Reason::Exception => "exception",
             Reason::Breakpoint => "breakpoint",
             Reason::Step => "step",
+            Reason::Watchpoint => "watchpoint",
             Reason::Unknown => "unknown",
         }
     }
@@ -181,6 +184,9 @@ pub enum Exit {
     Step {
         rip: u64,
     },
+    /// An access hit a watchpoint (see `watch`); RIP is past the instruction (or still
+    /// at a `rep` string instruction that has iterations left).
+    Watchpoint(Box<crate::engine::watch::WatchHit>, u64),
     Timeout,
     Stopped,
     /// KVM_EXIT_IRQ_WINDOW_OPEN: the guest can take an interrupt now. Handled by the run
@@ -207,6 +213,7 @@ impl Exit {
             Exit::Exception { .. } => Reason::Exception,
             Exit::Breakpoint { .. } => Reason::Breakpoint,
             Exit::Step { .. } => Reason::Step,
+            Exit::Watchpoint(..) => Reason::Watchpoint,
             Exit::Timeout => Reason::Timeout,
             Exit::Stopped => Reason::Stopped,
             Exit::IrqWindowOpen | Exit::Unknown { .. } => Reason::Unknown,

@@ -36,6 +36,19 @@ pub struct Region {
     attached: AtomicBool,
     /// What a snapshot needs to know of writes besides KVM's dirty log.
     pub record: WriteRecord,
+    /// The KVM memory slots the region is registered as: one over the whole region,
+    /// unless watchpoints split it (see `watch`), by first page.
+    pub pieces: Mutex<Vec<Piece>>,
+}
+
+/// A KVM memory slot over part of a region: `pages` pages from page `first`. The pages
+/// of a region that no piece covers are a hole: every guest access to them exits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Piece {
+    pub slot: u32,
+    pub first: u64,
+    pub pages: u64,
+    pub readonly: bool,
 }
 
 /// The writes to a region that KVM's dirty log does not see, for snapshots: the host's
@@ -53,6 +66,9 @@ pub struct WriteRecord {
     viewed: AtomicBool,
     /// Whether KVM logs the slot's dirty pages now.
     logging: AtomicBool,
+    /// Pages of the region kvmpy wrote for the guest (a store to a watched page), which
+    /// KVM's dirty log does not see; reported by the next `dirty_log`.
+    emulated: Mutex<Vec<u64>>,
 }
 
 impl WriteRecord {
@@ -83,6 +99,25 @@ impl WriteRecord {
         }
     }
 
+    /// Notes that kvmpy wrote `len` bytes at region offset `offset` for the guest.
+    pub fn note_emulated_write(&self, offset: u64, len: u64) {
+        let mut pages = crate::engine::lock(&self.emulated);
+        for page in offset / PAGE_SIZE..=(offset + len.max(1) - 1) / PAGE_SIZE {
+            if !pages.contains(&page) {
+                pages.push(page);
+            }
+        }
+    }
+
+    /// ORs the pages kvmpy wrote for the guest since the last call into `bits`.
+    pub fn take_emulated(&self, bits: &mut [u64]) {
+        for page in std::mem::take(&mut *crate::engine::lock(&self.emulated)) {
+            if let Some(word) = bits.get_mut((page / 64) as usize) {
+                *word |= 1 << (page % 64);
+            }
+        }
+    }
+
     /// Notes that a writable view was exported.
     pub fn view_exported(&self) {
         self.views.fetch_add(1, Ordering::SeqCst);
@@ -97,6 +132,7 @@ impl WriteRecord {
     /// Starts (or restarts) tracking a region of `pages` pages: the record is emptied.
     pub fn track(&self, pages: u64) {
         *crate::engine::lock(&self.host) = Some(vec![0; pages.div_ceil(64) as usize]);
+        crate::engine::lock(&self.emulated).clear();
         self.host_any.store(false, Ordering::SeqCst);
         self.viewed
             .store(self.views.load(Ordering::SeqCst) > 0, Ordering::SeqCst);
@@ -165,6 +201,19 @@ impl Region {
         self.attached.load(Ordering::SeqCst)
     }
 
+    /// The KVM slots the region is registered as now.
+    pub fn pieces(&self) -> Vec<Piece> {
+        crate::engine::lock(&self.pieces).clone()
+    }
+
+    /// The piece of the region registered as KVM slot `slot`, if any.
+    pub fn piece_of_slot(&self, slot: u32) -> Option<Piece> {
+        crate::engine::lock(&self.pieces)
+            .iter()
+            .find(|p| p.slot == slot)
+            .copied()
+    }
+
     /// The number of pages of the region.
     pub fn pages(&self) -> u64 {
         self.size / PAGE_SIZE
@@ -227,13 +276,37 @@ impl MemoryMap {
             .find(|r| r.guest_addr < end && start < r.end())
     }
 
-    fn free_slot(&self, max: usize) -> Result<u32> {
-        (0..max as u32)
-            .find(|s| {
-                self.regions.iter().all(|r| r.slot != *s)
-                    && self.stub.as_ref().is_none_or(|(slot, _)| slot != s)
-            })
+    /// The lowest KVM slot number that no region (nor a piece of one) nor the FPU
+    /// restore stub uses.
+    pub fn free_slot(&self, max: usize) -> Result<u32> {
+        self.free_slots(max, 1)?
+            .first()
+            .copied()
             .ok_or_else(|| Error::Memory(format!("all {max} KVM memory slots are in use")))
+    }
+
+    /// The `count` lowest free KVM slot numbers (see `free_slot`).
+    pub fn free_slots(&self, max: usize, count: usize) -> Result<Vec<u32>> {
+        let used: Vec<u32> = self
+            .regions
+            .iter()
+            .flat_map(|r| {
+                let mut s: Vec<u32> = r.pieces().iter().map(|p| p.slot).collect();
+                s.push(r.slot);
+                s
+            })
+            .chain(self.stub.as_ref().map(|(slot, _)| *slot))
+            .collect();
+        let free: Vec<u32> = (0..max as u32)
+            .filter(|s| !used.contains(s))
+            .take(count)
+            .collect();
+        if free.len() < count {
+            return Err(Error::Memory(format!(
+                "all {max} KVM memory slots are in use"
+            )));
+        }
+        Ok(free)
     }
 
     /// Maps a new region and registers it with KVM.
@@ -333,6 +406,12 @@ impl MemoryMap {
                 logging: AtomicBool::new(dirty_log),
                 ..Default::default()
             },
+            pieces: Mutex::new(vec![Piece {
+                slot,
+                first: 0,
+                pages: size / PAGE_SIZE,
+                readonly,
+            }]),
         });
         let at = self.regions.partition_point(|r| r.guest_addr < guest_addr);
         self.regions.insert(at, Arc::clone(&region));
@@ -380,26 +459,14 @@ impl MemoryMap {
         Ok(Some(mem))
     }
 
-    /// Turns KVM's dirty logging of a region's slot on (it stays on).
+    /// Turns KVM's dirty logging of a region's slots on (it stays on).
     pub fn log_dirty_pages(&self, vm: &VmFd, region: &Region) -> Result<()> {
         if region.record.logging() {
             return Ok(());
         }
-        let mut flags = KVM_MEM_LOG_DIRTY_PAGES;
-        if region.readonly {
-            flags |= KVM_MEM_READONLY;
+        for piece in region.pieces() {
+            set_slot(vm, region, &piece, true)?;
         }
-        let desc = kvm_userspace_memory_region {
-            slot: region.slot,
-            flags,
-            guest_phys_addr: region.guest_addr,
-            memory_size: region.size,
-            userspace_addr: region.mem.as_ptr() as u64,
-        };
-        // SAFETY: only the flags of a registered slot change: the same live mapping, kept
-        // mapped by `self.mappings` as when the slot was added.
-        unsafe { vm.set_user_memory_region(desc) }
-            .map_err(|e| Error::ioctl("KVM_SET_USER_MEMORY_REGION", e))?;
         region.record.logging.store(true, Ordering::SeqCst);
         Ok(())
     }
@@ -412,16 +479,9 @@ impl MemoryMap {
                 region.guest_addr
             )));
         };
-        let desc = kvm_userspace_memory_region {
-            slot: region.slot,
-            flags: 0,
-            guest_phys_addr: region.guest_addr,
-            memory_size: 0,
-            userspace_addr: 0,
-        };
-        // SAFETY: a zero memory_size deletes the slot; KVM stops using the host mapping.
-        unsafe { vm.set_user_memory_region(desc) }
-            .map_err(|e| Error::ioctl("KVM_SET_USER_MEMORY_REGION", e))?;
+        for piece in region.pieces() {
+            delete_slot(vm, piece.slot)?;
+        }
         self.mappings.remove(&region.mem);
         let (guest, _) = self
             .guest
@@ -479,6 +539,51 @@ impl MemoryMap {
     pub fn regions(&self) -> &[Arc<Region>] {
         &self.regions
     }
+}
+
+/// Registers `piece` of `region` with KVM (or changes its flags): read-only where the
+/// piece is, logging dirty pages with `log`.
+pub fn set_slot(vm: &VmFd, region: &Region, piece: &Piece, log: bool) -> Result<()> {
+    let mut flags = 0;
+    if piece.readonly {
+        flags |= KVM_MEM_READONLY;
+    }
+    if log {
+        flags |= KVM_MEM_LOG_DIRTY_PAGES;
+    }
+    let desc = kvm_userspace_memory_region {
+        slot: piece.slot,
+        flags,
+        guest_phys_addr: region.guest_addr + piece.first * PAGE_SIZE,
+        memory_size: piece.pages * PAGE_SIZE,
+        userspace_addr: region.mem.as_ptr() as u64 + piece.first * PAGE_SIZE,
+    };
+    if piece.first + piece.pages > region.pages() {
+        return Err(Error::Memory(format!(
+            "a memory slot of pages {}..{} is outside its region",
+            piece.first,
+            piece.first + piece.pages
+        )));
+    }
+    // SAFETY: the host range is a live part of the region's mapping (checked above to lie
+    // inside it), which the VM's `Mappings` keep mapped while any slot over it is
+    // registered (slots are deleted before a region's mapping is released).
+    unsafe { vm.set_user_memory_region(desc) }
+        .map_err(|e| Error::ioctl("KVM_SET_USER_MEMORY_REGION", e))
+}
+
+/// Deletes KVM slot `slot`.
+pub fn delete_slot(vm: &VmFd, slot: u32) -> Result<()> {
+    let desc = kvm_userspace_memory_region {
+        slot,
+        flags: 0,
+        guest_phys_addr: 0,
+        memory_size: 0,
+        userspace_addr: 0,
+    };
+    // SAFETY: a zero memory_size deletes the slot; KVM stops using the host mapping.
+    unsafe { vm.set_user_memory_region(desc) }
+        .map_err(|e| Error::ioctl("KVM_SET_USER_MEMORY_REGION", e))
 }
 
 fn outside(gpa: u64, len: usize) -> Error {

@@ -9,6 +9,7 @@ pub mod complete;
 pub mod coverage;
 pub mod debug;
 pub mod debug_host;
+pub mod debug_regs;
 pub mod error;
 pub mod exit;
 pub mod fuzz;
@@ -24,6 +25,8 @@ pub mod setup;
 pub mod snapshot;
 pub mod vcpu;
 pub mod vm;
+pub mod watch;
+pub mod watch_vcpu;
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, Ordering};

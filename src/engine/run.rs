@@ -529,6 +529,11 @@ impl VcpuCore {
                 is_write,
                 data,
             } => {
+                if self.vm.watch_count.load(Ordering::Acquire) > 0 {
+                    if let Some(flow) = self.watched(guard, addr, size, is_write, data)? {
+                        return Ok(flow);
+                    }
+                }
                 let Some(device) = bus.mmio(addr) else {
                     if !is_write {
                         self.set_pending(Some(PendingRead::Mmio { addr, size }));
@@ -543,6 +548,20 @@ impl VcpuCore {
                 None => return Ok(Flow::Done(Outcome::Exit(exit))),
             },
             Exit::IrqWindowOpen => return Ok(Flow::Continue(false)),
+            Exit::InternalError { .. } if self.vm.watch_count.load(Ordering::Acquire) > 0 => {
+                let fd = &mut fd_of(guard)?.fd;
+                let rip = self.read_regs(fd)?.rip;
+                let gpa = fd.translate_gva(rip).ok().filter(|t| t.valid != 0);
+                if gpa.is_some_and(|t| self.vm.in_watch_hole(t.physical_address)) {
+                    return Err(Error::Unsupported(format!(
+                        "the guest executed code at {rip:#x}, in a page a read/write \
+                         watchpoint watches: such a page has no memory slot (every access \
+                         to it exits to kvmpy), and KVM cannot fetch instructions from it; \
+                         watch this address for writes only, or another address"
+                    )));
+                }
+                return Ok(Flow::Done(Outcome::Exit(exit)));
+            }
             Exit::Debug { .. } => {
                 let trap = self.debug_exit(&mut fd_of(guard)?.fd, exit)?;
                 return self.trap(guard, trap);
@@ -572,6 +591,39 @@ impl VcpuCore {
         let action = device.mmio_read(&mut self.ctx(guard), addr, data.as_mut_slice())?;
         exit::mmio_data(&mut fd_of(guard)?.fd).copy_from_slice(data.as_slice());
         Ok(action)
+    }
+
+    /// An MMIO exit in a watched page (see `watch`): the access is done on guest memory;
+    /// a watchpoint it hits ends the run once KVM has completed the instruction. `None`:
+    /// not a watched page.
+    fn watched<'a>(
+        &'a self,
+        guard: &mut FdGuard<'a>,
+        addr: u64,
+        size: u8,
+        is_write: bool,
+        mut data: Data,
+    ) -> Result<Option<Flow>> {
+        data.set_len(size);
+        let Some(hit) = self
+            .vm
+            .watched_access(self.id, addr, data.as_mut_slice(), is_write)?
+        else {
+            return Ok(None);
+        };
+        let holder = fd_of(guard)?;
+        if !is_write {
+            exit::mmio_data(&mut holder.fd).copy_from_slice(data.as_slice());
+        }
+        let Some(hit) = hit else {
+            return Ok(Some(Flow::Continue(true)));
+        };
+        self.finish_handled(&mut holder.fd, false);
+        let rip = self.read_regs(&mut holder.fd)?.rip;
+        Ok(Some(Flow::Done(Outcome::Exit(Exit::Watchpoint(
+            Box::new(hit),
+            rip,
+        )))))
     }
 
     /// Where the loop goes after a trap kvmpy's debugging looked at.

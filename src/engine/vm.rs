@@ -64,6 +64,10 @@ pub struct VmCore {
     /// For each tables address set up with exceptions, the vCPUs that use it, in the order
     /// they were set up (see `setup.rs`: each after the first has its own stack).
     exception_slots: Mutex<std::collections::BTreeMap<u64, Vec<u64>>>,
+    /// Watchpoints by guest-physical page (see `watch`).
+    pub watches: Mutex<Vec<crate::engine::watch::Watch>>,
+    /// How many watchpoints are set, read by the run loop without the lock.
+    pub watch_count: std::sync::atomic::AtomicUsize,
     /// `breakpoints`' count of port-I/O patches, read by the run loop without the lock.
     pub pio_patches: Arc<std::sync::atomic::AtomicUsize>,
     /// The vCPU threads of the last `start`, until they are joined.
@@ -132,6 +136,8 @@ impl VmCore {
             pit,
             tracking: Mutex::new(Tracking::default()),
             exception_slots: Mutex::default(),
+            watches: Mutex::default(),
+            watch_count: Default::default(),
             pio_patches: breakpoints.pio_counter(),
             breakpoints: Mutex::new(breakpoints),
             group: Mutex::new(None),
@@ -280,6 +286,13 @@ impl VmCore {
     /// Takes a region out of the guest's address space.
     pub fn remove_memory(&self, region: &Arc<Region>) -> Result<()> {
         self.check_open()?;
+        if self.watched_in(region) {
+            return Err(Error::Value(format!(
+                "memory region {:#x}..{:#x} has a watchpoint: remove it first",
+                region.guest_addr,
+                region.end()
+            )));
+        }
         self.forget_snapshot_base();
         self.with_fd(|fd| lock(&self.memory).remove(fd, region))
     }
@@ -299,12 +312,15 @@ impl VmCore {
     /// pages are also kept for its next restore.
     pub fn dirty_log(&self, region: &Region) -> Result<Vec<u64>> {
         if self.dirty_ring() != 0 {
-            return self.ring_dirty_log(region);
+            let mut bits = self.ring_dirty_log(region)?;
+            region.record.take_emulated(&mut bits);
+            return Ok(bits);
         }
         let manual = lock(&self.tracking).manual.unwrap_or(false);
         let mut bits = vec![0; crate::engine::snapshot::dirty::bitmap_words(region)];
         self.with_fd(|fd| crate::engine::snapshot::dirty::read(fd, region, manual, &mut bits))?;
         region.record.add_pages(&bits);
+        region.record.take_emulated(&mut bits);
         Ok(bits)
     }
 

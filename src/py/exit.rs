@@ -42,7 +42,7 @@ impl ExitInfo {
 
     /// The id of the vCPU that exited.
     #[getter]
-    fn vcpu_id(&self) -> u64 {
+    pub fn vcpu_id(&self) -> u64 {
         self.vcpu_id.load(Ordering::Relaxed)
     }
 
@@ -561,6 +561,7 @@ pub fn to_python(py: Python<'_>, exit: &Exit, vcpu_id: u64) -> PyResult<Py<PyAny
             Py::new(py, init.add_subclass(BreakpointExit { address: *address }))?.into_any()
         }
         Exit::Step { rip } => Py::new(py, init.add_subclass(StepExit { rip: *rip }))?.into_any(),
+        Exit::Watchpoint(hit, rip) => crate::py::watch::to_python(py, init, hit, *rip)?,
         Exit::IrqWindowOpen => Py::new(
             py,
             init.add_subclass(UnknownExit {
@@ -722,6 +723,33 @@ mod tests {
                     vec![("address", 0x1234)],
                 ),
                 (Exit::Step { rip: 0x99 }, "StepExit", vec![("rip", 0x99)]),
+                (
+                    Exit::Watchpoint(
+                        Box::new(crate::engine::watch::WatchHit {
+                            watch: crate::engine::watch::Watch {
+                                vaddr: 0x2008,
+                                gpa: 0x3008,
+                                len: 8,
+                                kind: crate::engine::watch::WatchKind::Write,
+                                owner: None,
+                            },
+                            access: 0x3009,
+                            size: 1,
+                            is_write: true,
+                            old: 0,
+                            new: 0x100,
+                        }),
+                        0x77,
+                    ),
+                    "WatchpointExit",
+                    vec![
+                        ("address", 0x2008),
+                        ("access", 0x3009),
+                        ("length", 8),
+                        ("rip", 0x77),
+                        ("new", 0x100),
+                    ],
+                ),
                 (Exit::Shutdown, "ExitInfo", vec![]),
                 (Exit::Hlt, "ExitInfo", vec![]),
                 (Exit::Timeout, "ExitInfo", vec![]),

@@ -189,7 +189,11 @@ pub fn kick_signal() -> PyResult<i32> {
 /// intercepts each), and `breakpoints`: how breakpoints (a debugger's and fuzzing
 /// coverage's) reach kvmpy in its user mode (`"kvm"`: `int3` intercepted; `"port-io"`: a
 /// one-byte `out dx, al` patch, an exit straight from CPL3; `KVMPY_BREAKPOINT_MECHANISM`
-/// picks one instead).
+/// picks one instead); `guest_debug_flags` (what `KVM_CAP_SET_GUEST_DEBUG2` reports, 0
+/// where KVM does not say), `block_irq` (whether single steps hold interrupts off with
+/// `KVM_GUESTDBG_BLOCKIRQ`), and `watch_mechanism`: how watchpoints work (`"memslot"`:
+/// by guest-physical page; `"debug-registers"`: DR0-DR3; `KVMPY_WATCH_MECHANISM` picks
+/// one instead).
 #[pyfunction]
 #[pyo3(name = "_debug_support")]
 pub fn debug_support(py: Python<'_>) -> PyResult<Bound<'_, pyo3::types::PyDict>> {
@@ -204,5 +208,18 @@ pub fn debug_support(py: Python<'_>) -> PyResult<Bound<'_, pyo3::types::PyDict>>
     d.set_item("single_step", host.single_step)?;
     d.set_item("hw_breakpoints", host.hw_breakpoints)?;
     d.set_item("watchpoints", host.watchpoints)?;
+    d.set_item(
+        "guest_debug_flags",
+        crate::engine::debug_host::supported_flags(),
+    )?;
+    d.set_item("block_irq", crate::engine::debug_host::block_irq() != 0)?;
+    let kvm = crate::engine::kvm::shared()?;
+    d.set_item(
+        "watch_mechanism",
+        match crate::engine::debug::watch_mechanism(&kvm) {
+            Ok(m) => m.to_string(),
+            Err(e) => format!("unsupported: {e}"),
+        },
+    )?;
     Ok(d)
 }

@@ -20,3 +20,4 @@ pub mod regs;
 pub mod snapshot;
 pub mod vcpu;
 pub mod vm;
+pub mod watch;

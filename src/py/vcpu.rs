@@ -271,8 +271,17 @@ impl Vcpu {
     ///
     /// Where the host's KVM does not intercept `int3` (`python -m kvmpy info`), the vCPU
     /// needs `setup_long_mode(exceptions=True)`; otherwise this raises `KvmUnsupported`.
-    fn add_breakpoint(&self, address: Int<u64>) -> PyResult<u64> {
+    ///
+    /// `hardware=True` asks for a debug-register breakpoint (DR0-DR3, no byte patched):
+    /// it raises `KvmUnsupported` naming the host's limit (a patch is not a hardware
+    /// breakpoint, so none is set instead).
+    #[pyo3(signature = (address, *, hardware=false))]
+    fn add_breakpoint(&self, address: Int<u64>, hardware: bool) -> PyResult<u64> {
         let inner = &self.inner;
+        if hardware {
+            inner.vm.check_open()?;
+            return Err(crate::engine::debug::hw_breakpoints_refused()?.into());
+        }
         inner
             .vm
             .add_breakpoint(inner, address.0, Owner::Vcpu(inner.id))?;
@@ -322,12 +331,39 @@ impl Vcpu {
         Ok(self.inner.regs()?.rip)
     }
 
-    /// Raises `KvmUnsupported` naming the host's limit, or `ValueError` for a length
-    /// other than 1, 2, 4 or 8, an unaligned address or a kind other than `"write"` or
-    /// `"rw"`. (Watchpoints through the debug registers are not available yet.)
+    /// Sets a watchpoint of `length` bytes (1, 2, 4 or 8, aligned to its length) at
+    /// guest-virtual `address` for this vCPU: an access of `kind` (`"write"`, or `"rw"` for
+    /// reads and writes) that touches those bytes ends `run()` with a `WatchpointExit`
+    /// (reason `"watchpoint"`) once the instruction is done. At most 4 watchpoints per VM.
+    ///
+    /// The address is translated to guest-physical once, now, by this vCPU's page tables:
+    /// a later change of the mapping is not followed. The page that holds it gets a KVM
+    /// memory slot of its own (read-only for `"write"`, none for `"rw"`), so every write
+    /// (every access, for `"rw"`) to that page exits to kvmpy, which does the access and
+    /// lets the run go on unless the watched bytes were touched. Code cannot run from a
+    /// page an `"rw"` watchpoint watches (such a run raises `KvmUnsupported`).
+    /// `ValueError` for a bad length, alignment or kind, a fifth watchpoint or a read-only
+    /// region; `GuestMemoryError` for an unmapped address; `KvmUnsupported`
+    /// where the host has no read-only memory slots.
     #[pyo3(signature = (address, length, kind="write"))]
     fn add_watchpoint(&self, address: Int<u64>, length: Int<u64>, kind: &str) -> PyResult<()> {
         Ok(self.inner.add_watchpoint(address.0, length.0, kind)?)
+    }
+
+    /// Removes this vCPU's watchpoint at `address` of `length` bytes; `ValueError` if
+    /// there is none.
+    fn remove_watchpoint(&self, address: Int<u64>, length: Int<u64>) -> PyResult<()> {
+        Ok(self.inner.remove_watchpoint(address.0, length.0)?)
+    }
+
+    /// This vCPU's watchpoints: `(address, length, kind)` tuples.
+    fn watchpoints(&self) -> Vec<(u64, u64, &'static str)> {
+        self.inner
+            .vm
+            .watches_of(Some(self.inner.id))
+            .iter()
+            .map(|w| (w.vaddr, w.len, w.kind.as_str()))
+            .collect()
     }
 
     /// An iterator of the instructions the vCPU executes, one single step each: a

@@ -76,8 +76,10 @@ pub struct VmTarget {
     running: Option<Arc<RunGroup>>,
     /// The addresses of the breakpoints gdb added to the VM's table.
     breakpoints: BTreeSet<u64>,
-    /// gdb's write watchpoints.
+    /// gdb's write watchpoints that single steps check (those the engine cannot watch).
     watches: Watches,
+    /// gdb's watchpoints set in the VM's table (`engine::watch`): address, length.
+    page_watches: Vec<(u64, u64)>,
     /// A resume that steps instruction by instruction (see [`Watching`]).
     watching: Option<Watching>,
     /// A step ran out of its slice: look at the connection before the next.
@@ -113,6 +115,15 @@ fn signal_for(exit: &Exit) -> Signal {
 pub fn stop_reason(tid: Tid, exit: &Exit) -> MultiThreadStopReason<u64> {
     match exit {
         Exit::Breakpoint { .. } => MultiThreadStopReason::SwBreak(tid),
+        Exit::Watchpoint(hit, _) => MultiThreadStopReason::Watch {
+            tid,
+            kind: match hit.watch.kind {
+                crate::engine::watch::WatchKind::Write => WatchKind::Write,
+                crate::engine::watch::WatchKind::Read => WatchKind::Read,
+                crate::engine::watch::WatchKind::ReadWrite => WatchKind::ReadWrite,
+            },
+            addr: hit.watch.vaddr,
+        },
         Exit::Guest { code, .. } => MultiThreadStopReason::Exited(*code as u8),
         other => MultiThreadStopReason::SignalWithThread {
             tid,
@@ -130,6 +141,7 @@ impl VmTarget {
             running: None,
             breakpoints: BTreeSet::new(),
             watches: Watches::default(),
+            page_watches: Vec::new(),
             watching: None,
             poll_now: false,
             error: None,
@@ -269,10 +281,14 @@ impl VmTarget {
         reason
     }
 
-    /// Takes gdb's breakpoints out of the VM's table (when the session ends).
+    /// Takes gdb's breakpoints and watchpoints out of the VM's tables (when the session
+    /// ends).
     pub fn remove_breakpoints(&mut self) {
         for addr in std::mem::take(&mut self.breakpoints) {
             let _ = self.vm.remove_breakpoint(addr, Owner::Vm);
+        }
+        for (addr, len) in std::mem::take(&mut self.page_watches) {
+            let _ = self.vm.remove_watch(addr, len, None);
         }
     }
 }
@@ -439,20 +455,46 @@ impl Breakpoints for VmTarget {
 }
 
 impl HwWatchpoint for VmTarget {
-    /// A write watchpoint of up to 64 bytes, by single steps (see `watch`): the debug
-    /// registers are not used (the engine has no watchpoints through them yet, and this
-    /// host's KVM does not deliver them). Read and access watchpoints are refused, which
-    /// gdb reports.
+    /// A watchpoint of 1, 2, 4 or 8 aligned bytes is the engine's (`engine::watch`: the
+    /// guest runs at full speed, the watched page's accesses exit); a write watchpoint the
+    /// engine cannot take (other lengths, up to 64 bytes, or a fifth) is checked by single
+    /// steps (see `gdb::watch`). Other read and access watchpoints are refused, which gdb
+    /// reports.
     fn add_hw_watchpoint(
         &mut self,
         addr: u64,
         len: u64,
         kind: WatchKind,
     ) -> TargetResult<bool, Self> {
+        let cpu = self.first_vcpu().map_err(TargetError::Fatal)?;
+        let engine_kind = match kind {
+            WatchKind::Write => crate::engine::watch::WatchKind::Write,
+            WatchKind::Read => crate::engine::watch::WatchKind::Read,
+            WatchKind::ReadWrite => crate::engine::watch::WatchKind::ReadWrite,
+        };
+        let by_page = crate::engine::watch::check_range(addr, len)
+            .and_then(|()| crate::engine::debug::watch_mechanism(&self.vm.kvm))
+            .and_then(|_| cpu.translate(addr))
+            .and_then(|gpa| {
+                self.vm.add_watch(crate::engine::watch::Watch {
+                    vaddr: addr,
+                    gpa,
+                    len,
+                    kind: engine_kind,
+                    owner: None,
+                })
+            });
+        match by_page {
+            Ok(()) => {
+                self.page_watches.push((addr, len));
+                return Ok(true);
+            }
+            Err(Error::Closed(what)) => return Err(TargetError::Fatal(Error::Closed(what))),
+            Err(_) => {}
+        }
         if !matches!(kind, WatchKind::Write) || len == 0 || len > MAX_LEN {
             return Ok(false);
         }
-        let cpu = self.first_vcpu().map_err(TargetError::Fatal)?;
         let mut now = vec![0; len as usize];
         if cpu.read_virtual(addr, &mut now).is_err() {
             return Ok(false);
@@ -467,6 +509,13 @@ impl HwWatchpoint for VmTarget {
         len: u64,
         _kind: WatchKind,
     ) -> TargetResult<bool, Self> {
+        if let Some(at) = self.page_watches.iter().position(|w| *w == (addr, len)) {
+            self.page_watches.remove(at);
+            return match self.vm.remove_watch(addr, len, None) {
+                Ok(()) | Err(Error::Value(_)) => Ok(true),
+                Err(e) => Err(TargetError::Fatal(e)),
+            };
+        }
         Ok(self.watches.remove(addr, len))
     }
 }

@@ -43,19 +43,45 @@ pub fn bitmap_words(region: &Region) -> usize {
 }
 
 /// Reads KVM's dirty log of `region` into `bits` (one bit per page, `bitmap_words` long)
-/// and resets it: pages written from now on are logged again.
+/// and resets it: pages written from now on are logged again. A region split into
+/// several slots (see `watch`) is read slot by slot.
 pub fn read(vm: &VmFd, region: &Region, manual: bool, bits: &mut [u64]) -> Result<()> {
     assert_eq!(
         bits.len(),
         bitmap_words(region),
         "dirty bitmap of the wrong size"
     );
+    let pieces = region.pieces();
+    if let [whole] = pieces.as_slice() {
+        if whole.first == 0 && whole.pages == region.pages() {
+            return read_slot(vm, whole.slot, whole.pages, manual, bits);
+        }
+    }
+    bits.fill(0);
+    for piece in pieces {
+        let mut part = vec![0u64; piece.pages.div_ceil(64) as usize];
+        read_slot(vm, piece.slot, piece.pages, manual, &mut part)?;
+        for_each_page(&part, |page| {
+            let at = piece.first + page;
+            bits[(at / 64) as usize] |= 1 << (at % 64);
+        });
+    }
+    Ok(())
+}
+
+/// Reads (and resets) the dirty log of KVM slot `slot` of `pages` pages into `bits`.
+fn read_slot(vm: &VmFd, slot: u32, pages: u64, manual: bool, bits: &mut [u64]) -> Result<()> {
+    assert_eq!(
+        bits.len() as u64,
+        pages.div_ceil(64),
+        "dirty bitmap of the wrong size"
+    );
     let mut log = kvm_dirty_log {
-        slot: region.slot,
+        slot,
         ..Default::default()
     };
     log.__bindgen_anon_1.dirty_bitmap = bits.as_mut_ptr().cast();
-    // SAFETY: KVM writes one bit per page of the slot, `bitmap_words(region)` u64 words,
+    // SAFETY: KVM writes one bit per page of the slot, `pages.div_ceil(64)` u64 words,
     // into `bits`, which has exactly that length (checked above) and lives across the
     // call; the result is checked.
     let ret = unsafe { vmm_sys_util::ioctl::ioctl_with_ref(vm, KVM_GET_DIRTY_LOG(), &log) };
@@ -73,9 +99,9 @@ pub fn read(vm: &VmFd, region: &Region, manual: bool, bits: &mut [u64]) -> Resul
         return Ok(());
     };
     let first_page = first as u64 * 64;
-    let num_pages = ((last as u64 + 1) * 64).min(region.pages()) - first_page;
+    let num_pages = ((last as u64 + 1) * 64).min(pages) - first_page;
     let mut clear = kvm_clear_dirty_log {
-        slot: region.slot,
+        slot,
         num_pages: num_pages as u32,
         first_page,
         ..Default::default()

@@ -171,9 +171,14 @@ pub fn harvest_regions<'a>(
 ) {
     for ring in rings {
         ring.harvest(|slot, page| {
-            if let Some(i) = regions.iter().position(|r| r.slot == slot) {
-                if page < regions[i].pages() {
-                    f(i, page);
+            // A region split by watchpoints has several slots; `page` counts from the
+            // start of its slot.
+            for (i, region) in regions.iter().enumerate() {
+                if let Some(p) = region.piece_of_slot(slot) {
+                    if page < p.pages {
+                        f(i, p.first + page);
+                    }
+                    return;
                 }
             }
         });
@@ -198,7 +203,7 @@ impl crate::engine::vm::VmCore {
     /// Harvests `rings` outside a restore: each page goes into its region's write record
     /// (the next restore copies it back) and, unless it is of `report` (a region index,
     /// whose bitmap is returned), into the pages `dirty_log` has yet to report.
-    fn keep_harvested<'a>(
+    pub(crate) fn keep_harvested<'a>(
         &self,
         rings: impl IntoIterator<Item = &'a mut DirtyRing>,
         report: Option<usize>,
