@@ -7,6 +7,7 @@ pub mod devices;
 pub mod disasm;
 pub mod error;
 pub mod exit;
+pub mod exit_kinds;
 pub mod fuzz;
 pub mod gdb;
 pub mod gil;

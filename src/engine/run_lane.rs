@@ -1,0 +1,94 @@
+//! The run loop's lane for one-element OUTs (see [`VcpuCore::out_lane`]).
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use super::VcpuCtx;
+use super::{Flow, RunOptions};
+use crate::engine::bus::{Action, Device};
+use crate::engine::error::Result;
+use crate::engine::exit::{self, Data, Exit, IoRaw, RunExit};
+use crate::engine::run::Outcome;
+use crate::engine::vcpu::{fd_of, FdGuard, VcpuCore};
+
+impl VcpuCore {
+    /// One-element OUTs, the exits of a guest that talks to a handler or a console,
+    /// handled one after another without going back through the general loop: the bus
+    /// is taken once (and again only when it changes), and the checks
+    /// `exits_until_done` makes between two exits are made here in the same order.
+    /// Any other exit goes back to the general loop as `Flow::Next`.
+    pub(super) fn out_lane<'a>(
+        &'a self,
+        guard: &mut FdGuard<'a>,
+        options: &RunOptions<'_>,
+        mut io: IoRaw,
+        runs_ended: &mut u64,
+    ) -> Result<Flow> {
+        let mut generation = self.vm.bus_generation();
+        let mut bus = self.vm.bus();
+        // The device of the last port, kept while the bus stays (one port is the norm).
+        let mut last: Option<(u16, &Arc<dyn Device>)> = None;
+        loop {
+            let device = match last {
+                Some((port, device)) if port == io.port => device,
+                _ => {
+                    let Some(device) = bus.io(io.port) else {
+                        return self.dispatch_io(guard, io);
+                    };
+                    last = Some((io.port, device));
+                    device
+                }
+            };
+            let data = Data::new(exit::io_element(&mut fd_of(guard)?.fd, io, 0));
+            let mut ctx = VcpuCtx {
+                vcpu: self,
+                guard,
+                io_count: 1,
+            };
+            let action = device.io_out(&mut ctx, io.port, data.as_slice());
+            if !matches!(action, Ok(Action::Continue)) {
+                return self.lane_end(guard, action);
+            }
+            std::mem::forget(action); // `Continue`: nothing to drop
+            self.between_exits(guard, options, runs_ended)?;
+            if self.kicker.stop_requested() || self.vm.is_closed() {
+                return Ok(self.lane_stopped(guard));
+            }
+            let result = self.enter(guard)?;
+            match &result {
+                Ok(RunExit::Io(next))
+                    if next.is_write
+                        && next.count == 1
+                        && (next.size != 1 || self.vm.pio_patches.load(Ordering::Acquire) == 0) =>
+                {
+                    io = *next;
+                }
+                _ => return Ok(Flow::Next(result)),
+            }
+            let now = self.vm.bus_generation();
+            if now != generation {
+                generation = now;
+                last = None;
+                bus = self.vm.bus();
+            }
+        }
+    }
+
+    /// `out_lane` ends on a device's answer other than `Continue` (kept out of the lane's
+    /// code, which is hot).
+    #[cold]
+    #[inline(never)]
+    fn lane_end<'a>(&'a self, guard: &mut FdGuard<'a>, action: Result<Action>) -> Result<Flow> {
+        Ok(self
+            .element_done(guard, action?, true)?
+            .unwrap_or(Flow::Continue(true)))
+    }
+
+    /// `out_lane` ends on a stop or a closed VM, the OUT it handled completed first.
+    #[cold]
+    #[inline(never)]
+    fn lane_stopped<'a>(&'a self, guard: &mut FdGuard<'a>) -> Flow {
+        self.complete_pending(guard);
+        Flow::Done(Outcome::Exit(Exit::Stopped))
+    }
+}
