@@ -273,3 +273,18 @@ def test_the_child_answers_afl_fuzz_itself_and_the_server_reports_a_timeout_kill
         code = afl.close()
     assert code == 0
     assert not harness_processes(afl.harness), "the fork server and its children are gone"
+
+
+def test_a_hanging_child_and_its_fork_server_end_when_afl_fuzz_goes_away(
+    guest_dir: Path, tmp_path: Path
+) -> None:
+    elf = guest_dir.parent / "c" / "build" / "fuzz_cases.elf"
+    afl = FakeAfl(tmp_path, elf, "hangs_or_crashes")
+    try:
+        afl.read_u32()  # the hello
+        child = afl.start(b"HANG")
+        assert child not in (afl.proc.pid, 0)
+    finally:
+        code = afl.close()  # without killing the child, nor reading a status
+    assert code == 0
+    assert not harness_processes(afl.harness), "the fork server and its children are gone"

@@ -217,16 +217,28 @@ pub fn serve(executor: &Executor, channel: &Channel, phase: &AtomicU32) -> Resul
         let status = match verdict(&execution.exit, rip) {
             Verdict::Ok => 0,
             Verdict::Crash { .. } => CRASH_STATUS,
-            Verdict::Timeout => loop {
+            Verdict::Timeout => {
                 // A hang for afl-fuzz too: its timeout kills this process, and the fork
-                // server reports that.
-                // SAFETY: pause only waits for a signal.
-                unsafe { libc::pause() };
-            },
+                // server reports that. Should afl-fuzz go away first, so does this.
+                wait_for_hang_up(channel.ctl);
+                return Ok(());
+            }
         };
         write_u32(channel.status, status)?;
         phase.store(Phase::Idle as u32, Ordering::SeqCst);
     }
+}
+
+/// Waits until the other end of `fd` (a pipe) is closed.
+fn wait_for_hang_up(fd: RawFd) {
+    let mut poll = libc::pollfd {
+        fd,
+        events: 0,
+        revents: 0,
+    };
+    // SAFETY: `poll` is one valid pollfd; with no events asked, only a hang-up or an
+    // error ends the wait.
+    while unsafe { libc::poll(&mut poll, 1, -1) } <= 0 || poll.revents == 0 {}
 }
 
 fn read_up_to(file: std::io::Result<File>, buf: &mut [u8], path: &Path) -> Result<usize> {

@@ -110,12 +110,15 @@ def serve(make_target: Callable[[], Target], inputs: Sequence[str]) -> int:
     while True:
         _, status = os.waitpid(child, 0)
         phase = struct.unpack_from("<I", state)[0]
-        if phase == BEGUN:  # it died before its first pid: broken
-            _write_u32(st, child)
-        if phase in (BEGUN, RUNNING):
-            # It died in a round (killed by afl-fuzz on a timeout, or broken): afl-fuzz
-            # waits for a status.
-            _write_u32(st, status)
+        try:
+            if phase == BEGUN:  # it died before its first pid: broken
+                _write_u32(st, child)
+            if phase in (BEGUN, RUNNING):
+                # It died in a round (killed by afl-fuzz on a timeout, or broken):
+                # afl-fuzz waits for a status.
+                _write_u32(st, status)
+        except OSError:  # afl-fuzz is gone
+            return 0
         if _read_u32(ctl) is None:  # afl-fuzz is gone
             return 0
         # A new round: the new child builds its target, then writes its pid.
