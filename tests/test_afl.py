@@ -161,7 +161,7 @@ class FakeAfl:
 
     IPC_PRIVATE, IPC_CREAT, IPC_RMID = 0, 0o1000, 0
 
-    def __init__(self, tmp: Path, elf: Path, entry: str) -> None:
+    def __init__(self, tmp: Path, elf: Path, entry: str, armed: bool = False) -> None:
         import ctypes
 
         self.libc = ctypes.CDLL(None, use_errno=True)
@@ -171,7 +171,11 @@ class FakeAfl:
         assert self.shm_id >= 0
         self.map_addr = self.libc.shmat(self.shm_id, None, 0)
         self.harness = tmp / "harness.py"
-        self.harness.write_text(HARNESS.format(elf=str(elf), entry=entry))
+        harness = HARNESS.format(elf=str(elf), entry=entry)
+        if armed:
+            armed_mode = 'coverage="disasm", coverage_mode="armed"'
+            harness = harness.replace('coverage="disasm"', armed_mode)
+        self.harness.write_text(harness)
         self.input = tmp / "input"
         ctl_r, self.ctl = os.pipe()
         self.st, st_w = os.pipe()
@@ -288,3 +292,24 @@ def test_a_hanging_child_and_its_fork_server_end_when_afl_fuzz_goes_away(
         code = afl.close()  # without killing the child, nor reading a status
     assert code == 0
     assert not harness_processes(afl.harness), "the fork server and its children are gone"
+
+
+def test_armed_coverage_gives_afl_fuzz_each_inputs_edge_counts(
+    guest_dir: Path, tmp_path: Path
+) -> None:
+    elf = guest_dir.parent / "c" / "build" / "fuzz_parser.elf"
+    afl = FakeAfl(tmp_path, elf, "parse", armed=True)
+    try:
+        hello = afl.read_u32()
+        assert hello & 0x40000000 and ((hello & 0x00FFFFFE) >> 1) + 1 == 65536  # map_size
+        maps = []
+        for data in (b"nope", b"KVL\x02ab", b"nope"):
+            afl.start(data)
+            assert afl.read_u32() == 0
+            maps.append(afl.trace())
+        # Hit counts per input: the same input gives the same map, a deeper one more.
+        assert maps[0] == maps[2] and any(maps[0])
+        assert sum(map(bool, maps[1])) > sum(map(bool, maps[0]))
+    finally:
+        code = afl.close()
+    assert code == 0
