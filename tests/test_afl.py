@@ -161,7 +161,9 @@ class FakeAfl:
 
     IPC_PRIVATE, IPC_CREAT, IPC_RMID = 0, 0o1000, 0
 
-    def __init__(self, tmp: Path, elf: Path, entry: str, armed: bool = False) -> None:
+    def __init__(
+        self, tmp: Path, elf: Path, entry: str, armed: bool = False, shm_input: bool = False
+    ) -> None:
         import ctypes
 
         self.libc = ctypes.CDLL(None, use_errno=True)
@@ -170,6 +172,13 @@ class FakeAfl:
         self.shm_id = self.libc.shmget(self.IPC_PRIVATE, 1 << 16, self.IPC_CREAT | 0o600)
         assert self.shm_id >= 0
         self.map_addr = self.libc.shmat(self.shm_id, None, 0)
+        env = {"__AFL_SHM_ID": str(self.shm_id)}
+        self.fuzz_id = -1
+        if shm_input:  # afl-fuzz's input segment: a u32 length, then the bytes
+            self.fuzz_id = self.libc.shmget(self.IPC_PRIVATE, 4 + 4096, self.IPC_CREAT | 0o600)
+            assert self.fuzz_id >= 0
+            self.fuzz_addr = self.libc.shmat(self.fuzz_id, None, 0)
+            env["__AFL_SHM_FUZZ_ID"] = str(self.fuzz_id)
         self.harness = tmp / "harness.py"
         harness = HARNESS.format(elf=str(elf), entry=entry)
         if armed:
@@ -183,7 +192,7 @@ class FakeAfl:
         self.proc = subprocess.Popen(
             ["bash", "-c", shell, sys.executable, str(self.harness), str(self.input)],
             pass_fds=(ctl_r, st_w),
-            env=os.environ | {"__AFL_SHM_ID": str(self.shm_id)},
+            env=os.environ | env,
         )
         os.close(ctl_r)
         os.close(st_w)
@@ -202,7 +211,10 @@ class FakeAfl:
         import ctypes
 
         ctypes.memset(self.map_addr, 0, 1 << 16)
-        self.input.write_bytes(data)
+        if self.fuzz_id >= 0:
+            ctypes.memmove(self.fuzz_addr, len(data).to_bytes(4, "little") + data, 4 + len(data))
+        else:
+            self.input.write_bytes(data)
         os.write(self.ctl, was_killed.to_bytes(4, "little"))
         return self.read_u32()
 
@@ -217,6 +229,9 @@ class FakeAfl:
         os.close(self.st)
         self.libc.shmdt(ctypes_void(self.map_addr))
         self.libc.shmctl(self.shm_id, self.IPC_RMID, None)
+        if self.fuzz_id >= 0:
+            self.libc.shmdt(ctypes_void(self.fuzz_addr))
+            self.libc.shmctl(self.fuzz_id, self.IPC_RMID, None)
         return code
 
 
@@ -310,6 +325,27 @@ def test_armed_coverage_gives_afl_fuzz_each_inputs_edge_counts(
         # Hit counts per input: the same input gives the same map, a deeper one more.
         assert maps[0] == maps[2] and any(maps[0])
         assert sum(map(bool, maps[1])) > sum(map(bool, maps[0]))
+    finally:
+        code = afl.close()
+    assert code == 0
+
+
+def test_inputs_from_afl_fuzz_shared_memory(guest_dir: Path, tmp_path: Path) -> None:
+    import signal
+
+    elf = guest_dir.parent / "c" / "build" / "fuzz_cases.elf"
+    afl = FakeAfl(tmp_path, elf, "hangs_or_crashes", shm_input=True)
+    try:
+        hello = afl.read_u32()
+        assert hello & 0x01000000, "FS_OPT_SHDMEM_FUZZ"
+        os.write(afl.ctl, (0x80000001 | 0x01000000).to_bytes(4, "little"))  # afl-fuzz's yes
+        child = afl.start(b"CA")
+        assert afl.read_u32() == 0
+        # The input is read from the segment (no file is written): a crash is seen.
+        assert afl.start(b"CRASH") == child
+        status = afl.read_u32()
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGSEGV
+        assert not afl.input.exists()
     finally:
         code = afl.close()
     assert code == 0

@@ -9,7 +9,10 @@
 //!
 //! The fork server learns whether afl-fuzz is waiting for a status from a word of memory
 //! shared with it ([`Phase`]): this loop sets it to [`Phase::Running`] before it writes
-//! its pid and back to [`Phase::Idle`] after it wrote the status. No Python here.
+//! its pid and back to [`Phase::Idle`] after it wrote the status. (afl-fuzz kills only a
+//! process that has not answered within its timeout; one killed in the few instructions
+//! between its status and the phase store would get a second status from the fork
+//! server.) No Python here.
 
 use std::fs::File;
 use std::io::Read;
