@@ -14,15 +14,18 @@ less the moment afl-fuzz was started.
 Then the fork-server overhead: the inputs of kvmpy's final corpus, run in one process
 through ``fuzz.Target.run`` (and through the Unicorn harness's ``run``), µs per
 execution, against 1e6 / ``execs_per_sec`` under afl-fuzz. And the round
-trip of one u32 through a chain of Python processes over pipes as kvmpy's fork server
-relays it (afl-fuzz -> server -> child -> server -> afl-fuzz) against a direct one.
+trip of one u32 between Python processes over pipes: direct, as kvmpy's fork-server
+child answers afl-fuzz, and relayed through a third process (afl-fuzz -> server ->
+child -> server -> afl-fuzz), what a fork server that relays every input costs.
 
 Last, afl-fuzz's own floor here: ``afl_null.c``, a C fork server that runs nothing.
 
 ``python -m benchmarks.afl_compare [--duration S] [--targets parser,compute,decode]
-[--pin CPU] [--floor-only]``. ``--pin`` keeps afl-fuzz, the fork server and its child on
-one CPU (afl-fuzz's own binding is off here: ``AFL_NO_AFFINITY``): on this nested host a
-wake-up on the other CPU costs tens of µs, paid at every hand-off between the processes.
+[--pin CPU] [--floor-only] [--kvmpy-only]``. ``--kvmpy-only`` runs only kvmpy's side and
+its overhead row (no Unicorn needed), with afl-fuzz's floor measured right after.
+``--pin`` keeps afl-fuzz, the fork server and its child on one CPU (afl-fuzz's own binding
+is off here: ``AFL_NO_AFFINITY``): on this nested host a wake-up on the other CPU costs
+tens of µs, paid at every hand-off between the processes.
 Needs afl-fuzz (AFL++) and the Unicorn pair named in ``benchmarks.unicorn_fuzz``
 (``pip install unicornafl==2.0.2 unicorn==2.0.0rc6``). Nothing is asserted.
 """
@@ -162,6 +165,47 @@ def fmt_s(value: float | None) -> str:
     return "no crash" if value is None else f"{value:.0f} s"
 
 
+def kvmpy_overhead(names: list[str], duration: int) -> None:
+    """kvmpy alone: afl-fuzz on its harness, then its final corpus in one process (on the
+    same CPU, with ``--pin``), through ``Target.run`` and through the bare
+    ``FuzzExecutor.run`` that the fork server's child runs under afl-fuzz."""
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="afl_kvmpy.") as tmp:
+        work = Path(tmp)
+        for name in names:
+            guest, entry, seeds = TARGETS[name]
+            elf = str(kvmpy.shipped_guest(guest))
+            seeds_dir = work / f"seeds_{name}"
+            seeds_dir.mkdir()
+            for i, seed in enumerate(seeds):
+                (seeds_dir / f"seed{i}").write_bytes(seed)
+            harness = work / f"kvmpy_{name}.py"
+            harness.write_text(KVMPY_HARNESS.format(elf=elf, entry=entry, max_len=MAX_LEN))
+            k = run_afl(work, f"kvmpy_{name}", seeds_dir, duration, [sys.executable, str(harness)])
+            inputs = corpus(k.out)
+            allowed = os.sched_getaffinity(0)
+            _pin()  # on the CPU afl-fuzz ran on
+            with fuzz.Target.from_elf(
+                elf, entry=entry, max_len=MAX_LEN, timeout_ms=100, coverage="disasm"
+            ) as t:
+                k_in = in_process_us(t.run, inputs)
+                ex_in = in_process_us(t._executor.run, inputs)
+            os.sched_setaffinity(0, allowed)
+            rows.append((name, len(inputs), k, k_in, ex_in))
+    where = "all CPUs" if PIN is None else f"pinned to CPU {PIN}"
+    print(f"\nkvmpy under afl-fuzz -V {duration} ({where}) against its corpus in one process:\n")
+    print(
+        "| target | execs/s | corpus | µs/exec afl-fuzz | µs/exec Target.run | overhead "
+        "| µs/exec FuzzExecutor.run | overhead over it |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for name, n, k, k_in, ex_in in rows:
+        print(
+            f"| {name} | {k.execs_per_sec:.0f} | {n} | {k.us_per_exec:.1f} | {k_in:.1f} "
+            f"| +{k.us_per_exec - k_in:.1f} | {ex_in:.1f} | +{k.us_per_exec - ex_in:.1f} |"
+        )
+
+
 def compare(names: list[str], duration: int) -> None:
     why = unicorn_unavailable()
     if why is not None:
@@ -245,8 +289,8 @@ def afl_floor(duration: int) -> None:
 
 
 def _relay(up_r: int, up_w: int, down_w: int, down_r: int) -> None:
-    """What kvmpy's fork server does per input: read the control word, tell the child
-    to go, write the child's pid, read its answer, write the status."""
+    """A fork server that relays every input: read the control word, tell the child to
+    go, write the child's pid, read its answer, write the status."""
     while True:
         word = os.read(up_r, 4)
         if len(word) < 4:
@@ -281,7 +325,7 @@ def _spawn(run: Callable[..., None], keep: tuple[int, ...], fds: list[int]) -> i
 
 def pipe_round_trips(n: int = 20000) -> None:
     """µs per round trip: afl-fuzz's side talking to a child directly, and through a
-    relay process as kvmpy's fork server does (all Python here)."""
+    relay process (all Python here)."""
     results = {}
     allowed = os.sched_getaffinity(0)
     _pin()
@@ -316,7 +360,7 @@ def pipe_round_trips(n: int = 20000) -> None:
     print(f"\n| pipe round trip (Python processes, {where}) | µs |")
     print("|---|---|")
     print(f"| direct: parent -> child -> parent | {results[False]:.1f} |")
-    print(f"| relayed as kvmpy's fork server does | {results[True]:.1f} |")
+    print(f"| relayed through a fork server | {results[True]:.1f} |")
 
 
 def main() -> None:
@@ -329,6 +373,9 @@ def main() -> None:
     parser.add_argument(
         "--floor-only", action="store_true", help="only afl-fuzz's floor and the pipe round trips"
     )
+    parser.add_argument(
+        "--kvmpy-only", action="store_true", help="kvmpy's side only (no Unicorn), and the floor"
+    )
     args = parser.parse_args()
     global PIN
     PIN = args.pin
@@ -340,6 +387,10 @@ def main() -> None:
     unknown = [n for n in names if n not in TARGETS]
     if unknown or not names:
         raise SystemExit(f"unknown targets {unknown}: choose from {', '.join(TARGETS)}")
+    if args.kvmpy_only:
+        kvmpy_overhead(names, args.duration)
+        afl_floor(min(args.duration, 20))
+        return
     compare(names, args.duration)
     afl_floor(min(args.duration, 20))
     pipe_round_trips()

@@ -152,3 +152,200 @@ def test_a_target_without_rebuild_is_refused_under_afl_fuzz(tmp_path: Path) -> N
         timeout=120,
     )
     assert run.returncode == 2 and "target.rebuild" in run.stderr
+
+
+class FakeAfl:
+    """afl-fuzz's side of the forkserver protocol, driven by a test: the two pipes at the
+    harness's fds 198 and 199, a System V segment for the coverage map, inputs in a
+    file (``@@``)."""
+
+    IPC_PRIVATE, IPC_CREAT, IPC_RMID = 0, 0o1000, 0
+
+    def __init__(
+        self, tmp: Path, elf: Path, entry: str, armed: bool = False, shm_input: bool = False
+    ) -> None:
+        import ctypes
+
+        self.libc = ctypes.CDLL(None, use_errno=True)
+        self.libc.shmat.restype = ctypes.c_void_p
+        self.libc.shmat.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
+        self.shm_id = self.libc.shmget(self.IPC_PRIVATE, 1 << 16, self.IPC_CREAT | 0o600)
+        assert self.shm_id >= 0
+        self.map_addr = self.libc.shmat(self.shm_id, None, 0)
+        env = {"__AFL_SHM_ID": str(self.shm_id)}
+        self.fuzz_id = -1
+        if shm_input:  # afl-fuzz's input segment: a u32 length, then the bytes
+            self.fuzz_id = self.libc.shmget(self.IPC_PRIVATE, 4 + 4096, self.IPC_CREAT | 0o600)
+            assert self.fuzz_id >= 0
+            self.fuzz_addr = self.libc.shmat(self.fuzz_id, None, 0)
+            env["__AFL_SHM_FUZZ_ID"] = str(self.fuzz_id)
+        self.harness = tmp / "harness.py"
+        harness = HARNESS.format(elf=str(elf), entry=entry)
+        if armed:
+            armed_mode = 'coverage="disasm", coverage_mode="armed"'
+            harness = harness.replace('coverage="disasm"', armed_mode)
+        self.harness.write_text(harness)
+        self.input = tmp / "input"
+        ctl_r, self.ctl = os.pipe()
+        self.st, st_w = os.pipe()
+        shell = f'exec "$0" "$1" "$2" 198<&{ctl_r} 199>&{st_w} {ctl_r}<&- {st_w}>&-'
+        self.proc = subprocess.Popen(
+            ["bash", "-c", shell, sys.executable, str(self.harness), str(self.input)],
+            pass_fds=(ctl_r, st_w),
+            env=os.environ | env,
+        )
+        os.close(ctl_r)
+        os.close(st_w)
+
+    def read_u32(self) -> int:
+        data = b""
+        while len(data) < 4:
+            chunk = os.read(self.st, 4 - len(data))
+            assert chunk, "the fork server closed its status pipe"
+            data += chunk
+        return int.from_bytes(data, "little")
+
+    def start(self, data: bytes, was_killed: int = 0) -> int:
+        """Begins a round: clears the map, writes the input and the control word;
+        returns the pid afl-fuzz would kill on a timeout."""
+        import ctypes
+
+        ctypes.memset(self.map_addr, 0, 1 << 16)
+        if self.fuzz_id >= 0:
+            ctypes.memmove(self.fuzz_addr, len(data).to_bytes(4, "little") + data, 4 + len(data))
+        else:
+            self.input.write_bytes(data)
+        os.write(self.ctl, was_killed.to_bytes(4, "little"))
+        return self.read_u32()
+
+    def trace(self) -> bytes:
+        import ctypes
+
+        return ctypes.string_at(self.map_addr, 1 << 16)
+
+    def close(self) -> int:
+        os.close(self.ctl)
+        code = self.proc.wait(timeout=60)
+        os.close(self.st)
+        self.libc.shmdt(ctypes_void(self.map_addr))
+        self.libc.shmctl(self.shm_id, self.IPC_RMID, None)
+        if self.fuzz_id >= 0:
+            self.libc.shmdt(ctypes_void(self.fuzz_addr))
+            self.libc.shmctl(self.fuzz_id, self.IPC_RMID, None)
+        return code
+
+
+def ctypes_void(addr: int) -> object:
+    import ctypes
+
+    return ctypes.c_void_p(addr)
+
+
+def test_the_child_answers_afl_fuzz_itself_and_the_server_reports_a_timeout_kill(
+    guest_dir: Path, tmp_path: Path
+) -> None:
+    import signal
+
+    from kvmpy import fuzz
+
+    elf = guest_dir.parent / "c" / "build" / "fuzz_cases.elf"
+    with fuzz.Target.from_elf(
+        str(elf), entry="hangs_or_crashes", max_len=512, timeout_ms=100, coverage="disasm"
+    ) as t:
+        blocks = t.coverage_blocks
+    afl = FakeAfl(tmp_path, elf, "hangs_or_crashes")
+    try:
+        hello = afl.read_u32()
+        # FS_OPT_ENABLED | FS_OPT_MAPSIZE, the map a byte per block rounded up to 64.
+        assert hello & 0x80000001 == 0x80000001 and hello & 0x40000000
+        map_size = ((hello & 0x00FFFFFE) >> 1) + 1
+        assert map_size == (blocks + 63) // 64 * 64
+        assert not hello & 0x01000000, "no input shared memory was offered"
+
+        child = afl.start(b"CA")
+        assert child not in (afl.proc.pid, 0)
+        assert afl.read_u32() == 0
+        first = afl.trace()
+        assert 0 < first.count(1) <= blocks and not any(first[map_size:])
+
+        # A crash: a status that reads as killed by SIGSEGV, and the same child goes on.
+        assert afl.start(b"CRASH") == child
+        status = afl.read_u32()
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGSEGV
+        crash = afl.trace()
+        assert crash.count(1) >= first.count(1), "once mode: every covered block, each time"
+        assert afl.start(b"CA") == child and afl.read_u32() == 0
+
+        # A hang: no answer until afl-fuzz kills the child; the fork server reports
+        # that, and the next round runs in a new child.
+        assert afl.start(b"HANG") == child
+        os.kill(child, signal.SIGKILL)
+        status = afl.read_u32()
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+        second = afl.start(b"CA", was_killed=1)
+        assert second not in (child, afl.proc.pid, 0)
+        assert afl.read_u32() == 0
+        assert afl.start(b"CRASH") == second
+        status = afl.read_u32()
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGSEGV
+    finally:
+        code = afl.close()
+    assert code == 0
+    assert not harness_processes(afl.harness), "the fork server and its children are gone"
+
+
+def test_a_hanging_child_and_its_fork_server_end_when_afl_fuzz_goes_away(
+    guest_dir: Path, tmp_path: Path
+) -> None:
+    elf = guest_dir.parent / "c" / "build" / "fuzz_cases.elf"
+    afl = FakeAfl(tmp_path, elf, "hangs_or_crashes")
+    try:
+        afl.read_u32()  # the hello
+        child = afl.start(b"HANG")
+        assert child not in (afl.proc.pid, 0)
+    finally:
+        code = afl.close()  # without killing the child, nor reading a status
+    assert code == 0
+    assert not harness_processes(afl.harness), "the fork server and its children are gone"
+
+
+def test_armed_coverage_gives_afl_fuzz_each_inputs_edge_counts(
+    guest_dir: Path, tmp_path: Path
+) -> None:
+    elf = guest_dir.parent / "c" / "build" / "fuzz_parser.elf"
+    afl = FakeAfl(tmp_path, elf, "parse", armed=True)
+    try:
+        hello = afl.read_u32()
+        assert hello & 0x40000000 and ((hello & 0x00FFFFFE) >> 1) + 1 == 65536  # map_size
+        maps = []
+        for data in (b"nope", b"KVL\x02ab", b"nope"):
+            afl.start(data)
+            assert afl.read_u32() == 0
+            maps.append(afl.trace())
+        # Hit counts per input: the same input gives the same map, a deeper one more.
+        assert maps[0] == maps[2] and any(maps[0])
+        assert sum(map(bool, maps[1])) > sum(map(bool, maps[0]))
+    finally:
+        code = afl.close()
+    assert code == 0
+
+
+def test_inputs_from_afl_fuzz_shared_memory(guest_dir: Path, tmp_path: Path) -> None:
+    import signal
+
+    elf = guest_dir.parent / "c" / "build" / "fuzz_cases.elf"
+    afl = FakeAfl(tmp_path, elf, "hangs_or_crashes", shm_input=True)
+    try:
+        hello = afl.read_u32()
+        assert hello & 0x01000000, "FS_OPT_SHDMEM_FUZZ"
+        os.write(afl.ctl, (0x80000001 | 0x01000000).to_bytes(4, "little"))  # afl-fuzz's yes
+        child = afl.start(b"CA")
+        assert afl.read_u32() == 0
+        # The input is read from the segment (no file is written): a crash is seen.
+        assert afl.start(b"CRASH") == child
+        status = afl.read_u32()
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGSEGV
+        assert not afl.input.exists()
+    finally:
+        code = afl.close()
+    assert code == 0

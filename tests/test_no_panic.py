@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import inspect
 import itertools
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -213,6 +214,36 @@ def test_coverage_arguments_survive_every_wrong_value() -> None:
                     del ex
                 except Exception:
                     pass
+
+
+def test_afl_serve_arguments_survive_every_wrong_value() -> None:
+    import mmap
+
+    from kvmpy._native import FuzzExecutor
+
+    vm, cpu = fresh()
+    with vm:
+        vm.add_exit_port(0xF4)
+        snap = vm.snapshot()
+        ex = FuzzExecutor(vm, cpu, snap, input_end=0x9000, max_len=8, timeout=0.01)
+        assert ex.afl_map_size is None
+        state = mmap.mmap(-1, 4096)
+        ctl_r, ctl_w = os.pipe()
+        os.close(ctl_w)  # a control pipe at its end: a loop would stop at once
+        base: dict[str, Any] = {
+            "ctl_fd": ctl_r,
+            "status_fd": ctl_r,
+            "state": state,
+            "trace_shm": -1,
+        }
+        try:
+            for name in (*base, "input_shm", "input_file", "round_pending"):
+                for value in [*HOSTILE, bytearray(8), memoryview(b"1234")]:
+                    kwargs = dict(base, **{name: value})
+                    with pytest.raises((ValueError, TypeError, OverflowError)):  # no coverage
+                        ex.afl_serve(**kwargs)
+        finally:
+            os.close(ctl_r)
 
 
 def test_campaign_arguments_survive_every_wrong_value() -> None:

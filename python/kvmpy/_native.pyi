@@ -1,5 +1,6 @@
 """Type stubs of kvmpy's native core (``kvmpy._native``)."""
 
+import mmap
 import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import Literal, TypeVar, final, overload
@@ -273,6 +274,34 @@ class FuzzExecutor:
     @property
     def coverage_blocks(self) -> int:
         """How many blocks are patched for coverage (0 without coverage)."""
+    @property
+    def afl_map_size(self) -> int | None:
+        """The size of the coverage map afl-fuzz should scan for this executor (None without
+        coverage): in "once" mode one byte per coverage block, rounded up to 64; in
+        "armed" mode `map_size`.
+        """
+    def afl_serve(
+        self,
+        ctl_fd: int,
+        status_fd: int,
+        state: bytearray | memoryview | mmap.mmap,
+        *,
+        trace_shm: int,
+        input_shm: int | None = None,
+        input_file: str | os.PathLike[str] | None = None,
+        round_pending: bool = False,
+    ) -> None:
+        """Runs afl-fuzz's rounds in this process until afl-fuzz closes `ctl_fd` (the
+        persistent loop of a child of `kvmpy.fuzz`'s fork server; the GIL is released):
+        per round, read a control word from `ctl_fd`, write this process's pid to
+        `status_fd`, read the input (from the System V segment `input_shm`, else the file
+        `input_file`, else stdin), run it, write the coverage into the segment
+        `trace_shm` (`afl_map_size` bytes), write the status (0, or 11 for a crash). On a
+        timeout it waits to be killed. `state` (writable, 4 bytes at least, shared with
+        the fork server) is set to 1 from just before the pid is written until just after
+        the status is, and 0 between rounds. With `round_pending`, the first round's
+        control word was read by the fork server.
+        """
     @property
     def coverage_mechanism(self) -> str | None:
         """How coverage breakpoints reach kvmpy on this host and target (None without

@@ -96,6 +96,9 @@ pub struct CoverageState {
     pub mechanism: Mechanism,
     /// How many blocks were patched.
     pub blocks: usize,
+    /// The block addresses, sorted, without repeats: a block's position here is its
+    /// entry in a map of one byte per block (see `afl`).
+    pub block_index: Vec<u64>,
 }
 
 /// Runs inputs on one vCPU of a VM, restoring `snapshot` after each.
@@ -153,10 +156,14 @@ impl Executor {
         let mechanism = coverage::install(&self.vm, &mut clean, index, cov)?;
         let blocks = lock(&self.vm.breakpoints).coverage_blocks();
         let clean = Mutex::new(clean);
+        let mut block_index = cov.blocks.clone();
+        block_index.sort_unstable();
+        block_index.dedup();
         self.coverage = Some(CoverageState {
             clean,
             mechanism,
             blocks,
+            block_index,
         });
         Ok(self)
     }

@@ -2,6 +2,7 @@
 //! and run groups. It knows nothing of Python: the face (`py`) drives it, and so can Rust
 //! code and tests.
 
+pub mod afl;
 pub mod breakpoints;
 pub mod bus;
 pub mod campaign;

@@ -1,13 +1,16 @@
 //! `FuzzExecutor`: runs fuzz inputs on a vCPU, each with one call that releases the GIL
 //! (write the input, set its registers, run, read the crash state, restore).
 
+use std::sync::atomic::AtomicU32;
 use std::sync::Arc;
 use std::time::Duration;
 
-use pyo3::exceptions::PyValueError;
+use pyo3::buffer::PyBuffer;
+use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
+use crate::engine::afl;
 use crate::engine::fuzz::{ArgReg, Config, CoverageConfig, Executor};
 use crate::engine::kick;
 use crate::py::args::{bytes_arg, Int};
@@ -178,6 +181,81 @@ impl FuzzExecutor {
     #[getter]
     fn coverage_mechanism(&self) -> Option<&'static str> {
         self.inner.coverage.as_ref().map(|c| c.mechanism.as_str())
+    }
+
+    /// The size of the coverage map afl-fuzz should scan for this executor (None without
+    /// coverage): in "once" mode one byte per coverage block, rounded up to 64; in
+    /// "armed" mode `map_size`.
+    #[getter]
+    fn afl_map_size(&self) -> Option<usize> {
+        afl::map_size(&self.inner)
+    }
+
+    /// Runs afl-fuzz's rounds in this process until afl-fuzz closes `ctl_fd` (the
+    /// persistent loop of a child of `kvmpy.fuzz`'s fork server; the GIL is released):
+    /// per round, read a control word from `ctl_fd`, write this process's pid to
+    /// `status_fd`, read the input (from the System V segment `input_shm`, else the file
+    /// `input_file`, else stdin), run it, write the coverage into the segment
+    /// `trace_shm` (`afl_map_size` bytes), write the status (0, or 11 for a crash). On a
+    /// timeout it waits to be killed. `state` (writable, 4 bytes at least, shared with
+    /// the fork server) is set to 1 from just before the pid is written until just after
+    /// the status is, and 0 between rounds. With `round_pending`, the first round's
+    /// control word was read by the fork server.
+    #[pyo3(signature = (ctl_fd, status_fd, state, *, trace_shm, input_shm=None, input_file=None, round_pending=false), text_signature = "($self, ctl_fd, status_fd, state, *, trace_shm, input_shm=None, input_file=None, round_pending=False)")]
+    #[allow(clippy::too_many_arguments)]
+    fn afl_serve(
+        &self,
+        py: Python<'_>,
+        ctl_fd: i32,
+        status_fd: i32,
+        state: &Bound<'_, PyAny>,
+        trace_shm: i32,
+        input_shm: Option<i32>,
+        input_file: Option<std::path::PathBuf>,
+        round_pending: bool,
+    ) -> PyResult<()> {
+        let buf = PyBuffer::<u8>::get(state).map_err(|_| {
+            PyTypeError::new_err("state must be a writable buffer (an mmap.mmap, say)")
+        })?;
+        let ptr = buf.buf_ptr() as usize;
+        if buf.readonly()
+            || !buf.is_c_contiguous()
+            || buf.len_bytes() < 4
+            || ptr % std::mem::align_of::<AtomicU32>() != 0
+        {
+            return Err(PyValueError::new_err(
+                "state must be a writable, contiguous buffer of 4 bytes at least, aligned to 4",
+            ));
+        }
+        for (fd, what) in [(ctl_fd, "ctl_fd"), (status_fd, "status_fd")] {
+            // SAFETY: F_GETFD only asks whether `fd` is open.
+            if fd < 0 || unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+                return Err(PyValueError::new_err(format!(
+                    "{what} {fd} is not an open file descriptor"
+                )));
+            }
+        }
+        let input = match (input_shm, input_file) {
+            (Some(id), _) => afl::InputSource::Shm(id),
+            (None, Some(path)) => afl::InputSource::File(path),
+            (None, None) => afl::InputSource::Stdin,
+        };
+        let channel = afl::Channel {
+            ctl: ctl_fd,
+            status: status_fd,
+            trace_shm,
+            input,
+            round_pending,
+        };
+        let inner = &self.inner;
+        let result = gil::released(py, || {
+            // SAFETY: `ptr` is 4 bytes of `buf`, aligned (checked above), kept alive by
+            // `buf` until this call returns; other processes use it only atomically.
+            let phase = unsafe { AtomicU32::from_ptr(ptr as *mut u32) };
+            afl::serve(inner, &channel, phase)
+        });
+        drop(buf);
+        Ok(result?)
     }
 
     /// The longest input `run()` accepts.

@@ -1,26 +1,28 @@
 """Running a harness under AFL++'s ``afl-fuzz`` (the forkserver protocol of AFL++ 4.0x, in
-persistent mode, the unicornafl v3 way).
+persistent mode).
 
 KVM refuses a VM to any process but the one that made it, so the process afl-fuzz
 starts is only the fork server: it forks a child that builds its own target (with the
 recipe ``Target.from_elf`` recorded) and runs input after input in it, each reset from
-the snapshot. The child tells the server how each input ended through a pipe; the server
-tells afl-fuzz (a crash as a status that reads as "killed by SIGSEGV", while the child
-lives on). When afl-fuzz kills the child on a timeout, the server reports its real
-status and forks a new child for the next input.
+the snapshot. The child talks to afl-fuzz's control and status pipes itself, in Rust with
+the GIL released (``FuzzExecutor.afl_serve``): per input it reads the control word,
+writes its pid, runs the input, writes the coverage and the status (a crash as a status
+that reads as "killed by SIGSEGV", while the child lives on). The fork server only waits
+for the child's death: when afl-fuzz kills it on a timeout, the server writes its status
+(afl-fuzz is waiting for one: a word of memory shared with the child says so) and forks a
+new child for the next input.
 
-Coverage goes into afl-fuzz's shared map (``__AFL_SHM_ID``, ``AFL_MAP_SIZE`` bytes): in
-"once" mode the campaign's map (each block is reported by the input that covered it
-first, and then by every input: a new block is a new bit for afl-fuzz), in "armed" mode
-each input's edge hit counts. Inputs come from afl-fuzz's shared memory
-(``__AFL_SHM_FUZZ_ID``) when offered, else from the input file (``@@``) or stdin.
+The hello announces the map afl-fuzz should scan (``FS_OPT_MAPSIZE``): in "once" mode one
+byte per coverage block, each set to 1 once the campaign covered its block (a new block is
+a new entry for afl-fuzz); in "armed" mode the target's ``map_size`` bytes of edge hit
+counts. Inputs come from afl-fuzz's shared memory (``__AFL_SHM_FUZZ_ID``) when offered,
+else from the input file (``@@``) or stdin.
 """
 
 from __future__ import annotations
 
-import ctypes
+import mmap
 import os
-import signal
 import struct
 import sys
 import traceback
@@ -33,11 +35,22 @@ if TYPE_CHECKING:
 FORKSRV_FD = 198
 """afl-fuzz's control pipe (read); FORKSRV_FD + 1 is the status pipe (written)."""
 FS_OPT_ENABLED = 0x80000001
+FS_OPT_MAPSIZE = 0x40000000
 FS_OPT_SHDMEM_FUZZ = 0x01000000
-CRASH_STATUS = signal.SIGSEGV
-"""A wait status that reads as "killed by SIGSEGV": how a child that lives on reports a
-crash."""
-CHILD_NEXT, CHILD_CRASH = 0, 1
+FS_OPT_MAX_MAPSIZE = (0x00FFFFFE >> 1) + 1
+"""The largest map a hello can announce (8 MiB)."""
+IDLE, RUNNING, BEGUN = 0, 1, 2
+"""The shared phase word (``engine::afl::Phase``): between rounds; in a round (the pid is
+written); a round whose control word the server read and whose child has not written its
+pid yet."""
+
+
+def hello(map_size: int, shm_input: bool) -> int:
+    """The fork server's first word to afl-fuzz: options, and the map size to scan."""
+    word = FS_OPT_ENABLED | (FS_OPT_SHDMEM_FUZZ if shm_input else 0)
+    if 1 < map_size <= FS_OPT_MAX_MAPSIZE:
+        word |= FS_OPT_MAPSIZE | ((map_size - 1) << 1)
+    return word
 
 
 def under_afl() -> bool:
@@ -69,118 +82,104 @@ def _write_u32(fd: int, value: int) -> None:
     os.write(fd, struct.pack("<I", value & 0xFFFFFFFF))
 
 
-class _Shm:
-    """A System V shared memory segment afl-fuzz made, attached."""
-
-    def __init__(self, env: str) -> None:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.shmat.restype = ctypes.c_void_p
-        libc.shmat.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
-        shm_id = int(os.environ[env])
-        addr = libc.shmat(shm_id, None, 0)
-        if addr is None or addr == ctypes.c_void_p(-1).value:
-            err = ctypes.get_errno()
-            raise OSError(err, f"cannot attach {env}={shm_id}: {os.strerror(err)}")
-        self.addr: int = addr
-
-
 def serve(make_target: Callable[[], Target], inputs: Sequence[str]) -> int:
     """The fork server: talks to afl-fuzz until it goes away. ``make_target`` builds the
     target in each child; ``inputs`` is the input file afl-fuzz names (``@@``), if any."""
     shm_input = "__AFL_SHM_FUZZ_ID" in os.environ
     ctl, st = FORKSRV_FD, FORKSRV_FD + 1
-    _write_u32(st, FS_OPT_ENABLED | (FS_OPT_SHDMEM_FUZZ if shm_input else 0))
+    state = mmap.mmap(-1, mmap.PAGESIZE)  # shared with the children
+    # The first child builds its target before the hello, which needs its map size.
+    ready_r, ready_w = os.pipe()
+    go_r, go_w = os.pipe()
+    child = _fork(make_target, inputs, state, shm_input, (ready_w, go_r), (ready_r, go_w))
+    os.close(ready_w)
+    os.close(go_r)
+    map_size = _read_u32(ready_r)
+    os.close(ready_r)
+    if map_size is None:  # it could not build the target (it said why)
+        os.close(go_w)
+        _, status = os.waitpid(child, 0)
+        return os.waitstatus_to_exitcode(status) or 1
+    _write_u32(st, hello(map_size, shm_input))
     if shm_input and _read_u32(ctl) is None:
+        os.close(go_w)
+        os.waitpid(child, 0)
         return 0
-    child: int | None = None
-    go_w = result_r = -1
+    os.write(go_w, b"g")
+    os.close(go_w)
     while True:
-        was_killed = _read_u32(ctl)
-        if was_killed is None:  # afl-fuzz is gone
-            if child is not None:
-                os.kill(child, signal.SIGKILL)
-                os.waitpid(child, 0)
+        _, status = os.waitpid(child, 0)
+        phase = struct.unpack_from("<I", state)[0]
+        try:
+            if phase == BEGUN:  # it died before its first pid: broken
+                _write_u32(st, child)
+            if phase in (BEGUN, RUNNING):
+                # It died in a round (killed by afl-fuzz on a timeout, or broken):
+                # afl-fuzz waits for a status.
+                _write_u32(st, status)
+        except OSError:  # afl-fuzz is gone
             return 0
-        if child is not None and was_killed:
-            # afl-fuzz killed it (a timeout) after it had answered: write it off.
-            os.waitpid(child, 0)
-            child = None
-        if child is not None:
-            try:
-                _write_u32(go_w, 0)
-            except OSError:
-                os.waitpid(child, 0)
-                child = None
-        if child is None:
-            for fd in (go_w, result_r):
-                if fd >= 0:
-                    os.close(fd)
-            go_r, go_w = os.pipe()
-            result_r, result_w = os.pipe()
-            child = os.fork()
-            if child == 0:
-                os.close(go_w)
-                os.close(result_r)
-                os.close(ctl)
-                os.close(st)
-                code = 1
-                try:
-                    code = _child(make_target, inputs, go_r, result_w, shm_input)
-                except BaseException:
-                    traceback.print_exc()  # seen with AFL_DEBUG_CHILD=1
-                finally:
-                    os._exit(code)
-            os.close(go_r)
-            os.close(result_w)
-        _write_u32(st, child)
-        answer = _read_u32(result_r)
-        if answer is None:  # the child died: killed on a timeout, or broken
-            _, status = os.waitpid(child, 0)
-            child = None
-            _write_u32(st, status)
-        else:
-            _write_u32(st, CRASH_STATUS if answer == CHILD_CRASH else 0)
+        if _read_u32(ctl) is None:  # afl-fuzz is gone
+            return 0
+        # A new round: the new child builds its target, then writes its pid.
+        struct.pack_into("<I", state, 0, BEGUN)
+        child = _fork(make_target, inputs, state, shm_input, None, ())
+
+
+def _fork(
+    make_target: Callable[[], Target],
+    inputs: Sequence[str],
+    state: mmap.mmap,
+    shm_input: bool,
+    ready: tuple[int, int] | None,
+    server_ends: tuple[int, ...],
+) -> int:
+    """Forks a child that builds its target and runs afl-fuzz's rounds. With ``ready``
+    (two pipe ends) it writes its map size on the first and waits for a byte on the
+    second before its first round; without, its first round was begun by the server.
+    ``server_ends`` are closed in the child."""
+    pid = os.fork()
+    if pid != 0:
+        return pid
+    for fd in server_ends:
+        os.close(fd)
+    code = 1
+    try:
+        code = _child(make_target, inputs, state, shm_input, ready)
+    except BaseException:
+        traceback.print_exc()  # seen with AFL_DEBUG_CHILD=1
+    finally:
+        os._exit(code)
 
 
 def _child(
     make_target: Callable[[], Target],
     inputs: Sequence[str],
-    go_r: int,
-    result_w: int,
+    state: mmap.mmap,
     shm_input: bool,
+    ready: tuple[int, int] | None,
 ) -> int:
-    """A child of the fork server: builds its own target, then runs one input per go."""
+    """A child of the fork server: builds its own target, then runs afl-fuzz's rounds."""
     target = make_target()
-    if target.coverage_map is None:
+    executor = target._executor
+    map_size = executor.afl_map_size
+    if map_size is None:
         print("kvmpy.fuzz: afl-fuzz needs a target with coverage=...", file=sys.stderr)
         return 1
-    afl_map = int(os.environ.get("AFL_MAP_SIZE", "65536"))
-    if len(target.coverage_map) > afl_map:
-        print(
-            f"kvmpy.fuzz: the target's map_size ({len(target.coverage_map)}) is larger than "
-            f"afl-fuzz's map (AFL_MAP_SIZE={afl_map}): set AFL_MAP_SIZE={len(target.coverage_map)}",
-            file=sys.stderr,
-        )
-        return 1
-    trace = _Shm("__AFL_SHM_ID")
-    map_size = len(target.coverage_map)
-    fuzz_in = _Shm("__AFL_SHM_FUZZ_ID") if shm_input else None
-    while True:
-        if fuzz_in is not None:
-            (n,) = struct.unpack("<I", ctypes.string_at(fuzz_in.addr, 4))
-            data = ctypes.string_at(fuzz_in.addr + 4, min(n, target.max_len))
-        elif inputs:
-            with open(inputs[0], "rb") as f:
-                data = f.read(target.max_len)
-        else:
-            data = os.pread(0, target.max_len, 0)
-        outcome = target.run(data)
-        cmap = target.coverage_map
-        ctypes.memmove(trace.addr, cmap, map_size)
-        if outcome.kind == "timeout":
-            # A hang for afl-fuzz too: wait for its timeout to kill this child.
-            while True:
-                signal.pause()
-        _write_u32(result_w, CHILD_CRASH if outcome.is_crash else CHILD_NEXT)
-        if _read_u32(go_r) is None:
+    if ready is not None:
+        ready_w, go_r = ready
+        _write_u32(ready_w, map_size)
+        os.close(ready_w)
+        if not os.read(go_r, 1):  # the server is gone
             return 0
+        os.close(go_r)
+    executor.afl_serve(
+        FORKSRV_FD,
+        FORKSRV_FD + 1,
+        state,
+        trace_shm=int(os.environ["__AFL_SHM_ID"]),
+        input_shm=int(os.environ["__AFL_SHM_FUZZ_ID"]) if shm_input else None,
+        input_file=inputs[0] if inputs else None,
+        round_pending=ready is None,
+    )
+    return 0

@@ -66,7 +66,9 @@ def main(target: Target, argv: Sequence[str] | None = None) -> int:
     Started by afl-fuzz (``afl-fuzz -i IN -o OUT -- python harness.py [@@]``), it is
     an AFL++ fork server in persistent mode instead: each of its children builds the
     target with ``target.rebuild`` (set by ``Target.from_elf``), which needs coverage,
-    and runs afl-fuzz's inputs in it (see ``kvmpy.fuzz._afl``).
+    and answers afl-fuzz's inputs itself, in a loop in Rust (see ``kvmpy.fuzz._afl``).
+    Keep afl-fuzz and the harness on one CPU (afl-fuzz's own binding, its default, or
+    ``-b CPU``, or ``taskset``): a hand-off between CPUs can cost more than the input.
     """
     if _afl.under_afl():
         if target.rebuild is None:
