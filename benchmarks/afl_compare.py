@@ -165,6 +165,21 @@ def fmt_s(value: float | None) -> str:
     return "no crash" if value is None else f"{value:.0f} s"
 
 
+def afl_on_kvmpy(work: Path, name: str, duration: int) -> tuple[str, str, Path, AflRun]:
+    """Runs afl-fuzz on the kvmpy harness of target ``name`` from its seeds: the ELF, the
+    entry, the seeds directory and the run's result."""
+    guest, entry, seeds = TARGETS[name]
+    elf = str(kvmpy.shipped_guest(guest))
+    seeds_dir = work / f"seeds_{name}"
+    seeds_dir.mkdir()
+    for i, seed in enumerate(seeds):
+        (seeds_dir / f"seed{i}").write_bytes(seed)
+    harness = work / f"kvmpy_{name}.py"
+    harness.write_text(KVMPY_HARNESS.format(elf=elf, entry=entry, max_len=MAX_LEN))
+    k = run_afl(work, f"kvmpy_{name}", seeds_dir, duration, [sys.executable, str(harness)])
+    return elf, entry, seeds_dir, k
+
+
 def kvmpy_overhead(names: list[str], duration: int) -> None:
     """kvmpy alone: afl-fuzz on its harness, then its final corpus in one process (on the
     same CPU, with ``--pin``), through ``Target.run`` and through the bare
@@ -173,15 +188,7 @@ def kvmpy_overhead(names: list[str], duration: int) -> None:
     with tempfile.TemporaryDirectory(prefix="afl_kvmpy.") as tmp:
         work = Path(tmp)
         for name in names:
-            guest, entry, seeds = TARGETS[name]
-            elf = str(kvmpy.shipped_guest(guest))
-            seeds_dir = work / f"seeds_{name}"
-            seeds_dir.mkdir()
-            for i, seed in enumerate(seeds):
-                (seeds_dir / f"seed{i}").write_bytes(seed)
-            harness = work / f"kvmpy_{name}.py"
-            harness.write_text(KVMPY_HARNESS.format(elf=elf, entry=entry, max_len=MAX_LEN))
-            k = run_afl(work, f"kvmpy_{name}", seeds_dir, duration, [sys.executable, str(harness)])
+            elf, entry, _, k = afl_on_kvmpy(work, name, duration)
             inputs = corpus(k.out)
             allowed = os.sched_getaffinity(0)
             _pin()  # on the CPU afl-fuzz ran on
@@ -215,15 +222,7 @@ def compare(names: list[str], duration: int) -> None:
     with tempfile.TemporaryDirectory(prefix="afl_compare.") as tmp:
         work = Path(tmp)
         for name in names:
-            guest, entry, seeds = TARGETS[name]
-            elf = str(kvmpy.shipped_guest(guest))
-            seeds_dir = work / f"seeds_{name}"
-            seeds_dir.mkdir()
-            for i, seed in enumerate(seeds):
-                (seeds_dir / f"seed{i}").write_bytes(seed)
-            harness = work / f"kvmpy_{name}.py"
-            harness.write_text(KVMPY_HARNESS.format(elf=elf, entry=entry, max_len=MAX_LEN))
-            k = run_afl(work, f"kvmpy_{name}", seeds_dir, duration, [sys.executable, str(harness)])
+            elf, entry, seeds_dir, k = afl_on_kvmpy(work, name, duration)
             unicorn = [sys.executable, "-m", "benchmarks.unicorn_fuzz", elf, entry]
             unicorn += ["--max-len", str(MAX_LEN), "--afl", "@@"]
             u = run_afl(work, f"unicorn_{name}", seeds_dir, duration, unicorn)

@@ -106,13 +106,7 @@ impl PyHandler {
                 };
                 if !reads {
                     if !ret.is_none() {
-                        return Err(PyTypeError::new_err(format!(
-                            "handler {} returned {} for {}; handlers of writes, HLT and \
-                             breakpoints must return None",
-                            describe(f),
-                            type_name(&ret),
-                            describe_exit(&exit)
-                        )));
+                        return Err(not_none(f, &ret, &exit));
                     }
                     return Ok((None, stopped));
                 }
@@ -160,13 +154,7 @@ impl PyHandler {
                         is_write: true,
                         data,
                     };
-                    return Err(PyTypeError::new_err(format!(
-                        "handler {} returned {} for {}; handlers of writes, HLT and \
-                         breakpoints must return None",
-                        describe(f),
-                        type_name(&ret),
-                        describe_exit(&exit)
-                    )));
+                    return Err(not_none(f, &ret, &exit));
                 }
                 if IoExit::stop_requested(obj.bind(py)) {
                     return Ok(Some(obj.into_any()));
@@ -353,6 +341,17 @@ fn call_one<'py>(f: &Bound<'py, PyAny>, arg: &Bound<'py, PyAny>) -> PyResult<Bou
     // SAFETY: the result is a new reference or NULL with a Python error set, which
     // `from_owned_ptr_or_err` handles.
     unsafe { Bound::from_owned_ptr_or_err(py, ret) }
+}
+
+/// The error for a handler of a write, HLT or breakpoint that returned something.
+fn not_none(f: &Bound<'_, PyAny>, ret: &Bound<'_, PyAny>, exit: &Exit) -> PyErr {
+    PyTypeError::new_err(format!(
+        "handler {} returned {} for {}; handlers of writes, HLT and breakpoints must return \
+         None",
+        describe(f),
+        type_name(ret),
+        describe_exit(exit)
+    ))
 }
 
 pub fn type_name(obj: &Bound<'_, PyAny>) -> String {
