@@ -261,6 +261,17 @@ static void dirty_stop(vm_t *v, dirty_t *d) {
     free(d->bitmap);
 }
 
+/* Tables, a vCPU in 64-bit user mode, dirty logging from the guest memory as it is now
+ * (the "snapshot"), its registers in `regs`, and KVM mirroring them in kvm_run. */
+static void start_from_snapshot(vm_t *v, vcpu_t *c, dirty_t *d, struct kvm_regs *regs) {
+    write_tables(v);
+    vcpu_create(v, c, 0);
+    setup_long(c, 0);
+    dirty_start(v, d);
+    if (ioctl(c->fd, KVM_GET_REGS, regs) < 0) DIE("KVM_GET_REGS");
+    c->run->kvm_valid_regs = KVM_SYNC_X86_REGS;
+}
+
 /* The fuzzing-style reset floor: what a snapshot restore must do at the least. */
 static void mode_reset(const char *bin, uint64_t mib) {
     vm_t v;
@@ -271,16 +282,11 @@ static void mode_reset(const char *bin, uint64_t mib) {
     }
     vm_create(&v, (size_t)mib << 20);
     load_guest(&v, bin);
-    write_tables(&v);
-    vcpu_create(&v, &c, 0);
-    setup_long(&c, 0);
     dirty_t d;
-    dirty_start(&v, &d);
     struct kvm_regs regs;
-    if (ioctl(c.fd, KVM_GET_REGS, &regs) < 0) DIE("KVM_GET_REGS");
+    start_from_snapshot(&v, &c, &d, &regs);
     struct kvm_xsave xsave;
     if (ioctl(c.fd, KVM_GET_XSAVE, &xsave) < 0) DIE("KVM_GET_XSAVE");
-    c.run->kvm_valid_regs = KVM_SYNC_X86_REGS;
     char line[64];
     while (fgets(line, sizeof line, stdin)) {
         unsigned long long n, k, fpu, copied = 0;
@@ -329,14 +335,9 @@ static void mode_fuzz(const char *image, uint64_t entry) {
     v.mem[FUZZ_RET] = 0xe6;
     v.mem[FUZZ_RET + 1] = PORT_EXIT;
     memcpy(v.mem + FUZZ_STACK - 8, &(uint64_t){FUZZ_RET}, 8);
-    write_tables(&v);
-    vcpu_create(&v, &c, 0);
-    setup_long(&c, 0);
     dirty_t d;
-    dirty_start(&v, &d);
     struct kvm_regs regs;
-    if (ioctl(c.fd, KVM_GET_REGS, &regs) < 0) DIE("KVM_GET_REGS");
-    c.run->kvm_valid_regs = KVM_SYNC_X86_REGS;
+    start_from_snapshot(&v, &c, &d, &regs);
     static char line[1 << 16];
     uint8_t input[(sizeof line) / 2];
     while (fgets(line, sizeof line, stdin)) {

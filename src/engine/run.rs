@@ -225,7 +225,7 @@ impl VcpuCore {
                 // The lane entered the guest already, after these same checks.
                 Some(result) => result,
                 None => {
-                    if self.kicker.stop_requested() || self.vm.is_closed() {
+                    if self.stop_asked() {
                         if handled_access {
                             self.complete_pending(guard);
                         }
@@ -250,6 +250,11 @@ impl VcpuCore {
                 return e.into();
             }
         }
+    }
+
+    /// Whether the run must end before the next entry: a stop, or the VM closed.
+    fn stop_asked(&self) -> bool {
+        self.kicker.stop_requested() || self.vm.is_closed()
     }
 
     /// After an exit was handled, before the next entry: a device that ran another vCPU

@@ -51,7 +51,7 @@ impl VcpuCore {
             }
             std::mem::forget(action); // `Continue`: nothing to drop
             self.between_exits(guard, options, runs_ended)?;
-            if self.kicker.stop_requested() || self.vm.is_closed() {
+            if self.stop_asked() {
                 return Ok(self.lane_stopped(guard));
             }
             let result = self.enter(guard)?;

@@ -3,7 +3,6 @@
 //! so the handler can use its own vCPU.
 
 use std::any::Any;
-use std::sync::Mutex;
 
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
@@ -20,14 +19,14 @@ pub struct PyHandler {
     pub f: Py<PyAny>,
     /// The last exit object, when the handler kept no reference to it: refilled for the
     /// next exit instead of allocating a new one (taken and put back under the GIL).
-    spare: Mutex<Option<Py<PyAny>>>,
+    spare: GilCell<Option<Py<PyAny>>>,
     /// The same for one-element OUTs, the most frequent handler exit, typed so that
     /// refilling it needs no type check.
     spare_out: GilCell<Option<Py<IoExit>>>,
 }
 
 /// A value only touched with the GIL held, which serialises every access: no lock of
-/// its own on the exit path.
+/// its own on the exit path (the spare exit objects).
 struct GilCell<T>(std::cell::UnsafeCell<T>);
 
 // SAFETY: the value is reached only through `take` and `put`, which need a `Python`
@@ -53,31 +52,30 @@ impl<T: Default> GilCell<T> {
     }
 }
 
+impl<T> GilCell<Option<Py<T>>> {
+    /// Keeps `obj` for the next exit if nothing but the caller refers to it.
+    fn keep_if_unshared(&self, py: Python<'_>, obj: Py<T>) {
+        // SAFETY: `obj` is a live object and the GIL is held (the `Python` token).
+        if unsafe { pyo3::ffi::Py_REFCNT(obj.as_ptr()) } == 1 {
+            self.put(py, Some(obj));
+        }
+    }
+}
+
 impl PyHandler {
     pub fn new(f: Py<PyAny>) -> Self {
         PyHandler {
             f,
-            spare: Mutex::new(None),
+            spare: GilCell::new(None),
             spare_out: GilCell::new(None),
         }
     }
 
     /// An exit object for `exit`: the spare one refilled, or a new one.
     fn exit_object(&self, py: Python<'_>, exit: &Exit, vcpu_id: u64) -> PyResult<Py<PyAny>> {
-        let spare = self.spare.try_lock().ok().and_then(|mut s| s.take());
-        match spare {
+        match self.spare.take(py) {
             Some(obj) if exit::refill(obj.bind(py), exit, vcpu_id) => Ok(obj),
             _ => exit::to_python(py, exit, vcpu_id),
-        }
-    }
-
-    /// Keeps `obj` for the next exit if nothing but the caller refers to it.
-    fn keep_spare(&self, _py: Python<'_>, obj: Py<PyAny>) {
-        // SAFETY: `obj` is a live object and the GIL is held (the `Python` token).
-        if unsafe { pyo3::ffi::Py_REFCNT(obj.as_ptr()) } == 1 {
-            if let Ok(mut spare) = self.spare.try_lock() {
-                *spare = Some(obj);
-            }
         }
     }
 
@@ -101,7 +99,7 @@ impl PyHandler {
                 let stopped = if exit::stop_requested(obj.bind(py)) {
                     Some(obj)
                 } else {
-                    self.keep_spare(py, obj);
+                    self.spare.keep_if_unshared(py, obj);
                     None
                 };
                 if !reads {
@@ -159,10 +157,7 @@ impl PyHandler {
                 if IoExit::stop_requested(obj.bind(py)) {
                     return Ok(Some(obj.into_any()));
                 }
-                // SAFETY: `obj` is a live object and the GIL is held.
-                if unsafe { pyo3::ffi::Py_REFCNT(obj.as_ptr()) } == 1 {
-                    self.spare_out.put(py, Some(obj));
-                }
+                self.spare_out.keep_if_unshared(py, obj);
                 Ok(None)
             })
         });
