@@ -300,7 +300,7 @@ fn blocked_signals_of(tid: libc::pid_t) -> u64 {
 }
 
 #[test]
-fn kvm_run_runs_with_the_threads_mask_less_the_kick() {
+fn a_run_leaves_the_threads_signal_mask_alone() {
     if !kvm_usable() {
         return;
     }
@@ -312,33 +312,140 @@ fn kvm_run_runs_with_the_threads_mask_less_the_kick() {
             // A mask of the thread's own: SIGUSR1 blocked, SIGINT not.
             vmm_sys_util::signal::block_signal(libc::SIGUSR1).unwrap();
             tx.send(kvmpy::engine::gettid()).unwrap();
-            exit_of(run(&cpu, 30.0))
+            let exit = exit_of(run(&cpu, 30.0));
+            (exit, blocked_signals_of(kvmpy::engine::gettid()))
         })
     };
     let tid = rx.recv().unwrap();
     while !cpu.kicker.running() {
         std::thread::yield_now();
     }
-    let kick = kvmpy::engine::kick::signal().unwrap();
-    let outside = (1u64 << (libc::SIGUSR1 - 1)) | (1u64 << (kick - 1));
-    let inside = 1u64 << (libc::SIGUSR1 - 1);
-    // The guest spins in KVM_RUN: /proc shows the mask KVM runs it with.
-    let mut seen = Vec::new();
-    for _ in 0..2000 {
-        let mask = blocked_signals_of(tid);
-        if mask == inside {
-            break;
-        }
-        seen.push(mask);
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    let own = 1u64 << (libc::SIGUSR1 - 1);
+    // The guest spins in KVM_RUN, which runs with the thread's own mask (no
+    // KVM_SET_SIGNAL_MASK), and the kick is never blocked around it.
+    let during: Vec<u64> = (0..50)
+        .map(|_| {
+            std::thread::sleep(Duration::from_millis(1));
+            blocked_signals_of(tid)
+        })
+        .collect();
     cpu.kicker.request_stop();
-    assert!(matches!(runner.join().unwrap(), Exit::Stopped));
+    let (exit, after) = runner.join().unwrap();
+    assert!(matches!(exit, Exit::Stopped));
     assert!(
-        seen.iter().all(|&m| m == outside || m == 0) && seen.len() < 2000,
-        "masks seen while the guest spun: {seen:x?} (expected {inside:#x} inside KVM_RUN)"
+        during.iter().all(|&m| m == own),
+        "masks during the run: {during:x?}"
     );
+    assert_eq!(after, own);
     vm.shutdown();
+}
+
+/// Sleeps in a blocking call (long past the run's deadline), then lets the run go on.
+struct Sleeps {
+    /// Set once the device is about to block.
+    inside: AtomicBool,
+    /// The read end of a pipe the device blocks on, and what `read` returned.
+    pipe: libc::c_int,
+    read: std::sync::atomic::AtomicIsize,
+}
+
+impl Device for Sleeps {
+    fn name(&self) -> String {
+        "a device that blocks".into()
+    }
+    fn io_out(
+        &self,
+        _ctx: &mut VcpuCtx<'_, '_>,
+        _port: u16,
+        _data: &[u8],
+    ) -> kvmpy::engine::Result<Action> {
+        self.inside.store(true, Ordering::SeqCst);
+        let mut byte = 0u8;
+        // SAFETY: `byte` is valid for a one-byte read; the fd is the test's open pipe.
+        let n = unsafe { libc::read(self.pipe, (&mut byte as *mut u8).cast(), 1) };
+        self.read.store(n, Ordering::SeqCst);
+        Ok(Action::Continue)
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+/// vCPU running `out 0x20, al ; jmp $` with a device on 0x20 that blocks on a pipe until
+/// `feed` writes to it; returns the exit and what the device's `read` returned.
+fn block_in_a_device(
+    timeout: f64,
+    feed: impl FnOnce(&VcpuCore, &dyn Fn()) + Send,
+) -> (Exit, isize) {
+    let (vm, cpu) = user_vm(&[0xE6, 0x20, 0xEB, 0xFE]);
+    let mut fds = [0; 2];
+    // SAFETY: `fds` is valid storage for two fds.
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    let device = Arc::new(Sleeps {
+        inside: AtomicBool::new(false),
+        pipe: fds[0],
+        read: std::sync::atomic::AtomicIsize::new(-2),
+    });
+    add_io(&vm, 0x20, device.clone());
+    let (watchdog, cancel) = stop_after(&cpu, Duration::from_secs(20));
+    let exit = std::thread::scope(|s| {
+        let feeder = s.spawn(|| {
+            while !device.inside.load(Ordering::SeqCst) {
+                std::thread::yield_now();
+            }
+            let write = || {
+                // SAFETY: writes one byte from valid storage to the pipe's write end.
+                assert_eq!(unsafe { libc::write(fds[1], b"x".as_ptr().cast(), 1) }, 1);
+            };
+            feed(&cpu, &write);
+        });
+        let exit = exit_of(run(&cpu, timeout));
+        feeder.join().unwrap();
+        exit
+    });
+    cancel.send(()).unwrap();
+    watchdog.join().unwrap();
+    // SAFETY: both fds are the pipe's, closed once.
+    unsafe {
+        libc::close(fds[0]);
+        libc::close(fds[1]);
+    }
+    vm.shutdown();
+    (exit, device.read.load(Ordering::SeqCst))
+}
+
+#[test]
+fn a_kick_that_lands_in_a_devices_blocking_call_restarts_it() {
+    if !kvm_usable() {
+        return;
+    }
+    // Kicks while the device blocks in read(): the read is restarted (SA_RESTART), not
+    // broken, and returns the byte written after them; the run then goes on until a stop.
+    let (exit, read) = block_in_a_device(30.0, |cpu, write| {
+        for _ in 0..5 {
+            cpu.kicker.kick();
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        write();
+        cpu.kicker.request_stop();
+    });
+    assert_eq!(read, 1, "the device's read() was broken by a kick");
+    assert!(matches!(exit, Exit::Stopped), "{:?}", exit.reason());
+}
+
+#[test]
+fn a_deadline_that_passes_while_a_device_blocks_ends_the_run() {
+    if !kvm_usable() {
+        return;
+    }
+    // The timer fires while the device blocks (outside KVM_RUN): the run must still end
+    // by its timeout once the guest spins in `jmp $` (a watchdog stops it otherwise).
+    let (exit, read) = block_in_a_device(0.05, |_, write| {
+        std::thread::sleep(Duration::from_millis(200));
+        write();
+    });
+    assert_eq!(read, 1);
+    assert!(matches!(exit, Exit::Timeout), "{:?}", exit.reason());
 }
 
 /// Requests a stop of `cpu`'s run `after` it has started, from another thread, unless told

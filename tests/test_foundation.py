@@ -3,9 +3,12 @@ no panic from any public call, and runs racing a close."""
 
 from __future__ import annotations
 
+import ctypes
+import os
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
@@ -54,6 +57,45 @@ def test_the_kick_signal_never_replaces_a_host_programs_handler() -> None:
     done = run_script(script)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["timeout", "True", "True"]
+
+
+@pytest.mark.kvm
+def test_a_kick_during_a_handlers_blocking_call_does_not_break_it() -> None:
+    """stop() kicks the vCPU's thread while its handler blocks in read(2), called through
+    ctypes so that Python's own retry on EINTR cannot hide a broken call: the call is
+    restarted and returns the byte written after the kicks; then the run ends, stopped."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    r, w = os.pipe()
+    # out 0x20, al ; jmp $
+    vm, cpu = user_mode_vm(bytes([0xE6, 0x20, 0xEB, 0xFE]))
+    inside = threading.Event()
+    got: list[tuple[int, int, bytes]] = []
+
+    def blocks(exit: kvmpy.IoExit) -> None:
+        inside.set()
+        buf = ctypes.create_string_buffer(1)
+        n = libc.read(r, buf, 1)
+        got.append((n, ctypes.get_errno() if n < 0 else 0, buf.raw))
+
+    def kicks() -> None:
+        assert inside.wait(30)
+        for _ in range(5):
+            cpu.stop()
+            time.sleep(0.005)
+        os.write(w, b"x")
+
+    try:
+        with vm:
+            vm.on_io(0x20, blocks)
+            kicker = threading.Thread(target=kicks)
+            kicker.start()
+            exit = cpu.run(timeout=30)
+            kicker.join()
+    finally:
+        os.close(r)
+        os.close(w)
+    assert got == [(1, 0, b"x")]
+    assert exit.reason == "stopped"
 
 
 @pytest.mark.kvm

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 
 import pytest
 
@@ -153,3 +154,33 @@ def interrupt_one_run(code: bytes, after: int) -> bool:
             done.set()
             helper.join()
     return lost.is_set()
+
+
+def test_ctrl_c_during_a_python_handler_interrupts_the_handler() -> None:
+    """Nothing holds SIGINT back while a handler runs: Ctrl-C raises KeyboardInterrupt in
+    the handler's own code (here, a long sleep), which ends the run with it."""
+    main = threading.get_ident()
+    # out 0x20, al ; jmp $
+    vm, cpu = user_mode_vm(bytes([0xE6, 0x20, 0xEB, 0xFE]))
+    inside = threading.Event()
+    finished: list[bool] = []
+
+    def sleeps(exit: kvmpy.IoExit) -> None:
+        inside.set()
+        time.sleep(60)
+        finished.append(True)
+
+    def interrupt() -> None:
+        assert inside.wait(30)
+        signal.pthread_kill(main, signal.SIGINT)
+
+    with vm:
+        vm.on_io(0x20, sleeps)
+        helper = threading.Thread(target=interrupt)
+        helper.start()
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                cpu.run(timeout=120)
+        finally:
+            helper.join()
+    assert finished == []

@@ -21,6 +21,7 @@ use std::sync::atomic::Ordering;
 use kvm_bindings::kvm_sregs;
 use kvm_ioctls::VcpuFd;
 
+use crate::engine::kick;
 use crate::engine::vcpu::VcpuCore;
 
 /// The linear RIP as KVM compares it: RIP in 64-bit mode, else CS base + EIP.
@@ -37,10 +38,21 @@ impl VcpuCore {
     /// Re-enters the guest with `immediate_exit` set so KVM completes a pending I/O or MMIO
     /// access.
     pub(crate) fn complete_io(&self, fd: &mut VcpuFd) {
-        fd.set_kvm_immediate_exit(1);
+        let flag = crate::engine::run::exit_flag(fd);
+        // SAFETY: `flag` is `immediate_exit` of `fd`, which the caller holds.
+        unsafe { kick::set_flag(flag, 1) };
         // Expected to fail with EINTR once the pending access is completed.
         let _ = fd.run();
-        fd.set_kvm_immediate_exit(0);
+        // A kick that reached this thread meanwhile (its handler set the flag too) is
+        // left for the run loop, which clears the flag only where it then looks at what
+        // the kick was for. Cleared first: a kick that lands after the check sets it
+        // again itself.
+        // SAFETY: as above.
+        unsafe { kick::set_flag(flag, 0) };
+        if kick::kicked() {
+            // SAFETY: as above.
+            unsafe { kick::set_flag(flag, 1) };
+        }
         self.note_exit(fd, false);
     }
 

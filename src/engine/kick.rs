@@ -1,20 +1,32 @@
 //! Stopping a vCPU that runs in `KVM_RUN`, from any thread, with no lost kick.
 //!
-//! The design is QEMU's: one real-time signal (the *kick*) is blocked in a thread that runs
-//! a vCPU, except inside `KVM_RUN`, where KVM unblocks it (`KVM_SET_SIGNAL_MASK`). A kick
-//! sent at any moment of a run therefore either interrupts `KVM_RUN` or stays pending until
-//! the next `KVM_RUN`, which then returns `EINTR` before entering the guest. The signal's
-//! handler is empty: nothing in it touches vCPU state, and no thread-local pointer is
-//! needed. Outside `KVM_RUN` the signal is blocked, so whatever a handler does between two
-//! entries (a blocking read, a sleep) is never interrupted by a kick.
+//! The design is Firecracker's, with no per-entry cost: the kick is a real-time signal
+//! that stays unblocked, and `KVM_RUN` runs with the thread's own mask (no
+//! `KVM_SET_SIGNAL_MASK`, whose mask swap KVM would otherwise pay on every entry and
+//! exit). A kick that arrives while the thread is in `KVM_RUN`, or about to enter it
+//! with the signal pending, makes `KVM_RUN` return `EINTR`. A kick that arrives anywhere
+//! else (in a device, a handler, between two entries) runs the signal's handler, which
+//! sets `immediate_exit` in the `kvm_run` of the run the thread is in ([`Entered`]): the
+//! next `KVM_RUN` then returns `EINTR` at once instead of entering the guest. Either way
+//! the run loop clears the flag and then looks at what the kick was for (a stop, a
+//! deadline, a queued interrupt), so a kick is never lost and never acts twice.
 //!
-//! The kick is the first real-time signal from `SIGRTMIN+1` on that has no handler when
-//! kvmpy first needs one; a handler the host program installed is never replaced. Timeouts
-//! are a POSIX timer per vCPU, created once and re-armed only when needed, that sends the
-//! kick to the running thread.
+//! The innermost run is a stack, not one cell: a device of vCPU A that runs vCPU B on the
+//! same thread makes B the target of kicks until B's run ends, then A again. A kick meant
+//! for A that B takes is not lost either: A checks its own stop request, deadline and
+//! interrupts before each entry, after B's run has returned.
+//!
+//! The handler is installed with `SA_RESTART`, so a kick that lands while a handler blocks
+//! in a system call restarts that call (a `read`, a `write`, a `wait`); the calls the
+//! kernel never restarts (`sleep`, `poll`, `select`) return `EINTR`, which Python retries
+//! on its own (PEP 475). The kick is the first real-time signal from `SIGRTMIN+1` on that
+//! has no handler when kvmpy first needs one; a handler the host program installed is
+//! never replaced. Timeouts are a POSIX timer per vCPU, created once and re-armed only
+//! when needed, that sends the kick to the running thread.
 
+use std::cell::Cell;
 use std::ptr::null_mut;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::Instant;
 
@@ -24,21 +36,96 @@ use crate::engine::error::{Error, Result};
 
 static SIGNAL: OnceLock<std::result::Result<libc::c_int, String>> = OnceLock::new();
 
-extern "C" fn on_kick(_num: libc::c_int, _info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
-    // Nothing to do: delivering the signal is what makes KVM_RUN return EINTR.
+thread_local! {
+    /// `immediate_exit` of the innermost run on this thread (null: none).
+    static CURRENT: Cell<*mut u8> = const { Cell::new(null_mut()) };
+    /// A kick (or a SIGINT, see [`exit_current_run`]) reached this thread since its run
+    /// loop last looked: set by the signal handler, cleared by the loop.
+    static KICKED: AtomicBool = const { AtomicBool::new(false) };
 }
 
-fn sigset_of(signals: &[libc::c_int]) -> libc::sigset_t {
-    // SAFETY: an all-zero sigset_t is valid storage for sigemptyset to initialise.
-    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
-    // SAFETY: `set` is valid, writable storage for the calls.
-    unsafe {
-        libc::sigemptyset(&mut set);
-        for &s in signals {
-            libc::sigaddset(&mut set, s);
+/// The part of a kick that may run in a signal handler: makes the next `KVM_RUN` of the
+/// run the calling thread is in (if any) return at once. Async-signal-safe, but it reads
+/// thread-local storage: call it only on a thread that has entered a run before (which
+/// allocated that storage), as the kick's own targets and the main thread of a process
+/// that ran a vCPU on it have.
+pub fn exit_current_run() {
+    let _ = KICKED.try_with(|k| k.store(true, Ordering::SeqCst));
+    let _ = CURRENT.try_with(|c| {
+        let flag = c.get();
+        if !flag.is_null() {
+            // SAFETY: `flag` is `immediate_exit` in the `kvm_run` mapping of the run this
+            // thread is in: `Entered` sets it for exactly as long as that run holds its
+            // vCPU fd (which keeps the mapping), and the handler runs on this same thread.
+            // Every other access to the byte during the run is atomic too.
+            unsafe { AtomicU8::from_ptr(flag) }.store(1, Ordering::SeqCst);
         }
+    });
+}
+
+extern "C" fn on_kick(_num: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
+    // SAFETY: with SA_SIGINFO the kernel passes a valid siginfo_t.
+    let code = unsafe { (*info).si_code };
+    // Only kvmpy's own kicks: a thread kick (pthread_kill) or a vCPU timer, both aimed at
+    // a thread that has entered a run. A stray `kill` of the whole process may land on
+    // any thread and is ignored here (it still interrupts a KVM_RUN in progress).
+    if code == libc::SI_TKILL || code == libc::SI_TIMER {
+        exit_current_run();
     }
-    set
+}
+
+/// The run a thread is in, for the kick's handler, from [`Entered::new`] until drop;
+/// the run it was nested in (if any) is the target again after that.
+pub struct Entered {
+    outer: *mut u8,
+}
+
+impl Entered {
+    /// Makes `flag` (the run's `kvm_run.immediate_exit`) the target of kicks on this
+    /// thread.
+    ///
+    /// # Safety
+    /// `flag` must stay valid until the returned value is dropped, on this thread, and
+    /// every access to it meanwhile must be atomic (see [`set_flag`]).
+    pub unsafe fn new(flag: *mut u8) -> Entered {
+        let outer = CURRENT.with(|c| c.replace(flag));
+        Entered { outer }
+    }
+}
+
+impl Drop for Entered {
+    fn drop(&mut self) {
+        CURRENT.with(|c| c.set(self.outer));
+    }
+}
+
+/// Writes a run's `immediate_exit` (`flag`, from `kvm_run`) atomically, as the kick's
+/// handler may write it at any moment on this thread.
+///
+/// # Safety
+/// `flag` must be `immediate_exit` in the `kvm_run` mapping of a vCPU fd the caller holds.
+pub unsafe fn set_flag(flag: *mut u8, value: u8) {
+    // SAFETY: per the contract, `flag` is valid, aligned storage for one byte for the
+    // length of the call.
+    unsafe { AtomicU8::from_ptr(flag) }.store(value, Ordering::SeqCst);
+}
+
+/// Clears a run's `immediate_exit` after `KVM_RUN` returned `EINTR`: the caller must look
+/// at what kicks are for (stop, deadline, interrupts) after this, not before.
+///
+/// # Safety
+/// As for [`set_flag`].
+pub unsafe fn clear(flag: *mut u8) {
+    let _ = KICKED.try_with(|k| k.store(false, Ordering::SeqCst));
+    // SAFETY: the caller's contract is `set_flag`'s.
+    unsafe { set_flag(flag, 0) };
+}
+
+/// Whether a kick reached this thread since the last [`clear`].
+pub fn kicked() -> bool {
+    KICKED
+        .try_with(|k| k.load(Ordering::SeqCst))
+        .unwrap_or(false)
 }
 
 /// Installs the kick handler on the first free real-time signal.
@@ -60,7 +147,7 @@ fn install() -> std::result::Result<libc::c_int, String> {
         act.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART;
         // SAFETY: `act.sa_mask` is valid storage.
         unsafe { libc::sigemptyset(&mut act.sa_mask) };
-        // SAFETY: `act` is fully initialised and `on_kick` is async-signal-safe (empty).
+        // SAFETY: `act` is fully initialised and `on_kick` is async-signal-safe.
         if unsafe { libc::sigaction(sig, &act, null_mut()) } == 0 {
             return Ok(sig);
         }
@@ -83,50 +170,11 @@ pub fn chosen_signal() -> Option<libc::c_int> {
     SIGNAL.get().and_then(|r| r.as_ref().ok().copied())
 }
 
-/// Takes the pending kicks of the calling thread off its queue. `KVM_RUN` returns `EINTR`
-/// when a kick is pending but leaves it pending (KVM blocks it again on the way out), so
-/// the run loop consumes it before re-entering, as QEMU does (`kvm_eat_signals`).
-pub fn consume(signal: libc::c_int) {
-    let set = sigset_of(&[signal]);
-    let zero = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `set` and `zero` are valid for the call; a null info pointer is allowed. The
-    // signal is blocked in this thread, so sigtimedwait only dequeues it.
-    while unsafe { libc::sigtimedwait(&set, null_mut(), &zero) } == signal {}
-}
-
-thread_local! {
-    /// The mask `KVM_RUN` runs with on this thread, once the kick is blocked here.
-    static RUN_MASK: std::cell::Cell<Option<u64>> = const { std::cell::Cell::new(None) };
-}
-
-/// Blocks the kick signal in the calling thread, for good: a thread that has run a vCPU
-/// keeps it blocked (it is kvmpy's own signal), which spares two system calls per run. A
-/// kick left pending is consumed by the next `KVM_RUN` (a spurious `EINTR`). Returns the
-/// thread's mask without the kick, which is what `KVM_RUN` runs with.
-pub fn block_in_this_thread(signal: libc::c_int) -> Result<u64> {
-    if let Some(mask) = RUN_MASK.with(|m| m.get()) {
-        return Ok(mask);
-    }
-    let set = sigset_of(&[signal]);
-    // SAFETY: an all-zero sigset_t is valid storage for the old mask.
-    let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
-    // SAFETY: `set` and `old` are valid for the call; the result is checked.
-    let ret = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, &mut old) };
-    if ret != 0 {
-        return Err(Error::ioctl(
-            "pthread_sigmask",
-            vmm_sys_util::errno::Error::new(ret),
-        ));
-    }
-    // The kernel's sigset for the first 64 signals is the first 8 bytes of sigset_t.
-    // SAFETY: sigset_t is at least 8 bytes long and any bit pattern is a valid u64.
-    let raw = unsafe { std::ptr::read_unaligned(&old as *const libc::sigset_t as *const u64) };
-    let mask = raw & !(1u64 << (signal - 1));
-    RUN_MASK.with(|m| m.set(Some(mask)));
-    Ok(mask)
+/// Allocates this thread's kick state (see [`exit_current_run`]) before any signal can
+/// need it.
+pub fn prepare_thread() {
+    let _ = CURRENT.try_with(|c| c.get());
+    let _ = KICKED.try_with(|k| k.load(Ordering::Relaxed));
 }
 
 #[derive(Default)]
@@ -143,9 +191,6 @@ struct KickState {
 pub struct Kicker {
     state: Mutex<KickState>,
     stop: AtomicBool,
-    /// A kick was sent and its signal not yet seen by the run loop: no need for another
-    /// (real-time signals queue, one entry per kick, while they are blocked).
-    kick_pending: AtomicBool,
 }
 
 impl Kicker {
@@ -157,11 +202,9 @@ impl Kicker {
         let (Some(t), Some(sig)) = (state.thread, chosen_signal()) else {
             return;
         };
-        if !self.kick_pending.swap(true, Ordering::SeqCst) {
-            // SAFETY: `t` is the live thread that attached itself; it detaches under the
-            // same lock before its run ends, so the pthread_t cannot be stale.
-            unsafe { libc::pthread_kill(t, sig) };
-        }
+        // SAFETY: `t` is the live thread that attached itself; it detaches under the
+        // same lock before its run ends, so the pthread_t cannot be stale.
+        unsafe { libc::pthread_kill(t, sig) };
     }
 
     /// Stops the current run, or, if none is in progress, the next one (which then ends at
@@ -194,7 +237,8 @@ impl Kicker {
         !std::mem::replace(&mut state.running, true)
     }
 
-    /// Attaches the calling thread, which is about to enter its run loop.
+    /// Attaches the calling thread, which is about to enter its run loop (inside an
+    /// [`Entered`]).
     pub fn attach_thread(&self) {
         // SAFETY: pthread_self has no preconditions.
         self.state().thread = Some(unsafe { libc::pthread_self() });
@@ -206,17 +250,11 @@ impl Kicker {
         state.running = false;
         state.thread = None;
         self.stop.store(false, Ordering::SeqCst);
-        self.kick_pending.store(false, Ordering::SeqCst);
     }
 
     /// Whether a stop was requested for this run.
     pub fn stop_requested(&self) -> bool {
         self.stop.load(Ordering::SeqCst)
-    }
-
-    /// The run loop saw `KVM_RUN` interrupted: later kicks must be sent again.
-    pub fn kick_seen(&self) {
-        self.kick_pending.store(false, Ordering::SeqCst);
     }
 
     /// Whether a run is in progress.

@@ -10,7 +10,6 @@ use crate::engine::bus::{Action, Device, Token};
 use crate::engine::debug::Trap;
 use crate::engine::error::{Error, Result};
 use crate::engine::exit::{self, Data, Exit, IoRaw, RunExit};
-use crate::engine::gettid;
 use crate::engine::kick::{self, Timer};
 use crate::engine::vcpu::{fd_of, FdGuard, Last, PendingRead, VcpuCore};
 use crate::engine::vm::VmCore;
@@ -79,23 +78,6 @@ impl<'a> VcpuCtx<'a, '_> {
     }
 }
 
-/// `KVM_SET_SIGNAL_MASK`'s argument for the 64 signals of x86-64's kernel sigset: the
-/// kernel's `kvm_signal_mask` is a `u32` length followed at once (offset 4) by the sigset's
-/// bytes, so the struct is packed (with `repr(C)` alone the sigset would start at offset 8
-/// and KVM would read 4 bytes of padding as the mask of signals 1 to 32).
-#[repr(C, packed)]
-struct SignalMask {
-    len: u32,
-    sigset: u64,
-}
-
-vmm_sys_util::ioctl_iow_nr!(
-    KVM_SET_SIGNAL_MASK,
-    kvm_bindings::KVMIO,
-    0x8b,
-    kvm_bindings::kvm_signal_mask
-);
-
 thread_local! {
     /// How many runs have ended on this thread: a run whose device ran another vCPU on the
     /// thread sees it change.
@@ -149,15 +131,23 @@ impl VcpuCore {
             Ok(s) => s,
             Err(e) => return e.into(),
         };
-        let run_mask = match kick::block_in_this_thread(signal) {
-            Ok(mask) => mask,
+        kick::prepare_thread();
+        let mut guard: FdGuard<'_> = Some(self.lock_run_fd());
+        let flag = match fd_of(&mut guard) {
+            Ok(holder) => exit_flag(&mut holder.fd),
             Err(e) => return e.into(),
         };
-        let mut guard: FdGuard<'_> = Some(self.lock_run_fd());
-        if let Err(e) = self.prepare(&mut guard, signal, run_mask, options.deadline) {
+        // SAFETY: `flag` is `immediate_exit` of the fd `guard` holds.
+        unsafe { kick::set_flag(flag, 0) };
+        // SAFETY: `flag` is `immediate_exit` in the kvm_run of the fd `guard` holds; the
+        // guard outlives `entered` (dropped explicitly below, before the guard), and the
+        // run loop writes the flag only through `kick::set_flag`/`kick::clear`.
+        let entered = unsafe { kick::Entered::new(flag) };
+        self.kicker.attach_thread();
+        if let Err(e) = self.prepare(&mut guard, signal, options.deadline) {
+            drop(entered);
             return e.into();
         }
-        self.kicker.attach_thread();
         self.set_pending(None);
         if let Err(e) = fd_of(&mut guard).and_then(|h| {
             self.debug_enter(&mut h.fd)?;
@@ -166,48 +156,27 @@ impl VcpuCore {
             return e.into();
         }
         let outcome = self.exits_until_done(&mut guard, options);
+        drop(entered);
         if let Ok(holder) = fd_of(&mut guard) {
             self.fpu_leave(holder);
-            holder.fd.set_kvm_immediate_exit(0);
+            // SAFETY: `flag` is `immediate_exit` of the fd `guard` still holds.
+            unsafe { kick::set_flag(flag, 0) };
             self.debug_leave(&mut holder.fd);
         }
         RUNS_ENDED.with(|n| n.set(n.get().wrapping_add(1)));
         outcome
     }
 
-    /// Sets the vCPU up for this thread: `KVM_RUN` unblocks the kick signal, and a timer
-    /// kicks the thread at the deadline.
+    /// Sets the vCPU up for this run, which kicks already reach (`Entered`): a timer that
+    /// kicks the thread at the deadline, armed only now so that it cannot fire unseen.
     fn prepare<'a>(
         &'a self,
         guard: &mut FdGuard<'a>,
         signal: libc::c_int,
-        run_mask: u64,
         deadline: Option<Instant>,
     ) -> Result<()> {
-        let holder = fd_of(guard)?;
-        holder.fd.set_kvm_immediate_exit(0);
-        let me = (gettid(), run_mask);
-        if holder.sigmask != Some(me) {
-            let mask = SignalMask {
-                len: 8,
-                sigset: run_mask,
-            };
-            // SAFETY: KVM_SET_SIGNAL_MASK reads a kvm_signal_mask header followed by `len`
-            // (8) bytes of sigset, which is exactly `SignalMask`'s layout; the reference
-            // lives across the call; the result is checked.
-            let ret = unsafe {
-                vmm_sys_util::ioctl::ioctl_with_ref(&holder.fd, KVM_SET_SIGNAL_MASK(), &mask)
-            };
-            if ret != 0 {
-                return Err(Error::ioctl(
-                    "KVM_SET_SIGNAL_MASK",
-                    vmm_sys_util::errno::Error::last(),
-                ));
-            }
-            holder.sigmask = Some(me);
-        }
         match deadline {
-            Some(at) => Timer::arm(&mut holder.timer, signal, at),
+            Some(at) => Timer::arm(&mut fd_of(guard)?.timer, signal, at),
             None => Ok(()),
         }
     }
@@ -340,11 +309,9 @@ impl VcpuCore {
         guard: &mut FdGuard<'a>,
         options: &RunOptions<'_>,
     ) -> Result<Flow> {
-        fd_of(guard)?.fd.set_kvm_immediate_exit(0);
-        if let Some(signal) = kick::chosen_signal() {
-            kick::consume(signal);
-        }
-        self.kicker.kick_seen();
+        let flag = exit_flag(&mut fd_of(guard)?.fd);
+        // SAFETY: `flag` is `immediate_exit` of the fd `guard` holds.
+        unsafe { kick::clear(flag) };
         if self.kicker.stop_requested() {
             return Ok(Flow::Continue(false));
         }
@@ -605,6 +572,11 @@ impl VcpuCore {
             self.complete_io(&mut holder.fd);
         }
     }
+}
+
+/// `immediate_exit` in a vCPU's `kvm_run`, which kicks write from a signal handler.
+pub(crate) fn exit_flag(fd: &mut kvm_ioctls::VcpuFd) -> *mut u8 {
+    &mut fd.get_kvm_run().immediate_exit
 }
 
 #[path = "run_lane.rs"]

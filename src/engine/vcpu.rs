@@ -24,8 +24,6 @@ pub struct VcpuFdHolder {
     pub fd: VcpuFd,
     /// The timeout timer, created on the first run with a deadline.
     pub timer: Option<Timer>,
-    /// The thread and signal mask `KVM_SET_SIGNAL_MASK` was last given for.
-    pub sigmask: Option<(libc::pid_t, u64)>,
     /// The vCPU's dirty ring, in a VM that has the ring on.
     pub ring: Option<crate::engine::snapshot::ring::DirtyRing>,
     /// A fast restore's FPU state still to load (see `snapshot::stub`).
@@ -156,7 +154,6 @@ impl VcpuCore {
             fd: Mutex::new(Some(VcpuFdHolder {
                 fd,
                 timer: None,
-                sigmask: None,
                 ring,
                 fpu: Default::default(),
                 _memory: memory,

@@ -14,7 +14,6 @@ use crate::engine::fuzz::Executor;
 use crate::engine::Result;
 use crate::py::error::through_engine;
 use crate::py::gil;
-use crate::py::interrupt::CtrlC;
 
 /// What `fuzz` was told, checked.
 pub struct Request {
@@ -32,7 +31,6 @@ pub struct Request {
 
 /// The Python callbacks as [`Findings`].
 struct PyFindings<'a> {
-    ctrl_c: &'a CtrlC,
     on_crash: Option<&'a Py<PyAny>>,
     on_timeout: Option<&'a Py<PyAny>>,
     on_status: Option<&'a Py<PyAny>>,
@@ -53,7 +51,6 @@ impl Findings for PyFindings<'_> {
     }
 
     fn keep_going(&mut self, stats: &Stats) -> Result<bool> {
-        self.ctrl_c.deliver();
         gil::attached(|py| -> PyResult<bool> {
             py.check_signals()?;
             let Some(f) = self.on_status else {
@@ -95,13 +92,10 @@ fn seconds(value: f64, what: &str) -> PyResult<Duration> {
 pub fn fuzz<'py>(
     py: Python<'py>,
     executor: &Executor,
-    ctrl_c: &CtrlC,
     request: Request,
 ) -> PyResult<Bound<'py, PyDict>> {
-    let on_signal = || -> Result<()> {
-        ctrl_c.deliver();
-        gil::attached(|py| py.check_signals()).map_err(through_engine)
-    };
+    let on_signal =
+        || -> Result<()> { gil::attached(|py| py.check_signals()).map_err(through_engine) };
     let options = Options {
         seed: request.seed,
         max_len: executor.config.max_len,
@@ -122,7 +116,6 @@ pub fn fuzz<'py>(
     }
     let campaign = Campaign::new(options, request.seeds)?;
     let mut findings = PyFindings {
-        ctrl_c,
         on_crash: request.on_crash.as_ref(),
         on_timeout: request.on_timeout.as_ref(),
         on_status: request.on_status.as_ref(),

@@ -15,7 +15,7 @@ use crate::engine::fuzz::{ArgReg, Config, CoverageConfig, Executor};
 use crate::engine::kick;
 use crate::py::args::{bytes_arg, Int};
 use crate::py::error::through_engine;
-use crate::py::interrupt::CtrlC;
+use crate::py::interrupt::watch_ctrl_c;
 use crate::py::regs::Regs;
 use crate::py::snapshot::Snapshot;
 use crate::py::vcpu::Vcpu;
@@ -137,12 +137,9 @@ impl FuzzExecutor {
         data: &Bound<'_, PyAny>,
     ) -> PyResult<(Py<PyAny>, Option<Regs>, Vec<u64>)> {
         let data = bytes_arg(data)?;
-        kick::block_in_this_thread(kick::signal()?)?;
-        let ctrl_c = CtrlC::hold();
-        let on_signal = || {
-            ctrl_c.deliver();
-            gil::attached(|py| py.check_signals()).map_err(through_engine)
-        };
+        kick::signal()?;
+        watch_ctrl_c();
+        let on_signal = || gil::attached(|py| py.check_signals()).map_err(through_engine);
         let inner = &self.inner;
         let data: &[u8] = &data;
         let execution = gil::released(py, || inner.run(data, Some(&on_signal)))?;
@@ -298,12 +295,11 @@ impl FuzzExecutor {
             .iter()
             .map(|s| bytes_arg(s).map(|b| b.to_vec()))
             .collect::<PyResult<Vec<_>>>()?;
-        kick::block_in_this_thread(kick::signal()?)?;
-        let ctrl_c = CtrlC::hold();
+        kick::signal()?;
+        watch_ctrl_c();
         campaign::fuzz(
             py,
             &self.inner,
-            &ctrl_c,
             campaign::Request {
                 seeds,
                 seed: seed.0,

@@ -16,7 +16,7 @@ use crate::engine::{Error, Exit, Outcome, Reason, RunOptions, VcpuCore};
 use crate::py::args::{bytes_arg, deadline_after, Int};
 use crate::py::error::through_engine;
 use crate::py::handler::answer_data;
-use crate::py::interrupt::CtrlC;
+use crate::py::interrupt::watch_ctrl_c;
 use crate::py::kvm::CpuidEntry;
 use crate::py::regs::{Regs, Sregs};
 use crate::py::{exit, gil};
@@ -469,14 +469,9 @@ impl Vcpu {
         let deadline = deadline_after(timeout)?;
         let inner = &self.inner;
         inner.vm.check_open()?;
-        // The kick's mask for KVM_RUN is taken from this thread's mask before SIGINT is
-        // held, so that KVM_RUN lets SIGINT in.
-        kick::block_in_this_thread(kick::signal()?)?;
-        let ctrl_c = CtrlC::hold();
-        let on_signal = || {
-            ctrl_c.deliver();
-            gil::attached(|py| py.check_signals()).map_err(through_engine)
-        };
+        kick::signal()?;
+        watch_ctrl_c();
+        let on_signal = || gil::attached(|py| py.check_signals()).map_err(through_engine);
         // The run begins and ends with the GIL released, so whoever waits for the run to
         // end, e.g. a VM shutting down while the interpreter exits, never waits on this
         // thread getting the GIL back.
