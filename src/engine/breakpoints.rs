@@ -44,6 +44,9 @@ pub struct Entry {
     pub one_shot: bool,
     /// Whether the patch byte is in memory now (false while stepping over it).
     pub armed: bool,
+    /// The vCPU stepping over it while it is out (see `allstop`): a trap at it on any
+    /// other vCPU was taken before the patch went out, and is a hit.
+    pub stepper: Option<u64>,
     /// The byte patched in: [`PATCH`] or [`PIO_PATCH`].
     pub patch: u8,
     /// A coverage block: a hit counts into the coverage map.
@@ -182,6 +185,7 @@ impl Breakpoints {
                 owners: vec![owner],
                 one_shot,
                 armed: true,
+                stepper: None,
                 patch,
                 coverage: false,
                 in_image: false,
@@ -212,6 +216,7 @@ impl Breakpoints {
                 owners: Vec::new(),
                 one_shot,
                 armed: true,
+                stepper: None,
                 patch,
                 coverage: true,
                 in_image: true,
@@ -318,7 +323,8 @@ impl Breakpoints {
     pub fn hit(&self, vaddr: u64, vcpu: u64) -> Hit {
         match self.entries.get(&vaddr) {
             None => Hit::NotOurs,
-            Some(e) if !e.armed => Hit::NotOurs,
+            // Out for a step: this vCPU's own step runs the original instruction there.
+            Some(e) if !e.armed && e.stepper.is_none_or(|s| s == vcpu) => Hit::NotOurs,
             Some(e) if e.one_shot => Hit::OneShot,
             Some(e) if e.coverage => Hit::Count,
             Some(e) if e.owners.contains(&Owner::Vm) || e.owners.contains(&Owner::Vcpu(vcpu)) => {
@@ -350,11 +356,24 @@ impl Breakpoints {
         }
     }
 
+    /// Takes the patch out at `vaddr` for vCPU `vcpu` to step over it (see
+    /// [`Entry::stepper`]).
+    pub fn step_out(&mut self, vaddr: u64, vcpu: u64) -> Write {
+        let write = self.disarm(vaddr);
+        if write != Write::None {
+            if let Some(e) = self.entries.get_mut(&vaddr) {
+                e.stepper = Some(vcpu);
+            }
+        }
+        write
+    }
+
     /// Puts the patch back at `vaddr` after a step over it.
     pub fn rearm(&mut self, vaddr: u64) -> Write {
         match self.entries.get_mut(&vaddr) {
             Some(e) if !e.armed => {
                 e.armed = true;
+                e.stepper = None;
                 Write::Byte {
                     gpa: e.gpa,
                     byte: e.patch,
@@ -484,6 +503,30 @@ mod tests {
         // Removed while disarmed: nothing to write back.
         t.disarm(0x10);
         assert_eq!(t.remove(0x10, Owner::Vm), Ok(Write::None));
+    }
+
+    #[test]
+    fn a_trap_on_another_vcpu_while_one_steps_over_is_still_a_hit() {
+        let mut t = Breakpoints::default();
+        t.insert(0x10, 0x10, 0x55, Owner::Vm, false).unwrap();
+        t.insert(0x20, 0x20, 0x56, Owner::Vcpu(0), false).unwrap();
+        assert_ne!(t.step_out(0x10, 0), Write::None);
+        assert_eq!(t.get(0x10).unwrap().stepper, Some(0));
+        assert_eq!(
+            t.hit(0x10, 0),
+            Hit::NotOurs,
+            "the stepper runs the original"
+        );
+        assert_eq!(
+            t.hit(0x10, 1),
+            Hit::Report,
+            "vCPU 1 trapped before it went out"
+        );
+        t.step_out(0x20, 0);
+        assert_eq!(t.hit(0x20, 1), Hit::Pass, "vCPU 0's: vCPU 1 steps over it");
+        t.rearm(0x10);
+        assert_eq!(t.get(0x10).unwrap().stepper, None);
+        assert_eq!(t.hit(0x10, 0), Hit::Report);
     }
 
     #[test]

@@ -46,6 +46,9 @@ pub struct DebugState {
     stepping: bool,
     /// The breakpoint taken out to step over it, put back at the step's trap.
     stepping_over: Option<u64>,
+    /// This vCPU holds the VM's step gate: the other vCPUs wait outside the guest until
+    /// the breakpoint stepped over is back (see `allstop`).
+    holds_gate: bool,
     /// The guest debug flags KVM was last given.
     kvm_flags: u32,
     /// Where the vCPU stopped at a breakpoint or after a step (or was restored to): a
@@ -237,13 +240,8 @@ impl VcpuCore {
             lock(&self.vm.breakpoints).hit(rip, self.id),
             Hit::Report | Hit::Pass
         );
-        if !table_empty && resuming && ours {
-            let write = lock(&self.vm.breakpoints).disarm(rip);
-            if write != Write::None {
-                self.vm.apply(write)?;
-                st.stepping_over = Some(rip);
-                step = true;
-            }
+        if !table_empty && resuming && ours && self.take_out(&mut st, rip)? {
+            step = true;
         }
         st.stepping = step;
         match mechanism {
@@ -282,10 +280,7 @@ impl VcpuCore {
     pub(crate) fn debug_leave(&self, fd: &mut VcpuFd) {
         let mut st = lock(&self.debug);
         st.user_step = false;
-        if let Some(addr) = st.stepping_over.take() {
-            let write = lock(&self.vm.breakpoints).rearm(addr);
-            let _ = self.vm.apply(write);
-        }
+        let _ = self.put_back(&mut st);
         if std::mem::take(&mut st.stepping) {
             if st.kvm_flags & KVM_GUESTDBG_SINGLESTEP != 0 {
                 let flags = st.kvm_flags & !(KVM_GUESTDBG_SINGLESTEP | block_irq());
@@ -433,12 +428,9 @@ impl VcpuCore {
     }
 
     fn step_over_locked(&self, fd: &mut VcpuFd, st: &mut DebugState, addr: u64) -> Result<()> {
-        let write = lock(&self.vm.breakpoints).disarm(addr);
-        if write == Write::None {
+        if !self.take_out(st, addr)? {
             return Ok(());
         }
-        self.vm.apply(write)?;
-        st.stepping_over = Some(addr);
         st.stepping = true;
         match mechanism()? {
             Mechanism::ExceptionStubs => self.update_regs(fd, |r| r.rflags |= TF),
@@ -462,13 +454,48 @@ impl VcpuCore {
         self.vm.write_memory(at, &value.to_le_bytes())
     }
 
+    /// Takes the breakpoint at `addr` out of memory to step over it, the other vCPUs
+    /// held outside the guest first (see `allstop`). False if there is no patch there.
+    fn take_out(&self, st: &mut DebugState, addr: u64) -> Result<bool> {
+        if !st.holds_gate {
+            st.holds_gate = self.stop_others();
+        }
+        let write = lock(&self.vm.breakpoints).step_out(addr, self.id);
+        if write == Write::None {
+            self.open_gate(st);
+            return Ok(false);
+        }
+        st.stepping_over = Some(addr);
+        if let Err(e) = self.vm.apply(write) {
+            self.put_back(st)?;
+            return Err(e);
+        }
+        Ok(true)
+    }
+
+    /// Puts the breakpoint stepped over back, then lets the other vCPUs run again.
+    fn put_back(&self, st: &mut DebugState) -> Result<()> {
+        let result = match st.stepping_over.take() {
+            Some(addr) => {
+                let write = lock(&self.vm.breakpoints).rearm(addr);
+                self.vm.apply(write)
+            }
+            None => Ok(()),
+        };
+        self.open_gate(st);
+        result
+    }
+
+    fn open_gate(&self, st: &mut DebugState) {
+        if std::mem::take(&mut st.holds_gate) {
+            self.resume_others();
+        }
+    }
+
     /// The step is over: the breakpoint stepped over goes back, TF is cleared.
     fn end_step(&self, fd: &mut VcpuFd, st: &mut DebugState) -> Result<()> {
         st.stepping = false;
-        if let Some(addr) = st.stepping_over.take() {
-            let write = lock(&self.vm.breakpoints).rearm(addr);
-            self.vm.apply(write)?;
-        }
+        self.put_back(st)?;
         if st.kvm_flags == 0 {
             self.update_regs(fd, |r| r.rflags &= !TF)?;
         }

@@ -3,6 +3,7 @@
 //! code and tests.
 
 pub mod afl;
+pub mod allstop;
 pub mod breakpoints;
 pub mod bus;
 pub mod campaign;

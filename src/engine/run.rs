@@ -289,7 +289,7 @@ impl VcpuCore {
     fn enter<'a>(&'a self, guard: &mut FdGuard<'a>) -> Result<RunResult> {
         let holder = fd_of(guard)?;
         self.inject_interrupt(&mut holder.fd)?;
-        let result = exit::run_once(&mut holder.fd);
+        let result = self.run_all_stop(&mut holder.fd);
         self.count_exit();
         let io = matches!(
             result,
