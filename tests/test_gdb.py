@@ -586,3 +586,42 @@ def test_run_rejects_a_bad_gdb_address() -> None:
         text=True,
     )
     assert done.returncode == 2 and "expected HOST:PORT" in done.stderr
+
+
+@needs_gdb
+def test_python_handlers_see_python_breakpoints_and_gdb_sees_its_own(elf: Path) -> None:
+    vm, cpu, console, symbols = counter_vm(elf)
+    mark = 0x300000  # free memory: the handler writes how often it ran
+    with vm:
+        vm.add_breakpoint(symbols["bump"])
+        seen: list[tuple[int, int]] = []
+
+        @vm.on_breakpoint
+        def count(exit: kvmpy.BreakpointExit) -> None:
+            seen.append((exit.address, cpu.regs.rdi))
+            vm.write(mark, len(seen).to_bytes(8, "little"))
+
+        with vm.gdb_server() as server:
+            out = gdb(
+                elf,
+                server.port,
+                "break main",
+                "continue",  # gdb's breakpoint: gdb stops, the handler is not called
+                "x/1xg 0x300000",
+                "break *bump",
+                "continue",  # both set it: the handler runs first, then gdb stops
+                "x/1xg 0x300000",
+                "info registers rdi",
+                "delete",
+                "continue",  # Python's alone: the handler runs, gdb does not stop
+            )
+            assert server.wait(60), out
+        assert f"main (arg0=0, arg1=0) at gdb_counter.c:{line_of('total = 0')}" in out, out
+        marks = re.findall(r"^0x300000:\s+(0x[0-9a-f]+)", out, re.MULTILINE)
+        assert [int(m, 16) for m in marks] == [0, 1], out
+        assert re.search(r"^rdi\s+0x1\s", out, re.MULTILINE), out
+        assert "SIGTRAP" not in out, out
+        assert "exited with code 067" in out, out  # 55, which gdb prints in octal
+        assert seen == [(symbols["bump"], i) for i in range(1, 11)]
+        assert console.output() == b"counter = 55\n"
+        assert vm.breakpoints == [symbols["bump"]], "Python's stays; gdb's went"

@@ -30,8 +30,21 @@ pub const PIO_PATCH: u8 = 0xee;
 /// Who set a breakpoint.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Owner {
+    /// Python's `vm.add_breakpoint`: every vCPU stops, Python's handler sees it.
     Vm,
+    /// Python's `cpu.add_breakpoint`: that vCPU stops, Python's handler sees it.
     Vcpu(u64),
+    /// A gdb client: every vCPU stops for gdb; Python's handler does not see it.
+    Gdb,
+}
+
+/// Who a breakpoint hit is reported to (see [`Breakpoints::audience`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Audience {
+    /// Python set it (for the VM or the vCPU that hit it): its handler is called.
+    pub python: bool,
+    /// A gdb client set it: the run stops for gdb, after Python's handler if both set it.
+    pub gdb: bool,
 }
 
 /// One patched address.
@@ -327,10 +340,25 @@ impl Breakpoints {
             Some(e) if !e.armed && e.stepper.is_none_or(|s| s == vcpu) => Hit::NotOurs,
             Some(e) if e.one_shot => Hit::OneShot,
             Some(e) if e.coverage => Hit::Count,
-            Some(e) if e.owners.contains(&Owner::Vm) || e.owners.contains(&Owner::Vcpu(vcpu)) => {
+            Some(e)
+                if e.owners
+                    .iter()
+                    .any(|o| matches!(o, Owner::Vm | Owner::Gdb) || *o == Owner::Vcpu(vcpu)) =>
+            {
                 Hit::Report
             }
             Some(_) => Hit::Pass,
+        }
+    }
+
+    /// Who vCPU `vcpu`'s hit at `vaddr` is reported to.
+    pub fn audience(&self, vaddr: u64, vcpu: u64) -> Audience {
+        let owners = self.entries.get(&vaddr).map_or(&[][..], |e| &e.owners[..]);
+        Audience {
+            python: owners
+                .iter()
+                .any(|o| *o == Owner::Vm || *o == Owner::Vcpu(vcpu)),
+            gdb: owners.contains(&Owner::Gdb),
         }
     }
 
@@ -463,6 +491,33 @@ mod tests {
         );
         assert!(t.is_empty());
         assert_eq!(t.hit(0x1000, 0), Hit::NotOurs);
+    }
+
+    #[test]
+    fn gdbs_breakpoints_are_reported_to_gdb_only() {
+        let mut t = Breakpoints::default();
+        t.insert(0x10, 0x10, 0x90, Owner::Gdb, false).unwrap();
+        t.insert(0x20, 0x20, 0x90, Owner::Vcpu(1), false).unwrap();
+        assert_eq!((t.hit(0x10, 0), t.hit(0x10, 1)), (Hit::Report, Hit::Report));
+        let gdb_only = Audience {
+            python: false,
+            gdb: true,
+        };
+        assert_eq!(t.audience(0x10, 0), gdb_only);
+        t.insert(0x20, 0x20, PATCH, Owner::Gdb, false).unwrap();
+        let both = Audience {
+            python: true,
+            gdb: true,
+        };
+        assert_eq!(t.audience(0x20, 1), both);
+        assert_eq!(
+            t.audience(0x20, 0),
+            gdb_only,
+            "vCPU 1's own is not vCPU 0's"
+        );
+        assert_eq!(t.audience(0x30, 0), Audience::default());
+        t.remove(0x20, Owner::Gdb).unwrap();
+        assert_eq!(t.hit(0x20, 0), Hit::Pass);
     }
 
     #[test]

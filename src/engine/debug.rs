@@ -22,7 +22,7 @@ use kvm_bindings::{
 use kvm_ioctls::VcpuFd;
 
 use crate::arch::x86_64::gdt;
-use crate::engine::breakpoints::{Hit, Owner, Write, PATCH, PIO_PATCH};
+use crate::engine::breakpoints::{Audience, Hit, Owner, Write, PATCH, PIO_PATCH};
 use crate::engine::debug_host::block_irq;
 use crate::engine::debug_host::set_guest_debug_regs;
 pub use crate::engine::debug_host::{host, mechanism, HostDebug, Mechanism, MECHANISM_ENV};
@@ -96,6 +96,11 @@ impl VmCore {
             .remove(vaddr, owner)
             .map_err(|e| Error::Value(e.to_string()))?;
         self.apply(write)
+    }
+
+    /// Who vCPU `vcpu`'s breakpoint hit at `vaddr` is reported to: Python's handler, gdb.
+    pub(crate) fn breakpoint_audience(&self, vaddr: u64, vcpu: u64) -> Audience {
+        lock(&self.breakpoints).audience(vaddr, vcpu)
     }
 
     /// The guest-virtual addresses of `owner`'s breakpoints.

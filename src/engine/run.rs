@@ -555,11 +555,17 @@ impl VcpuCore {
         Ok(match trap {
             Trap::Continue => Flow::Continue(false),
             Trap::Done(Exit::Breakpoint { address }) => {
+                // Python's handler sees Python's breakpoints only; one gdb set stops the
+                // run for gdb, after that handler if Python set it too.
+                let seen = self.vm.breakpoint_audience(address, self.id);
                 let bus = self.vm.bus();
-                let Some(device) = bus.breakpoint() else {
+                let Some(device) = bus.breakpoint().filter(|_| seen.python) else {
                     return Ok(Flow::Done(Outcome::Exit(Exit::Breakpoint { address })));
                 };
                 match device.breakpoint(&mut self.ctx(guard), address)? {
+                    Action::Continue if seen.gdb => {
+                        Flow::Done(Outcome::Exit(Exit::Breakpoint { address }))
+                    }
                     Action::Continue => {
                         self.step_over(&mut fd_of(guard)?.fd, address)?;
                         Flow::Continue(false)

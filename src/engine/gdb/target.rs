@@ -285,7 +285,7 @@ impl VmTarget {
     /// ends).
     pub fn remove_breakpoints(&mut self) {
         for addr in std::mem::take(&mut self.breakpoints) {
-            let _ = self.vm.remove_breakpoint(addr, Owner::Vm);
+            let _ = self.vm.remove_breakpoint(addr, Owner::Gdb);
         }
         for (addr, len) in std::mem::take(&mut self.page_watches) {
             let _ = self.vm.remove_watch(addr, len, None);
@@ -402,7 +402,12 @@ impl MultiThreadResume for VmTarget {
                 vcpus: run,
                 single,
                 taken: 0,
-                stops: self.vm.breakpoints_of(Owner::Vm).into_iter().collect(),
+                stops: self
+                    .vm
+                    .breakpoints_of(Owner::Gdb)
+                    .into_iter()
+                    .chain(self.vm.breakpoints_of(Owner::Vm))
+                    .collect(),
             });
             return Ok(());
         }
@@ -521,14 +526,15 @@ impl HwWatchpoint for VmTarget {
 }
 
 impl SwBreakpoint for VmTarget {
-    /// Adds a VM-wide breakpoint to the VM's table (one that Python set there already is
-    /// shared, and stays when gdb removes its own).
+    /// Adds gdb's breakpoint to the VM's table: it stops every vCPU, for gdb only (not
+    /// Python's `on_breakpoint` handler). One that Python set at the same address shares
+    /// the patch, and stays when gdb removes its own.
     fn add_sw_breakpoint(&mut self, addr: u64, _kind: usize) -> TargetResult<bool, Self> {
-        if self.breakpoints.contains(&addr) || self.vm.breakpoints_of(Owner::Vm).contains(&addr) {
+        if self.breakpoints.contains(&addr) {
             return Ok(true);
         }
         let cpu = self.first_vcpu().map_err(TargetError::Fatal)?;
-        match self.vm.add_breakpoint(&cpu, addr, Owner::Vm) {
+        match self.vm.add_breakpoint(&cpu, addr, Owner::Gdb) {
             Ok(()) => {
                 self.breakpoints.insert(addr);
                 Ok(true)
@@ -542,7 +548,7 @@ impl SwBreakpoint for VmTarget {
         if !self.breakpoints.remove(&addr) {
             return Ok(true);
         }
-        match self.vm.remove_breakpoint(addr, Owner::Vm) {
+        match self.vm.remove_breakpoint(addr, Owner::Gdb) {
             Ok(()) | Err(Error::Value(_)) => Ok(true),
             Err(e) => Err(TargetError::Fatal(e)),
         }
