@@ -82,7 +82,10 @@ def test_the_mechanism_follows_what_the_probe_found() -> None:
     line = _info_line({"KVMPY_DEBUG_MECHANISM": ""})
     assert ("KVM_EXIT_DEBUG" in line) == intercepts
     assert ("exception stubs" in line) != intercepts
-    assert "exception stubs" in _info_line({"KVMPY_DEBUG_MECHANISM": "exception-stubs"})
+    hardware = bool(d["hw_breakpoints"]) and intercepts
+    assert ("hardware breakpoints: DR0-DR3" in line) == hardware, line
+    line = _info_line({"KVMPY_DEBUG_MECHANISM": "exception-stubs"})
+    assert "exception stubs" in line and "hardware breakpoints: none" in line, line
     line = _info_line({"KVMPY_DEBUG_MECHANISM": "kvm"})
     assert ("KVM_EXIT_DEBUG" if intercepts else "does not intercept int3") in line
 

@@ -421,7 +421,9 @@ def test_each_vcpu_is_a_thread_with_its_own_registers(remote_of: list[Remote]) -
 
 
 @needs_gdb
-def test_gdb_lists_the_vcpus_as_threads_and_refuses_hardware_breakpoints(elf: Path) -> None:
+def test_gdb_lists_the_vcpus_as_threads_and_hbreak_where_the_host_has_it(elf: Path) -> None:
+    d = kvmpy._native._debug_support()
+    has_them = bool(d["hw_breakpoints"]) and d["mechanism"] == "kvm"
     vm = loop_vm(cpus=2)
     with vm, vm.gdb_server() as server:
         out = gdb(
@@ -432,14 +434,27 @@ def test_gdb_lists_the_vcpus_as_threads_and_refuses_hardware_breakpoints(elf: Pa
             "info registers rip",
             "hbreak *0x10001",
             "continue",
+            "info registers rip",
+            "delete",
+            "break *0x10001",
+            "continue",
+            "info registers rip",
             "detach",
         )
         assert server.wait(30), out
-        assert [cpu.regs.rip for cpu in vm.vcpus] == [0x10000, 0x10010], "nothing ran"
+        assert vm.breakpoints == [], "gdb's breakpoints go with its session"
+        assert [cpu.regs.rip for cpu in vm.vcpus] == [0x10001, 0x10011]
     assert re.search(r"1\s+Thread 1\.1\s+0x0+10000 in", out), out
     assert re.search(r"2\s+Thread 1\.2\s+0x0+10010 in", out), out
-    assert re.search(r"^rip\s+0x10010\s", out, re.MULTILINE), out
-    assert "Cannot insert hardware breakpoint 1" in out, out
+    rips = [int(v, 16) for v in re.findall(r"^rip\s+(0x[0-9a-f]+)", out, re.MULTILINE)]
+    if has_them:
+        assert "Hardware assisted breakpoint 1 at 0x10001" in out, out
+        assert rips == [0x10010, 0x10001, 0x10001], out
+    else:
+        # The stub does not offer them: gdb cannot insert the breakpoint, nothing runs,
+        # and the session goes on (a patched breakpoint then stops thread 1 there).
+        assert "Cannot insert hardware breakpoint 1" in out, out
+        assert rips == [0x10010, 0x10010, 0x10001], out
 
 
 def test_serve_gdb_blocks_until_the_session_ends() -> None:

@@ -28,14 +28,17 @@ use crate::engine::debug_host::set_guest_debug_regs;
 pub use crate::engine::debug_host::{host, mechanism, HostDebug, Mechanism, MECHANISM_ENV};
 use crate::engine::error::{Error, Result};
 use crate::engine::exit::Exit;
+use crate::engine::hw_breakpoints;
 use crate::engine::lock;
 use crate::engine::vcpu::VcpuCore;
 use crate::engine::vm::VmCore;
 use crate::engine::watch::Watch;
-pub use crate::engine::watch_vcpu::{hw_breakpoints_refused, watch_mechanism};
+pub use crate::engine::watch_vcpu::watch_mechanism;
 
 /// RFLAGS.TF: trap after the next instruction.
 const TF: u64 = 1 << 8;
+/// RFLAGS.RF: no instruction breakpoint for the next instruction.
+const RF: u64 = 1 << 16;
 
 /// A vCPU's debugging state between and during runs.
 #[derive(Default)]
@@ -59,6 +62,8 @@ pub struct DebugState {
     pub(crate) dr: [u64; 8],
     /// The watchpoints in DR0-DR3 for this run and their values at entry.
     pub(crate) armed: Vec<(Watch, u64)>,
+    /// The hardware breakpoints in the debug registers after the watchpoints.
+    pub(crate) execs: Vec<u64>,
 }
 
 /// What the run loop does with a trap.
@@ -88,28 +93,39 @@ impl VmCore {
         self.apply(write)
     }
 
-    /// Removes `owner`'s breakpoint at `vaddr`, putting the original byte back.
+    /// Removes `owner`'s breakpoint at `vaddr`, putting the original byte back (or its
+    /// hardware breakpoint there).
     pub fn remove_breakpoint(&self, vaddr: u64, owner: Owner) -> Result<()> {
         self.check_open()?;
         let mut table = lock(&self.breakpoints);
-        let write = table
-            .remove(vaddr, owner)
-            .map_err(|e| Error::Value(e.to_string()))?;
+        let write = match table.remove(vaddr, owner) {
+            Err(_) if self.remove_hw_breakpoint(vaddr, owner) => return Ok(()),
+            other => other.map_err(|e| Error::Value(e.to_string()))?,
+        };
         self.apply(write)
     }
 
     /// Who vCPU `vcpu`'s breakpoint hit at `vaddr` is reported to: Python's handler, gdb.
     pub(crate) fn breakpoint_audience(&self, vaddr: u64, vcpu: u64) -> Audience {
-        lock(&self.breakpoints).audience(vaddr, vcpu)
+        let patched = lock(&self.breakpoints).audience(vaddr, vcpu);
+        let hw = self.hw_audience(vaddr, vcpu);
+        Audience {
+            python: patched.python || hw.python,
+            gdb: patched.gdb || hw.gdb,
+        }
     }
 
-    /// The guest-virtual addresses of `owner`'s breakpoints.
+    /// The guest-virtual addresses of `owner`'s breakpoints, patched and hardware.
     pub fn breakpoints_of(&self, owner: Owner) -> Vec<u64> {
-        lock(&self.breakpoints)
+        let mut out: Vec<u64> = lock(&self.breakpoints)
             .iter()
             .filter(|(_, e)| e.owners.contains(&owner))
             .map(|(v, _)| v)
-            .collect()
+            .chain(self.hw_breakpoints_of(owner))
+            .collect();
+        out.sort_unstable();
+        out.dedup();
+        out
     }
 
     /// Fails with a clear error where `what` (breakpoints, single steps) cannot reach
@@ -232,6 +248,7 @@ impl VcpuCore {
         let mut st = lock(&self.debug);
         let table_empty = lock(&self.vm.breakpoints).is_empty();
         let dr_changed = self.arm_debug_registers(&mut st)?;
+        self.resume_past_hw_breakpoint(fd, &st)?;
         if table_empty && !st.user_step && st.kvm_flags == 0 && !dr_changed {
             st.resume_from = None;
             return Ok(());
@@ -304,10 +321,14 @@ impl VcpuCore {
             return Ok(Trap::Pass(exit));
         };
         let mut st = lock(&self.debug);
-        if exception == 1 && !st.armed.is_empty() {
+        if exception == 1 && st.dr[7] != 0 {
             let Exit::Debug { dr6, .. } = exit else {
                 unreachable!("matched above")
             };
+            if let Some(address) = hw_breakpoints::exec_hit(dr6, st.armed.len(), &st.execs) {
+                st.resume_from = Some(address);
+                return Ok(Trap::Done(Exit::Breakpoint { address }));
+            }
             let found = crate::engine::debug_regs::hit(dr6, &st.armed, |w| {
                 let mut b = [0u8; 8];
                 self.vm.read_memory_raw(w.gpa, &mut b[..w.len as usize])?;
@@ -419,6 +440,19 @@ impl VcpuCore {
                 Ok(Trap::Continue)
             }
         }
+    }
+
+    /// A run that resumes where a hardware breakpoint stopped the vCPU sets RFLAGS.RF:
+    /// the CPU then skips instruction breakpoints for one instruction (see
+    /// `hw_breakpoints`).
+    fn resume_past_hw_breakpoint(&self, fd: &mut VcpuFd, st: &DebugState) -> Result<()> {
+        let Some(at) = st.resume_from.filter(|a| st.execs.contains(a)) else {
+            return Ok(());
+        };
+        if self.read_regs(fd)?.rip == at {
+            self.update_regs(fd, |r| r.rflags |= RF)?;
+        }
+        Ok(())
     }
 
     /// Runs on from a breakpoint at `addr` mid-run (a handler let the guest go on): if

@@ -16,6 +16,7 @@ pub mod error;
 pub mod exit;
 pub mod fuzz;
 pub mod gdb;
+pub mod hw_breakpoints;
 pub mod internal_error;
 pub mod kick;
 pub mod kvm;

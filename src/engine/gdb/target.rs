@@ -19,8 +19,8 @@ use gdbstub::target::ext::base::multithread::{
 };
 use gdbstub::target::ext::base::BaseOps;
 use gdbstub::target::ext::breakpoints::{
-    Breakpoints, BreakpointsOps, HwWatchpoint, HwWatchpointOps, SwBreakpoint, SwBreakpointOps,
-    WatchKind,
+    Breakpoints, BreakpointsOps, HwBreakpoint, HwBreakpointOps, HwWatchpoint, HwWatchpointOps,
+    SwBreakpoint, SwBreakpointOps, WatchKind,
 };
 use gdbstub::target::{Target, TargetError, TargetResult};
 use gdbstub_arch::x86::reg::X86_64CoreRegs;
@@ -76,6 +76,8 @@ pub struct VmTarget {
     running: Option<Arc<RunGroup>>,
     /// The addresses of the breakpoints gdb added to the VM's table.
     breakpoints: BTreeSet<u64>,
+    /// The addresses of gdb's hardware breakpoints (`hbreak`).
+    hw_breakpoints: BTreeSet<u64>,
     /// gdb's write watchpoints that single steps check (those the engine cannot watch).
     watches: Watches,
     /// gdb's watchpoints set in the VM's table (`engine::watch`): address, length.
@@ -140,6 +142,7 @@ impl VmTarget {
             locked: false,
             running: None,
             breakpoints: BTreeSet::new(),
+            hw_breakpoints: BTreeSet::new(),
             watches: Watches::default(),
             page_watches: Vec::new(),
             watching: None,
@@ -198,7 +201,7 @@ impl VmTarget {
             let tid = tid_of(v.id);
             let reason = match &*v.last() {
                 Some(Last::Exit(Exit::Stopped)) => None,
-                Some(Last::Exit(e)) => Some(stop_reason(tid, e)),
+                Some(Last::Exit(e)) => Some(self.reason_for(tid, e)),
                 // A handler stopped the run.
                 Some(Last::Token(_)) => Some(MultiThreadStopReason::SignalWithThread {
                     tid,
@@ -218,6 +221,19 @@ impl VmTarget {
         MultiThreadStopReason::SignalWithThread {
             tid: stopped.unwrap_or(NonZeroUsize::MIN),
             signal: Signal::SIGINT,
+        }
+    }
+
+    /// What gdb is told for `exit`: a stop at one of its hardware breakpoints is a
+    /// hardware breakpoint's stop.
+    fn reason_for(&self, tid: Tid, exit: &Exit) -> MultiThreadStopReason<u64> {
+        match exit {
+            Exit::Breakpoint { address }
+                if self.hw_breakpoints.contains(address) && !self.breakpoints.contains(address) =>
+            {
+                MultiThreadStopReason::HwBreak(tid)
+            }
+            other => stop_reason(tid, other),
         }
     }
 
@@ -286,6 +302,9 @@ impl VmTarget {
     pub fn remove_breakpoints(&mut self) {
         for addr in std::mem::take(&mut self.breakpoints) {
             let _ = self.vm.remove_breakpoint(addr, Owner::Gdb);
+        }
+        for addr in std::mem::take(&mut self.hw_breakpoints) {
+            self.vm.remove_hw_breakpoint(addr, Owner::Gdb);
         }
         for (addr, len) in std::mem::take(&mut self.page_watches) {
             let _ = self.vm.remove_watch(addr, len, None);
@@ -456,6 +475,41 @@ impl Breakpoints for VmTarget {
 
     fn support_hw_watchpoint(&mut self) -> Option<HwWatchpointOps<'_, Self>> {
         Some(self)
+    }
+
+    /// Offered where the host has hardware breakpoints (see `hw_breakpoints`): elsewhere
+    /// gdb is told the packet is not supported, and says it cannot insert them.
+    fn support_hw_breakpoint(&mut self) -> Option<HwBreakpointOps<'_, Self>> {
+        match crate::engine::hw_breakpoints::check_host() {
+            Ok(()) => Some(self),
+            Err(_) => None,
+        }
+    }
+}
+
+impl HwBreakpoint for VmTarget {
+    /// A debug-register breakpoint of gdb's in every vCPU (`hbreak`); a fifth user of
+    /// DR0-DR3 (with watchpoints) or an unmapped address is refused, which gdb reports.
+    fn add_hw_breakpoint(&mut self, addr: u64, _kind: usize) -> TargetResult<bool, Self> {
+        if self.hw_breakpoints.contains(&addr) {
+            return Ok(true);
+        }
+        let cpu = self.first_vcpu().map_err(TargetError::Fatal)?;
+        match self.vm.add_hw_breakpoint(&cpu, addr, Owner::Gdb) {
+            Ok(()) => {
+                self.hw_breakpoints.insert(addr);
+                Ok(true)
+            }
+            Err(Error::Memory(_) | Error::Value(_) | Error::Unsupported(_)) => Ok(false),
+            Err(e) => Err(TargetError::Fatal(e)),
+        }
+    }
+
+    fn remove_hw_breakpoint(&mut self, addr: u64, _kind: usize) -> TargetResult<bool, Self> {
+        if self.hw_breakpoints.remove(&addr) {
+            self.vm.remove_hw_breakpoint(addr, Owner::Gdb);
+        }
+        Ok(true)
     }
 }
 
