@@ -30,6 +30,7 @@ use kvm_bindings::{kvm_fpu, kvm_regs, kvm_sregs};
 use crate::engine::breakpoints::Owner;
 use crate::engine::error::{Error, Result};
 use crate::engine::exit::Exit;
+use crate::engine::gdb::conn::{Explain, GdbConn};
 use crate::engine::gdb::regs;
 use crate::engine::gdb::watch::{Watches, MAX_LEN};
 use crate::engine::run::{Outcome, RunOptions};
@@ -89,6 +90,8 @@ pub struct VmTarget {
     /// The first error a run ended with (a handler's exception), for whoever started the
     /// session.
     pub error: Option<Error>,
+    /// Why a request was refused, for gdb to print (see `conn`).
+    pub explain: Explain,
 }
 
 fn tid_of(id: u64) -> Tid {
@@ -148,6 +151,7 @@ impl VmTarget {
             watching: None,
             poll_now: false,
             error: None,
+            explain: Explain::default(),
         }
     }
 
@@ -477,19 +481,16 @@ impl Breakpoints for VmTarget {
         Some(self)
     }
 
-    /// Offered where the host has hardware breakpoints (see `hw_breakpoints`): elsewhere
-    /// gdb is told the packet is not supported, and says it cannot insert them.
     fn support_hw_breakpoint(&mut self) -> Option<HwBreakpointOps<'_, Self>> {
-        match crate::engine::hw_breakpoints::check_host() {
-            Ok(()) => Some(self),
-            Err(_) => None,
-        }
+        Some(self)
     }
 }
 
 impl HwBreakpoint for VmTarget {
-    /// A debug-register breakpoint of gdb's in every vCPU (`hbreak`); a fifth user of
-    /// DR0-DR3 (with watchpoints) or an unmapped address is refused, which gdb reports.
+    /// A debug-register breakpoint of gdb's in every vCPU (`hbreak`), where the host has
+    /// them (see `hw_breakpoints`). A refusal (a host without them, a fifth user of
+    /// DR0-DR3, an unmapped address) goes to gdb with its reason, which gdb prints
+    /// ("Cannot insert hardware breakpoint 1:Remote failure reply: ...").
     fn add_hw_breakpoint(&mut self, addr: u64, _kind: usize) -> TargetResult<bool, Self> {
         if self.hw_breakpoints.contains(&addr) {
             return Ok(true);
@@ -500,7 +501,10 @@ impl HwBreakpoint for VmTarget {
                 self.hw_breakpoints.insert(addr);
                 Ok(true)
             }
-            Err(Error::Memory(_) | Error::Value(_) | Error::Unsupported(_)) => Ok(false),
+            Err(e @ (Error::Memory(_) | Error::Value(_) | Error::Unsupported(_))) => {
+                *crate::engine::lock(&self.explain) = Some(e.to_string());
+                Ok(false)
+            }
             Err(e) => Err(TargetError::Fatal(e)),
         }
     }
@@ -611,7 +615,7 @@ impl SwBreakpoint for VmTarget {
 
 /// A byte gdb sent while the target runs (Ctrl-C), if any.
 fn incoming(
-    conn: &mut std::net::TcpStream,
+    conn: &mut GdbConn,
 ) -> std::result::Result<Option<u8>, WaitForStopReasonError<Error, std::io::Error>> {
     match conn.peek().map_err(WaitForStopReasonError::Connection)? {
         Some(_) => Ok(Some(
@@ -627,15 +631,15 @@ pub enum VmEventLoop {}
 
 impl BlockingEventLoop for VmEventLoop {
     type Target = VmTarget;
-    type Connection = std::net::TcpStream;
+    type Connection = GdbConn;
     type StopReason = MultiThreadStopReason<u64>;
 
     fn wait_for_stop_reason(
         target: &mut VmTarget,
-        conn: &mut std::net::TcpStream,
+        conn: &mut GdbConn,
     ) -> std::result::Result<
         Event<Self::StopReason>,
-        WaitForStopReasonError<Error, <std::net::TcpStream as Connection>::Error>,
+        WaitForStopReasonError<Error, <GdbConn as Connection>::Error>,
     > {
         let mut steps = 0u32;
         while target.watching.is_some() {
