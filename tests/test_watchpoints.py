@@ -341,8 +341,17 @@ def test_hardware_breakpoints_where_the_host_has_them_and_a_clear_refusal_elsewh
             cpu.remove_breakpoint(AFTER_STORE)
             e = store(cpu, DATA, 6)
             assert isinstance(e, kvmpy.BreakpointExit) and e.address == AFTER_LOAD
+            hits: list[int] = []
+
+            @vm.on_breakpoint
+            def count(exit: kvmpy.BreakpointExit) -> None:
+                hits.append(exit.address)
+
+            assert store(cpu, DATA, 7).reason == "exit", "a handler lets the guest go on"
+            assert hits == [AFTER_LOAD]
+            vm.remove_handler(count)
             cpu.remove_breakpoint(AFTER_LOAD)
-            assert cpu.breakpoints == [] and store(cpu, DATA, 7).reason == "exit"
+            assert cpu.breakpoints == [] and store(cpu, DATA, 8).reason == "exit"
     with pytest.raises(kvmpy.VmClosedError):
         cpu.add_breakpoint(AFTER_STORE, hardware=True)
 

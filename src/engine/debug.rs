@@ -463,6 +463,10 @@ impl VcpuCore {
         }
         let mut st = lock(&self.debug);
         st.resume_from = None;
+        if st.execs.contains(&addr) {
+            // A hardware breakpoint there: RF lets the instruction run once.
+            self.update_regs(fd, |r| r.rflags |= RF)?;
+        }
         self.step_over_locked(fd, &mut st, addr)
     }
 
@@ -496,6 +500,9 @@ impl VcpuCore {
     /// Takes the breakpoint at `addr` out of memory to step over it, the other vCPUs
     /// held outside the guest first (see `allstop`). False if there is no patch there.
     fn take_out(&self, st: &mut DebugState, addr: u64) -> Result<bool> {
+        if lock(&self.vm.breakpoints).get(addr).is_none() {
+            return Ok(false);
+        }
         if !st.holds_gate {
             st.holds_gate = self.stop_others();
         }
