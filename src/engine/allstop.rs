@@ -161,3 +161,49 @@ impl VcpuCore {
         self.vm.step_gate.give_back();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+
+    #[test]
+    fn the_gate_is_one_threads_at_a_time_and_open_to_its_holder() {
+        let gate = Arc::new(StepGate::default());
+        assert!(!gate.closed_to_me());
+        assert!(gate.take(|| false), "taken");
+        assert!(
+            !gate.take(|| false),
+            "the holder's second take takes nothing"
+        );
+        assert!(!gate.closed_to_me(), "open to its holder");
+        let other = Arc::clone(&gate);
+        let seen_closed = std::thread::spawn(move || other.closed_to_me())
+            .join()
+            .unwrap();
+        assert!(seen_closed, "closed to every other thread");
+        // Another thread's take waits until the gate is given back.
+        let taken = Arc::new(AtomicBool::new(false));
+        let (other, flag) = (Arc::clone(&gate), Arc::clone(&taken));
+        let waiter = std::thread::spawn(move || {
+            let took = other.take(|| false);
+            flag.store(took, Ordering::SeqCst);
+            other.give_back();
+        });
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(!taken.load(Ordering::SeqCst), "still waiting");
+        gate.give_back();
+        waiter.join().unwrap();
+        assert!(taken.load(Ordering::SeqCst));
+        assert!(!gate.closed_to_me());
+        // A take that gives up (a stop request) returns without the gate.
+        assert!(gate.take(|| false));
+        let other = Arc::clone(&gate);
+        let gave_up = std::thread::spawn(move || !other.take(|| true))
+            .join()
+            .unwrap();
+        assert!(gave_up);
+        gate.give_back();
+    }
+}
