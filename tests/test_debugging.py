@@ -446,3 +446,45 @@ def test_no_vcpu_misses_a_vm_wide_breakpoint_another_steps_over() -> None:
             t.join()
         counted = [int.from_bytes(vm.read(data + 8 * i, 8), "little") for i in range(2)]
         assert counted == [rounds, rounds] and seen == counted
+
+
+def _run_while_another_thread_toggles_a_breakpoint(code: bytes, data: int, rounds: int) -> None:
+    vm, (_, cpu) = machine(code, cpus=2)
+    with vm:
+        cpu.set_regs(rbx=data, rcx=rounds, rdx=0x77)
+        hits = []
+
+        @vm.on_breakpoint
+        def count(exit: kvmpy.BreakpointExit) -> None:
+            hits.append(exit.address)
+
+        done, toggled = threading.Event(), threading.Event()
+
+        def toggle() -> None:
+            while not done.is_set():
+                vm.add_breakpoint(CODE + 3)
+                vm.remove_breakpoint(CODE + 3)
+                toggled.set()
+
+        t = threading.Thread(target=toggle)
+        t.start()
+        toggled.wait()
+        try:
+            e = cpu.run(timeout=30)
+        finally:
+            done.set()
+            t.join()
+        assert e.reason == "exit", e
+        assert int.from_bytes(vm.read(data, 8), "little") == rounds
+        assert set(hits) <= {CODE + 3}
+        assert vm.read(CODE, len(code)) == code and vm.breakpoints == []
+
+
+def test_a_breakpoint_removed_while_a_vcpu_runs_over_it_is_never_an_io_exit() -> None:
+    # vCPU 1 loops over a VM-wide breakpoint that another thread sets and removes again
+    # and again (vCPU 0, idle, translates it). A vCPU that trapped at the patch just
+    # before its removal must run the original instruction, not take the trap for the
+    # guest's own instruction (an `out dx, al` here, or the guest's `int3`).
+    code = bytes([0x48, 0xFF, 0x03, 0x48, 0xFF, 0xC9, 0x75, 0xF8, 0xE6, 0xF4])
+    for _ in range(20):
+        _run_while_another_thread_toggles_a_breakpoint(code, 0x100000, 3_000_000)

@@ -156,6 +156,21 @@ impl VcpuCore {
         true
     }
 
+    /// Forgets removed breakpoints (see `Entry::retired`) once no other vCPU runs: a
+    /// vCPU that does not run holds no exit, and this one has handled its own.
+    pub(crate) fn purge_removed_breakpoints(&self) {
+        if !lock(&self.vm.breakpoints).has_retired() {
+            return;
+        }
+        let others = self.vm.vcpus();
+        if others
+            .iter()
+            .all(|v| v.id == self.id || !v.kicker.running())
+        {
+            lock(&self.vm.breakpoints).purge_retired();
+        }
+    }
+
     /// The patch is back: the other vCPUs may enter the guest again.
     pub(crate) fn resume_others(&self) {
         self.vm.step_gate.give_back();

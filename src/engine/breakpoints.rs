@@ -60,6 +60,10 @@ pub struct Entry {
     /// The vCPU stepping over it while it is out (see `allstop`): a trap at it on any
     /// other vCPU was taken before the patch went out, and is a hit.
     pub stepper: Option<u64>,
+    /// Removed while vCPUs may still hold an exit from its patch: kept (unpatched, no
+    /// owner) so that such an exit is known for what it was, until
+    /// [`Breakpoints::purge_retired`].
+    pub retired: bool,
     /// The byte patched in: [`PATCH`] or [`PIO_PATCH`].
     pub patch: u8,
     /// A coverage block: a hit counts into the coverage map.
@@ -82,6 +86,8 @@ pub enum Hit {
     OneShot,
     /// A coverage block that stays in ("armed" mode): count the hit, step over it.
     Count,
+    /// A breakpoint removed after the vCPU trapped at it: run the original instruction.
+    Stale,
 }
 
 /// Why an insertion or removal was refused.
@@ -179,6 +185,17 @@ impl Breakpoints {
         one_shot: bool,
         patch: u8,
     ) -> Result<Write, TableError> {
+        if self.entries.get(&vaddr).is_some_and(|e| e.retired) {
+            let e = self.entries.get_mut(&vaddr).expect("found above");
+            if e.gpa == gpa {
+                // Set again: the same entry, patched again.
+                (e.retired, e.armed, e.original) = (false, true, current);
+                (e.owners, e.one_shot) = (vec![owner], one_shot);
+                return Ok(Write::Byte { gpa, byte: e.patch });
+            }
+            let e = self.entries.remove(&vaddr).expect("found above");
+            self.count(e.patch, e.in_image, -1);
+        }
         if let Some(e) = self.entries.get_mut(&vaddr) {
             if e.gpa == gpa {
                 if !e.owners.contains(&owner) {
@@ -199,6 +216,7 @@ impl Breakpoints {
                 one_shot,
                 armed: true,
                 stepper: None,
+                retired: false,
                 patch,
                 coverage: false,
                 in_image: false,
@@ -230,6 +248,7 @@ impl Breakpoints {
                 one_shot,
                 armed: true,
                 stepper: None,
+                retired: false,
                 patch,
                 coverage: true,
                 in_image: true,
@@ -240,6 +259,16 @@ impl Breakpoints {
     /// Adds a new entry, refused where another address already patches its byte.
     fn add_entry(&mut self, vaddr: u64, entry: Entry) -> Result<(), TableError> {
         let gpa = entry.gpa;
+        let retired: Vec<u64> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| e.retired && e.gpa == gpa)
+            .map(|(v, _)| *v)
+            .collect();
+        for v in retired {
+            let e = self.entries.remove(&v).expect("listed above");
+            self.count(e.patch, e.in_image, -1);
+        }
         if let Some((&other, _)) = self.entries.iter().find(|(_, e)| e.gpa == gpa) {
             return Err(TableError::Alias { vaddr: other, gpa });
         }
@@ -317,6 +346,19 @@ impl Breakpoints {
         if !e.owners.is_empty() {
             return Ok(Write::None);
         }
+        if !e.in_image {
+            // A vCPU may have trapped at the patch and not yet looked: keep the entry.
+            let was_armed = std::mem::replace(&mut e.armed, false);
+            (e.retired, e.stepper) = (true, None);
+            return Ok(if was_armed {
+                Write::Byte {
+                    gpa: e.gpa,
+                    byte: e.original,
+                }
+            } else {
+                Write::None
+            });
+        }
         let e = self.entries.remove(&vaddr).expect("entry found above");
         self.count(e.patch, e.in_image, -1);
         if e.in_image {
@@ -336,6 +378,7 @@ impl Breakpoints {
     pub fn hit(&self, vaddr: u64, vcpu: u64) -> Hit {
         match self.entries.get(&vaddr) {
             None => Hit::NotOurs,
+            Some(e) if e.retired => Hit::Stale,
             // Out for a step: this vCPU's own step runs the original instruction there.
             Some(e) if !e.armed && e.stepper.is_none_or(|s| s == vcpu) => Hit::NotOurs,
             Some(e) if e.one_shot => Hit::OneShot,
@@ -399,7 +442,7 @@ impl Breakpoints {
     /// Puts the patch back at `vaddr` after a step over it.
     pub fn rearm(&mut self, vaddr: u64) -> Write {
         match self.entries.get_mut(&vaddr) {
-            Some(e) if !e.armed => {
+            Some(e) if !e.armed && !e.retired => {
                 e.armed = true;
                 e.stepper = None;
                 Write::Byte {
@@ -408,6 +451,26 @@ impl Breakpoints {
                 }
             }
             _ => Write::None,
+        }
+    }
+
+    /// Whether removed entries are kept (see [`Entry::retired`]).
+    pub fn has_retired(&self) -> bool {
+        self.entries.values().any(|e| e.retired)
+    }
+
+    /// Forgets the removed entries: to be called only when no vCPU can hold an exit
+    /// from a patch taken out (none runs but the caller, at the start of its run).
+    pub fn purge_retired(&mut self) {
+        let gone: Vec<u64> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| e.retired)
+            .map(|(v, _)| *v)
+            .collect();
+        for vaddr in gone {
+            let e = self.entries.remove(&vaddr).expect("listed above");
+            self.count(e.patch, e.in_image, -1);
         }
     }
 
@@ -489,8 +552,44 @@ mod tests {
             t.remove(0x1000, Owner::Vcpu(0)),
             Err(TableError::Missing { vaddr: 0x1000 })
         );
+        assert_eq!(t.hit(0x1000, 0), Hit::Stale, "kept for a trap taken before");
+        assert!(t.has_retired() && t.originals().is_empty());
+        t.purge_retired();
         assert!(t.is_empty());
         assert_eq!(t.hit(0x1000, 0), Hit::NotOurs);
+    }
+
+    #[test]
+    fn a_removed_breakpoint_is_stale_until_purged_and_may_be_set_again() {
+        let mut t = Breakpoints::default();
+        t.insert_patch(0x10, 0x10, 0x55, Owner::Vm, false, PIO_PATCH)
+            .unwrap();
+        t.remove(0x10, Owner::Vm).unwrap();
+        assert!(
+            t.pio_at(0x10) && t.has_pio(),
+            "a port write from it is still known"
+        );
+        assert_eq!(
+            t.rearm(0x10),
+            Write::None,
+            "a step over it does not re-patch"
+        );
+        let again = t.insert(0x10, 0x10, 0x55, Owner::Vcpu(1), false).unwrap();
+        assert_eq!(
+            again,
+            Write::Byte {
+                gpa: 0x10,
+                byte: PIO_PATCH
+            }
+        );
+        assert_eq!((t.hit(0x10, 1), t.hit(0x10, 0)), (Hit::Report, Hit::Pass));
+        t.remove(0x10, Owner::Vcpu(1)).unwrap();
+        // Another address for the same byte replaces the removed one.
+        t.insert(0x20, 0x10, 0x55, Owner::Vm, false).unwrap();
+        assert!(t.get(0x10).is_none() && !t.has_pio());
+        t.remove(0x20, Owner::Vm).unwrap();
+        t.purge_retired();
+        assert!(t.is_empty());
     }
 
     #[test]

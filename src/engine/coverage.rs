@@ -309,7 +309,7 @@ impl VcpuCore {
             .is_some_and(|e| e.armed || e.stepper.is_some_and(|s| s != me))
         {
             // This vCPU's own step over it ran the original instruction (a port write
-            // there): run it.
+            // there), or it was removed after this vCPU hit it: run the original.
             return Ok(Some(Trap::Continue));
         }
         let hit = table.hit(addr, self.id);
@@ -339,6 +339,8 @@ impl VcpuCore {
                 Ok(Some(Trap::Continue))
             }
             Hit::NotOurs => Ok(None),
+            // Not armed: handled above.
+            Hit::Stale => Ok(Some(Trap::Continue)),
         }
     }
 }

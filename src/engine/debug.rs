@@ -37,8 +37,6 @@ pub use crate::engine::watch_vcpu::watch_mechanism;
 
 /// RFLAGS.TF: trap after the next instruction.
 const TF: u64 = 1 << 8;
-/// RFLAGS.RF: no instruction breakpoint for the next instruction.
-const RF: u64 = 1 << 16;
 
 /// A vCPU's debugging state between and during runs.
 #[derive(Default)]
@@ -246,6 +244,7 @@ impl VcpuCore {
 
     pub(crate) fn debug_enter(&self, fd: &mut VcpuFd) -> Result<()> {
         let mut st = lock(&self.debug);
+        self.purge_removed_breakpoints();
         let table_empty = lock(&self.vm.breakpoints).is_empty();
         let dr_changed = self.arm_debug_registers(&mut st)?;
         self.resume_past_hw_breakpoint(fd, &st)?;
@@ -355,6 +354,8 @@ impl VcpuCore {
                         st.resume_from = Some(pc);
                         Ok(Trap::Done(Exit::Breakpoint { address: pc }))
                     }
+                    // Removed since: RIP is at it, the original is back.
+                    Hit::Stale => Ok(Trap::Continue),
                     Hit::OneShot => {
                         let write = count_hit(&self.vm, pc, true);
                         self.vm.apply(write)?;
@@ -432,6 +433,7 @@ impl VcpuCore {
                 self.vm.apply(write)?;
                 Ok(Trap::Continue)
             }
+            Hit::Stale => Ok(Trap::Continue),
             _ => {
                 if hit == Hit::Count {
                     count_hit(&self.vm, addr, false);
@@ -440,19 +442,6 @@ impl VcpuCore {
                 Ok(Trap::Continue)
             }
         }
-    }
-
-    /// A run that resumes where a hardware breakpoint stopped the vCPU sets RFLAGS.RF:
-    /// the CPU then skips instruction breakpoints for one instruction (see
-    /// `hw_breakpoints`).
-    fn resume_past_hw_breakpoint(&self, fd: &mut VcpuFd, st: &DebugState) -> Result<()> {
-        let Some(at) = st.resume_from.filter(|a| st.execs.contains(a)) else {
-            return Ok(());
-        };
-        if self.read_regs(fd)?.rip == at {
-            self.update_regs(fd, |r| r.rflags |= RF)?;
-        }
-        Ok(())
     }
 
     /// Runs on from a breakpoint at `addr` mid-run (a handler let the guest go on): if
@@ -465,7 +454,7 @@ impl VcpuCore {
         st.resume_from = None;
         if st.execs.contains(&addr) {
             // A hardware breakpoint there: RF lets the instruction run once.
-            self.update_regs(fd, |r| r.rflags |= RF)?;
+            self.update_regs(fd, |r| r.rflags |= hw_breakpoints::RF)?;
         }
         self.step_over_locked(fd, &mut st, addr)
     }

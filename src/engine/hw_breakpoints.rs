@@ -11,13 +11,19 @@
 //! makes the CPU skip instruction breakpoints for one instruction (Intel SDM vol. 3,
 //! 17.3.1.1), as an operating system's #DB handler does before `iret`.
 
+use kvm_ioctls::VcpuFd;
+
 use crate::engine::breakpoints::{Audience, Owner};
+use crate::engine::debug::DebugState;
 use crate::engine::debug_host::{host, mechanism, Mechanism};
 use crate::engine::debug_regs::WatchMechanism;
 use crate::engine::error::{Error, Result};
 use crate::engine::lock;
 use crate::engine::vcpu::VcpuCore;
 use crate::engine::vm::VmCore;
+
+/// RFLAGS.RF: no instruction breakpoint for the next instruction.
+pub const RF: u64 = 1 << 16;
 
 /// How many debug registers hold addresses: DR0-DR3.
 pub const DEBUG_REGISTERS: usize = 4;
@@ -164,6 +170,21 @@ impl VmCore {
             python: at(&|o| o != Owner::Gdb),
             gdb: at(&|o| o == Owner::Gdb),
         }
+    }
+}
+
+impl VcpuCore {
+    /// A run that resumes where a hardware breakpoint stopped the vCPU sets RFLAGS.RF:
+    /// the CPU then skips instruction breakpoints for one instruction (see
+    /// `hw_breakpoints`).
+    pub(crate) fn resume_past_hw_breakpoint(&self, fd: &mut VcpuFd, st: &DebugState) -> Result<()> {
+        let Some(at) = st.resume_from.filter(|a| st.execs.contains(a)) else {
+            return Ok(());
+        };
+        if self.read_regs(fd)?.rip == at {
+            self.update_regs(fd, |r| r.rflags |= RF)?;
+        }
+        Ok(())
     }
 }
 
