@@ -130,6 +130,8 @@ pub struct Breakpoints {
     /// How many entries have their patch in an image: the others are re-patched after
     /// a restore.
     imaged: usize,
+    /// How many entries are retired (see [`Entry::retired`]).
+    retired: usize,
     /// `(gpa, original)` for each image patch that went (a one-shot hit, a removal): the
     /// executor that owns the image writes them there before its next restore.
     pub image_writes: Vec<(u64, u8)>,
@@ -190,11 +192,11 @@ impl Breakpoints {
             if e.gpa == gpa {
                 // Set again: the same entry, patched again.
                 (e.retired, e.armed, e.original) = (false, true, current);
+                self.retired -= 1;
                 (e.owners, e.one_shot) = (vec![owner], one_shot);
                 return Ok(Write::Byte { gpa, byte: e.patch });
             }
-            let e = self.entries.remove(&vaddr).expect("found above");
-            self.count(e.patch, e.in_image, -1);
+            self.drop_retired(vaddr);
         }
         if let Some(e) = self.entries.get_mut(&vaddr) {
             if e.gpa == gpa {
@@ -266,8 +268,7 @@ impl Breakpoints {
             .map(|(v, _)| *v)
             .collect();
         for v in retired {
-            let e = self.entries.remove(&v).expect("listed above");
-            self.count(e.patch, e.in_image, -1);
+            self.drop_retired(v);
         }
         if let Some((&other, _)) = self.entries.iter().find(|(_, e)| e.gpa == gpa) {
             return Err(TableError::Alias { vaddr: other, gpa });
@@ -350,6 +351,7 @@ impl Breakpoints {
             // A vCPU may have trapped at the patch and not yet looked: keep the entry.
             let was_armed = std::mem::replace(&mut e.armed, false);
             (e.retired, e.stepper) = (true, None);
+            self.retired += 1;
             return Ok(if was_armed {
                 Write::Byte {
                     gpa: e.gpa,
@@ -456,7 +458,14 @@ impl Breakpoints {
 
     /// Whether removed entries are kept (see [`Entry::retired`]).
     pub fn has_retired(&self) -> bool {
-        self.entries.values().any(|e| e.retired)
+        self.retired > 0
+    }
+
+    fn drop_retired(&mut self, vaddr: u64) {
+        if let Some(e) = self.entries.remove(&vaddr) {
+            self.count(e.patch, e.in_image, -1);
+            self.retired -= 1;
+        }
     }
 
     /// Forgets the removed entries: to be called only when no vCPU can hold an exit
@@ -469,8 +478,7 @@ impl Breakpoints {
             .map(|(v, _)| *v)
             .collect();
         for vaddr in gone {
-            let e = self.entries.remove(&vaddr).expect("listed above");
-            self.count(e.patch, e.in_image, -1);
+            self.drop_retired(vaddr);
         }
     }
 
