@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -81,7 +82,10 @@ def test_the_mechanism_follows_what_the_probe_found() -> None:
     line = _info_line({"KVMPY_DEBUG_MECHANISM": ""})
     assert ("KVM_EXIT_DEBUG" in line) == intercepts
     assert ("exception stubs" in line) != intercepts
-    assert "exception stubs" in _info_line({"KVMPY_DEBUG_MECHANISM": "exception-stubs"})
+    hardware = bool(d["hw_breakpoints"]) and intercepts
+    assert ("hardware breakpoints: DR0-DR3" in line) == hardware, line
+    line = _info_line({"KVMPY_DEBUG_MECHANISM": "exception-stubs"})
+    assert "exception stubs" in line and "hardware breakpoints: none" in line, line
     line = _info_line({"KVMPY_DEBUG_MECHANISM": "kvm"})
     assert ("KVM_EXIT_DEBUG" if intercepts else "does not intercept int3") in line
 
@@ -379,9 +383,7 @@ def test_an_exception_during_a_step_leaves_no_trap_flag_behind() -> None:
 
 
 def test_breakpoints_on_vcpus_running_in_parallel() -> None:
-    # Each vCPU runs its own copy of the loop (one at CODE, one 0x100 later): stepping over
-    # a breakpoint takes it out of memory for an instruction, so two vCPUs on the same
-    # breakpoint at the same moment could miss a hit (see the README).
+    # Each vCPU runs its own copy of the loop (one at CODE, one 0x100 later).
     vm, cpus = machine(LOOP + bytes(0x100 - len(LOOP)) + LOOP, cpus=2)
     with vm:
         cpus[1].set_regs(rip=CODE + 0x100, rdi=2)
@@ -399,3 +401,90 @@ def test_breakpoints_on_vcpus_running_in_parallel() -> None:
                     cpus[i].set_regs(rip=OUT + 0x100 * i)  # at its exit port from now on
         assert seen == [[3, 2, 1], [2, 1]]
         assert [c.regs.rax for c in cpus] == [6, 3]
+
+
+def test_no_vcpu_misses_a_vm_wide_breakpoint_another_steps_over() -> None:
+    # Both vCPUs run the same loop: inc qword [rbx]; dec rcx (the breakpoint); jnz; out.
+    # Each counts its own iterations at rbx; a handler counts the hits each one reports.
+    # While one vCPU steps over the breakpoint, the other must still stop at it.
+    code = bytes([0x48, 0xFF, 0x03, 0x48, 0xFF, 0xC9, 0x75, 0xF8, 0xE6, 0xF4])
+    data, rounds = 0x100000, 300
+    vm, cpus = machine(code, cpus=2)
+    with vm:
+        for i, cpu in enumerate(cpus):
+            cpu.set_regs(rbx=data + 8 * i, rcx=rounds)
+        vm.add_breakpoint(CODE + 3)
+        seen = [0, 0]
+
+        @vm.on_breakpoint
+        def count(exit: kvmpy.BreakpointExit) -> None:
+            assert exit.address == CODE + 3
+            seen[exit.vcpu_id] += 1
+
+        exits = vm.run(timeout=60)
+        assert [e.reason for e in exits] == ["exit", "exit"]
+        counted = [int.from_bytes(vm.read(data + 8 * i, 8), "little") for i in range(2)]
+        assert counted == [rounds, rounds], "each vCPU ran its loop to the end"
+        assert seen == counted, "every pass over the breakpoint was reported"
+
+        # Without a handler: each vCPU's run returns at the breakpoint, and the next run
+        # steps over it, on two threads at once.
+        vm.remove_handler(count)
+        vm.write(data, bytes(16))
+        for i, cpu in enumerate(cpus):
+            cpu.set_regs(rip=CODE, rbx=data + 8 * i, rcx=rounds)
+
+        def runs(i: int) -> None:
+            while cpus[i].run(timeout=60).reason == "breakpoint":
+                seen[i] += 1
+
+        seen = [0, 0]
+        threads = [threading.Thread(target=runs, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        counted = [int.from_bytes(vm.read(data + 8 * i, 8), "little") for i in range(2)]
+        assert counted == [rounds, rounds] and seen == counted
+
+
+def _run_while_another_thread_toggles_a_breakpoint(code: bytes, data: int, rounds: int) -> None:
+    vm, (_, cpu) = machine(code, cpus=2)
+    with vm:
+        cpu.set_regs(rbx=data, rcx=rounds, rdx=0x77)
+        hits = []
+
+        @vm.on_breakpoint
+        def count(exit: kvmpy.BreakpointExit) -> None:
+            hits.append(exit.address)
+
+        done, toggled = threading.Event(), threading.Event()
+
+        def toggle() -> None:
+            while not done.is_set():
+                vm.add_breakpoint(CODE + 3)
+                vm.remove_breakpoint(CODE + 3)
+                toggled.set()
+
+        t = threading.Thread(target=toggle)
+        t.start()
+        toggled.wait()
+        try:
+            e = cpu.run(timeout=30)
+        finally:
+            done.set()
+            t.join()
+        assert e.reason == "exit", e
+        assert int.from_bytes(vm.read(data, 8), "little") == rounds
+        assert set(hits) <= {CODE + 3}
+        assert vm.read(CODE, len(code)) == code and vm.breakpoints == []
+
+
+def test_a_breakpoint_removed_while_a_vcpu_runs_over_it_is_never_an_io_exit() -> None:
+    # vCPU 1 loops over a VM-wide breakpoint that another thread sets and removes again
+    # and again (vCPU 0, idle, translates it). A vCPU that trapped at the patch just
+    # before its removal must run the original instruction, not take the trap for the
+    # guest's own instruction (an `out dx, al` here, or the guest's `int3`).
+    code = bytes([0x48, 0xFF, 0x03, 0x48, 0xFF, 0xC9, 0x75, 0xF8, 0xE6, 0xF4])
+    for _ in range(20):
+        _run_while_another_thread_toggles_a_breakpoint(code, 0x100000, 3_000_000)

@@ -421,7 +421,9 @@ def test_each_vcpu_is_a_thread_with_its_own_registers(remote_of: list[Remote]) -
 
 
 @needs_gdb
-def test_gdb_lists_the_vcpus_as_threads_and_refuses_hardware_breakpoints(elf: Path) -> None:
+def test_gdb_lists_the_vcpus_as_threads_and_hbreak_where_the_host_has_it(elf: Path) -> None:
+    d = kvmpy._native._debug_support()
+    has_them = bool(d["hw_breakpoints"]) and d["mechanism"] == "kvm"
     vm = loop_vm(cpus=2)
     with vm, vm.gdb_server() as server:
         out = gdb(
@@ -432,14 +434,33 @@ def test_gdb_lists_the_vcpus_as_threads_and_refuses_hardware_breakpoints(elf: Pa
             "info registers rip",
             "hbreak *0x10001",
             "continue",
+            "info registers rip",
+            "delete",
+            "break *0x10001",
+            "continue",
+            "info registers rip",
             "detach",
         )
         assert server.wait(30), out
-        assert [cpu.regs.rip for cpu in vm.vcpus] == [0x10000, 0x10010], "nothing ran"
+        assert vm.breakpoints == [], "gdb's breakpoints go with its session"
+        assert vm.vcpus[0].regs.rip == 0x10001
+        assert vm.vcpus[1].regs.rip in (0x10010, 0x10011), "stopped with vCPU 0"
     assert re.search(r"1\s+Thread 1\.1\s+0x0+10000 in", out), out
     assert re.search(r"2\s+Thread 1\.2\s+0x0+10010 in", out), out
-    assert re.search(r"^rip\s+0x10010\s", out, re.MULTILINE), out
-    assert "Cannot insert hardware breakpoint 1" in out, out
+    rips = [int(v, 16) for v in re.findall(r"^rip\s+(0x[0-9a-f]+)", out, re.MULTILINE)]
+    if has_them:
+        assert "Hardware assisted breakpoint 1 at 0x10001" in out, out
+        assert rips == [0x10010, 0x10001, 0x10001], out
+    else:
+        # gdb cannot insert the breakpoint and prints why; nothing runs, and the session
+        # goes on (a patched breakpoint then stops thread 1 there).
+        why = "did not fire in the probe guest" if not d["hw_breakpoints"] else "exception stubs"
+        assert re.search(
+            r"Cannot insert hardware breakpoint 1:\s*Remote failure reply: hardware "
+            rf"breakpoints: [^\n]*{why}",
+            out,
+        ), out
+        assert rips == [0x10010, 0x10010, 0x10001], out
 
 
 def test_serve_gdb_blocks_until_the_session_ends() -> None:
@@ -586,3 +607,42 @@ def test_run_rejects_a_bad_gdb_address() -> None:
         text=True,
     )
     assert done.returncode == 2 and "expected HOST:PORT" in done.stderr
+
+
+@needs_gdb
+def test_python_handlers_see_python_breakpoints_and_gdb_sees_its_own(elf: Path) -> None:
+    vm, cpu, console, symbols = counter_vm(elf)
+    mark = 0x300000  # free memory: the handler writes how often it ran
+    with vm:
+        vm.add_breakpoint(symbols["bump"])
+        seen: list[tuple[int, int]] = []
+
+        @vm.on_breakpoint
+        def count(exit: kvmpy.BreakpointExit) -> None:
+            seen.append((exit.address, cpu.regs.rdi))
+            vm.write(mark, len(seen).to_bytes(8, "little"))
+
+        with vm.gdb_server() as server:
+            out = gdb(
+                elf,
+                server.port,
+                "break main",
+                "continue",  # gdb's breakpoint: gdb stops, the handler is not called
+                "x/1xg 0x300000",
+                "break *bump",
+                "continue",  # both set it: the handler runs first, then gdb stops
+                "x/1xg 0x300000",
+                "info registers rdi",
+                "delete",
+                "continue",  # Python's alone: the handler runs, gdb does not stop
+            )
+            assert server.wait(60), out
+        assert f"main (arg0=0, arg1=0) at gdb_counter.c:{line_of('total = 0')}" in out, out
+        marks = re.findall(r"^0x300000:\s+(0x[0-9a-f]+)", out, re.MULTILINE)
+        assert [int(m, 16) for m in marks] == [0, 1], out
+        assert re.search(r"^rdi\s+0x1\s", out, re.MULTILINE), out
+        assert "SIGTRAP" not in out, out
+        assert "exited with code 067" in out, out  # 55, which gdb prints in octal
+        assert seen == [(symbols["bump"], i) for i in range(1, 11)]
+        assert console.output() == b"counter = 55\n"
+        assert vm.breakpoints == [symbols["bump"]], "Python's stays; gdb's went"

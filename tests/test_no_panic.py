@@ -155,6 +155,22 @@ def test_every_public_call_survives_every_wrong_argument(
             assert call_every_way(obj, name, at_the_hlt(vm, cpu)) > 0
 
 
+def test_hardware_breakpoints_survive_every_wrong_address() -> None:
+    # The sweep above gives `hardware` alone; here with every address, on both objects.
+    vm, cpu = fresh()
+    with vm:
+        for obj, v in itertools.product((vm, cpu), HOSTILE):
+            for hardware in (True, v):
+                try:
+                    obj.add_breakpoint(v, hardware=hardware)
+                    obj.remove_breakpoint(v)
+                except Exception:
+                    pass  # any clear Python exception is fine
+        vm.write(REAL_LOAD, HLT_LOOP)
+        cpu.setup_real_mode(cs=0, ip=REAL_LOAD)
+        assert cpu.run(timeout=10).reason == "hlt", "the VM stays usable"
+
+
 def test_module_functions_survive_every_wrong_argument() -> None:
     for name in ("available",):
         call_every_way(kvmpy, name)

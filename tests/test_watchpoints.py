@@ -299,16 +299,59 @@ def test_bad_watchpoints() -> None:
             c.add_watchpoint(0x400000, 8)
 
 
-def test_hardware_breakpoints_are_refused_naming_the_host_limit() -> None:
+def test_hardware_breakpoints_where_the_host_has_them_and_a_clear_refusal_elsewhere() -> None:
+    d = _debug_support()
+    has_them = bool(d["hw_breakpoints"]) and d["mechanism"] == "kvm"
     vm, cpu = machine()
     with vm:
-        with pytest.raises(kvmpy.KvmUnsupported, match="hardware breakpoints"):
-            cpu.add_breakpoint(AFTER_STORE, hardware=True)
-        if not _debug_support()["hw_breakpoints"]:
-            with pytest.raises(kvmpy.KvmUnsupported, match="did not fire in"):
+        if not has_them:
+            why = "did not fire in" if not d["hw_breakpoints"] else "exception stubs"
+            with pytest.raises(kvmpy.KvmUnsupported, match=f"hardware breakpoints: .*{why}"):
                 cpu.add_breakpoint(AFTER_STORE, hardware=True)
-        assert cpu.breakpoints == [], "no patch set instead"
-        assert cpu.add_breakpoint(AFTER_STORE, hardware=False) == AFTER_STORE
+            with pytest.raises(kvmpy.KvmUnsupported, match=f"hardware breakpoints: .*{why}"):
+                vm.add_breakpoint(AFTER_STORE, hardware=True)
+            assert cpu.breakpoints == [] and vm.breakpoints == [], "no patch set instead"
+            with pytest.raises(ValueError, match="no breakpoint"):
+                cpu.remove_breakpoint(AFTER_STORE)
+            assert cpu.add_breakpoint(AFTER_STORE, hardware=False) == AFTER_STORE
+            e = store(cpu, DATA, 5)
+            assert isinstance(e, kvmpy.BreakpointExit) and e.address == AFTER_STORE, "usable"
+        else:
+            assert cpu.add_breakpoint(AFTER_STORE, hardware=True) == AFTER_STORE
+            assert cpu.breakpoints == [AFTER_STORE]
+            assert vm.read(AFTER_STORE, 1) == STORE_LOAD[3:4]
+            assert memoryview(vm.memory_regions[0])[AFTER_STORE] == STORE_LOAD[3], "no patch"
+            e = store(cpu, DATA, 5)
+            assert isinstance(e, kvmpy.BreakpointExit) and e.address == AFTER_STORE
+            assert cpu.regs.rip == AFTER_STORE and qword(vm, DATA) == 5, "before the load"
+            assert cpu.run(timeout=10).reason == "exit", "a run from it goes past it"
+            # DR0-DR3 in all, shared with debug-register watchpoints.
+            vm.add_breakpoint(CODE, hardware=True)
+            cpu.add_breakpoint(AFTER_LOAD, hardware=True)
+            cpu.add_breakpoint(CODE + 0x100, hardware=True)
+            with pytest.raises(ValueError, match="share DR0-DR3"):
+                cpu.add_breakpoint(CODE + 0x200, hardware=True)
+            cpu.remove_breakpoint(CODE + 0x100)
+            if d["watch_mechanism"] == "debug-registers":
+                cpu.add_watchpoint(DATA, 8)
+                with pytest.raises(ValueError, match="share DR0-DR3"):
+                    cpu.add_breakpoint(CODE + 0x100, hardware=True)
+                cpu.remove_watchpoint(DATA, 8)
+            vm.remove_breakpoint(CODE)
+            cpu.remove_breakpoint(AFTER_STORE)
+            e = store(cpu, DATA, 6)
+            assert isinstance(e, kvmpy.BreakpointExit) and e.address == AFTER_LOAD
+            hits: list[int] = []
+
+            @vm.on_breakpoint
+            def count(exit: kvmpy.BreakpointExit) -> None:
+                hits.append(exit.address)
+
+            assert store(cpu, DATA, 7).reason == "exit", "a handler lets the guest go on"
+            assert hits == [AFTER_LOAD]
+            vm.remove_handler(count)
+            cpu.remove_breakpoint(AFTER_LOAD)
+            assert cpu.breakpoints == [] and store(cpu, DATA, 8).reason == "exit"
     with pytest.raises(kvmpy.VmClosedError):
         cpu.add_breakpoint(AFTER_STORE, hardware=True)
 

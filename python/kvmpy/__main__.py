@@ -191,9 +191,14 @@ def debugging() -> str:
     elif watch == "debug-registers":
         watch = "debug-registers (DR0-DR3 through KVM_GUESTDBG_USE_HW_BP)"
     block = "held off (KVM_GUESTDBG_BLOCKIRQ)" if d.get("block_irq") else "not held off"
+    if d["hw_breakpoints"] and d["mechanism"] == "kvm":
+        hardware = "DR0-DR3, shared with debug-register watchpoints"
+    else:
+        hardware = "none (add_breakpoint(hardware=True) raises KvmUnsupported)"
     return (
         f"{how}; KVM intercepts: {caught}; breakpoints and fuzzing coverage in user mode: "
-        f"{d.get('breakpoints')} ({patch}); watchpoints: {watch}; KVM_CAP_SET_GUEST_DEBUG2: "
+        f"{d.get('breakpoints')} ({patch}); hardware breakpoints: {hardware}; "
+        f"watchpoints: {watch}; KVM_CAP_SET_GUEST_DEBUG2: "
         f"{int(d.get('guest_debug_flags', 0)):#x}, interrupts during KVM single steps: {block}"
     )
 

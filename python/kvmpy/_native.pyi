@@ -921,9 +921,12 @@ class Vcpu:
         Where the host's KVM does not intercept `int3` (`python -m kvmpy info`), the vCPU
         needs `setup_long_mode(exceptions=True)`; otherwise this raises `KvmUnsupported`.
 
-        `hardware=True` asks for a debug-register breakpoint (DR0-DR3, no byte patched):
-        it raises `KvmUnsupported` naming the host's limit (a patch is not a hardware
-        breakpoint, so none is set instead).
+        `hardware=True` sets a debug-register breakpoint instead (DR0-DR3, no byte
+        patched; the same `breakpoint` exit). Only hosts whose KVM delivers debug-register
+        traps have them (bare-metal KVM: `python -m kvmpy info` says); elsewhere, as on
+        nested software KVMs, it raises `KvmUnsupported` naming the probe's result (no
+        patch is set instead). They share the four slots with debug-register
+        watchpoints: a fifth user raises `ValueError`.
         """
     def remove_breakpoint(self, address: int) -> None:
         """Removes this vCPU's breakpoint at `address` (the original byte goes back);
@@ -931,7 +934,8 @@ class Vcpu:
         """
     @property
     def breakpoints(self) -> list[int]:
-        """The addresses of this vCPU's breakpoints (not the VM-wide ones)."""
+        """The addresses of this vCPU's breakpoints, patched and hardware (not the VM-wide
+        ones)."""
     def step(self, count: int = 1, *, timeout: float | None = None) -> int:
         """Executes `count` instructions, one at a time, and returns the new RIP. A
         breakpoint is not reported while stepping onto it; stepping on from it executes
@@ -1183,15 +1187,18 @@ class Vm:
         `exit.stop()` to end the run with that exit. Without `handler`, returns a
         decorator. Without a breakpoint handler, `run()` returns at each breakpoint.
         """
-    def add_breakpoint(self, address: int) -> int:
+    def add_breakpoint(self, address: int, *, hardware: bool = False) -> int:
         """Sets a software breakpoint at guest-virtual `address` for every vCPU (translated by
         the first vCPU's page tables): see `Vcpu.add_breakpoint`. Returns `address`.
+        `hardware=True`: a debug-register breakpoint in every vCPU, where the host has them
+        (see `Vcpu.add_breakpoint`; `KvmUnsupported` elsewhere).
         """
     def remove_breakpoint(self, address: int) -> None:
         """Removes the VM-wide breakpoint at `address`; `ValueError` if there is none."""
     @property
     def breakpoints(self) -> list[int]:
-        """The addresses of the VM-wide breakpoints."""
+        """The addresses of the VM-wide breakpoints set from Python, patched and hardware
+        (not a gdb client's)."""
     def gdb_server(self, port: int = 0, host: str = "127.0.0.1") -> GdbServer:
         """Starts a gdb remote stub for this VM on `host:port` (port 0: a free port, see
         `GdbServer.port`) and returns at once; gdb connects with `target remote HOST:PORT`.

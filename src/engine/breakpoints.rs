@@ -30,8 +30,21 @@ pub const PIO_PATCH: u8 = 0xee;
 /// Who set a breakpoint.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Owner {
+    /// Python's `vm.add_breakpoint`: every vCPU stops, Python's handler sees it.
     Vm,
+    /// Python's `cpu.add_breakpoint`: that vCPU stops, Python's handler sees it.
     Vcpu(u64),
+    /// A gdb client: every vCPU stops for gdb; Python's handler does not see it.
+    Gdb,
+}
+
+/// Who a breakpoint hit is reported to (see [`Breakpoints::audience`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Audience {
+    /// Python set it (for the VM or the vCPU that hit it): its handler is called.
+    pub python: bool,
+    /// A gdb client set it: the run stops for gdb, after Python's handler if both set it.
+    pub gdb: bool,
 }
 
 /// One patched address.
@@ -44,6 +57,13 @@ pub struct Entry {
     pub one_shot: bool,
     /// Whether the patch byte is in memory now (false while stepping over it).
     pub armed: bool,
+    /// The vCPU stepping over it while it is out (see `allstop`): a trap at it on any
+    /// other vCPU was taken before the patch went out, and is a hit.
+    pub stepper: Option<u64>,
+    /// Removed while vCPUs may still hold an exit from its patch: kept (unpatched, no
+    /// owner) so that such an exit is known for what it was, until
+    /// [`Breakpoints::purge_retired`].
+    pub retired: bool,
     /// The byte patched in: [`PATCH`] or [`PIO_PATCH`].
     pub patch: u8,
     /// A coverage block: a hit counts into the coverage map.
@@ -66,6 +86,8 @@ pub enum Hit {
     OneShot,
     /// A coverage block that stays in ("armed" mode): count the hit, step over it.
     Count,
+    /// A breakpoint removed after the vCPU trapped at it: run the original instruction.
+    Stale,
 }
 
 /// Why an insertion or removal was refused.
@@ -108,6 +130,8 @@ pub struct Breakpoints {
     /// How many entries have their patch in an image: the others are re-patched after
     /// a restore.
     imaged: usize,
+    /// How many entries are retired (see [`Entry::retired`]).
+    retired: usize,
     /// `(gpa, original)` for each image patch that went (a one-shot hit, a removal): the
     /// executor that owns the image writes them there before its next restore.
     pub image_writes: Vec<(u64, u8)>,
@@ -163,6 +187,17 @@ impl Breakpoints {
         one_shot: bool,
         patch: u8,
     ) -> Result<Write, TableError> {
+        if self.entries.get(&vaddr).is_some_and(|e| e.retired) {
+            let e = self.entries.get_mut(&vaddr).expect("found above");
+            if e.gpa == gpa {
+                // Set again: the same entry, patched again.
+                (e.retired, e.armed, e.original) = (false, true, current);
+                self.retired -= 1;
+                (e.owners, e.one_shot) = (vec![owner], one_shot);
+                return Ok(Write::Byte { gpa, byte: e.patch });
+            }
+            self.drop_retired(vaddr);
+        }
         if let Some(e) = self.entries.get_mut(&vaddr) {
             if e.gpa == gpa {
                 if !e.owners.contains(&owner) {
@@ -182,6 +217,8 @@ impl Breakpoints {
                 owners: vec![owner],
                 one_shot,
                 armed: true,
+                stepper: None,
+                retired: false,
                 patch,
                 coverage: false,
                 in_image: false,
@@ -212,6 +249,8 @@ impl Breakpoints {
                 owners: Vec::new(),
                 one_shot,
                 armed: true,
+                stepper: None,
+                retired: false,
                 patch,
                 coverage: true,
                 in_image: true,
@@ -222,6 +261,15 @@ impl Breakpoints {
     /// Adds a new entry, refused where another address already patches its byte.
     fn add_entry(&mut self, vaddr: u64, entry: Entry) -> Result<(), TableError> {
         let gpa = entry.gpa;
+        let retired: Vec<u64> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| e.retired && e.gpa == gpa)
+            .map(|(v, _)| *v)
+            .collect();
+        for v in retired {
+            self.drop_retired(v);
+        }
         if let Some((&other, _)) = self.entries.iter().find(|(_, e)| e.gpa == gpa) {
             return Err(TableError::Alias { vaddr: other, gpa });
         }
@@ -299,6 +347,20 @@ impl Breakpoints {
         if !e.owners.is_empty() {
             return Ok(Write::None);
         }
+        if !e.in_image {
+            // A vCPU may have trapped at the patch and not yet looked: keep the entry.
+            let was_armed = std::mem::replace(&mut e.armed, false);
+            (e.retired, e.stepper) = (true, None);
+            self.retired += 1;
+            return Ok(if was_armed {
+                Write::Byte {
+                    gpa: e.gpa,
+                    byte: e.original,
+                }
+            } else {
+                Write::None
+            });
+        }
         let e = self.entries.remove(&vaddr).expect("entry found above");
         self.count(e.patch, e.in_image, -1);
         if e.in_image {
@@ -318,13 +380,30 @@ impl Breakpoints {
     pub fn hit(&self, vaddr: u64, vcpu: u64) -> Hit {
         match self.entries.get(&vaddr) {
             None => Hit::NotOurs,
-            Some(e) if !e.armed => Hit::NotOurs,
+            Some(e) if e.retired => Hit::Stale,
+            // Out for a step: this vCPU's own step runs the original instruction there.
+            Some(e) if !e.armed && e.stepper.is_none_or(|s| s == vcpu) => Hit::NotOurs,
             Some(e) if e.one_shot => Hit::OneShot,
             Some(e) if e.coverage => Hit::Count,
-            Some(e) if e.owners.contains(&Owner::Vm) || e.owners.contains(&Owner::Vcpu(vcpu)) => {
+            Some(e)
+                if e.owners
+                    .iter()
+                    .any(|o| matches!(o, Owner::Vm | Owner::Gdb) || *o == Owner::Vcpu(vcpu)) =>
+            {
                 Hit::Report
             }
             Some(_) => Hit::Pass,
+        }
+    }
+
+    /// Who vCPU `vcpu`'s hit at `vaddr` is reported to.
+    pub fn audience(&self, vaddr: u64, vcpu: u64) -> Audience {
+        let owners = self.entries.get(&vaddr).map_or(&[][..], |e| &e.owners[..]);
+        Audience {
+            python: owners
+                .iter()
+                .any(|o| *o == Owner::Vm || *o == Owner::Vcpu(vcpu)),
+            gdb: owners.contains(&Owner::Gdb),
         }
     }
 
@@ -350,17 +429,56 @@ impl Breakpoints {
         }
     }
 
+    /// Takes the patch out at `vaddr` for vCPU `vcpu` to step over it (see
+    /// [`Entry::stepper`]).
+    pub fn step_out(&mut self, vaddr: u64, vcpu: u64) -> Write {
+        let write = self.disarm(vaddr);
+        if write != Write::None {
+            if let Some(e) = self.entries.get_mut(&vaddr) {
+                e.stepper = Some(vcpu);
+            }
+        }
+        write
+    }
+
     /// Puts the patch back at `vaddr` after a step over it.
     pub fn rearm(&mut self, vaddr: u64) -> Write {
         match self.entries.get_mut(&vaddr) {
-            Some(e) if !e.armed => {
+            Some(e) if !e.armed && !e.retired => {
                 e.armed = true;
+                e.stepper = None;
                 Write::Byte {
                     gpa: e.gpa,
                     byte: e.patch,
                 }
             }
             _ => Write::None,
+        }
+    }
+
+    /// Whether removed entries are kept (see [`Entry::retired`]).
+    pub fn has_retired(&self) -> bool {
+        self.retired > 0
+    }
+
+    fn drop_retired(&mut self, vaddr: u64) {
+        if let Some(e) = self.entries.remove(&vaddr) {
+            self.count(e.patch, e.in_image, -1);
+            self.retired -= 1;
+        }
+    }
+
+    /// Forgets the removed entries: to be called only when no vCPU can hold an exit
+    /// from a patch taken out (none runs but the caller, at the start of its run).
+    pub fn purge_retired(&mut self) {
+        let gone: Vec<u64> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| e.retired)
+            .map(|(v, _)| *v)
+            .collect();
+        for vaddr in gone {
+            self.drop_retired(vaddr);
         }
     }
 
@@ -442,8 +560,71 @@ mod tests {
             t.remove(0x1000, Owner::Vcpu(0)),
             Err(TableError::Missing { vaddr: 0x1000 })
         );
+        assert_eq!(t.hit(0x1000, 0), Hit::Stale, "kept for a trap taken before");
+        assert!(t.has_retired() && t.originals().is_empty());
+        t.purge_retired();
         assert!(t.is_empty());
         assert_eq!(t.hit(0x1000, 0), Hit::NotOurs);
+    }
+
+    #[test]
+    fn a_removed_breakpoint_is_stale_until_purged_and_may_be_set_again() {
+        let mut t = Breakpoints::default();
+        t.insert_patch(0x10, 0x10, 0x55, Owner::Vm, false, PIO_PATCH)
+            .unwrap();
+        t.remove(0x10, Owner::Vm).unwrap();
+        assert!(
+            t.pio_at(0x10) && t.has_pio(),
+            "a port write from it is still known"
+        );
+        assert_eq!(
+            t.rearm(0x10),
+            Write::None,
+            "a step over it does not re-patch"
+        );
+        let again = t.insert(0x10, 0x10, 0x55, Owner::Vcpu(1), false).unwrap();
+        assert_eq!(
+            again,
+            Write::Byte {
+                gpa: 0x10,
+                byte: PIO_PATCH
+            }
+        );
+        assert_eq!((t.hit(0x10, 1), t.hit(0x10, 0)), (Hit::Report, Hit::Pass));
+        t.remove(0x10, Owner::Vcpu(1)).unwrap();
+        // Another address for the same byte replaces the removed one.
+        t.insert(0x20, 0x10, 0x55, Owner::Vm, false).unwrap();
+        assert!(t.get(0x10).is_none() && !t.has_pio());
+        t.remove(0x20, Owner::Vm).unwrap();
+        t.purge_retired();
+        assert!(t.is_empty());
+    }
+
+    #[test]
+    fn gdbs_breakpoints_are_reported_to_gdb_only() {
+        let mut t = Breakpoints::default();
+        t.insert(0x10, 0x10, 0x90, Owner::Gdb, false).unwrap();
+        t.insert(0x20, 0x20, 0x90, Owner::Vcpu(1), false).unwrap();
+        assert_eq!((t.hit(0x10, 0), t.hit(0x10, 1)), (Hit::Report, Hit::Report));
+        let gdb_only = Audience {
+            python: false,
+            gdb: true,
+        };
+        assert_eq!(t.audience(0x10, 0), gdb_only);
+        t.insert(0x20, 0x20, PATCH, Owner::Gdb, false).unwrap();
+        let both = Audience {
+            python: true,
+            gdb: true,
+        };
+        assert_eq!(t.audience(0x20, 1), both);
+        assert_eq!(
+            t.audience(0x20, 0),
+            gdb_only,
+            "vCPU 1's own is not vCPU 0's"
+        );
+        assert_eq!(t.audience(0x30, 0), Audience::default());
+        t.remove(0x20, Owner::Gdb).unwrap();
+        assert_eq!(t.hit(0x20, 0), Hit::Pass);
     }
 
     #[test]
@@ -484,6 +665,30 @@ mod tests {
         // Removed while disarmed: nothing to write back.
         t.disarm(0x10);
         assert_eq!(t.remove(0x10, Owner::Vm), Ok(Write::None));
+    }
+
+    #[test]
+    fn a_trap_on_another_vcpu_while_one_steps_over_is_still_a_hit() {
+        let mut t = Breakpoints::default();
+        t.insert(0x10, 0x10, 0x55, Owner::Vm, false).unwrap();
+        t.insert(0x20, 0x20, 0x56, Owner::Vcpu(0), false).unwrap();
+        assert_ne!(t.step_out(0x10, 0), Write::None);
+        assert_eq!(t.get(0x10).unwrap().stepper, Some(0));
+        assert_eq!(
+            t.hit(0x10, 0),
+            Hit::NotOurs,
+            "the stepper runs the original"
+        );
+        assert_eq!(
+            t.hit(0x10, 1),
+            Hit::Report,
+            "vCPU 1 trapped before it went out"
+        );
+        t.step_out(0x20, 0);
+        assert_eq!(t.hit(0x20, 1), Hit::Pass, "vCPU 0's: vCPU 1 steps over it");
+        t.rearm(0x10);
+        assert_eq!(t.get(0x10).unwrap().stepper, None);
+        assert_eq!(t.hit(0x10, 0), Hit::Report);
     }
 
     #[test]

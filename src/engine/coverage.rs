@@ -303,9 +303,13 @@ impl VcpuCore {
             return Ok(None);
         }
         self.update_regs(fd, |r| r.rip = addr)?;
-        if !table.get(addr).is_some_and(|e| e.armed) {
-            // Another vCPU took the patch out to step over it after this one reached it:
-            // the original instruction is back, run it.
+        let me = self.id;
+        if !table
+            .get(addr)
+            .is_some_and(|e| e.armed || e.stepper.is_some_and(|s| s != me))
+        {
+            // This vCPU's own step over it ran the original instruction (a port write
+            // there), or it was removed after this vCPU hit it: run the original.
             return Ok(Some(Trap::Continue));
         }
         let hit = table.hit(addr, self.id);
@@ -335,6 +339,8 @@ impl VcpuCore {
                 Ok(Some(Trap::Continue))
             }
             Hit::NotOurs => Ok(None),
+            // Not armed: handled above.
+            Hit::Stale => Ok(Some(Trap::Continue)),
         }
     }
 }

@@ -22,17 +22,18 @@ use kvm_bindings::{
 use kvm_ioctls::VcpuFd;
 
 use crate::arch::x86_64::gdt;
-use crate::engine::breakpoints::{Hit, Owner, Write, PATCH, PIO_PATCH};
+use crate::engine::breakpoints::{Audience, Hit, Owner, Write, PATCH, PIO_PATCH};
 use crate::engine::debug_host::block_irq;
 use crate::engine::debug_host::set_guest_debug_regs;
 pub use crate::engine::debug_host::{host, mechanism, HostDebug, Mechanism, MECHANISM_ENV};
 use crate::engine::error::{Error, Result};
 use crate::engine::exit::Exit;
+use crate::engine::hw_breakpoints;
 use crate::engine::lock;
 use crate::engine::vcpu::VcpuCore;
 use crate::engine::vm::VmCore;
 use crate::engine::watch::Watch;
-pub use crate::engine::watch_vcpu::{hw_breakpoints_refused, watch_mechanism};
+pub use crate::engine::watch_vcpu::watch_mechanism;
 
 /// RFLAGS.TF: trap after the next instruction.
 const TF: u64 = 1 << 8;
@@ -46,6 +47,9 @@ pub struct DebugState {
     stepping: bool,
     /// The breakpoint taken out to step over it, put back at the step's trap.
     stepping_over: Option<u64>,
+    /// This vCPU holds the VM's step gate: the other vCPUs wait outside the guest until
+    /// the breakpoint stepped over is back (see `allstop`).
+    holds_gate: bool,
     /// The guest debug flags KVM was last given.
     kvm_flags: u32,
     /// Where the vCPU stopped at a breakpoint or after a step (or was restored to): a
@@ -56,6 +60,8 @@ pub struct DebugState {
     pub(crate) dr: [u64; 8],
     /// The watchpoints in DR0-DR3 for this run and their values at entry.
     pub(crate) armed: Vec<(Watch, u64)>,
+    /// The hardware breakpoints in the debug registers after the watchpoints.
+    pub(crate) execs: Vec<u64>,
 }
 
 /// What the run loop does with a trap.
@@ -85,23 +91,39 @@ impl VmCore {
         self.apply(write)
     }
 
-    /// Removes `owner`'s breakpoint at `vaddr`, putting the original byte back.
+    /// Removes `owner`'s breakpoint at `vaddr`, putting the original byte back (or its
+    /// hardware breakpoint there).
     pub fn remove_breakpoint(&self, vaddr: u64, owner: Owner) -> Result<()> {
         self.check_open()?;
         let mut table = lock(&self.breakpoints);
-        let write = table
-            .remove(vaddr, owner)
-            .map_err(|e| Error::Value(e.to_string()))?;
+        let write = match table.remove(vaddr, owner) {
+            Err(_) if self.remove_hw_breakpoint(vaddr, owner) => return Ok(()),
+            other => other.map_err(|e| Error::Value(e.to_string()))?,
+        };
         self.apply(write)
     }
 
-    /// The guest-virtual addresses of `owner`'s breakpoints.
+    /// Who vCPU `vcpu`'s breakpoint hit at `vaddr` is reported to: Python's handler, gdb.
+    pub(crate) fn breakpoint_audience(&self, vaddr: u64, vcpu: u64) -> Audience {
+        let patched = lock(&self.breakpoints).audience(vaddr, vcpu);
+        let hw = self.hw_audience(vaddr, vcpu);
+        Audience {
+            python: patched.python || hw.python,
+            gdb: patched.gdb || hw.gdb,
+        }
+    }
+
+    /// The guest-virtual addresses of `owner`'s breakpoints, patched and hardware.
     pub fn breakpoints_of(&self, owner: Owner) -> Vec<u64> {
-        lock(&self.breakpoints)
+        let mut out: Vec<u64> = lock(&self.breakpoints)
             .iter()
             .filter(|(_, e)| e.owners.contains(&owner))
             .map(|(v, _)| v)
-            .collect()
+            .chain(self.hw_breakpoints_of(owner))
+            .collect();
+        out.sort_unstable();
+        out.dedup();
+        out
     }
 
     /// Fails with a clear error where `what` (breakpoints, single steps) cannot reach
@@ -222,8 +244,10 @@ impl VcpuCore {
 
     pub(crate) fn debug_enter(&self, fd: &mut VcpuFd) -> Result<()> {
         let mut st = lock(&self.debug);
+        self.purge_removed_breakpoints();
         let table_empty = lock(&self.vm.breakpoints).is_empty();
         let dr_changed = self.arm_debug_registers(&mut st)?;
+        self.resume_past_hw_breakpoint(fd, &st)?;
         if table_empty && !st.user_step && st.kvm_flags == 0 && !dr_changed {
             st.resume_from = None;
             return Ok(());
@@ -237,13 +261,8 @@ impl VcpuCore {
             lock(&self.vm.breakpoints).hit(rip, self.id),
             Hit::Report | Hit::Pass
         );
-        if !table_empty && resuming && ours {
-            let write = lock(&self.vm.breakpoints).disarm(rip);
-            if write != Write::None {
-                self.vm.apply(write)?;
-                st.stepping_over = Some(rip);
-                step = true;
-            }
+        if !table_empty && resuming && ours && self.take_out(&mut st, rip)? {
+            step = true;
         }
         st.stepping = step;
         match mechanism {
@@ -282,10 +301,7 @@ impl VcpuCore {
     pub(crate) fn debug_leave(&self, fd: &mut VcpuFd) {
         let mut st = lock(&self.debug);
         st.user_step = false;
-        if let Some(addr) = st.stepping_over.take() {
-            let write = lock(&self.vm.breakpoints).rearm(addr);
-            let _ = self.vm.apply(write);
-        }
+        let _ = self.put_back(&mut st);
         if std::mem::take(&mut st.stepping) {
             if st.kvm_flags & KVM_GUESTDBG_SINGLESTEP != 0 {
                 let flags = st.kvm_flags & !(KVM_GUESTDBG_SINGLESTEP | block_irq());
@@ -304,10 +320,14 @@ impl VcpuCore {
             return Ok(Trap::Pass(exit));
         };
         let mut st = lock(&self.debug);
-        if exception == 1 && !st.armed.is_empty() {
+        if exception == 1 && st.dr[7] != 0 {
             let Exit::Debug { dr6, .. } = exit else {
                 unreachable!("matched above")
             };
+            if let Some(address) = hw_breakpoints::exec_hit(dr6, st.armed.len(), &st.execs) {
+                st.resume_from = Some(address);
+                return Ok(Trap::Done(Exit::Breakpoint { address }));
+            }
             let found = crate::engine::debug_regs::hit(dr6, &st.armed, |w| {
                 let mut b = [0u8; 8];
                 self.vm.read_memory_raw(w.gpa, &mut b[..w.len as usize])?;
@@ -334,6 +354,8 @@ impl VcpuCore {
                         st.resume_from = Some(pc);
                         Ok(Trap::Done(Exit::Breakpoint { address: pc }))
                     }
+                    // Removed since: RIP is at it, the original is back.
+                    Hit::Stale => Ok(Trap::Continue),
                     Hit::OneShot => {
                         let write = count_hit(&self.vm, pc, true);
                         self.vm.apply(write)?;
@@ -411,6 +433,7 @@ impl VcpuCore {
                 self.vm.apply(write)?;
                 Ok(Trap::Continue)
             }
+            Hit::Stale => Ok(Trap::Continue),
             _ => {
                 if hit == Hit::Count {
                     count_hit(&self.vm, addr, false);
@@ -429,16 +452,17 @@ impl VcpuCore {
         }
         let mut st = lock(&self.debug);
         st.resume_from = None;
+        if st.execs.contains(&addr) {
+            // A hardware breakpoint there: RF lets the instruction run once.
+            self.update_regs(fd, |r| r.rflags |= hw_breakpoints::RF)?;
+        }
         self.step_over_locked(fd, &mut st, addr)
     }
 
     fn step_over_locked(&self, fd: &mut VcpuFd, st: &mut DebugState, addr: u64) -> Result<()> {
-        let write = lock(&self.vm.breakpoints).disarm(addr);
-        if write == Write::None {
+        if !self.take_out(st, addr)? {
             return Ok(());
         }
-        self.vm.apply(write)?;
-        st.stepping_over = Some(addr);
         st.stepping = true;
         match mechanism()? {
             Mechanism::ExceptionStubs => self.update_regs(fd, |r| r.rflags |= TF),
@@ -462,13 +486,51 @@ impl VcpuCore {
         self.vm.write_memory(at, &value.to_le_bytes())
     }
 
+    /// Takes the breakpoint at `addr` out of memory to step over it, the other vCPUs
+    /// held outside the guest first (see `allstop`). False if there is no patch there.
+    fn take_out(&self, st: &mut DebugState, addr: u64) -> Result<bool> {
+        if lock(&self.vm.breakpoints).get(addr).is_none() {
+            return Ok(false);
+        }
+        if !st.holds_gate {
+            st.holds_gate = self.stop_others();
+        }
+        let write = lock(&self.vm.breakpoints).step_out(addr, self.id);
+        if write == Write::None {
+            self.open_gate(st);
+            return Ok(false);
+        }
+        st.stepping_over = Some(addr);
+        if let Err(e) = self.vm.apply(write) {
+            self.put_back(st)?;
+            return Err(e);
+        }
+        Ok(true)
+    }
+
+    /// Puts the breakpoint stepped over back, then lets the other vCPUs run again.
+    fn put_back(&self, st: &mut DebugState) -> Result<()> {
+        let result = match st.stepping_over.take() {
+            Some(addr) => {
+                let write = lock(&self.vm.breakpoints).rearm(addr);
+                self.vm.apply(write)
+            }
+            None => Ok(()),
+        };
+        self.open_gate(st);
+        result
+    }
+
+    fn open_gate(&self, st: &mut DebugState) {
+        if std::mem::take(&mut st.holds_gate) {
+            self.resume_others();
+        }
+    }
+
     /// The step is over: the breakpoint stepped over goes back, TF is cleared.
     fn end_step(&self, fd: &mut VcpuFd, st: &mut DebugState) -> Result<()> {
         st.stepping = false;
-        if let Some(addr) = st.stepping_over.take() {
-            let write = lock(&self.vm.breakpoints).rearm(addr);
-            self.vm.apply(write)?;
-        }
+        self.put_back(st)?;
         if st.kvm_flags == 0 {
             self.update_regs(fd, |r| r.rflags &= !TF)?;
         }

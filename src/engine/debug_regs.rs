@@ -74,6 +74,12 @@ pub fn watch_mechanism() -> Result<WatchMechanism> {
 /// DR0-DR3 and DR7 (index 7) for `watches` (at most 4): local enable, R/W (01 write, 11
 /// read or write) and LEN (00 1 byte, 01 2, 11 4, 10 8) of each.
 pub fn registers(watches: &[Watch]) -> [u64; 8] {
+    registers_with(watches, &[])
+}
+
+/// [`registers`] for `watches` in the first slots, then the execute breakpoints `execs`
+/// (R/W 00, LEN 00: an instruction fetch at the address), four slots in all.
+pub fn registers_with(watches: &[Watch], execs: &[u64]) -> [u64; 8] {
     let mut regs = [0u64; 8];
     for (i, w) in watches.iter().take(4).enumerate() {
         regs[i] = w.vaddr;
@@ -88,6 +94,11 @@ pub fn registers(watches: &[Watch]) -> [u64; 8] {
             _ => 0b11,
         };
         regs[7] |= 1 << (2 * i) | rw << (16 + 4 * i) | len << (18 + 4 * i);
+    }
+    let first = watches.len().min(4);
+    for (i, addr) in (first..4).zip(execs) {
+        regs[i] = *addr;
+        regs[7] |= 1 << (2 * i);
     }
     regs
 }
@@ -145,6 +156,20 @@ mod tests {
             registers(&[watch(0x10, 4, WatchKind::Write)])[7],
             1 | 1 << 16 | 0b11 << 18
         );
+    }
+
+    #[test]
+    fn dr7_encodes_execute_breakpoints_after_the_watchpoints() {
+        let regs = registers_with(&[watch(0x3000, 2, WatchKind::Write)], &[0x401000, 0x402000]);
+        assert_eq!(&regs[..4], &[0x3000, 0x401000, 0x402000, 0]);
+        // L0 with R/W0 = 01, LEN0 = 01; L1 and L2 with R/W and LEN 00 (execute, 1 byte).
+        assert_eq!(regs[7], 1 | 1 << 16 | 0b01 << 18 | 1 << 2 | 1 << 4);
+        let only = registers_with(&[], &[0x10]);
+        assert_eq!((only[0], only[7]), (0x10, 1));
+        // No slot beyond DR3.
+        let full = registers_with(&[], &[1, 2, 3, 4, 5]);
+        assert_eq!((&full[..4], full[7]), (&[1, 2, 3, 4][..], 0b0101_0101));
+        assert_eq!(registers_with(&[], &[]), [0; 8]);
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! code and tests.
 
 pub mod afl;
+pub mod allstop;
 pub mod breakpoints;
 pub mod bus;
 pub mod campaign;
@@ -15,6 +16,7 @@ pub mod error;
 pub mod exit;
 pub mod fuzz;
 pub mod gdb;
+pub mod hw_breakpoints;
 pub mod internal_error;
 pub mod kick;
 pub mod kvm;

@@ -258,7 +258,7 @@ impl VcpuCore {
     fn enter<'a>(&'a self, guard: &mut FdGuard<'a>) -> Result<RunResult> {
         let holder = fd_of(guard)?;
         self.inject_interrupt(&mut holder.fd)?;
-        let result = exit::run_once(&mut holder.fd);
+        let result = self.run_all_stop(&mut holder.fd);
         self.count_exit();
         let io = matches!(
             result,
@@ -522,11 +522,17 @@ impl VcpuCore {
         Ok(match trap {
             Trap::Continue => Flow::Continue(false),
             Trap::Done(Exit::Breakpoint { address }) => {
+                // Python's handler sees Python's breakpoints only; one gdb set stops the
+                // run for gdb, after that handler if Python set it too.
+                let seen = self.vm.breakpoint_audience(address, self.id);
                 let bus = self.vm.bus();
-                let Some(device) = bus.breakpoint() else {
+                let Some(device) = bus.breakpoint().filter(|_| seen.python) else {
                     return Ok(Flow::Done(Outcome::Exit(Exit::Breakpoint { address })));
                 };
                 match device.breakpoint(&mut self.ctx(guard), address)? {
+                    Action::Continue if seen.gdb => {
+                        Flow::Done(Outcome::Exit(Exit::Breakpoint { address }))
+                    }
                     Action::Continue => {
                         self.step_over(&mut fd_of(guard)?.fd, address)?;
                         Flow::Continue(false)

@@ -105,6 +105,8 @@ pub struct VcpuCore {
     pub warned_reset_state: AtomicBool,
     /// Single steps and stepping over breakpoints (see `debug`).
     pub(crate) debug: Mutex<crate::engine::debug::DebugState>,
+    /// Raised around `KVM_RUN` (see `allstop`).
+    pub(crate) in_guest: AtomicBool,
 }
 
 /// Clears the vCPU's runner when a run ends, however it ends.
@@ -181,6 +183,7 @@ impl VcpuCore {
             sregs_written: AtomicBool::new(false),
             warned_reset_state: AtomicBool::new(false),
             debug: Mutex::default(),
+            in_guest: AtomicBool::new(false),
         }
     }
 

@@ -70,6 +70,12 @@ pub struct VmCore {
     pub watch_count: std::sync::atomic::AtomicUsize,
     /// `breakpoints`' count of port-I/O patches, read by the run loop without the lock.
     pub pio_patches: Arc<std::sync::atomic::AtomicUsize>,
+    /// Hardware breakpoints (see `hw_breakpoints`), changed with `watches` locked.
+    pub hw_breakpoints: Mutex<Vec<crate::engine::hw_breakpoints::HwBreakpoint>>,
+    /// How many hardware breakpoints are set, read by the run loop without the lock.
+    pub hw_count: std::sync::atomic::AtomicUsize,
+    /// Held by a vCPU stepping over a breakpoint (see `allstop`).
+    pub step_gate: crate::engine::allstop::StepGate,
     /// The vCPU threads of the last `start`, until they are joined.
     group: Mutex<Option<Arc<RunGroup>>>,
     /// Entries of each vCPU's dirty ring; 0: the VM uses the dirty bitmap.
@@ -139,6 +145,9 @@ impl VmCore {
             watches: Mutex::default(),
             watch_count: Default::default(),
             pio_patches: breakpoints.pio_counter(),
+            hw_breakpoints: Mutex::default(),
+            hw_count: Default::default(),
+            step_gate: Default::default(),
             breakpoints: Mutex::new(breakpoints),
             group: Mutex::new(None),
             ring_entries: AtomicU32::new(0),

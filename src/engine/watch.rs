@@ -178,6 +178,13 @@ impl VmCore {
         self.check_not_running("set a watchpoint")?;
         let by_page = crate::engine::debug_regs::watch_mechanism()?
             == crate::engine::debug_regs::WatchMechanism::Memslot;
+        if !by_page {
+            // The debug registers are shared with hardware breakpoints.
+            crate::engine::hw_breakpoints::check_slots(
+                self.hw_count.load(Ordering::SeqCst),
+                watches.len(),
+            )?;
+        }
         if !by_page && watch.kind == WatchKind::Read {
             return Err(Error::Value(
                 "the debug registers watch writes, or reads and writes, not reads alone".into(),

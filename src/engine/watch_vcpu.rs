@@ -1,8 +1,7 @@
 //! The watchpoint calls of a vCPU (see `watch` for watchpoints by page and `debug_regs`
-//! for those through the debug registers), and the refusal of hardware breakpoints.
+//! for those through the debug registers), and the debug registers of a run.
 
 use crate::engine::debug::DebugState;
-use crate::engine::debug_host::host;
 use crate::engine::debug_regs::WatchMechanism;
 use crate::engine::error::{Error, Result};
 use crate::engine::lock;
@@ -25,24 +24,6 @@ pub fn watch_mechanism(kvm: &kvm_ioctls::Kvm) -> Result<&'static str> {
         ));
     }
     Ok(chosen.as_str())
-}
-
-/// The error for a hardware (debug-register) breakpoint: where the host's KVM does not
-/// deliver them, the probe's finding; elsewhere, that kvmpy sets breakpoints by patching
-/// only (`hbreak` in gdb is refused the same way).
-pub fn hw_breakpoints_refused() -> Result<Error> {
-    let host = host()?;
-    Ok(Error::Unsupported(if host.hw_breakpoints {
-        "hardware breakpoints: kvmpy sets breakpoints by patching guest memory only; use \
-         add_breakpoint(address) (any number, the same exits)"
-            .into()
-    } else {
-        "hardware breakpoints: this host's KVM does not deliver debug-register \
-         breakpoints (a DR0 execute breakpoint with KVM_GUESTDBG_USE_HW_BP did not fire in \
-         the probe guest: see `python -m kvmpy info`); use add_breakpoint(address), a \
-         patched breakpoint, instead"
-            .into()
-    }))
 }
 
 fn watch_supported(vm: &VmCore) -> Result<()> {
@@ -122,32 +103,36 @@ impl VcpuCore {
         self.vm.remove_watch(address, len, Some(self.id))
     }
 
-    /// With debug-register watchpoints: puts this vCPU's watchpoints in DR0-DR3 (noting
-    /// their values) for the run; true if the registers KVM has must change.
+    /// Puts this vCPU's debug-register watchpoints (noting their values) and then its
+    /// hardware breakpoints in DR0-DR3 for the run; true if the registers KVM has must
+    /// change.
     pub(crate) fn arm_debug_registers(&self, st: &mut DebugState) -> Result<bool> {
-        let any = self
-            .vm
-            .watch_count
-            .load(std::sync::atomic::Ordering::Acquire)
-            > 0;
-        if !any && st.dr[7] == 0 {
+        use std::sync::atomic::Ordering;
+        let watching = self.vm.watch_count.load(Ordering::Acquire) > 0;
+        let breaking = self.vm.hw_count.load(Ordering::Acquire) > 0;
+        if !watching && !breaking && st.dr[7] == 0 {
             return Ok(false);
         }
-        if crate::engine::debug_regs::watch_mechanism()? != WatchMechanism::DebugRegisters {
+        let by_dr = crate::engine::debug_regs::watch_mechanism()? == WatchMechanism::DebugRegisters;
+        if !by_dr && !breaking && st.dr[7] == 0 {
             return Ok(false);
         }
-        let mine: Vec<Watch> = lock(&self.vm.watches)
-            .iter()
-            .filter(|w| w.owner.is_none_or(|o| o == self.id))
-            .copied()
-            .collect();
+        let mine: Vec<Watch> = match by_dr {
+            true => lock(&self.vm.watches)
+                .iter()
+                .filter(|w| w.owner.is_none_or(|o| o == self.id))
+                .copied()
+                .collect(),
+            false => Vec::new(),
+        };
         st.armed.clear();
         for w in &mine {
             let mut b = [0u8; 8];
             self.vm.read_memory_raw(w.gpa, &mut b[..w.len as usize])?;
             st.armed.push((*w, u64::from_le_bytes(b)));
         }
-        let regs = crate::engine::debug_regs::registers(&mine);
+        st.execs = self.vm.hw_breakpoints_for(self.id);
+        let regs = crate::engine::debug_regs::registers_with(&mine, &st.execs);
         let changed = regs != st.dr;
         st.dr = regs;
         Ok(changed)

@@ -272,15 +272,20 @@ impl Vcpu {
     /// Where the host's KVM does not intercept `int3` (`python -m kvmpy info`), the vCPU
     /// needs `setup_long_mode(exceptions=True)`; otherwise this raises `KvmUnsupported`.
     ///
-    /// `hardware=True` asks for a debug-register breakpoint (DR0-DR3, no byte patched):
-    /// it raises `KvmUnsupported` naming the host's limit (a patch is not a hardware
-    /// breakpoint, so none is set instead).
+    /// `hardware=True` sets a debug-register breakpoint instead (DR0-DR3, no byte
+    /// patched; the same `breakpoint` exit). Only hosts whose KVM delivers debug-register
+    /// traps have them (bare-metal KVM: `python -m kvmpy info` says); elsewhere, as on
+    /// nested software KVMs, it raises `KvmUnsupported` naming the probe's result (no
+    /// patch is set instead). They share the four slots with debug-register
+    /// watchpoints: a fifth user raises `ValueError`.
     #[pyo3(signature = (address, *, hardware=false))]
     fn add_breakpoint(&self, address: Int<u64>, hardware: bool) -> PyResult<u64> {
         let inner = &self.inner;
         if hardware {
-            inner.vm.check_open()?;
-            return Err(crate::engine::debug::hw_breakpoints_refused()?.into());
+            inner
+                .vm
+                .add_hw_breakpoint(inner, address.0, Owner::Vcpu(inner.id))?;
+            return Ok(address.0);
         }
         inner
             .vm
@@ -297,7 +302,8 @@ impl Vcpu {
             .remove_breakpoint(address.0, Owner::Vcpu(self.inner.id))?)
     }
 
-    /// The addresses of this vCPU's breakpoints (not the VM-wide ones).
+    /// The addresses of this vCPU's breakpoints, patched and hardware (not the VM-wide
+    /// ones).
     #[getter]
     fn breakpoints(&self) -> Vec<u64> {
         self.inner.vm.breakpoints_of(Owner::Vcpu(self.inner.id))

@@ -234,14 +234,21 @@ impl Vm {
 
     /// Sets a software breakpoint at guest-virtual `address` for every vCPU (translated by
     /// the first vCPU's page tables): see `Vcpu.add_breakpoint`. Returns `address`.
-    fn add_breakpoint(&self, address: Int<u64>) -> PyResult<u64> {
+    /// `hardware=True`: a debug-register breakpoint in every vCPU, where the host has them
+    /// (see `Vcpu.add_breakpoint`; `KvmUnsupported` elsewhere).
+    #[pyo3(signature = (address, *, hardware=false))]
+    fn add_breakpoint(&self, address: Int<u64>, hardware: bool) -> PyResult<u64> {
         let vm = &self.inner.0;
         let Some(cpu) = vm.vcpus().into_iter().next() else {
             return Err(PyValueError::new_err(
                 "create a vCPU first: its page tables translate a breakpoint's address",
             ));
         };
-        vm.add_breakpoint(&cpu, address.0, Owner::Vm)?;
+        if hardware {
+            vm.add_hw_breakpoint(&cpu, address.0, Owner::Vm)?;
+        } else {
+            vm.add_breakpoint(&cpu, address.0, Owner::Vm)?;
+        }
         Ok(address.0)
     }
 
@@ -250,7 +257,8 @@ impl Vm {
         Ok(self.inner.0.remove_breakpoint(address.0, Owner::Vm)?)
     }
 
-    /// The addresses of the VM-wide breakpoints.
+    /// The addresses of the VM-wide breakpoints set from Python, patched and hardware
+    /// (not a gdb client's).
     #[getter]
     fn breakpoints(&self) -> Vec<u64> {
         self.inner.0.breakpoints_of(Owner::Vm)

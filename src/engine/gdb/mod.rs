@@ -8,6 +8,7 @@
 //! are, gdb's breakpoints are removed, and the server stops listening: the VM is the
 //! caller's again.
 
+mod conn;
 mod regs;
 mod target;
 mod watch;
@@ -286,6 +287,7 @@ fn session(vm: &Arc<VmCore>, conn: TcpStream, peer: SocketAddr, shared: &Shared)
         return Ending::Closed;
     }
     let mut target = VmTarget::new(Arc::clone(vm));
+    let conn = conn::GdbConn::new(conn, Arc::clone(&target.explain));
     let result = GdbStub::new(conn).run_blocking::<VmEventLoop>(&mut target);
     // However it ended: the guest stays stopped, gdb's breakpoints go.
     target.stop();

@@ -19,8 +19,8 @@ use gdbstub::target::ext::base::multithread::{
 };
 use gdbstub::target::ext::base::BaseOps;
 use gdbstub::target::ext::breakpoints::{
-    Breakpoints, BreakpointsOps, HwWatchpoint, HwWatchpointOps, SwBreakpoint, SwBreakpointOps,
-    WatchKind,
+    Breakpoints, BreakpointsOps, HwBreakpoint, HwBreakpointOps, HwWatchpoint, HwWatchpointOps,
+    SwBreakpoint, SwBreakpointOps, WatchKind,
 };
 use gdbstub::target::{Target, TargetError, TargetResult};
 use gdbstub_arch::x86::reg::X86_64CoreRegs;
@@ -30,6 +30,7 @@ use kvm_bindings::{kvm_fpu, kvm_regs, kvm_sregs};
 use crate::engine::breakpoints::Owner;
 use crate::engine::error::{Error, Result};
 use crate::engine::exit::Exit;
+use crate::engine::gdb::conn::{Explain, GdbConn};
 use crate::engine::gdb::regs;
 use crate::engine::gdb::watch::{Watches, MAX_LEN};
 use crate::engine::run::{Outcome, RunOptions};
@@ -76,6 +77,8 @@ pub struct VmTarget {
     running: Option<Arc<RunGroup>>,
     /// The addresses of the breakpoints gdb added to the VM's table.
     breakpoints: BTreeSet<u64>,
+    /// The addresses of gdb's hardware breakpoints (`hbreak`).
+    hw_breakpoints: BTreeSet<u64>,
     /// gdb's write watchpoints that single steps check (those the engine cannot watch).
     watches: Watches,
     /// gdb's watchpoints set in the VM's table (`engine::watch`): address, length.
@@ -87,6 +90,8 @@ pub struct VmTarget {
     /// The first error a run ended with (a handler's exception), for whoever started the
     /// session.
     pub error: Option<Error>,
+    /// Why a request was refused, for gdb to print (see `conn`).
+    pub explain: Explain,
 }
 
 fn tid_of(id: u64) -> Tid {
@@ -140,11 +145,13 @@ impl VmTarget {
             locked: false,
             running: None,
             breakpoints: BTreeSet::new(),
+            hw_breakpoints: BTreeSet::new(),
             watches: Watches::default(),
             page_watches: Vec::new(),
             watching: None,
             poll_now: false,
             error: None,
+            explain: Explain::default(),
         }
     }
 
@@ -198,7 +205,7 @@ impl VmTarget {
             let tid = tid_of(v.id);
             let reason = match &*v.last() {
                 Some(Last::Exit(Exit::Stopped)) => None,
-                Some(Last::Exit(e)) => Some(stop_reason(tid, e)),
+                Some(Last::Exit(e)) => Some(self.reason_for(tid, e)),
                 // A handler stopped the run.
                 Some(Last::Token(_)) => Some(MultiThreadStopReason::SignalWithThread {
                     tid,
@@ -218,6 +225,19 @@ impl VmTarget {
         MultiThreadStopReason::SignalWithThread {
             tid: stopped.unwrap_or(NonZeroUsize::MIN),
             signal: Signal::SIGINT,
+        }
+    }
+
+    /// What gdb is told for `exit`: a stop at one of its hardware breakpoints is a
+    /// hardware breakpoint's stop.
+    fn reason_for(&self, tid: Tid, exit: &Exit) -> MultiThreadStopReason<u64> {
+        match exit {
+            Exit::Breakpoint { address }
+                if self.hw_breakpoints.contains(address) && !self.breakpoints.contains(address) =>
+            {
+                MultiThreadStopReason::HwBreak(tid)
+            }
+            other => stop_reason(tid, other),
         }
     }
 
@@ -285,7 +305,10 @@ impl VmTarget {
     /// ends).
     pub fn remove_breakpoints(&mut self) {
         for addr in std::mem::take(&mut self.breakpoints) {
-            let _ = self.vm.remove_breakpoint(addr, Owner::Vm);
+            let _ = self.vm.remove_breakpoint(addr, Owner::Gdb);
+        }
+        for addr in std::mem::take(&mut self.hw_breakpoints) {
+            self.vm.remove_hw_breakpoint(addr, Owner::Gdb);
         }
         for (addr, len) in std::mem::take(&mut self.page_watches) {
             let _ = self.vm.remove_watch(addr, len, None);
@@ -402,7 +425,12 @@ impl MultiThreadResume for VmTarget {
                 vcpus: run,
                 single,
                 taken: 0,
-                stops: self.vm.breakpoints_of(Owner::Vm).into_iter().collect(),
+                stops: self
+                    .vm
+                    .breakpoints_of(Owner::Gdb)
+                    .into_iter()
+                    .chain(self.vm.breakpoints_of(Owner::Vm))
+                    .collect(),
             });
             return Ok(());
         }
@@ -451,6 +479,41 @@ impl Breakpoints for VmTarget {
 
     fn support_hw_watchpoint(&mut self) -> Option<HwWatchpointOps<'_, Self>> {
         Some(self)
+    }
+
+    fn support_hw_breakpoint(&mut self) -> Option<HwBreakpointOps<'_, Self>> {
+        Some(self)
+    }
+}
+
+impl HwBreakpoint for VmTarget {
+    /// A debug-register breakpoint of gdb's in every vCPU (`hbreak`), where the host has
+    /// them (see `hw_breakpoints`). A refusal (a host without them, a fifth user of
+    /// DR0-DR3, an unmapped address) goes to gdb with its reason, which gdb prints
+    /// ("Cannot insert hardware breakpoint 1:Remote failure reply: ...").
+    fn add_hw_breakpoint(&mut self, addr: u64, _kind: usize) -> TargetResult<bool, Self> {
+        if self.hw_breakpoints.contains(&addr) {
+            return Ok(true);
+        }
+        let cpu = self.first_vcpu().map_err(TargetError::Fatal)?;
+        match self.vm.add_hw_breakpoint(&cpu, addr, Owner::Gdb) {
+            Ok(()) => {
+                self.hw_breakpoints.insert(addr);
+                Ok(true)
+            }
+            Err(e @ (Error::Memory(_) | Error::Value(_) | Error::Unsupported(_))) => {
+                *crate::engine::lock(&self.explain) = Some(e.to_string());
+                Ok(false)
+            }
+            Err(e) => Err(TargetError::Fatal(e)),
+        }
+    }
+
+    fn remove_hw_breakpoint(&mut self, addr: u64, _kind: usize) -> TargetResult<bool, Self> {
+        if self.hw_breakpoints.remove(&addr) {
+            self.vm.remove_hw_breakpoint(addr, Owner::Gdb);
+        }
+        Ok(true)
     }
 }
 
@@ -521,14 +584,15 @@ impl HwWatchpoint for VmTarget {
 }
 
 impl SwBreakpoint for VmTarget {
-    /// Adds a VM-wide breakpoint to the VM's table (one that Python set there already is
-    /// shared, and stays when gdb removes its own).
+    /// Adds gdb's breakpoint to the VM's table: it stops every vCPU, for gdb only (not
+    /// Python's `on_breakpoint` handler). One that Python set at the same address shares
+    /// the patch, and stays when gdb removes its own.
     fn add_sw_breakpoint(&mut self, addr: u64, _kind: usize) -> TargetResult<bool, Self> {
-        if self.breakpoints.contains(&addr) || self.vm.breakpoints_of(Owner::Vm).contains(&addr) {
+        if self.breakpoints.contains(&addr) {
             return Ok(true);
         }
         let cpu = self.first_vcpu().map_err(TargetError::Fatal)?;
-        match self.vm.add_breakpoint(&cpu, addr, Owner::Vm) {
+        match self.vm.add_breakpoint(&cpu, addr, Owner::Gdb) {
             Ok(()) => {
                 self.breakpoints.insert(addr);
                 Ok(true)
@@ -542,7 +606,7 @@ impl SwBreakpoint for VmTarget {
         if !self.breakpoints.remove(&addr) {
             return Ok(true);
         }
-        match self.vm.remove_breakpoint(addr, Owner::Vm) {
+        match self.vm.remove_breakpoint(addr, Owner::Gdb) {
             Ok(()) | Err(Error::Value(_)) => Ok(true),
             Err(e) => Err(TargetError::Fatal(e)),
         }
@@ -551,7 +615,7 @@ impl SwBreakpoint for VmTarget {
 
 /// A byte gdb sent while the target runs (Ctrl-C), if any.
 fn incoming(
-    conn: &mut std::net::TcpStream,
+    conn: &mut GdbConn,
 ) -> std::result::Result<Option<u8>, WaitForStopReasonError<Error, std::io::Error>> {
     match conn.peek().map_err(WaitForStopReasonError::Connection)? {
         Some(_) => Ok(Some(
@@ -567,15 +631,15 @@ pub enum VmEventLoop {}
 
 impl BlockingEventLoop for VmEventLoop {
     type Target = VmTarget;
-    type Connection = std::net::TcpStream;
+    type Connection = GdbConn;
     type StopReason = MultiThreadStopReason<u64>;
 
     fn wait_for_stop_reason(
         target: &mut VmTarget,
-        conn: &mut std::net::TcpStream,
+        conn: &mut GdbConn,
     ) -> std::result::Result<
         Event<Self::StopReason>,
-        WaitForStopReasonError<Error, <std::net::TcpStream as Connection>::Error>,
+        WaitForStopReasonError<Error, <GdbConn as Connection>::Error>,
     > {
         let mut steps = 0u32;
         while target.watching.is_some() {

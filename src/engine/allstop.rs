@@ -1,0 +1,224 @@
+//! All-stop while a vCPU steps over a breakpoint: no other vCPU of the VM runs guest code
+//! while the patch byte is out of memory, so none can run past an armed breakpoint.
+//!
+//! Stepping over a software breakpoint takes its byte out of guest memory for one
+//! instruction. Memory is shared by every vCPU, so another vCPU that reached the address
+//! in that moment would run the original instruction unseen. Two known cures:
+//! - *displaced stepping* (gdb's on Linux targets): run a relocated copy of the original
+//!   instruction from a scratch page, then fix RIP. It needs a page mapped executable, at
+//!   the right privilege, by the guest's own page tables, within ±2 GiB of the code for
+//!   RIP-relative operands, and fix-ups for calls, returns and faults. kvmpy does not own
+//!   the guest's page tables in general (a loaded kernel has its own), so no such page
+//!   can be promised.
+//! - *all-stop* (gdb's default mode, and what QEMU's gdbstub does): the other vCPUs wait
+//!   outside the guest for the duration of the step. It works for every guest, and costs
+//!   a running vCPU one flag store and one load per entry; a lone vCPU's step over a
+//!   breakpoint costs one compare-and-swap more.
+//!
+//! kvmpy does all-stop. The protocol is Dekker's: before each `KVM_RUN` a vCPU raises
+//! its `in_guest` flag and then reads the gate's owner; the stepping vCPU takes the gate
+//! and then reads every other vCPU's flag, kicking those in the guest out (the kick of
+//! `kick`; their loop sees a spurious `EINTR` and comes back to the gate) and waiting
+//! until each flag is down. Sequentially consistent order on both sides means that one
+//! of the two always sees the other. A vCPU that finds the gate taken waits for it,
+//! outside the guest, without holding any lock of the VM (a stop request or a closed VM
+//! ends the wait). The gate is held from just before the patch goes out until just after
+//! it is back (`debug`), and is not held across a return to the caller.
+//!
+//! A trap another vCPU took before the patch went out is still a hit: the breakpoint
+//! table remembers which vCPU is stepping over an entry (`Entry::stepper`), and a trap
+//! at a disarmed entry counts as that entry's hit for every other vCPU.
+
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::{Condvar, Mutex};
+use std::time::Duration;
+
+use crate::engine::exit::{self, RunExit};
+use crate::engine::lock;
+use crate::engine::vcpu::VcpuCore;
+
+/// How long a waiting vCPU sleeps before it looks for a stop request again, and how
+/// often the stepping vCPU kicks a vCPU that has not left the guest yet.
+const SLICE: Duration = Duration::from_millis(2);
+
+/// The gate of one VM: the thread stepping over a breakpoint, if any.
+#[derive(Default)]
+pub struct StepGate {
+    /// The thread id of the holder (0: none).
+    owner: AtomicI32,
+    lock: Mutex<()>,
+    changed: Condvar,
+}
+
+thread_local! {
+    static TID: std::cell::Cell<libc::pid_t> = const { std::cell::Cell::new(0) };
+}
+
+/// The calling thread's id (cached).
+fn tid() -> libc::pid_t {
+    TID.with(|t| {
+        if t.get() == 0 {
+            // SAFETY: gettid has no preconditions.
+            t.set(unsafe { libc::gettid() });
+        }
+        t.get()
+    })
+}
+
+impl StepGate {
+    /// Whether a thread other than the caller holds the gate.
+    fn closed_to_me(&self) -> bool {
+        let owner = self.owner.load(Ordering::SeqCst);
+        owner != 0 && owner != tid()
+    }
+
+    /// Waits (a slice at most) while another thread holds the gate.
+    fn wait_a_slice(&self) {
+        let guard = lock(&self.lock);
+        if self.closed_to_me() {
+            let _ = self.changed.wait_timeout(guard, SLICE);
+        }
+    }
+
+    /// Takes the gate for the calling thread, waiting while another holds it. False if
+    /// the calling thread holds it already (it is then not taken again), or `give_up`
+    /// said to stop waiting.
+    fn take(&self, give_up: impl Fn() -> bool) -> bool {
+        let me = tid();
+        let mut guard = lock(&self.lock);
+        loop {
+            match self
+                .owner
+                .compare_exchange(0, me, Ordering::SeqCst, Ordering::SeqCst)
+            {
+                Ok(_) => return true,
+                Err(owner) if owner == me => return false,
+                Err(_) if give_up() => return false,
+                Err(_) => {
+                    guard = match self.changed.wait_timeout(guard, SLICE) {
+                        Ok((g, _)) => g,
+                        Err(poisoned) => poisoned.into_inner().0,
+                    };
+                }
+            }
+        }
+    }
+
+    /// Gives the gate back and wakes the vCPUs waiting for it.
+    fn give_back(&self) {
+        let _guard = lock(&self.lock);
+        self.owner.store(0, Ordering::SeqCst);
+        self.changed.notify_all();
+    }
+}
+
+impl VcpuCore {
+    /// One `KVM_RUN`, entered only while no other vCPU steps over a breakpoint (see the
+    /// module). A stop request or a closed VM while waiting returns `EINTR`, as a kick
+    /// during `KVM_RUN` does, so the run loop handles it the same way.
+    pub(crate) fn run_all_stop(
+        &self,
+        fd: &mut kvm_ioctls::VcpuFd,
+    ) -> std::result::Result<RunExit, vmm_sys_util::errno::Error> {
+        let gate = &self.vm.step_gate;
+        loop {
+            self.in_guest.store(true, Ordering::SeqCst);
+            if !gate.closed_to_me() {
+                break;
+            }
+            self.in_guest.store(false, Ordering::SeqCst);
+            if self.kicker.stop_requested() || self.vm.is_closed() {
+                return Err(vmm_sys_util::errno::Error::new(libc::EINTR));
+            }
+            gate.wait_a_slice();
+        }
+        let result = exit::run_once(fd);
+        self.in_guest.store(false, Ordering::Release);
+        result
+    }
+
+    /// Before a breakpoint's patch goes out for a step over it: takes the VM's gate and
+    /// waits until no other vCPU is in the guest. Returns whether this call took the gate
+    /// (then [`VcpuCore::resume_others`] must follow); false where the calling thread
+    /// holds it already, or a stop request or closed VM ended the wait for it (the run
+    /// is ending: the step then goes on without the others stopped).
+    pub(crate) fn stop_others(&self) -> bool {
+        let gate = &self.vm.step_gate;
+        if !gate.take(|| self.kicker.stop_requested() || self.vm.is_closed()) {
+            return false;
+        }
+        for other in self.vm.vcpus().iter().filter(|v| v.id != self.id) {
+            while other.in_guest.load(Ordering::SeqCst) {
+                other.kicker.kick();
+                std::thread::sleep(Duration::from_micros(20));
+            }
+        }
+        true
+    }
+
+    /// Forgets removed breakpoints (see `Entry::retired`) once no other vCPU runs: a
+    /// vCPU that does not run holds no exit, and this one has handled its own.
+    pub(crate) fn purge_removed_breakpoints(&self) {
+        if !lock(&self.vm.breakpoints).has_retired() {
+            return;
+        }
+        let others = self.vm.vcpus();
+        if others
+            .iter()
+            .all(|v| v.id == self.id || !v.kicker.running())
+        {
+            lock(&self.vm.breakpoints).purge_retired();
+        }
+    }
+
+    /// The patch is back: the other vCPUs may enter the guest again.
+    pub(crate) fn resume_others(&self) {
+        self.vm.step_gate.give_back();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+
+    #[test]
+    fn the_gate_is_one_threads_at_a_time_and_open_to_its_holder() {
+        let gate = Arc::new(StepGate::default());
+        assert!(!gate.closed_to_me());
+        assert!(gate.take(|| false), "taken");
+        assert!(
+            !gate.take(|| false),
+            "the holder's second take takes nothing"
+        );
+        assert!(!gate.closed_to_me(), "open to its holder");
+        let other = Arc::clone(&gate);
+        let seen_closed = std::thread::spawn(move || other.closed_to_me())
+            .join()
+            .unwrap();
+        assert!(seen_closed, "closed to every other thread");
+        // Another thread's take waits until the gate is given back.
+        let taken = Arc::new(AtomicBool::new(false));
+        let (other, flag) = (Arc::clone(&gate), Arc::clone(&taken));
+        let waiter = std::thread::spawn(move || {
+            let took = other.take(|| false);
+            flag.store(took, Ordering::SeqCst);
+            other.give_back();
+        });
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(!taken.load(Ordering::SeqCst), "still waiting");
+        gate.give_back();
+        waiter.join().unwrap();
+        assert!(taken.load(Ordering::SeqCst));
+        assert!(!gate.closed_to_me());
+        // A take that gives up (a stop request) returns without the gate.
+        assert!(gate.take(|| false));
+        let other = Arc::clone(&gate);
+        let gave_up = std::thread::spawn(move || !other.take(|| true))
+            .join()
+            .unwrap();
+        assert!(gave_up);
+        gate.give_back();
+    }
+}
