@@ -44,7 +44,7 @@ fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<py::snapshot::Snapshot>()?;
     m.add_class::<py::fuzz::FuzzExecutor>()?;
     m.add_class::<py::gdb::GdbServer>()?;
-    m.add_function(wrap_pyfunction!(py::vm::shutdown_all, m)?)?;
+    m.add_function(wrap_pyfunction!(py::vm_group::shutdown_all, m)?)?;
     m.add_function(wrap_pyfunction!(py::exit::exit_reasons, m)?)?;
     m.add_function(wrap_pyfunction!(py::kvm::kick_signal, m)?)?;
     m.add_function(wrap_pyfunction!(py::kvm::debug_support, m)?)?;

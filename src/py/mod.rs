@@ -21,4 +21,5 @@ pub mod regs;
 pub mod snapshot;
 pub mod vcpu;
 pub mod vm;
+pub mod vm_group;
 pub mod watch;

@@ -11,7 +11,7 @@ use crate::devices::exit_port::ExitPortDev;
 use crate::devices::hostcall::HostCallDev;
 use crate::engine::runner::RunGroup;
 use crate::engine::{Device, Error, VmCore};
-use crate::py::devices::ExitPort;
+use crate::py::devices::{Console, ExitPort, Uart};
 use crate::py::gil;
 use crate::py::handler::{PyHandler, PyHostFunction};
 use crate::py::memory::MemoryRegion;
@@ -206,6 +206,38 @@ impl Vm {
 }
 
 impl Vm {
+    /// The body of `Vm.remove_handler()`.
+    pub(crate) fn remove_registrations(&self, handler: &Bound<'_, PyAny>) -> PyResult<usize> {
+        let py = handler.py();
+        let target: Option<*const ()> = if let Ok(c) = handler.cast::<Console>() {
+            Some(Arc::as_ptr(&c.get().dev) as *const ())
+        } else if let Ok(e) = handler.cast::<ExitPort>() {
+            Some(Arc::as_ptr(&e.get().dev) as *const ())
+        } else if let Ok(u) = handler.cast::<Uart>() {
+            Some(Arc::as_ptr(&u.get().dev) as *const ())
+        } else {
+            None
+        };
+        let matches = |d: &Arc<dyn Device>| match target {
+            Some(p) => Arc::as_ptr(d) as *const () == p,
+            None => d
+                .as_any()
+                .downcast_ref::<PyHandler>()
+                .is_some_and(|h| h.f.bind(py).is(handler)),
+        };
+        let removed = self.inner.update_bus(|bus| {
+            let (bus, removed) = bus.without(matches);
+            if removed == 0 {
+                return Err(Error::Value(format!(
+                    "{} is not registered with this VM",
+                    handler.repr().map(|r| r.to_string()).unwrap_or_default()
+                )));
+            }
+            Ok((bus, removed))
+        })?;
+        Ok(removed)
+    }
+
     /// Joins a finished group's threads (with the GIL released: a thread takes it as it
     /// ends), forgets the group, and returns its first error.
     pub(crate) fn finish_group(&self, py: Python<'_>, group: &Arc<RunGroup>) -> Option<Error> {

@@ -1,7 +1,6 @@
 //! The `Vm` class: memory, vCPUs, handlers and devices, running every vCPU on threads.
 
-use std::sync::{Arc, Mutex, Weak};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
 
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
@@ -14,8 +13,8 @@ use crate::devices::uart::UartDev;
 use crate::engine::breakpoints::Owner;
 use crate::engine::load;
 use crate::engine::lock;
-use crate::engine::{Device, Error, RegionOptions, VmCore};
-use crate::py::args::{bytes_arg, deadline_after, Int};
+use crate::engine::{Error, RegionOptions, VmCore};
+use crate::py::args::{bytes_arg, Int};
 use crate::py::devices::{Console, ExitPort, Uart};
 use crate::py::gdb::GdbServer;
 use crate::py::gil;
@@ -23,7 +22,8 @@ use crate::py::handler::{PyHandler, PyHostFunction};
 use crate::py::load::{image_bytes, module_arg, LoadedImage};
 use crate::py::memory::MemoryRegion;
 use crate::py::register::{port_range, single_port};
-use crate::py::vcpu::{last_exit, Vcpu};
+use crate::py::vcpu::Vcpu;
+use crate::py::vm_group;
 
 /// A KVM virtual machine.
 ///
@@ -60,20 +60,6 @@ impl Drop for VmHandle {
             self.0.shutdown();
         }
     }
-}
-
-/// VMs with background runs, stopped by `shutdown_all` when the interpreter exits.
-static BACKGROUND: Mutex<Vec<Weak<VmCore>>> = Mutex::new(Vec::new());
-
-/// Stops every VM that has vCPU threads, before the interpreter goes away (atexit).
-#[pyfunction]
-#[pyo3(name = "_shutdown_all")]
-pub fn shutdown_all(py: Python<'_>) {
-    let vms: Vec<Arc<VmCore>> = lock(&BACKGROUND)
-        .drain(..)
-        .filter_map(|w| w.upgrade())
-        .collect();
-    gil::released(py, || vms.iter().for_each(|vm| vm.shutdown()));
 }
 
 #[pymethods]
@@ -344,34 +330,7 @@ impl Vm {
     /// Removes every registration of `handler` (a function, a `Console` or an `ExitPort`).
     /// Returns how many were removed; raises `ValueError` if there were none.
     fn remove_handler(&self, handler: &Bound<'_, PyAny>) -> PyResult<usize> {
-        let py = handler.py();
-        let target: Option<*const ()> = if let Ok(c) = handler.cast::<Console>() {
-            Some(Arc::as_ptr(&c.get().dev) as *const ())
-        } else if let Ok(e) = handler.cast::<ExitPort>() {
-            Some(Arc::as_ptr(&e.get().dev) as *const ())
-        } else if let Ok(u) = handler.cast::<Uart>() {
-            Some(Arc::as_ptr(&u.get().dev) as *const ())
-        } else {
-            None
-        };
-        let matches = |d: &Arc<dyn Device>| match target {
-            Some(p) => Arc::as_ptr(d) as *const () == p,
-            None => d
-                .as_any()
-                .downcast_ref::<PyHandler>()
-                .is_some_and(|h| h.f.bind(py).is(handler)),
-        };
-        let removed = self.inner.update_bus(|bus| {
-            let (bus, removed) = bus.without(matches);
-            if removed == 0 {
-                return Err(Error::Value(format!(
-                    "{} is not registered with this VM",
-                    handler.repr().map(|r| r.to_string()).unwrap_or_default()
-                )));
-            }
-            Ok((bus, removed))
-        })?;
-        Ok(removed)
+        self.remove_registrations(handler)
     }
 
     /// Adds a console on `port`, handled natively: OUT bytes are collected (read them with
@@ -545,26 +504,7 @@ impl Vm {
     /// Starts every vCPU on its own native thread and returns at once; see `run()`.
     #[pyo3(signature = (timeout=None, *, until="all"))]
     fn start(&self, timeout: Option<f64>, until: &str) -> PyResult<()> {
-        let until_any = match until {
-            "all" => false,
-            "any" => true,
-            other => {
-                return Err(PyValueError::new_err(format!(
-                    "until must be \"all\" or \"any\", not {other:?}"
-                )))
-            }
-        };
-        let deadline = deadline_after(timeout)?;
-        self.core().start(deadline, until_any)?;
-        let mut background = lock(&BACKGROUND);
-        background.retain(|w| w.strong_count() > 0);
-        if !background
-            .iter()
-            .any(|w| std::ptr::eq(w.as_ptr(), Arc::as_ptr(self.core())))
-        {
-            background.push(Arc::downgrade(self.core()));
-        }
-        Ok(())
+        vm_group::start(self, timeout, until)
     }
 
     /// Waits for the vCPUs started by `start()` to stop, at most `timeout` seconds. Returns
@@ -572,48 +512,7 @@ impl Vm {
     /// handler exception, or `KeyboardInterrupt` on Ctrl-C (after stopping every vCPU).
     #[pyo3(signature = (timeout=None))]
     fn join(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Option<Vec<Py<PyAny>>>> {
-        let inner = &self.inner;
-        if let Some(v) = inner.vcpu_of_this_thread() {
-            return Err(Error::Busy(format!(
-                "cannot join the VM from a handler of its own vCPU {}",
-                v.id
-            ))
-            .into());
-        }
-        let deadline = deadline_after(timeout)?;
-        let Some(group) = inner.group() else {
-            return Err(PyValueError::new_err("nothing to join: call start() first"));
-        };
-        loop {
-            let step = Duration::from_millis(50);
-            let step = deadline.map_or(step, |d| {
-                step.min(d.saturating_duration_since(Instant::now()))
-            });
-            if gil::released(py, || group.wait(Some(step))) {
-                break;
-            }
-            if let Err(e) = py.check_signals() {
-                inner.stop_all_runs();
-                gil::released(py, || group.wait(None));
-                self.finish_group(py, &group);
-                return Err(e);
-            }
-            if deadline.is_some_and(|d| Instant::now() >= d) {
-                return Ok(None);
-            }
-        }
-        if let Some(e) = self.finish_group(py, &group) {
-            return Err(e.into());
-        }
-        let mut exits = Vec::with_capacity(group.vcpus.len());
-        for v in &group.vcpus {
-            match last_exit(py, v)? {
-                Some(exit) => exits.push(exit),
-                // A run that never began because the VM was closed under it.
-                None => return Err(Error::Closed("VM").into()),
-            }
-        }
-        Ok(Some(exits))
+        vm_group::join(self, py, timeout)
     }
 
     /// Asks every vCPU to stop; callable from any thread and from handlers. Their runs
