@@ -13,7 +13,9 @@ less the moment afl-fuzz was started.
 
 Then the fork-server overhead: the inputs of kvmpy's final corpus, run in one process
 through ``fuzz.Target.run`` (and through the Unicorn harness's ``run``), µs per
-execution, against 1e6 / ``execs_per_sec`` under afl-fuzz. And the round
+execution, against 1e6 / ``execs_per_sec`` under afl-fuzz; and, for kvmpy, against the
+harness's own mean time per run on the very inputs afl-fuzz ran (``KVMPY_AFL_STATS``),
+which does not depend on how the final corpus differs from afl-fuzz's mutations. And the round
 trip of one u32 between Python processes over pipes: direct, as kvmpy's fork-server
 child answers afl-fuzz, and relayed through a third process (afl-fuzz -> server ->
 child -> server -> afl-fuzz), what a fork server that relays every input costs.
@@ -83,6 +85,9 @@ class AflRun:
     timeouts: int
     first_crash_s: float | None
     out: Path
+    own_us: float | None = None
+    """kvmpy only: the harness's own mean µs per run, on the inputs afl-fuzz ran
+    (``KVMPY_AFL_STATS``)."""
 
     @property
     def us_per_exec(self) -> float:
@@ -103,8 +108,16 @@ def _pin() -> None:
         os.sched_setaffinity(0, {PIN})
 
 
-def run_afl(work: Path, name: str, seeds: Path, duration: int, harness: list[str]) -> AflRun:
-    """afl-fuzz for ``duration`` seconds on ``harness`` (a command with ``@@``)."""
+def run_afl(
+    work: Path,
+    name: str,
+    seeds: Path,
+    duration: int,
+    harness: list[str],
+    own_stats: Path | None = None,
+) -> AflRun:
+    """afl-fuzz for ``duration`` seconds on ``harness`` (a command with ``@@``); with
+    ``own_stats``, a kvmpy harness keeps its run counters there."""
     afl = shutil.which("afl-fuzz")
     if afl is None:
         raise SystemExit("afl-fuzz is not installed (Debian: apt install afl++)")
@@ -112,6 +125,8 @@ def run_afl(work: Path, name: str, seeds: Path, duration: int, harness: list[str
     cmd = [afl, "-V", str(duration), "-t", "1000", "-i", str(seeds), "-o", str(out)]
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
     env = os.environ | AFL_ENV | {"PYTHONPATH": path}
+    if own_stats is not None:
+        env["KVMPY_AFL_STATS"] = str(own_stats)
     started = time.time()
     run = subprocess.run(
         [*cmd, "--", *harness],
@@ -137,6 +152,7 @@ def run_afl(work: Path, name: str, seeds: Path, duration: int, harness: list[str
         timeouts=int(stats.get("total_tmout", "0")),
         first_crash_s=None if first is None else first - started,
         out=out,
+        own_us=None if own_stats is None else fuzz.read_afl_stats(own_stats)[1],
     )
 
 
@@ -176,7 +192,14 @@ def afl_on_kvmpy(work: Path, name: str, duration: int) -> tuple[str, str, Path, 
         (seeds_dir / f"seed{i}").write_bytes(seed)
     harness = work / f"kvmpy_{name}.py"
     harness.write_text(KVMPY_HARNESS.format(elf=elf, entry=entry, max_len=MAX_LEN))
-    k = run_afl(work, f"kvmpy_{name}", seeds_dir, duration, [sys.executable, str(harness)])
+    k = run_afl(
+        work,
+        f"kvmpy_{name}",
+        seeds_dir,
+        duration,
+        [sys.executable, str(harness)],
+        own_stats=work / f"kvmpy_{name}.stats",
+    )
     return elf, entry, seeds_dir, k
 
 
@@ -203,13 +226,16 @@ def kvmpy_overhead(names: list[str], duration: int) -> None:
     print(f"\nkvmpy under afl-fuzz -V {duration} ({where}) against its corpus in one process:\n")
     print(
         "| target | execs/s | corpus | µs/exec afl-fuzz | µs/exec Target.run | overhead "
-        "| µs/exec FuzzExecutor.run | overhead over it |"
+        "| µs/exec FuzzExecutor.run | overhead over it "
+        "| µs/run in the harness, afl-fuzz's inputs | overhead over it |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name, n, k, k_in, ex_in in rows:
+        own = k.own_us or 0.0
         print(
             f"| {name} | {k.execs_per_sec:.0f} | {n} | {k.us_per_exec:.1f} | {k_in:.1f} "
-            f"| +{k.us_per_exec - k_in:.1f} | {ex_in:.1f} | +{k.us_per_exec - ex_in:.1f} |"
+            f"| +{k.us_per_exec - k_in:.1f} | {ex_in:.1f} | +{k.us_per_exec - ex_in:.1f} "
+            f"| {own:.1f} | +{k.us_per_exec - own:.1f} |"
         )
 
 
@@ -252,12 +278,15 @@ def compare(names: list[str], duration: int) -> None:
     print("\nµs per execution under afl-fuzz against the same corpus run in one process:\n")
     print(
         "| target | corpus | kvmpy afl-fuzz | kvmpy Target.run | kvmpy overhead "
+        "| kvmpy runs, afl-fuzz's inputs | kvmpy overhead over them "
         "| unicornafl | Unicorn in-process | unicornafl overhead |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name, n, k, k_in, u, u_in in overhead:
+        own = k.own_us or 0.0
         print(
             f"| {name} | {n} | {k.us_per_exec:.1f} | {k_in:.1f} | +{k.us_per_exec - k_in:.1f} "
+            f"| {own:.1f} | +{k.us_per_exec - own:.1f} "
             f"| {u.us_per_exec:.1f} | {u_in:.1f} | +{u.us_per_exec - u_in:.1f} |"
         )
 

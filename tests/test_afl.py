@@ -162,7 +162,13 @@ class FakeAfl:
     IPC_PRIVATE, IPC_CREAT, IPC_RMID = 0, 0o1000, 0
 
     def __init__(
-        self, tmp: Path, elf: Path, entry: str, armed: bool = False, shm_input: bool = False
+        self,
+        tmp: Path,
+        elf: Path,
+        entry: str,
+        armed: bool = False,
+        shm_input: bool = False,
+        stats: Path | None = None,
     ) -> None:
         import ctypes
 
@@ -173,6 +179,8 @@ class FakeAfl:
         assert self.shm_id >= 0
         self.map_addr = self.libc.shmat(self.shm_id, None, 0)
         env = {"__AFL_SHM_ID": str(self.shm_id)}
+        if stats is not None:
+            env["KVMPY_AFL_STATS"] = str(stats)
         self.fuzz_id = -1
         if shm_input:  # afl-fuzz's input segment: a u32 length, then the bytes
             self.fuzz_id = self.libc.shmget(self.IPC_PRIVATE, 4 + 4096, self.IPC_CREAT | 0o600)
@@ -253,7 +261,7 @@ def test_the_child_answers_afl_fuzz_itself_and_the_server_reports_a_timeout_kill
         str(elf), entry="hangs_or_crashes", max_len=512, timeout_ms=100, coverage="disasm"
     ) as t:
         blocks = t.coverage_blocks
-    afl = FakeAfl(tmp_path, elf, "hangs_or_crashes")
+    afl = FakeAfl(tmp_path, elf, "hangs_or_crashes", stats=tmp_path / "stats")
     try:
         hello = afl.read_u32()
         # FS_OPT_ENABLED | FS_OPT_MAPSIZE, the map a byte per block rounded up to 64.
@@ -292,6 +300,11 @@ def test_the_child_answers_afl_fuzz_itself_and_the_server_reports_a_timeout_kill
         code = afl.close()
     assert code == 0
     assert not harness_processes(afl.harness), "the fork server and its children are gone"
+    # Both children counted every input they finished, in the file that outlives them:
+    # five (the hang was killed before its run ended).
+    runs, mean_us = fuzz.read_afl_stats(tmp_path / "stats")
+    assert runs == 5
+    assert mean_us > 0
 
 
 def test_a_hanging_child_and_its_fork_server_end_when_afl_fuzz_goes_away(
@@ -349,3 +362,17 @@ def test_inputs_from_afl_fuzz_shared_memory(guest_dir: Path, tmp_path: Path) -> 
     finally:
         code = afl.close()
     assert code == 0
+
+
+def test_read_afl_stats_refuses_a_file_that_is_not_one(tmp_path: Path) -> None:
+    from kvmpy import fuzz
+
+    short = tmp_path / "short"
+    short.write_bytes(b"\0" * 10)
+    with pytest.raises(ValueError, match="not a KVMPY_AFL_STATS file"):
+        fuzz.read_afl_stats(short)
+    with pytest.raises(FileNotFoundError):
+        fuzz.read_afl_stats(tmp_path / "missing")
+    empty = tmp_path / "empty"
+    empty.write_bytes(bytes(4096))  # no run yet
+    assert fuzz.read_afl_stats(empty) == (0, 0.0)

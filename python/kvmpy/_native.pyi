@@ -297,9 +297,11 @@ class FuzzExecutor:
         `status_fd`, read the input (from the System V segment `input_shm`, else the file
         `input_file`, else stdin), run it, write the coverage into the segment
         `trace_shm` (`afl_map_size` bytes), write the status (0, or 11 for a crash). On a
-        timeout it waits to be killed. `state` (writable, 4 bytes at least, shared with
-        the fork server) is set to 1 from just before the pid is written until just after
-        the status is, and 0 between rounds. With `round_pending`, the first round's
+        timeout it waits to be killed. `state` (writable, 24 bytes at least, aligned to
+        8, shared with the fork server): its first u32 is set to 1 from just before the
+        pid is written until just after the status is, and 0 between rounds; the u64 at
+        offset 8 counts the inputs run and the u64 at offset 16 the nanoseconds spent
+        running them. With `round_pending`, the first round's
         control word was read by the fork server.
         """
     @property

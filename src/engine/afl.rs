@@ -18,7 +18,8 @@ use std::fs::File;
 use std::io::Read;
 use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::Instant;
 
 use crate::engine::campaign::{verdict, Verdict};
 use crate::engine::error::{Error, Result};
@@ -153,10 +154,25 @@ pub fn map_size(executor: &Executor) -> Option<usize> {
     })
 }
 
+/// What the children of one fork server have run, in memory shared with it (and, where
+/// the harness was asked to, with a file that outlives afl-fuzz's final kill): inputs run,
+/// and nanoseconds spent running them (`Executor::run`, coverage not included). afl-fuzz's
+/// time per execution less this mean is what the harness and afl-fuzz cost per input, on
+/// the very inputs afl-fuzz ran.
+pub struct RunCounters<'a> {
+    pub runs: &'a AtomicU64,
+    pub nanos: &'a AtomicU64,
+}
+
 /// Runs afl-fuzz's rounds on `executor` until afl-fuzz closes the control pipe. `phase`
 /// is the word shared with the fork server. Returns on a clean end; an error leaves the
 /// phase as it was, for the fork server to see.
-pub fn serve(executor: &Executor, channel: &Channel, phase: &AtomicU32) -> Result<()> {
+pub fn serve(
+    executor: &Executor,
+    channel: &Channel,
+    phase: &AtomicU32,
+    counters: &RunCounters<'_>,
+) -> Result<()> {
     let size = map_size(executor)
         .ok_or_else(|| Error::Value("under afl-fuzz a target needs coverage".into()))?;
     let trace = Shm::attach(channel.trace_shm, "afl-fuzz's coverage map (__AFL_SHM_ID)")?;
@@ -211,7 +227,12 @@ pub fn serve(executor: &Executor, channel: &Channel, phase: &AtomicU32) -> Resul
                 n as usize
             }
         };
+        let start = Instant::now();
         let execution = executor.run(&buf[..len], None)?;
+        let nanos = u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        // One writer at a time (the fork server runs one child), so plain adds suffice.
+        counters.nanos.fetch_add(nanos, Ordering::Relaxed);
+        counters.runs.fetch_add(1, Ordering::Relaxed);
         // SAFETY: the map segment is at least `size` bytes (checked above); afl-fuzz
         // reads it only after the status below.
         let map = unsafe { std::slice::from_raw_parts_mut(trace.addr, size) };

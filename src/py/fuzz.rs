@@ -1,7 +1,7 @@
 //! `FuzzExecutor`: runs fuzz inputs on a vCPU, each with one call that releases the GIL
 //! (write the input, set its registers, run, read the crash state, restore).
 
-use std::sync::atomic::AtomicU32;
+use std::sync::atomic::{AtomicU32, AtomicU64};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -194,9 +194,11 @@ impl FuzzExecutor {
     /// `status_fd`, read the input (from the System V segment `input_shm`, else the file
     /// `input_file`, else stdin), run it, write the coverage into the segment
     /// `trace_shm` (`afl_map_size` bytes), write the status (0, or 11 for a crash). On a
-    /// timeout it waits to be killed. `state` (writable, 4 bytes at least, shared with
-    /// the fork server) is set to 1 from just before the pid is written until just after
-    /// the status is, and 0 between rounds. With `round_pending`, the first round's
+    /// timeout it waits to be killed. `state` (writable, 24 bytes at least, aligned to
+    /// 8, shared with the fork server): its first u32 is set to 1 from just before the
+    /// pid is written until just after the status is, and 0 between rounds; the u64 at
+    /// offset 8 counts the inputs run and the u64 at offset 16 the nanoseconds spent
+    /// running them. With `round_pending`, the first round's
     /// control word was read by the fork server.
     #[pyo3(signature = (ctl_fd, status_fd, state, *, trace_shm, input_shm=None, input_file=None, round_pending=false), text_signature = "($self, ctl_fd, status_fd, state, *, trace_shm, input_shm=None, input_file=None, round_pending=False)")]
     #[allow(clippy::too_many_arguments)]
@@ -217,11 +219,11 @@ impl FuzzExecutor {
         let ptr = buf.buf_ptr() as usize;
         if buf.readonly()
             || !buf.is_c_contiguous()
-            || buf.len_bytes() < 4
-            || ptr % std::mem::align_of::<AtomicU32>() != 0
+            || buf.len_bytes() < 24
+            || ptr % std::mem::align_of::<AtomicU64>() != 0
         {
             return Err(PyValueError::new_err(
-                "state must be a writable, contiguous buffer of 4 bytes at least, aligned to 4",
+                "state must be a writable, contiguous buffer of 24 bytes at least, aligned to 8",
             ));
         }
         for (fd, what) in [(ctl_fd, "ctl_fd"), (status_fd, "status_fd")] {
@@ -246,10 +248,18 @@ impl FuzzExecutor {
         };
         let inner = &self.inner;
         let result = gil::released(py, || {
-            // SAFETY: `ptr` is 4 bytes of `buf`, aligned (checked above), kept alive by
-            // `buf` until this call returns; other processes use it only atomically.
-            let phase = unsafe { AtomicU32::from_ptr(ptr as *mut u32) };
-            afl::serve(inner, &channel, phase)
+            // SAFETY: `ptr` is 24 bytes of `buf`, aligned to 8 (checked above), kept alive
+            // by `buf` until this call returns; other processes use it only atomically.
+            let (phase, counters) = unsafe {
+                (
+                    AtomicU32::from_ptr(ptr as *mut u32),
+                    afl::RunCounters {
+                        runs: AtomicU64::from_ptr((ptr + 8) as *mut u64),
+                        nanos: AtomicU64::from_ptr((ptr + 16) as *mut u64),
+                    },
+                )
+            };
+            afl::serve(inner, &channel, phase, &counters)
         });
         drop(buf);
         Ok(result?)

@@ -9,6 +9,7 @@ outcome = target.run(b"BUG!")        # Outcome(kind="crash", name="#PF", rip=...
 ```
 """
 
+from kvmpy.fuzz._afl import read_afl_stats
 from kvmpy.fuzz._cli import load_harness, main
 from kvmpy.fuzz._fuzzer import Fuzzer, FuzzStats, read_corpus
 from kvmpy.fuzz._target import OUTCOME_KINDS, Outcome, Target
@@ -24,5 +25,6 @@ __all__ = [
     "Triage",
     "load_harness",
     "main",
+    "read_afl_stats",
     "read_corpus",
 ]
