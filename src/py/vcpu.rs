@@ -251,7 +251,7 @@ impl Vcpu {
     /// The GIL is released while the guest runs. The first exception a handler raises
     /// stops the vCPU and is re-raised here. Ctrl-C stops the guest and raises
     /// `KeyboardInterrupt` (when `run()` is called from the main thread); one that arrives
-    /// while a handler of this run executes takes effect when the handler returns.
+    /// while a handler of this run executes raises it in the handler, which ends the run.
     ///
     /// A vCPU that no mode was set up for runs from its reset state (at 0xfffffff0); when
     /// such a run ends with an MMIO, shutdown, failed-entry or internal-error exit, `run()`
