@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from .support import wait_until
+
 pytestmark = pytest.mark.kvm
 
 AFL = shutil.which("afl-fuzz")
@@ -64,7 +66,8 @@ def afl_fuzz(
         timeout=seconds + 120,
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert not harness_processes(harness), "the fork server and its children are gone"
+    # They go as they notice afl-fuzz is gone (a child tears its VM down first).
+    wait_until(lambda: not harness_processes(harness), "the fork server and its children to end")
     return tmp / "out" / "default"
 
 
@@ -299,7 +302,9 @@ def test_the_child_answers_afl_fuzz_itself_and_the_server_reports_a_timeout_kill
     finally:
         code = afl.close()
     assert code == 0
-    assert not harness_processes(afl.harness), "the fork server and its children are gone"
+    wait_until(
+        lambda: not harness_processes(afl.harness), "the fork server and its children to end"
+    )
     # Both children counted every input they finished, in the file that outlives them:
     # five (the hang was killed before its run ended).
     runs, mean_us = fuzz.read_afl_stats(tmp_path / "stats")
@@ -319,7 +324,9 @@ def test_a_hanging_child_and_its_fork_server_end_when_afl_fuzz_goes_away(
     finally:
         code = afl.close()  # without killing the child, nor reading a status
     assert code == 0
-    assert not harness_processes(afl.harness), "the fork server and its children are gone"
+    wait_until(
+        lambda: not harness_processes(afl.harness), "the fork server and its children to end"
+    )
 
 
 def test_armed_coverage_gives_afl_fuzz_each_inputs_edge_counts(
