@@ -34,8 +34,8 @@ use std::sync::{Condvar, Mutex};
 use std::time::Duration;
 
 use crate::engine::exit::{self, RunExit};
-use crate::engine::lock;
 use crate::engine::vcpu::VcpuCore;
+use crate::engine::{gettid, lock};
 
 /// How long a waiting vCPU sleeps before it looks for a stop request again, and how
 /// often the stepping vCPU kicks a vCPU that has not left the guest yet.
@@ -50,26 +50,11 @@ pub struct StepGate {
     changed: Condvar,
 }
 
-thread_local! {
-    static TID: std::cell::Cell<libc::pid_t> = const { std::cell::Cell::new(0) };
-}
-
-/// The calling thread's id (cached).
-fn tid() -> libc::pid_t {
-    TID.with(|t| {
-        if t.get() == 0 {
-            // SAFETY: gettid has no preconditions.
-            t.set(unsafe { libc::gettid() });
-        }
-        t.get()
-    })
-}
-
 impl StepGate {
     /// Whether a thread other than the caller holds the gate.
     fn closed_to_me(&self) -> bool {
         let owner = self.owner.load(Ordering::SeqCst);
-        owner != 0 && owner != tid()
+        owner != 0 && owner != gettid()
     }
 
     /// Waits (a slice at most) while another thread holds the gate.
@@ -84,7 +69,7 @@ impl StepGate {
     /// the calling thread holds it already (it is then not taken again), or `give_up`
     /// said to stop waiting.
     fn take(&self, give_up: impl Fn() -> bool) -> bool {
-        let me = tid();
+        let me = gettid();
         let mut guard = lock(&self.lock);
         loop {
             match self
