@@ -38,20 +38,16 @@ impl VcpuCore {
     /// Re-enters the guest with `immediate_exit` set so KVM completes a pending I/O or MMIO
     /// access.
     pub(crate) fn complete_io(&self, fd: &mut VcpuFd) {
-        let flag = crate::engine::run::exit_flag(fd);
-        // SAFETY: `flag` is `immediate_exit` of `fd`, which the caller holds.
-        unsafe { kick::set_flag(flag, 1) };
+        kick::set_immediate_exit(fd, 1);
         // Expected to fail with EINTR once the pending access is completed.
         let _ = fd.run();
         // A kick that reached this thread meanwhile (its handler set the flag too) is
         // left for the run loop, which clears the flag only where it then looks at what
         // the kick was for. Cleared first: a kick that lands after the check sets it
         // again itself.
-        // SAFETY: as above.
-        unsafe { kick::set_flag(flag, 0) };
+        kick::set_immediate_exit(fd, 0);
         if kick::kicked() {
-            // SAFETY: as above.
-            unsafe { kick::set_flag(flag, 1) };
+            kick::set_immediate_exit(fd, 1);
         }
         self.note_exit(fd, false);
     }

@@ -30,6 +30,7 @@ use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::Instant;
 
+use kvm_ioctls::VcpuFd;
 use vmm_sys_util::signal::{SIGRTMAX, SIGRTMIN};
 
 use crate::engine::error::{Error, Result};
@@ -81,14 +82,14 @@ pub struct Entered {
 }
 
 impl Entered {
-    /// Makes `flag` (the run's `kvm_run.immediate_exit`) the target of kicks on this
-    /// thread.
+    /// Makes `fd`'s `immediate_exit` the target of kicks on this thread.
     ///
     /// # Safety
-    /// `flag` must stay valid until the returned value is dropped, on this thread, and
-    /// every access to it meanwhile must be atomic (see [`set_flag`]).
-    pub unsafe fn new(flag: *mut u8) -> Entered {
-        let outer = CURRENT.with(|c| c.replace(flag));
+    /// `fd` must stay open until the returned value is dropped, on this thread, and its
+    /// `immediate_exit` must meanwhile be written only through this module.
+    pub unsafe fn new(fd: &mut VcpuFd) -> Entered {
+        prepare_thread();
+        let outer = CURRENT.with(|c| c.replace(exit_flag(fd)));
         Entered { outer }
     }
 }
@@ -99,26 +100,24 @@ impl Drop for Entered {
     }
 }
 
-/// Writes a run's `immediate_exit` (`flag`, from `kvm_run`) atomically, as the kick's
-/// handler may write it at any moment on this thread.
-///
-/// # Safety
-/// `flag` must be `immediate_exit` in the `kvm_run` mapping of a vCPU fd the caller holds.
-pub unsafe fn set_flag(flag: *mut u8, value: u8) {
-    // SAFETY: per the contract, `flag` is valid, aligned storage for one byte for the
-    // length of the call.
-    unsafe { AtomicU8::from_ptr(flag) }.store(value, Ordering::SeqCst);
+/// `immediate_exit` in `fd`'s `kvm_run` mapping, which stays where it is while `fd` is
+/// open.
+fn exit_flag(fd: &mut VcpuFd) -> *mut u8 {
+    &mut fd.get_kvm_run().immediate_exit
 }
 
-/// Clears a run's `immediate_exit` after `KVM_RUN` returned `EINTR`: the caller must look
+/// Writes `fd`'s `immediate_exit` atomically, as the kick's handler may write it at any
+/// moment on this thread.
+pub fn set_immediate_exit(fd: &mut VcpuFd, value: u8) {
+    // SAFETY: the byte is in `fd`'s live `kvm_run` mapping, borrowed for the call.
+    unsafe { AtomicU8::from_ptr(exit_flag(fd)) }.store(value, Ordering::SeqCst);
+}
+
+/// Clears `fd`'s `immediate_exit` after `KVM_RUN` returned `EINTR`: the caller must look
 /// at what kicks are for (stop, deadline, interrupts) after this, not before.
-///
-/// # Safety
-/// As for [`set_flag`].
-pub unsafe fn clear(flag: *mut u8) {
+pub fn clear(fd: &mut VcpuFd) {
     let _ = KICKED.try_with(|k| k.store(false, Ordering::SeqCst));
-    // SAFETY: the caller's contract is `set_flag`'s.
-    unsafe { set_flag(flag, 0) };
+    set_immediate_exit(fd, 0);
 }
 
 /// Whether a kick reached this thread since the last [`clear`].

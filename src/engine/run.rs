@@ -131,18 +131,17 @@ impl VcpuCore {
             Ok(s) => s,
             Err(e) => return e.into(),
         };
-        kick::prepare_thread();
         let mut guard: FdGuard<'_> = Some(self.lock_run_fd());
-        let flag = match fd_of(&mut guard) {
-            Ok(holder) => exit_flag(&mut holder.fd),
+        let entered = match fd_of(&mut guard) {
+            Ok(holder) => {
+                kick::set_immediate_exit(&mut holder.fd, 0);
+                // SAFETY: the fd stays open while `guard` holds it, and `guard` outlives
+                // `entered` (dropped explicitly below, before the guard); the engine
+                // writes `immediate_exit` only through `kick`.
+                unsafe { kick::Entered::new(&mut holder.fd) }
+            }
             Err(e) => return e.into(),
         };
-        // SAFETY: `flag` is `immediate_exit` of the fd `guard` holds.
-        unsafe { kick::set_flag(flag, 0) };
-        // SAFETY: `flag` is `immediate_exit` in the kvm_run of the fd `guard` holds; the
-        // guard outlives `entered` (dropped explicitly below, before the guard), and the
-        // run loop writes the flag only through `kick::set_flag`/`kick::clear`.
-        let entered = unsafe { kick::Entered::new(flag) };
         self.kicker.attach_thread();
         if let Err(e) = self.prepare(&mut guard, signal, options.deadline) {
             drop(entered);
@@ -159,8 +158,7 @@ impl VcpuCore {
         drop(entered);
         if let Ok(holder) = fd_of(&mut guard) {
             self.fpu_leave(holder);
-            // SAFETY: `flag` is `immediate_exit` of the fd `guard` still holds.
-            unsafe { kick::set_flag(flag, 0) };
+            kick::set_immediate_exit(&mut holder.fd, 0);
             self.debug_leave(&mut holder.fd);
         }
         RUNS_ENDED.with(|n| n.set(n.get().wrapping_add(1)));
@@ -309,9 +307,7 @@ impl VcpuCore {
         guard: &mut FdGuard<'a>,
         options: &RunOptions<'_>,
     ) -> Result<Flow> {
-        let flag = exit_flag(&mut fd_of(guard)?.fd);
-        // SAFETY: `flag` is `immediate_exit` of the fd `guard` holds.
-        unsafe { kick::clear(flag) };
+        kick::clear(&mut fd_of(guard)?.fd);
         if self.kicker.stop_requested() {
             return Ok(Flow::Continue(false));
         }
@@ -578,11 +574,6 @@ impl VcpuCore {
             self.complete_io(&mut holder.fd);
         }
     }
-}
-
-/// `immediate_exit` in a vCPU's `kvm_run`, which kicks write from a signal handler.
-pub(crate) fn exit_flag(fd: &mut kvm_ioctls::VcpuFd) -> *mut u8 {
-    &mut fd.get_kvm_run().immediate_exit
 }
 
 #[path = "run_lane.rs"]
