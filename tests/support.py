@@ -74,6 +74,21 @@ def wait_until(condition: Callable[[], object], what: str, timeout: float = 30.0
         time.sleep(0.0005)
 
 
+def rerun_file_with(env: dict[str, str], test_file: str, deselect: str) -> None:
+    """Runs every test of `test_file` but those `deselect` (a `-k` expression) again in a
+    new pytest process with `env` added (a mechanism forced), and checks that all pass
+    and none is skipped."""
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test_file]
+        + ["-k", deselect],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert " passed" in done.stdout and "skipped" not in done.stdout
+
+
 def marked(vm: kvmpy.Vm, count: int = 1) -> bool:
     """Whether `count` vCPUs running MARK_AND_SPIN (RDI = MARK, MARK + 8, ...) have marked,
     that is, are in their `jmp $`."""

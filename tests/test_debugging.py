@@ -19,6 +19,8 @@ import pytest
 import kvmpy
 from kvmpy._native import _debug_support
 
+from .support import rerun_file_with
+
 pytestmark = pytest.mark.kvm
 
 CODE = 0x10000
@@ -93,16 +95,9 @@ def test_the_mechanism_follows_what_the_probe_found() -> None:
 def test_the_exception_stub_path_passes_the_same_tests() -> None:
     # Where KVM intercepts, every other test here runs the KVM_EXIT_DEBUG path: run them
     # all again with the exception-stub path forced (where it does not, the same path).
-    env = {**os.environ, "KVMPY_DEBUG_MECHANISM": "exception-stubs"}
-    done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__]
-        + ["-k", "not exception_stub_path"],
-        env=env,
-        capture_output=True,
-        text=True,
+    rerun_file_with(
+        {"KVMPY_DEBUG_MECHANISM": "exception-stubs"}, __file__, "not exception_stub_path"
     )
-    assert done.returncode == 0, done.stdout[-3000:]
-    assert " passed" in done.stdout and "skipped" not in done.stdout
 
 
 def test_breakpoints_at_several_addresses_are_hit_in_order() -> None:

@@ -22,6 +22,8 @@ import kvmpy
 from kvmpy import fuzz
 from kvmpy._native import _debug_support
 
+from .support import rerun_file_with
+
 pytestmark = pytest.mark.kvm
 
 BY_PAGE = bool(kvmpy.available()) and _debug_support()["watch_mechanism"] == "memslot"
@@ -433,16 +435,11 @@ def test_watchpoints_cannot_change_while_a_vcpu_runs() -> None:
 def test_the_page_mechanism_passes_the_same_tests() -> None:
     # Where KVM delivers debug-register watchpoints, the tests above ran through them: run
     # them all again on the page mechanism (where it does not, the same path again).
-    env = {**os.environ, "KVMPY_WATCH_MECHANISM": "memslot"}
-    done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__]
-        + ["-k", "not page_mechanism_passes and not debug_registers_where"],
-        env=env,
-        capture_output=True,
-        text=True,
+    rerun_file_with(
+        {"KVMPY_WATCH_MECHANISM": "memslot"},
+        __file__,
+        "not page_mechanism_passes and not debug_registers_where",
     )
-    assert done.returncode == 0, done.stdout[-3000:]
-    assert " passed" in done.stdout and "skipped" not in done.stdout
 
 
 def test_debug_registers_where_the_host_does_not_deliver_them_are_refused() -> None:
