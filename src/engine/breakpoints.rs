@@ -261,15 +261,7 @@ impl Breakpoints {
     /// Adds a new entry, refused where another address already patches its byte.
     fn add_entry(&mut self, vaddr: u64, entry: Entry) -> Result<(), TableError> {
         let gpa = entry.gpa;
-        let retired: Vec<u64> = self
-            .entries
-            .iter()
-            .filter(|(_, e)| e.retired && e.gpa == gpa)
-            .map(|(v, _)| *v)
-            .collect();
-        for v in retired {
-            self.drop_retired(v);
-        }
+        self.drop_retired_where(|e| e.gpa == gpa);
         if let Some((&other, _)) = self.entries.iter().find(|(_, e)| e.gpa == gpa) {
             return Err(TableError::Alias { vaddr: other, gpa });
         }
@@ -471,10 +463,15 @@ impl Breakpoints {
     /// Forgets the removed entries: to be called only when no vCPU can hold an exit
     /// from a patch taken out (none runs but the caller, at the start of its run).
     pub fn purge_retired(&mut self) {
+        self.drop_retired_where(|_| true);
+    }
+
+    /// Forgets the removed entries `which` picks.
+    fn drop_retired_where(&mut self, which: impl Fn(&Entry) -> bool) {
         let gone: Vec<u64> = self
             .entries
             .iter()
-            .filter(|(_, e)| e.retired)
+            .filter(|(_, e)| e.retired && which(e))
             .map(|(v, _)| *v)
             .collect();
         for vaddr in gone {
