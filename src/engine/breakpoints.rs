@@ -47,6 +47,26 @@ pub struct Audience {
     pub gdb: bool,
 }
 
+impl Audience {
+    /// Everyone either audience reports to.
+    pub fn or(self, other: Audience) -> Audience {
+        Audience {
+            python: self.python || other.python,
+            gdb: self.gdb || other.gdb,
+        }
+    }
+}
+
+/// Who `owners`' breakpoint hit on vCPU `vcpu` is reported to.
+fn audience_of(owners: &[Owner], vcpu: u64) -> Audience {
+    Audience {
+        python: owners
+            .iter()
+            .any(|o| *o == Owner::Vm || *o == Owner::Vcpu(vcpu)),
+        gdb: owners.contains(&Owner::Gdb),
+    }
+}
+
 /// One patched address.
 #[derive(Clone, Debug)]
 pub struct Entry {
@@ -78,8 +98,10 @@ pub struct Entry {
 pub enum Hit {
     /// Not a breakpoint of kvmpy's: the guest's own `int3`.
     NotOurs,
-    /// A breakpoint of this vCPU or of the VM: report it.
-    Report,
+    /// A breakpoint of this vCPU or of the VM: report it to its audience, as its owners
+    /// were at the trap (a removal after the trap must not turn the hit into an exit
+    /// nobody asked for).
+    Report(Audience),
     /// Another vCPU's breakpoint: step over it silently.
     Pass,
     /// A one-shot (coverage) breakpoint: disarm it for good and go on.
@@ -382,7 +404,7 @@ impl Breakpoints {
                     .iter()
                     .any(|o| matches!(o, Owner::Vm | Owner::Gdb) || *o == Owner::Vcpu(vcpu)) =>
             {
-                Hit::Report
+                Hit::Report(audience_of(&e.owners, vcpu))
             }
             Some(_) => Hit::Pass,
         }
@@ -390,13 +412,10 @@ impl Breakpoints {
 
     /// Who vCPU `vcpu`'s hit at `vaddr` is reported to.
     pub fn audience(&self, vaddr: u64, vcpu: u64) -> Audience {
-        let owners = self.entries.get(&vaddr).map_or(&[][..], |e| &e.owners[..]);
-        Audience {
-            python: owners
-                .iter()
-                .any(|o| *o == Owner::Vm || *o == Owner::Vcpu(vcpu)),
-            gdb: owners.contains(&Owner::Gdb),
-        }
+        audience_of(
+            self.entries.get(&vaddr).map_or(&[][..], |e| &e.owners[..]),
+            vcpu,
+        )
     }
 
     /// Takes the patch out at `vaddr` (to step over it, or for good with `one_shot`).

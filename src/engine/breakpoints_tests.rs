@@ -2,6 +2,17 @@
 
 use super::*;
 
+/// Python's handler sees the hit, gdb does not.
+const PY: Audience = Audience {
+    python: true,
+    gdb: false,
+};
+/// gdb sees the hit, Python's handler does not.
+const GDB: Audience = Audience {
+    python: false,
+    gdb: true,
+};
+
 #[test]
 fn a_breakpoint_is_patched_once_and_restored_by_its_last_owner() {
     let mut t = Breakpoints::default();
@@ -18,8 +29,8 @@ fn a_breakpoint_is_patched_once_and_restored_by_its_last_owner() {
         Ok(Write::None)
     );
     assert_eq!(t.get(0x1000).unwrap().original, 0x90);
-    assert_eq!(t.hit(0x1000, 0), Hit::Report);
-    assert_eq!(t.hit(0x1000, 7), Hit::Report, "the VM's too");
+    assert_eq!(t.hit(0x1000, 0), Hit::Report(PY));
+    assert_eq!(t.hit(0x1000, 7), Hit::Report(PY), "the VM's too");
     assert_eq!(t.remove(0x1000, Owner::Vm), Ok(Write::None));
     assert_eq!(t.hit(0x1000, 7), Hit::Pass, "only vCPU 0's now");
     assert_eq!(
@@ -63,7 +74,10 @@ fn a_removed_breakpoint_is_stale_until_purged_and_may_be_set_again() {
             byte: PIO_PATCH
         }
     );
-    assert_eq!((t.hit(0x10, 1), t.hit(0x10, 0)), (Hit::Report, Hit::Pass));
+    assert_eq!(
+        (t.hit(0x10, 1), t.hit(0x10, 0)),
+        (Hit::Report(PY), Hit::Pass)
+    );
     t.remove(0x10, Owner::Vcpu(1)).unwrap();
     // Another address for the same byte replaces the removed one.
     t.insert(0x20, 0x10, 0x55, Owner::Vm, false).unwrap();
@@ -78,7 +92,10 @@ fn gdbs_breakpoints_are_reported_to_gdb_only() {
     let mut t = Breakpoints::default();
     t.insert(0x10, 0x10, 0x90, Owner::Gdb, false).unwrap();
     t.insert(0x20, 0x20, 0x90, Owner::Vcpu(1), false).unwrap();
-    assert_eq!((t.hit(0x10, 0), t.hit(0x10, 1)), (Hit::Report, Hit::Report));
+    assert_eq!(
+        (t.hit(0x10, 0), t.hit(0x10, 1)),
+        (Hit::Report(GDB), Hit::Report(GDB))
+    );
     let gdb_only = Audience {
         python: false,
         gdb: true,
@@ -96,6 +113,11 @@ fn gdbs_breakpoints_are_reported_to_gdb_only() {
         "vCPU 1's own is not vCPU 0's"
     );
     assert_eq!(t.audience(0x30, 0), Audience::default());
+    assert_eq!(
+        t.hit(0x20, 1),
+        Hit::Report(PY.or(GDB)),
+        "a hit carries who it is for, as it was at the trap"
+    );
     t.remove(0x20, Owner::Gdb).unwrap();
     assert_eq!(t.hit(0x20, 0), Hit::Pass);
 }
@@ -154,14 +176,14 @@ fn a_trap_on_another_vcpu_while_one_steps_over_is_still_a_hit() {
     );
     assert_eq!(
         t.hit(0x10, 1),
-        Hit::Report,
+        Hit::Report(PY),
         "vCPU 1 trapped before it went out"
     );
     t.step_out(0x20, 0);
     assert_eq!(t.hit(0x20, 1), Hit::Pass, "vCPU 0's: vCPU 1 steps over it");
     t.rearm(0x10);
     assert_eq!(t.get(0x10).unwrap().stepper, None);
-    assert_eq!(t.hit(0x10, 0), Hit::Report);
+    assert_eq!(t.hit(0x10, 0), Hit::Report(PY));
 }
 
 #[test]
@@ -237,7 +259,7 @@ fn coverage_entries_live_in_an_image_and_queue_their_originals() {
     assert!(t.has_pio());
     // A debugger breakpoint on a coverage block makes it a breakpoint.
     t.insert(0x40, 0x40, PIO_PATCH, Owner::Vm, false).unwrap();
-    assert_eq!(t.hit(0x40, 0), Hit::Report);
+    assert_eq!(t.hit(0x40, 0), Hit::Report(PY));
     assert_eq!(t.clear_coverage(), vec![]);
     t.remove(0x40, Owner::Vm).unwrap();
     assert_eq!(t.image_writes, vec![(0x30, 0x55), (0x40, 0x48)]);

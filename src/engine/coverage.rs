@@ -22,7 +22,6 @@ use crate::arch::x86_64::paging;
 use crate::engine::breakpoints::{Hit, Write, PATCH, PIO_PATCH};
 use crate::engine::debug::{self, Trap};
 use crate::engine::error::{Error, Result};
-use crate::engine::exit::Exit;
 use crate::engine::fuzz::CoverageConfig;
 use crate::engine::lock;
 use crate::engine::snapshot::Snapshot;
@@ -328,10 +327,10 @@ impl VcpuCore {
                 }
                 Ok(Some(Trap::Continue))
             }
-            Hit::Report => {
+            Hit::Report(seen) => {
                 drop(table);
                 lock(&self.debug).resume_from = Some(addr);
-                Ok(Some(Trap::Done(Exit::Breakpoint { address: addr })))
+                Ok(Some(self.breakpoint_trap(addr, seen)))
             }
             Hit::Pass => {
                 drop(table);

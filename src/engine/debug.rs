@@ -72,6 +72,9 @@ pub enum Trap {
     Continue,
     /// End the run with this exit.
     Done(Exit),
+    /// A breakpoint hit, for whom it was set at the trap: Python's handler, gdb, or both
+    /// (run.rs calls the handler, or ends the run with a `breakpoint` exit).
+    Breakpoint { address: u64, seen: Audience },
 }
 
 impl VmCore {
@@ -101,16 +104,6 @@ impl VmCore {
             other => other.map_err(|e| Error::Value(e.to_string()))?,
         };
         self.apply(write)
-    }
-
-    /// Who vCPU `vcpu`'s breakpoint hit at `vaddr` is reported to: Python's handler, gdb.
-    pub(crate) fn breakpoint_audience(&self, vaddr: u64, vcpu: u64) -> Audience {
-        let patched = lock(&self.breakpoints).audience(vaddr, vcpu);
-        let hw = self.hw_audience(vaddr, vcpu);
-        Audience {
-            python: patched.python || hw.python,
-            gdb: patched.gdb || hw.gdb,
-        }
     }
 
     /// The guest-virtual addresses of `owner`'s breakpoints, patched and hardware.
@@ -259,7 +252,7 @@ impl VcpuCore {
         // A coverage block at RIP is hit, not stepped over: its hit counts.
         let ours = matches!(
             lock(&self.vm.breakpoints).hit(rip, self.id),
-            Hit::Report | Hit::Pass
+            Hit::Report(_) | Hit::Pass
         );
         if !table_empty && resuming && ours && self.take_out(&mut st, rip)? {
             step = true;
@@ -326,7 +319,8 @@ impl VcpuCore {
             };
             if let Some(address) = hw_breakpoints::exec_hit(dr6, st.armed.len(), &st.execs) {
                 st.resume_from = Some(address);
-                return Ok(Trap::Done(Exit::Breakpoint { address }));
+                let seen = self.vm.hw_audience(address, self.id);
+                return Ok(Trap::Breakpoint { address, seen });
             }
             let found = crate::engine::debug_regs::hit(dr6, &st.armed, |w| {
                 let mut b = [0u8; 8];
@@ -350,9 +344,9 @@ impl VcpuCore {
                         set_guest_debug_regs(fd, st.kvm_flags, &st.dr)?;
                         Ok(Trap::Continue)
                     }
-                    Hit::Report => {
+                    Hit::Report(seen) => {
                         st.resume_from = Some(pc);
-                        Ok(Trap::Done(Exit::Breakpoint { address: pc }))
+                        Ok(self.breakpoint_trap(pc, seen))
                     }
                     // Removed since: RIP is at it, the original is back.
                     Hit::Stale => Ok(Trap::Continue),
@@ -401,7 +395,7 @@ impl VcpuCore {
         };
         let hit = match vector {
             3 => lock(&self.vm.breakpoints).hit(addr, self.id),
-            1 if st.stepping => Hit::Report,
+            1 if st.stepping => Hit::Report(Audience::default()),
             13 if lock(&self.vm.breakpoints).pio_at(addr) => {
                 lock(&self.vm.breakpoints).hit(addr, self.id)
             }
@@ -424,9 +418,9 @@ impl VcpuCore {
         }
         self.unwind_stub(fd, Some(addr))?;
         match hit {
-            Hit::Report => {
+            Hit::Report(seen) => {
                 st.resume_from = Some(addr);
-                Ok(Trap::Done(Exit::Breakpoint { address: addr }))
+                Ok(self.breakpoint_trap(addr, seen))
             }
             Hit::OneShot => {
                 let write = count_hit(&self.vm, addr, true);
@@ -442,6 +436,13 @@ impl VcpuCore {
                 Ok(Trap::Continue)
             }
         }
+    }
+
+    /// The trap of a patched breakpoint at `address` that `seen` set, reported to a
+    /// hardware breakpoint's owners there too.
+    pub(crate) fn breakpoint_trap(&self, address: u64, seen: Audience) -> Trap {
+        let seen = seen.or(self.vm.hw_audience(address, self.id));
+        Trap::Breakpoint { address, seen }
     }
 
     /// Runs on from a breakpoint at `addr` mid-run (a handler let the guest go on): if

@@ -517,10 +517,9 @@ impl VcpuCore {
     fn trap<'a>(&'a self, guard: &mut FdGuard<'a>, trap: Trap) -> Result<Flow> {
         Ok(match trap {
             Trap::Continue => Flow::Continue(false),
-            Trap::Done(Exit::Breakpoint { address }) => {
+            Trap::Breakpoint { address, seen } => {
                 // Python's handler sees Python's breakpoints only; one gdb set stops the
                 // run for gdb, after that handler if Python set it too.
-                let seen = self.vm.breakpoint_audience(address, self.id);
                 let bus = self.vm.bus();
                 let Some(device) = bus.breakpoint().filter(|_| seen.python) else {
                     return Ok(Flow::Done(Outcome::Exit(Exit::Breakpoint { address })));
