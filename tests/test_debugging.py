@@ -443,9 +443,12 @@ def test_no_vcpu_misses_a_vm_wide_breakpoint_another_steps_over() -> None:
         assert counted == [rounds, rounds] and seen == counted
 
 
-def _run_while_another_thread_toggles_a_breakpoint(code: bytes, data: int, rounds: int) -> None:
+def _run_while_another_thread_toggles_a_breakpoint(
+    code: bytes, data: int, rounds: int, at: int = CODE + 3
+) -> kvmpy.Console:
     vm, (_, cpu) = machine(code, cpus=2)
     with vm:
+        console = vm.add_console(0x77)
         cpu.set_regs(rbx=data, rcx=rounds, rdx=0x77)
         hits = []
 
@@ -457,8 +460,8 @@ def _run_while_another_thread_toggles_a_breakpoint(code: bytes, data: int, round
 
         def toggle() -> None:
             while not done.is_set():
-                vm.add_breakpoint(CODE + 3)
-                vm.remove_breakpoint(CODE + 3)
+                vm.add_breakpoint(at)
+                vm.remove_breakpoint(at)
                 toggled.set()
 
         t = threading.Thread(target=toggle)
@@ -471,8 +474,9 @@ def _run_while_another_thread_toggles_a_breakpoint(code: bytes, data: int, round
             t.join()
         assert e.reason == "exit", e
         assert int.from_bytes(vm.read(data, 8), "little") == rounds
-        assert set(hits) <= {CODE + 3}
+        assert set(hits) <= {at}
         assert vm.read(CODE, len(code)) == code and vm.breakpoints == []
+    return console
 
 
 def test_a_breakpoint_removed_while_a_vcpu_runs_over_it_is_never_an_io_exit() -> None:
@@ -483,3 +487,76 @@ def test_a_breakpoint_removed_while_a_vcpu_runs_over_it_is_never_an_io_exit() ->
     code = bytes([0x48, 0xFF, 0x03, 0x48, 0xFF, 0xC9, 0x75, 0xF8, 0xE6, 0xF4])
     for _ in range(20):
         _run_while_another_thread_toggles_a_breakpoint(code, 0x100000, 3_000_000)
+
+
+def test_a_removed_breakpoint_on_a_port_write_runs_the_write_exactly_once() -> None:
+    # The breakpoint is on the loop's `out dx, al`, the very byte of the port-io patch:
+    # whether a vCPU ran the patch or the original there, the guest wrote once. Each OUT
+    # reaches the console exactly once, and the loop ends (no write re-run forever).
+    # inc qword [rbx]; out dx, al; dec rcx; jnz -9; out 0xf4, al
+    code = bytes([0x48, 0xFF, 0x03, 0xEE, 0x48, 0xFF, 0xC9, 0x75, 0xF7, 0xE6, 0xF4])
+    for _ in range(10):
+        console = _run_while_another_thread_toggles_a_breakpoint(code, 0x100000, 2000)
+        assert len(console.output()) == 2000
+
+
+def test_stepping_over_a_breakpoint_on_a_port_write_writes_once() -> None:
+    # mov dx, 0x77; out dx, al; out 0xf4, al: the breakpoint is on `out dx, al`.
+    code = bytes([0x66, 0xBA, 0x77, 0x00, 0xEE, 0xE6, 0xF4])
+    vm, (cpu,) = machine(code)
+    with vm:
+        calls = []
+        vm.on_io(0x77, lambda e: calls.append(e.data))
+        cpu.add_breakpoint(CODE + 4)
+        e = cpu.run(timeout=10)
+        assert e.reason == "breakpoint" and cpu.regs.rip == CODE + 4 and calls == []
+        assert cpu.step() == CODE + 5 and len(calls) == 1
+        cpu.set_regs(rip=CODE + 4)
+        assert cpu.run(timeout=10).reason == "breakpoint", "set by hand: hit again"
+        e = cpu.run(timeout=10)
+        assert e.reason == "exit" and len(calls) == 2
+
+
+def test_a_breakpoint_on_outsb_is_refused_where_the_patch_is_a_port_write() -> None:
+    # mov dx, 0x77; outsb; out 0xf4, al
+    code = bytes([0x66, 0xBA, 0x77, 0x00, 0x6E, 0xE6, 0xF4])
+    vm, (cpu,) = machine(code)
+    with vm:
+        console = vm.add_console(0x77)
+        cpu.set_regs(rsi=CODE)
+        if _debug_support()["breakpoints"] == "port-io":
+            with pytest.raises(kvmpy.KvmUnsupported, match="outsb"):
+                cpu.add_breakpoint(CODE + 4)
+            assert cpu.breakpoints == [] and vm.read(CODE, len(code)) == code
+        else:
+            cpu.add_breakpoint(CODE + 4)
+            assert cpu.run(timeout=10).reason == "breakpoint"
+        assert cpu.run(timeout=10).reason == "exit"
+        assert console.output() == code[:1], "outsb wrote the byte at RSI once"
+
+
+def test_steps_and_traces_go_one_instruction_at_a_time_over_port_io_and_mmio() -> None:
+    # out dx, al; in al, dx; mov [0x300000], al (MMIO); out 0x77, al; nop; out 0xf4, al.
+    # Each access is completed by a handler: the step ends right after its instruction
+    # (where the host drops the #DB of such an instruction, kvmpy ends the step itself).
+    code = bytes.fromhex("eeec88042500003000e67790e6f4")
+    vm, (cpu,) = machine(code)
+    with vm:
+        io: list[tuple[bool, bytes]] = []
+        mmio: list[bytes] = []
+
+        def port(e: kvmpy.IoExit) -> int | None:
+            io.append((e.is_write, e.data))
+            return None if e.is_write else 5
+
+        vm.on_io(0x77, port)
+        vm.on_mmio(0x300000, 0x1000, lambda e: mmio.append(e.data))
+        cpu.set_regs(rdx=0x77, rax=0x41, rip=CODE)
+        rips = [cpu.step() - CODE for _ in range(5)]
+        assert rips == [1, 2, 9, 0xB, 0xC]
+        assert io == [(True, b"\x41"), (False, b""), (True, b"\x05")] and mmio == [b"\x05"]
+        assert cpu.regs.rflags & 0x100 == 0, "kvmpy's TF is gone after each step"
+        cpu.set_regs(rip=CODE)
+        assert [rip - CODE for rip, _, _ in cpu.trace(count=5)] == [0, 1, 2, 9, 0xB]
+        assert cpu.regs.rip == CODE + 0xC
+        assert cpu.run(timeout=10).reason == "exit"

@@ -108,7 +108,8 @@ pub enum Hit {
     OneShot,
     /// A coverage block that stays in ("armed" mode): count the hit, step over it.
     Count,
-    /// A breakpoint removed after the vCPU trapped at it: run the original instruction.
+    /// A breakpoint removed after the vCPU trapped at it: run the original instruction
+    /// (never for an original that is the patch byte itself: that is [`Hit::NotOurs`]).
     Stale,
 }
 
@@ -394,6 +395,10 @@ impl Breakpoints {
     pub fn hit(&self, vaddr: u64, vcpu: u64) -> Hit {
         match self.entries.get(&vaddr) {
             None => Hit::NotOurs,
+            // Removed, and its original is the patch's own instruction (the guest's `int3`
+            // or `out dx, al`): whether the vCPU ran the patch or the original, the guest
+            // did what its own instruction does, once.
+            Some(e) if e.retired && e.original == e.patch => Hit::NotOurs,
             Some(e) if e.retired => Hit::Stale,
             // Out for a step: this vCPU's own step runs the original instruction there.
             Some(e) if !e.armed && e.stepper.is_none_or(|s| s == vcpu) => Hit::NotOurs,

@@ -265,3 +265,25 @@ fn coverage_entries_live_in_an_image_and_queue_their_originals() {
     assert_eq!(t.image_writes, vec![(0x30, 0x55), (0x40, 0x48)]);
     assert!(t.is_empty() && !t.has_pio() && t.coverage_blocks() == 0);
 }
+
+#[test]
+fn a_removed_breakpoint_whose_original_is_the_patch_is_the_guests_own_instruction() {
+    let mut t = Breakpoints::default();
+    // A port-io patch on the guest's own `out dx, al`, another on a `nop`.
+    t.insert_patch(0x10, 0x10, PIO_PATCH, Owner::Vm, false, PIO_PATCH)
+        .unwrap();
+    t.insert_patch(0x20, 0x20, 0x90, Owner::Vm, false, PIO_PATCH)
+        .unwrap();
+    t.remove(0x10, Owner::Vm).unwrap();
+    t.remove(0x20, Owner::Vm).unwrap();
+    assert_eq!(
+        t.hit(0x10, 0),
+        Hit::NotOurs,
+        "patch or original, the guest wrote once"
+    );
+    assert_eq!(t.hit(0x20, 0), Hit::Stale, "the patch ran: run the nop");
+    // The same for an int3 patch on the guest's own int3.
+    t.insert(0x30, 0x30, PATCH, Owner::Vcpu(0), false).unwrap();
+    t.remove(0x30, Owner::Vcpu(0)).unwrap();
+    assert_eq!(t.hit(0x30, 0), Hit::NotOurs);
+}

@@ -301,17 +301,13 @@ impl VcpuCore {
         if !table.pio_at(addr) {
             return Ok(None);
         }
-        self.update_regs(fd, |r| r.rip = addr)?;
-        let me = self.id;
-        if !table
-            .get(addr)
-            .is_some_and(|e| e.armed || e.stepper.is_some_and(|s| s != me))
-        {
-            // This vCPU's own step over it ran the original instruction (a port write
-            // there), or it was removed after this vCPU hit it: run the original.
-            return Ok(Some(Trap::Continue));
-        }
         let hit = table.hit(addr, self.id);
+        if hit == Hit::NotOurs {
+            // The guest's own port write: the original instruction, run by this vCPU's
+            // step over the patch, or by any vCPU where the original is `out dx, al`.
+            return Ok(None);
+        }
+        self.update_regs(fd, |r| r.rip = addr)?;
         match hit {
             Hit::OneShot | Hit::Count => {
                 if let Some(map) = table.coverage.as_mut() {
@@ -338,7 +334,7 @@ impl VcpuCore {
                 Ok(Some(Trap::Continue))
             }
             Hit::NotOurs => Ok(None),
-            // Not armed: handled above.
+            // Removed after this vCPU hit it: run the original.
             Hit::Stale => Ok(Some(Trap::Continue)),
         }
     }

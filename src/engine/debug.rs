@@ -19,6 +19,8 @@
 use kvm_bindings::{
     KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_INJECT_BP, KVM_GUESTDBG_SINGLESTEP, KVM_GUESTDBG_USE_SW_BP,
 };
+use std::sync::atomic::Ordering;
+
 use kvm_ioctls::VcpuFd;
 
 use crate::arch::x86_64::gdt;
@@ -34,6 +36,9 @@ use crate::engine::vcpu::VcpuCore;
 use crate::engine::vm::VmCore;
 use crate::engine::watch::Watch;
 pub use crate::engine::watch_vcpu::watch_mechanism;
+
+/// `outsb`: a one-byte port write like [`PIO_PATCH`], with another effect.
+const OUTSB: u8 = 0x6e;
 
 /// RFLAGS.TF: trap after the next instruction.
 const TF: u64 = 1 << 8;
@@ -88,6 +93,15 @@ impl VmCore {
         let mut table = lock(&self.breakpoints);
         let mut current = [0u8];
         self.read_memory_raw(gpa, &mut current)?;
+        if patch == PIO_PATCH && current[0] == OUTSB {
+            return Err(Error::Unsupported(format!(
+                "a breakpoint at {vaddr:#x}, on `outsb`: with this host's patch (port-io, an \
+                 `out dx, al` byte) a port write there could be the breakpoint or the \
+                 instruction itself once the breakpoint is removed; use the int3 patch \
+                 ({}=exception-stubs, with setup_long_mode(exceptions=True))",
+                crate::engine::coverage::PATCH_ENV
+            )));
+        }
         let write = table
             .insert_patch(vaddr, gpa, current[0], owner, false, patch)
             .map_err(|e| Error::Value(e.to_string()))?;
@@ -262,6 +276,7 @@ impl VcpuCore {
             Mechanism::ExceptionStubs => {
                 if step {
                     self.update_regs(fd, |r| r.rflags |= TF)?;
+                    self.tf_step.store(true, Ordering::Relaxed);
                 }
             }
             Mechanism::Intercept => {
@@ -295,6 +310,7 @@ impl VcpuCore {
         let mut st = lock(&self.debug);
         st.user_step = false;
         let _ = self.put_back(&mut st);
+        self.tf_step.store(false, Ordering::Relaxed);
         if std::mem::take(&mut st.stepping) {
             if st.kvm_flags & KVM_GUESTDBG_SINGLESTEP != 0 {
                 let flags = st.kvm_flags & !(KVM_GUESTDBG_SINGLESTEP | block_irq());
@@ -466,7 +482,10 @@ impl VcpuCore {
         }
         st.stepping = true;
         match mechanism()? {
-            Mechanism::ExceptionStubs => self.update_regs(fd, |r| r.rflags |= TF),
+            Mechanism::ExceptionStubs => {
+                self.tf_step.store(true, Ordering::Relaxed);
+                self.update_regs(fd, |r| r.rflags |= TF)
+            }
             Mechanism::Intercept => {
                 let flags =
                     st.kvm_flags | KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP | block_irq();
@@ -475,6 +494,34 @@ impl VcpuCore {
                 Ok(())
             }
         }
+    }
+
+    /// A device handled an access (port I/O, MMIO, HLT) while kvmpy single-steps with TF:
+    /// completes it and, where the host did not queue the #DB the instruction's completion
+    /// owes, ends the step there. KVM queues it when it completes the instruction; the
+    /// nested software KVMs kvmpy runs on drop it for instructions whose access userspace
+    /// completes, and the step would end one instruction late. `None`: the access is
+    /// completed, the run goes on (the #DB is queued, or TF is not set: the vCPU is in an
+    /// exception handler, which runs with TF clear).
+    pub(crate) fn step_after_access(&self, fd: &mut VcpuFd) -> Result<Option<Trap>> {
+        self.complete_io(fd);
+        let regs = self.read_regs(fd)?;
+        if regs.rflags & TF == 0 {
+            return Ok(None);
+        }
+        let events = fd
+            .get_vcpu_events()
+            .map_err(|e| Error::ioctl("KVM_GET_VCPU_EVENTS", e))?;
+        let e = events.exception;
+        if e.nr == 1 && (e.injected != 0 || e.pending != 0) {
+            return Ok(None);
+        }
+        let mut st = lock(&self.debug);
+        if !st.stepping {
+            return Ok(None);
+        }
+        self.end_step(fd, &mut st)?;
+        Ok(Some(self.after_step(&mut st, regs.rip)))
     }
 
     /// Clears TF in the interrupt frame of the exception stub the vCPU is in.
@@ -531,6 +578,7 @@ impl VcpuCore {
     /// The step is over: the breakpoint stepped over goes back, TF is cleared.
     fn end_step(&self, fd: &mut VcpuFd, st: &mut DebugState) -> Result<()> {
         st.stepping = false;
+        self.tf_step.store(false, Ordering::Relaxed);
         self.put_back(st)?;
         if st.kvm_flags == 0 {
             self.update_regs(fd, |r| r.rflags &= !TF)?;

@@ -292,12 +292,31 @@ impl VcpuCore {
                         return self.trap(guard, trap);
                     }
                 }
+                if self.tf_step.load(Ordering::Relaxed) {
+                    let flow = self.dispatch_io(guard, io)?;
+                    return self.after_stepped_access(guard, flow);
+                }
                 if io.is_write && io.count == 1 {
                     return self.out_lane(guard, options, io, runs_ended);
                 }
                 self.dispatch_io(guard, io)
             }
-            Ok(RunExit::Other(exit)) => self.dispatch(guard, exit),
+            Ok(RunExit::Other(exit)) => {
+                let flow = self.dispatch(guard, exit)?;
+                self.after_stepped_access(guard, flow)
+            }
+        }
+    }
+
+    /// While kvmpy single-steps with TF, an access a device handled (`Continue(true)`)
+    /// may be where the step ends (see `step_after_access`).
+    fn after_stepped_access<'a>(&'a self, guard: &mut FdGuard<'a>, flow: Flow) -> Result<Flow> {
+        if !matches!(flow, Flow::Continue(true)) || !self.tf_step.load(Ordering::Relaxed) {
+            return Ok(flow);
+        }
+        match self.step_after_access(&mut fd_of(guard)?.fd)? {
+            None => Ok(Flow::Continue(false)),
+            Some(trap) => self.trap(guard, trap),
         }
     }
 

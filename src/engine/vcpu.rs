@@ -84,6 +84,9 @@ pub struct VcpuCore {
     regs_mirrored: AtomicBool,
     /// KVM holds an I/O or MMIO access to complete when the guest is entered next.
     pub(crate) io_pending: AtomicBool,
+    /// kvmpy single-steps this vCPU with RFLAGS.TF (exception stubs): an access a device
+    /// handles may be where the step ends (see `debug::step_after_access`).
+    pub(crate) tf_step: AtomicBool,
     /// A run ended on a plain OUT a device handled without completing it (see
     /// `complete.rs`), at this linear RIP.
     pub(crate) deferred: AtomicBool,
@@ -175,6 +178,7 @@ impl VcpuCore {
             sync_regs,
             regs_mirrored: AtomicBool::new(false),
             io_pending: AtomicBool::new(false),
+            tf_step: AtomicBool::new(false),
             deferred: AtomicBool::new(false),
             deferred_rip: AtomicU64::new(0),
             state_sync: AtomicBool::new(false),
