@@ -10,9 +10,11 @@ path, on bare-metal KVM the KVM_EXIT_DEBUG path.
 from __future__ import annotations
 
 import os
+import random
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
@@ -560,3 +562,56 @@ def test_steps_and_traces_go_one_instruction_at_a_time_over_port_io_and_mmio() -
         assert [rip - CODE for rip, _, _ in cpu.trace(count=5)] == [0, 1, 2, 9, 0xB]
         assert cpu.regs.rip == CODE + 0xC
         assert cpu.run(timeout=10).reason == "exit"
+
+
+def _two_vcpus_under_random_breakpoints(code: bytes, rng: random.Random, rounds: int) -> None:
+    vm, (_, *cpus) = machine(code, cpus=3)
+    with vm:
+        outs = [0, 0]
+
+        def out(e: kvmpy.IoExit) -> None:
+            outs[e.vcpu_id - 1] += 1
+
+        vm.on_io(0x77, out)
+        vm.on_breakpoint(lambda e: None)
+        for i, cpu in enumerate(cpus):
+            cpu.set_regs(rbx=0x100000 + 8 * i, rcx=rounds, rdx=0x77, rip=CODE)
+        done = threading.Event()
+
+        def toggle() -> None:
+            while not done.is_set():
+                at = rng.choice([CODE, CODE + 3, CODE + 4, CODE + 7])
+                vm.add_breakpoint(at)
+                time.sleep(rng.random() * 1e-4)
+                vm.remove_breakpoint(at)
+
+        ends: list[kvmpy.ExitInfo] = []
+
+        def run(cpu: kvmpy.Vcpu) -> None:
+            ends.append(cpu.run(timeout=60))
+
+        runs = [threading.Thread(target=run, args=(cpu,)) for cpu in cpus]
+        toggler = threading.Thread(target=toggle)
+        toggler.start()
+        for t in runs:
+            t.start()
+        for t in runs:
+            t.join()
+        done.set()
+        toggler.join()
+        assert [e.reason for e in ends] == ["exit", "exit"]
+        counted = [int.from_bytes(vm.read(0x100000 + 8 * i, 8), "little") for i in range(2)]
+        assert counted == outs == [rounds, rounds]
+        assert vm.read(CODE, len(code)) == code and vm.breakpoints == []
+
+
+def test_random_breakpoints_under_two_stepping_vcpus_leave_the_code_intact() -> None:
+    # Two vCPUs loop over four VM-wide breakpoints that another thread sets and removes
+    # at random (vCPU 0, idle, translates them): a step over one (its patch out, then
+    # back) races its removal. Every loop runs as written (each OUT once) and no patch
+    # byte is left behind in memory.
+    # inc qword [rbx]; out dx, al; dec rcx; jnz -9; out 0xf4, al
+    code = bytes([0x48, 0xFF, 0x03, 0xEE, 0x48, 0xFF, 0xC9, 0x75, 0xF7, 0xE6, 0xF4])
+    rng = random.Random(7)
+    for _ in range(8):
+        _two_vcpus_under_random_breakpoints(code, rng, 3000)

@@ -257,13 +257,10 @@ pub fn install(
 
 /// Takes every coverage entry out of `vm`'s table and its memory.
 pub fn uninstall(vm: &VmCore) {
-    let gone = {
-        let mut table = lock(&vm.breakpoints);
-        table.image_writes.clear();
-        table.clear_coverage()
-    };
-    for (gpa, byte) in gone {
-        let _ = vm.apply(Write::Byte { gpa, byte });
+    let mut table = lock(&vm.breakpoints);
+    table.image_writes.clear();
+    for (gpa, byte) in table.clear_coverage() {
+        let _ = vm.apply(&table, Write::Byte { gpa, byte });
     }
 }
 
@@ -315,8 +312,7 @@ impl VcpuCore {
                 }
                 if hit == Hit::OneShot {
                     let write = table.disarm(addr);
-                    drop(table);
-                    self.vm.apply(write)?;
+                    self.vm.apply(&table, write)?;
                 } else {
                     drop(table);
                     self.step_over(fd, addr)?;

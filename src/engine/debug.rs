@@ -24,7 +24,7 @@ use std::sync::atomic::Ordering;
 use kvm_ioctls::VcpuFd;
 
 use crate::arch::x86_64::gdt;
-use crate::engine::breakpoints::{Audience, Hit, Owner, Write, PATCH, PIO_PATCH};
+use crate::engine::breakpoints::{Audience, Breakpoints, Hit, Owner, Write, PATCH, PIO_PATCH};
 use crate::engine::debug_host::block_irq;
 use crate::engine::debug_host::set_guest_debug_regs;
 pub use crate::engine::debug_host::{host, mechanism, HostDebug, Mechanism, MECHANISM_ENV};
@@ -105,7 +105,7 @@ impl VmCore {
         let write = table
             .insert_patch(vaddr, gpa, current[0], owner, false, patch)
             .map_err(|e| Error::Value(e.to_string()))?;
-        self.apply(write)
+        self.apply(&table, write)
     }
 
     /// Removes `owner`'s breakpoint at `vaddr`, putting the original byte back (or its
@@ -117,7 +117,7 @@ impl VmCore {
             Err(_) if self.remove_hw_breakpoint(vaddr, owner) => return Ok(()),
             other => other.map_err(|e| Error::Value(e.to_string()))?,
         };
-        self.apply(write)
+        self.apply(&table, write)
     }
 
     /// The guest-virtual addresses of `owner`'s breakpoints, patched and hardware.
@@ -158,8 +158,10 @@ impl VmCore {
 
     /// Writes a byte the table asked for. An original byte goes back only over the
     /// patch: if something else was written there since (new code loaded over a
-    /// breakpoint), that stays.
-    pub(crate) fn apply(&self, write: Write) -> Result<()> {
+    /// breakpoint), that stays. `_table` is the table the write came from, still locked:
+    /// a table change and its write are one step, so that two threads changing the same
+    /// entry (a removal, a step over it) leave memory as the table says.
+    pub(crate) fn apply(&self, _table: &Breakpoints, write: Write) -> Result<()> {
         match write {
             Write::None => Ok(()),
             Write::Byte { gpa, byte } => {
@@ -215,17 +217,17 @@ fn breakpoint_patch(cpu: &VcpuCore) -> Result<u8> {
     Ok(crate::engine::coverage::Mechanism::pick(debug, cpl, iopl, wanted.as_deref())?.patch())
 }
 
-/// Counts a coverage hit at `vaddr` (a one-shot entry also goes: the write to make).
-fn count_hit(vm: &VmCore, vaddr: u64, one_shot: bool) -> Write {
+/// Counts a coverage hit at `vaddr` (a one-shot entry also goes, from memory too).
+fn count_hit(vm: &VmCore, vaddr: u64, one_shot: bool) -> Result<()> {
     let mut table = lock(&vm.breakpoints);
     if let Some(map) = table.coverage.as_mut() {
         map.record(vaddr);
     }
     if one_shot {
-        table.disarm(vaddr)
-    } else {
-        Write::None
+        let write = table.disarm(vaddr);
+        vm.apply(&table, write)?;
     }
+    Ok(())
 }
 
 impl VcpuCore {
@@ -367,12 +369,11 @@ impl VcpuCore {
                     // Removed since: RIP is at it, the original is back.
                     Hit::Stale => Ok(Trap::Continue),
                     Hit::OneShot => {
-                        let write = count_hit(&self.vm, pc, true);
-                        self.vm.apply(write)?;
+                        count_hit(&self.vm, pc, true)?;
                         Ok(Trap::Continue)
                     }
                     Hit::Count => {
-                        count_hit(&self.vm, pc, false);
+                        count_hit(&self.vm, pc, false)?;
                         self.step_over_locked(fd, &mut st, pc)?;
                         Ok(Trap::Continue)
                     }
@@ -439,14 +440,13 @@ impl VcpuCore {
                 Ok(self.breakpoint_trap(addr, seen))
             }
             Hit::OneShot => {
-                let write = count_hit(&self.vm, addr, true);
-                self.vm.apply(write)?;
+                count_hit(&self.vm, addr, true)?;
                 Ok(Trap::Continue)
             }
             Hit::Stale => Ok(Trap::Continue),
             _ => {
                 if hit == Hit::Count {
-                    count_hit(&self.vm, addr, false);
+                    count_hit(&self.vm, addr, false)?;
                 }
                 self.step_over_locked(fd, &mut st, addr)?;
                 Ok(Trap::Continue)
@@ -543,13 +543,18 @@ impl VcpuCore {
         if !st.holds_gate {
             st.holds_gate = self.stop_others();
         }
-        let write = lock(&self.vm.breakpoints).step_out(addr, self.id);
-        if write == Write::None {
-            self.open_gate(st);
-            return Ok(false);
-        }
-        st.stepping_over = Some(addr);
-        if let Err(e) = self.vm.apply(write) {
+        let applied = {
+            let mut table = lock(&self.vm.breakpoints);
+            let write = table.step_out(addr, self.id);
+            if write == Write::None {
+                drop(table);
+                self.open_gate(st);
+                return Ok(false);
+            }
+            st.stepping_over = Some(addr);
+            self.vm.apply(&table, write)
+        };
+        if let Err(e) = applied {
             self.put_back(st)?;
             return Err(e);
         }
@@ -560,8 +565,9 @@ impl VcpuCore {
     fn put_back(&self, st: &mut DebugState) -> Result<()> {
         let result = match st.stepping_over.take() {
             Some(addr) => {
-                let write = lock(&self.vm.breakpoints).rearm(addr);
-                self.vm.apply(write)
+                let mut table = lock(&self.vm.breakpoints);
+                let write = table.rearm(addr);
+                self.vm.apply(&table, write)
             }
             None => Ok(()),
         };
