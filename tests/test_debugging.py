@@ -615,3 +615,63 @@ def test_random_breakpoints_under_two_stepping_vcpus_leave_the_code_intact() -> 
     rng = random.Random(7)
     for _ in range(8):
         _two_vcpus_under_random_breakpoints(code, rng, 3000)
+
+
+def _two_vcpus_stopped_at_random(code: bytes, rng: random.Random, rounds: int) -> None:
+    vm, cpus = machine(code, cpus=2)
+    with vm:
+        outs, hits = [0, 0], [0, 0]
+
+        def out(e: kvmpy.IoExit) -> None:
+            outs[e.vcpu_id] += 1
+
+        def hit(e: kvmpy.BreakpointExit) -> None:
+            hits[e.vcpu_id] += 1
+
+        vm.on_io(0x77, out)
+        vm.on_breakpoint(hit)
+        vm.add_breakpoint(CODE + 3)
+        vm.add_breakpoint(CODE + 4)
+        for i, cpu in enumerate(cpus):
+            cpu.set_regs(rbx=0x100000 + 8 * i, rcx=rounds, rdx=0x77, rip=CODE)
+        done = threading.Event()
+
+        def stopper() -> None:
+            while not done.is_set():
+                time.sleep(rng.random() * 2e-3)
+                rng.choice(cpus).stop()
+
+        ends: list[kvmpy.ExitInfo] = []
+
+        def run(cpu: kvmpy.Vcpu) -> None:
+            while (e := cpu.run(timeout=60)).reason == "stopped":
+                pass
+            ends.append(e)
+
+        runs = [threading.Thread(target=run, args=(cpu,)) for cpu in cpus]
+        stops = threading.Thread(target=stopper)
+        stops.start()
+        for t in runs:
+            t.start()
+        for t in runs:
+            t.join()
+        done.set()
+        stops.join()
+        assert [e.reason for e in ends] == ["exit", "exit"]
+        counted = [int.from_bytes(vm.read(0x100000 + 8 * i, 8), "little") for i in range(2)]
+        assert counted == outs == [rounds, rounds]
+        assert hits == [2 * rounds, 2 * rounds], "each breakpoint hit reported once"
+        assert vm.read(CODE, len(code)) == code
+
+
+def test_stops_at_random_never_lose_or_repeat_a_breakpoint_or_a_step() -> None:
+    # Two vCPUs loop over two VM-wide breakpoints (stepped over under all-stop) while
+    # another thread stops one of them at random; each run is started again until the
+    # guest exits. A stop that comes while a vCPU waits to step over a breakpoint it
+    # reported, or while its step's #DB is inside the exception stub, must neither
+    # report that breakpoint again nor leave the #DB to a later run.
+    # inc qword [rbx]; out dx, al; dec rcx; jnz -9; out 0xf4, al
+    code = bytes([0x48, 0xFF, 0x03, 0xEE, 0x48, 0xFF, 0xC9, 0x75, 0xF7, 0xE6, 0xF4])
+    rng = random.Random(11)
+    for _ in range(4):
+        _two_vcpus_stopped_at_random(code, rng, 2000)

@@ -41,6 +41,17 @@ use crate::engine::{gettid, lock};
 /// often the stepping vCPU kicks a vCPU that has not left the guest yet.
 const SLICE: Duration = Duration::from_millis(2);
 
+/// What [`StepGate::take`] did.
+#[derive(Debug, PartialEq, Eq)]
+enum Take {
+    /// The calling thread has the gate now.
+    Taken,
+    /// The calling thread had it already.
+    Held,
+    /// `give_up` said to stop waiting for it.
+    GaveUp,
+}
+
 /// The gate of one VM: the thread stepping over a breakpoint, if any.
 #[derive(Default)]
 pub struct StepGate {
@@ -68,7 +79,7 @@ impl StepGate {
     /// Takes the gate for the calling thread, waiting while another holds it. False if
     /// the calling thread holds it already (it is then not taken again), or `give_up`
     /// said to stop waiting.
-    fn take(&self, give_up: impl Fn() -> bool) -> bool {
+    fn take(&self, give_up: impl Fn() -> bool) -> Take {
         let me = gettid();
         let mut guard = lock(&self.lock);
         loop {
@@ -76,9 +87,9 @@ impl StepGate {
                 .owner
                 .compare_exchange(0, me, Ordering::SeqCst, Ordering::SeqCst)
             {
-                Ok(_) => return true,
-                Err(owner) if owner == me => return false,
-                Err(_) if give_up() => return false,
+                Ok(_) => return Take::Taken,
+                Err(owner) if owner == me => return Take::Held,
+                Err(_) if give_up() => return Take::GaveUp,
                 Err(_) => {
                     guard = match self.changed.wait_timeout(guard, SLICE) {
                         Ok((g, _)) => g,
@@ -123,14 +134,16 @@ impl VcpuCore {
     }
 
     /// Before a breakpoint's patch goes out for a step over it: takes the VM's gate and
-    /// waits until no other vCPU is in the guest. Returns whether this call took the gate
-    /// (then [`VcpuCore::resume_others`] must follow); false where the calling thread
-    /// holds it already, or a stop request or closed VM ended the wait for it (the run
-    /// is ending: the step then goes on without the others stopped).
-    pub(crate) fn stop_others(&self) -> bool {
+    /// waits until no other vCPU is in the guest. `Some(true)`: this call took the gate
+    /// (then [`VcpuCore::resume_others`] must follow); `Some(false)`: the calling thread
+    /// holds it already; `None`: a stop request or closed VM ended the wait for it, and
+    /// the others may run (no patch may go out then).
+    pub(crate) fn stop_others(&self) -> Option<bool> {
         let gate = &self.vm.step_gate;
-        if !gate.take(|| self.kicker.stop_requested() || self.vm.is_closed()) {
-            return false;
+        match gate.take(|| self.kicker.stop_requested() || self.vm.is_closed()) {
+            Take::Taken => {}
+            Take::Held => return Some(false),
+            Take::GaveUp => return None,
         }
         for other in self.vm.vcpus().iter().filter(|v| v.id != self.id) {
             while other.in_guest.load(Ordering::SeqCst) {
@@ -138,7 +151,7 @@ impl VcpuCore {
                 std::thread::sleep(Duration::from_micros(20));
             }
         }
-        true
+        Some(true)
     }
 
     /// Forgets removed breakpoints (see `Entry::retired`) once no other vCPU runs: a
@@ -172,9 +185,10 @@ mod tests {
     fn the_gate_is_one_threads_at_a_time_and_open_to_its_holder() {
         let gate = Arc::new(StepGate::default());
         assert!(!gate.closed_to_me());
-        assert!(gate.take(|| false), "taken");
-        assert!(
-            !gate.take(|| false),
+        assert_eq!(gate.take(|| false), Take::Taken);
+        assert_eq!(
+            gate.take(|| false),
+            Take::Held,
             "the holder's second take takes nothing"
         );
         assert!(!gate.closed_to_me(), "open to its holder");
@@ -187,7 +201,7 @@ mod tests {
         let taken = Arc::new(AtomicBool::new(false));
         let (other, flag) = (Arc::clone(&gate), Arc::clone(&taken));
         let waiter = std::thread::spawn(move || {
-            let took = other.take(|| false);
+            let took = other.take(|| false) == Take::Taken;
             flag.store(took, Ordering::SeqCst);
             other.give_back();
         });
@@ -198,9 +212,9 @@ mod tests {
         assert!(taken.load(Ordering::SeqCst));
         assert!(!gate.closed_to_me());
         // A take that gives up (a stop request) returns without the gate.
-        assert!(gate.take(|| false));
+        assert_eq!(gate.take(|| false), Take::Taken);
         let other = Arc::clone(&gate);
-        let gave_up = std::thread::spawn(move || !other.take(|| true))
+        let gave_up = std::thread::spawn(move || other.take(|| true) == Take::GaveUp)
             .join()
             .unwrap();
         assert!(gave_up);

@@ -270,8 +270,17 @@ impl VcpuCore {
             lock(&self.vm.breakpoints).hit(rip, self.id),
             Hit::Report(_) | Hit::Pass
         );
-        if !table_empty && resuming && ours && self.take_out(&mut st, rip)? {
-            step = true;
+        if !table_empty && resuming && ours {
+            if self.take_out(&mut st, rip)? {
+                step = true;
+            } else if lock(&self.vm.breakpoints)
+                .get(rip)
+                .is_some_and(|e| !e.retired)
+            {
+                // A stop came first (see `take_out`): this run ends before the guest
+                // runs, and the next one steps over it.
+                st.resume_from = Some(rip);
+            }
         }
         st.stepping = step;
         match mechanism {
@@ -473,27 +482,39 @@ impl VcpuCore {
             // A hardware breakpoint there: RF lets the instruction run once.
             self.update_regs(fd, |r| r.rflags |= hw_breakpoints::RF)?;
         }
-        self.step_over_locked(fd, &mut st, addr)
+        if !self.step_over_locked(fd, &mut st, addr)?
+            && lock(&self.vm.breakpoints)
+                .get(addr)
+                .is_some_and(|e| !e.retired)
+        {
+            // The breakpoint is still there, and a stop came while the step waited for
+            // the other vCPUs: the vCPU is still at the breakpoint it reported, so the
+            // next run steps over it instead of reporting it again.
+            st.resume_from = Some(addr);
+        }
+        Ok(())
     }
 
-    fn step_over_locked(&self, fd: &mut VcpuFd, st: &mut DebugState, addr: u64) -> Result<()> {
+    /// Starts a step over the breakpoint at `addr`; false where none started (no patch
+    /// there to take out, or a stop came first).
+    fn step_over_locked(&self, fd: &mut VcpuFd, st: &mut DebugState, addr: u64) -> Result<bool> {
         if !self.take_out(st, addr)? {
-            return Ok(());
+            return Ok(false);
         }
         st.stepping = true;
         match mechanism()? {
             Mechanism::ExceptionStubs => {
                 self.tf_step.store(true, Ordering::Relaxed);
-                self.update_regs(fd, |r| r.rflags |= TF)
+                self.update_regs(fd, |r| r.rflags |= TF)?;
             }
             Mechanism::Intercept => {
                 let flags =
                     st.kvm_flags | KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP | block_irq();
                 set_guest_debug_regs(fd, flags, &st.dr)?;
                 st.kvm_flags = flags;
-                Ok(())
             }
         }
+        Ok(true)
     }
 
     /// A device handled an access (port I/O, MMIO, HLT) while kvmpy single-steps with TF:
@@ -535,13 +556,19 @@ impl VcpuCore {
     }
 
     /// Takes the breakpoint at `addr` out of memory to step over it, the other vCPUs
-    /// held outside the guest first (see `allstop`). False if there is no patch there.
+    /// held outside the guest first (see `allstop`). False if there is no patch there, or
+    /// a stop request or closed VM ended the wait for the others.
     fn take_out(&self, st: &mut DebugState, addr: u64) -> Result<bool> {
         if lock(&self.vm.breakpoints).get(addr).is_none() {
             return Ok(false);
         }
         if !st.holds_gate {
-            st.holds_gate = self.stop_others();
+            match self.stop_others() {
+                Some(took) => st.holds_gate = took,
+                // A stop or a closed VM came first: no patch goes out while the others
+                // may run past it (the run ends before any step).
+                None => return Ok(false),
+            }
         }
         let applied = {
             let mut table = lock(&self.vm.breakpoints);

@@ -2,7 +2,7 @@
 //! write the device's answer back, re-enter. Called with no interpreter lock held.
 
 use std::sync::atomic::Ordering;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use kvm_bindings::kvm_regs;
 
@@ -95,6 +95,9 @@ enum Flow {
     Next(RunResult),
     Done(Outcome),
 }
+
+/// How long after a deadline a run looks again, when a single step was in flight then.
+const STEP_GRACE: Duration = Duration::from_millis(1);
 
 impl VcpuCore {
     /// Runs the vCPU on the calling thread until an exit ends the run.
@@ -219,9 +222,18 @@ impl VcpuCore {
         }
     }
 
-    /// Whether the run must end before the next entry: a stop, or the VM closed.
+    /// Whether the run must end before the next entry: a stop, or the VM closed. A stop
+    /// waits for a single step kvmpy makes with TF (see `step_in_flight`).
     fn stop_asked(&self) -> bool {
-        self.kicker.stop_requested() || self.vm.is_closed()
+        (self.kicker.stop_requested() && !self.step_in_flight()) || self.vm.is_closed()
+    }
+
+    /// kvmpy single-steps with TF: the vCPU may be inside an exception stub with the
+    /// step's #DB, where a run cannot end without losing it (the stub would report it to
+    /// a later run as the guest's own). A stop or a deadline waits for the step, a few
+    /// exits at most.
+    fn step_in_flight(&self) -> bool {
+        self.tf_step.load(Ordering::Relaxed)
     }
 
     /// After an exit was handled, before the next entry: a device that ran another vCPU
@@ -332,6 +344,11 @@ impl VcpuCore {
         }
         if let Some(at) = options.deadline {
             let now = Instant::now();
+            if now >= at && self.step_in_flight() {
+                // Once the step is over: the timer kicks again.
+                self.rearm(guard, now + STEP_GRACE)?;
+                return Ok(Flow::Continue(false));
+            }
             if now >= at {
                 return Ok(Flow::Done(Outcome::Exit(Exit::Timeout)));
             }
