@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -576,33 +577,48 @@ def _two_vcpus_under_random_breakpoints(code: bytes, rng: random.Random, rounds:
         vm.on_breakpoint(lambda e: None)
         for i, cpu in enumerate(cpus):
             cpu.set_regs(rbx=0x100000 + 8 * i, rcx=rounds, rdx=0x77, rip=CODE)
-        done = threading.Event()
 
-        def toggle() -> None:
+        def toggle(done: threading.Event) -> None:
             while not done.is_set():
                 at = rng.choice([CODE, CODE + 3, CODE + 4, CODE + 7])
                 vm.add_breakpoint(at)
                 time.sleep(rng.random() * 1e-4)
                 vm.remove_breakpoint(at)
 
-        ends: list[kvmpy.ExitInfo] = []
-
-        def run(cpu: kvmpy.Vcpu) -> None:
-            ends.append(cpu.run(timeout=60))
-
-        runs = [threading.Thread(target=run, args=(cpu,)) for cpu in cpus]
-        toggler = threading.Thread(target=toggle)
-        toggler.start()
-        for t in runs:
-            t.start()
-        for t in runs:
-            t.join()
-        done.set()
-        toggler.join()
-        assert [e.reason for e in ends] == ["exit", "exit"]
-        counted = [int.from_bytes(vm.read(0x100000 + 8 * i, 8), "little") for i in range(2)]
-        assert counted == outs == [rounds, rounds]
+        _check_loops(vm, _run_two_beside(cpus, toggle), outs, rounds)
         assert vm.read(CODE, len(code)) == code and vm.breakpoints == []
+
+
+def _run_two_beside(
+    cpus: list[kvmpy.Vcpu], side: Callable[[threading.Event], None], again: str = ""
+) -> list[kvmpy.ExitInfo]:
+    """Runs each vCPU on a thread of its own (a run that ends for the reason `again` is
+    started again) while `side(done)` runs on another; returns how the runs ended."""
+    done = threading.Event()
+    ends: list[kvmpy.ExitInfo] = []
+
+    def run(cpu: kvmpy.Vcpu) -> None:
+        while (e := cpu.run(timeout=60)).reason == again:
+            pass
+        ends.append(e)
+
+    runs = [threading.Thread(target=run, args=(cpu,)) for cpu in cpus]
+    helper = threading.Thread(target=side, args=(done,))
+    helper.start()
+    for t in runs:
+        t.start()
+    for t in runs:
+        t.join()
+    done.set()
+    helper.join()
+    return ends
+
+
+def _check_loops(vm: kvmpy.Vm, ends: list[kvmpy.ExitInfo], outs: list[int], rounds: int) -> None:
+    """Both vCPUs ran their loop to the exit port, each OUT and increment once."""
+    assert [e.reason for e in ends] == ["exit", "exit"]
+    counted = [int.from_bytes(vm.read(0x100000 + 8 * i, 8), "little") for i in range(2)]
+    assert counted == outs == [rounds, rounds]
 
 
 def test_random_breakpoints_under_two_stepping_vcpus_leave_the_code_intact() -> None:
@@ -634,32 +650,13 @@ def _two_vcpus_stopped_at_random(code: bytes, rng: random.Random, rounds: int) -
         vm.add_breakpoint(CODE + 4)
         for i, cpu in enumerate(cpus):
             cpu.set_regs(rbx=0x100000 + 8 * i, rcx=rounds, rdx=0x77, rip=CODE)
-        done = threading.Event()
 
-        def stopper() -> None:
+        def stopper(done: threading.Event) -> None:
             while not done.is_set():
                 time.sleep(rng.random() * 2e-3)
                 rng.choice(cpus).stop()
 
-        ends: list[kvmpy.ExitInfo] = []
-
-        def run(cpu: kvmpy.Vcpu) -> None:
-            while (e := cpu.run(timeout=60)).reason == "stopped":
-                pass
-            ends.append(e)
-
-        runs = [threading.Thread(target=run, args=(cpu,)) for cpu in cpus]
-        stops = threading.Thread(target=stopper)
-        stops.start()
-        for t in runs:
-            t.start()
-        for t in runs:
-            t.join()
-        done.set()
-        stops.join()
-        assert [e.reason for e in ends] == ["exit", "exit"]
-        counted = [int.from_bytes(vm.read(0x100000 + 8 * i, 8), "little") for i in range(2)]
-        assert counted == outs == [rounds, rounds]
+        _check_loops(vm, _run_two_beside(cpus, stopper, again="stopped"), outs, rounds)
         assert hits == [2 * rounds, 2 * rounds], "each breakpoint hit reported once"
         assert vm.read(CODE, len(code)) == code
 
