@@ -141,6 +141,20 @@ def test_removing_a_breakpoint_while_stopped_on_it() -> None:
             cpu.remove_breakpoint(ADD)
 
 
+def test_a_stop_before_the_step_over_a_breakpoint_keeps_the_vcpu_on_it() -> None:
+    vm, (cpu,) = machine()
+    with vm:
+        cpu.add_breakpoint(ADD)
+        assert cpu.run(timeout=10).reason == "breakpoint" and cpu.regs.rcx == 3
+        cpu.stop()
+        e = cpu.run(timeout=10)
+        assert e.reason == "stopped" and cpu.regs.rip == ADD and cpu.regs.rax == 0, "not run"
+        assert cpu.regs.rflags & 0x100 == 0
+        seen, e = hits(cpu)
+        assert seen == [(ADD, 2), (ADD, 1)], "the next run steps over it: no second report"
+        assert e.reason == "exit" and cpu.regs.rax == 6
+
+
 def test_vm_wide_breakpoints_and_another_vcpus_breakpoint() -> None:
     vm, (cpu0, cpu1) = machine(cpus=2)
     with vm:

@@ -32,7 +32,7 @@ use crate::engine::error::{Error, Result};
 use crate::engine::exit::Exit;
 use crate::engine::hw_breakpoints;
 use crate::engine::lock;
-use crate::engine::vcpu::VcpuCore;
+use crate::engine::vcpu::{VcpuCore, NO_STEP, STEP_ARMED};
 use crate::engine::vm::VmCore;
 use crate::engine::watch::Watch;
 pub use crate::engine::watch_vcpu::watch_mechanism;
@@ -287,7 +287,7 @@ impl VcpuCore {
             Mechanism::ExceptionStubs => {
                 if step {
                     self.update_regs(fd, |r| r.rflags |= TF)?;
-                    self.tf_step.store(true, Ordering::Relaxed);
+                    self.tf_step.store(STEP_ARMED, Ordering::Relaxed);
                 }
             }
             Mechanism::Intercept => {
@@ -320,8 +320,15 @@ impl VcpuCore {
     pub(crate) fn debug_leave(&self, fd: &mut VcpuFd) {
         let mut st = lock(&self.debug);
         st.user_step = false;
+        if let Some(addr) = st.stepping_over {
+            // The run ended before the step over the breakpoint ran (a stop before the
+            // guest was entered): the vCPU is still at the breakpoint it reported.
+            if self.read_regs(fd).is_ok_and(|r| r.rip == addr) {
+                st.resume_from = Some(addr);
+            }
+        }
         let _ = self.put_back(&mut st);
-        self.tf_step.store(false, Ordering::Relaxed);
+        self.tf_step.store(NO_STEP, Ordering::Relaxed);
         if std::mem::take(&mut st.stepping) {
             if st.kvm_flags & KVM_GUESTDBG_SINGLESTEP != 0 {
                 let flags = st.kvm_flags & !(KVM_GUESTDBG_SINGLESTEP | block_irq());
@@ -504,7 +511,7 @@ impl VcpuCore {
         st.stepping = true;
         match mechanism()? {
             Mechanism::ExceptionStubs => {
-                self.tf_step.store(true, Ordering::Relaxed);
+                self.tf_step.store(STEP_ARMED, Ordering::Relaxed);
                 self.update_regs(fd, |r| r.rflags |= TF)?;
             }
             Mechanism::Intercept => {
@@ -611,7 +618,7 @@ impl VcpuCore {
     /// The step is over: the breakpoint stepped over goes back, TF is cleared.
     fn end_step(&self, fd: &mut VcpuFd, st: &mut DebugState) -> Result<()> {
         st.stepping = false;
-        self.tf_step.store(false, Ordering::Relaxed);
+        self.tf_step.store(NO_STEP, Ordering::Relaxed);
         self.put_back(st)?;
         if st.kvm_flags == 0 {
             self.update_regs(fd, |r| r.rflags &= !TF)?;

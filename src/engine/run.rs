@@ -11,7 +11,9 @@ use crate::engine::debug::Trap;
 use crate::engine::error::{Error, Result};
 use crate::engine::exit::{self, Data, Exit, IoRaw, RunExit};
 use crate::engine::kick::{self, Timer};
-use crate::engine::vcpu::{fd_of, FdGuard, Last, PendingRead, VcpuCore};
+use crate::engine::vcpu::{
+    fd_of, FdGuard, Last, PendingRead, VcpuCore, NO_STEP, STEP_ARMED, STEP_IN_FLIGHT,
+};
 use crate::engine::vm::VmCore;
 
 /// How a run ended.
@@ -201,7 +203,11 @@ impl VcpuCore {
                         }
                         return Outcome::Exit(Exit::Stopped);
                     }
-                    match self.enter(guard) {
+                    let entered = self.enter(guard);
+                    if self.tf_step.load(Ordering::Relaxed) == STEP_ARMED {
+                        self.tf_step.store(STEP_IN_FLIGHT, Ordering::Relaxed);
+                    }
+                    match entered {
                         Ok(result) => result,
                         Err(e) => return e.into(),
                     }
@@ -228,12 +234,13 @@ impl VcpuCore {
         (self.kicker.stop_requested() && !self.step_in_flight()) || self.vm.is_closed()
     }
 
-    /// kvmpy single-steps with TF: the vCPU may be inside an exception stub with the
-    /// step's #DB, where a run cannot end without losing it (the stub would report it to
-    /// a later run as the guest's own). A stop or a deadline waits for the step, a few
-    /// exits at most.
+    /// kvmpy single-steps with TF and the guest was entered since: the vCPU may be inside
+    /// an exception stub with the step's #DB, where a run cannot end without losing it
+    /// (the stub would report it to a later run as the guest's own). A stop or a
+    /// deadline waits for the step, a few exits at most. Before that first entry a stop
+    /// wins at once, as it does for any run.
     fn step_in_flight(&self) -> bool {
-        self.tf_step.load(Ordering::Relaxed)
+        self.tf_step.load(Ordering::Relaxed) == STEP_IN_FLIGHT
     }
 
     /// After an exit was handled, before the next entry: a device that ran another vCPU
@@ -304,7 +311,7 @@ impl VcpuCore {
                         return self.trap(guard, trap);
                     }
                 }
-                if self.tf_step.load(Ordering::Relaxed) {
+                if self.tf_step.load(Ordering::Relaxed) != NO_STEP {
                     let flow = self.dispatch_io(guard, io)?;
                     return self.after_stepped_access(guard, flow);
                 }
@@ -323,7 +330,8 @@ impl VcpuCore {
     /// While kvmpy single-steps with TF, an access a device handled (`Continue(true)`)
     /// may be where the step ends (see `step_after_access`).
     fn after_stepped_access<'a>(&'a self, guard: &mut FdGuard<'a>, flow: Flow) -> Result<Flow> {
-        if !matches!(flow, Flow::Continue(true)) || !self.tf_step.load(Ordering::Relaxed) {
+        if !matches!(flow, Flow::Continue(true)) || self.tf_step.load(Ordering::Relaxed) == NO_STEP
+        {
             return Ok(flow);
         }
         match self.step_after_access(&mut fd_of(guard)?.fd)? {

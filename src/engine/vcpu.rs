@@ -2,7 +2,7 @@
 //! two entries into the guest. The run loop itself is in `run.rs`.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, TryLockError};
 use std::time::Duration;
 
@@ -52,6 +52,13 @@ vmm_sys_util::ioctl_iow_nr!(
     kvm_bindings::kvm_interrupt
 );
 
+/// `VcpuCore::tf_step`: no step with TF.
+pub(crate) const NO_STEP: u8 = 0;
+/// TF is set for a step; the guest has not been entered since.
+pub(crate) const STEP_ARMED: u8 = 1;
+/// The guest was entered with TF set: the step's #DB may be on its way.
+pub(crate) const STEP_IN_FLIGHT: u8 = 2;
+
 /// The state of one vCPU, shared by the face's object, its VM and its run threads.
 pub struct VcpuCore {
     pub id: u64,
@@ -84,9 +91,11 @@ pub struct VcpuCore {
     regs_mirrored: AtomicBool,
     /// KVM holds an I/O or MMIO access to complete when the guest is entered next.
     pub(crate) io_pending: AtomicBool,
-    /// kvmpy single-steps this vCPU with RFLAGS.TF (exception stubs): an access a device
-    /// handles may be where the step ends (see `debug::step_after_access`).
-    pub(crate) tf_step: AtomicBool,
+    /// Whether kvmpy single-steps this vCPU with RFLAGS.TF (exception stubs): `NO_STEP`,
+    /// `STEP_ARMED` (TF set, the guest not entered since) or `STEP_IN_FLIGHT`. An access a
+    /// device handles may be where the step ends (see `debug::step_after_access`), and a
+    /// step in flight delays a stop (see `run::step_in_flight`).
+    pub(crate) tf_step: AtomicU8,
     /// A run ended on a plain OUT a device handled without completing it (see
     /// `complete.rs`), at this linear RIP.
     pub(crate) deferred: AtomicBool,
@@ -178,7 +187,7 @@ impl VcpuCore {
             sync_regs,
             regs_mirrored: AtomicBool::new(false),
             io_pending: AtomicBool::new(false),
-            tf_step: AtomicBool::new(false),
+            tf_step: AtomicU8::new(NO_STEP),
             deferred: AtomicBool::new(false),
             deferred_rip: AtomicU64::new(0),
             state_sync: AtomicBool::new(false),
