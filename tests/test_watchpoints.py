@@ -12,9 +12,12 @@ checked where `BY_PAGE`. The guests are 64-bit CPL3 code (what runs natively eve
 from __future__ import annotations
 
 import os
+import random
 import struct
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 
@@ -462,3 +465,64 @@ def test_debug_registers_where_the_host_does_not_deliver_them_are_refused() -> N
         assert out.strip() == "set"
     else:
         assert "refused:" in out and "did not fire in the probe guest" in out, out
+
+
+def _watch_while_two_vcpus_run(rng: random.Random, rounds: int) -> None:
+    # inc qword [rbx]; dec rcx; jnz -8; out 0xf4, al
+    code = bytes([0x48, 0xFF, 0x03, 0x48, 0xFF, 0xC9, 0x75, 0xF8, 0xE6, 0xF4])
+    vm = kvmpy.Vm()
+    vm.add_memory(0, 2 << 20).write(CODE, code)
+    vm.add_exit_port(0xF4)
+    idle, *cpus = (vm.create_vcpu() for _ in range(3))
+    with vm:
+        for i, cpu in enumerate([idle, *cpus]):
+            cpu.setup_long_mode(user=True, tables_addr=0x1000 + i * 0x40000)
+        for i, cpu in enumerate(cpus):
+            cpu.set_regs(rip=CODE, rbx=0x100000 + 0x1000 * i, rcx=rounds)
+        done = threading.Event()
+
+        def watch() -> None:
+            # vCPU 0's watchpoints, next to the counters the others write: setting one
+            # re-slots the memory they run in. Refused while they run; the runs in
+            # between must never find their memory gone.
+            while not done.is_set():
+                at = 0x100008 + 0x1000 * rng.randrange(2)
+                try:
+                    idle.add_watchpoint(at, 8, "write")
+                except kvmpy.VcpuBusyError:
+                    continue
+                while not done.is_set():
+                    try:
+                        idle.remove_watchpoint(at, 8)
+                        break
+                    except kvmpy.VcpuBusyError:
+                        time.sleep(rng.random() * 2e-4)
+
+        ends: list[kvmpy.ExitInfo] = []
+
+        def run(cpu: kvmpy.Vcpu) -> None:
+            while (e := cpu.run(timeout=rng.random() * 3e-3)).reason == "timeout":
+                pass
+            ends.append(e)
+
+        watcher = threading.Thread(target=watch)
+        runs = [threading.Thread(target=run, args=(cpu,)) for cpu in cpus]
+        watcher.start()
+        for t in runs:
+            t.start()
+        for t in runs:
+            t.join()
+        done.set()
+        watcher.join()
+        assert [e.reason for e in ends] == ["exit", "exit"], ends
+        counted = [int.from_bytes(vm.read(0x100000 + 0x1000 * i, 8), "little") for i in range(2)]
+        assert counted == [rounds, rounds]
+
+
+def test_watchpoints_set_between_other_vcpus_runs_never_pull_memory_from_under_them() -> None:
+    # A vCPU that starts its run while a watchpoint re-slots the memory waits outside
+    # the guest until the slots are back; before, it could enter with no memory there
+    # (an MMIO exit at a RAM address, or a triple fault).
+    rng = random.Random(5)
+    for _ in range(40):
+        _watch_while_two_vcpus_run(rng, 3000)

@@ -33,8 +33,10 @@ use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::Duration;
 
+use crate::engine::error::{Error, Result};
 use crate::engine::exit::{self, RunExit};
 use crate::engine::vcpu::VcpuCore;
+use crate::engine::vm::VmCore;
 use crate::engine::{gettid, lock};
 
 /// How long a waiting vCPU sleeps before it looks for a stop request again, and how
@@ -172,6 +174,35 @@ impl VcpuCore {
     /// The patch is back: the other vCPUs may enter the guest again.
     pub(crate) fn resume_others(&self) {
         self.vm.step_gate.give_back();
+    }
+}
+
+/// Keeps a VM's vCPUs out of the guest while alive (see [`VmCore::hold_entries`]).
+pub(crate) struct EntriesHeld<'a> {
+    /// The gate this guard took and gives back (None: the thread held it already).
+    gate: Option<&'a StepGate>,
+}
+
+impl Drop for EntriesHeld<'_> {
+    fn drop(&mut self) {
+        if let Some(gate) = self.gate {
+            gate.give_back();
+        }
+    }
+}
+
+impl VmCore {
+    /// Takes the VM's gate, as a step over a breakpoint does (waiting for one in
+    /// progress): until the guard is dropped, a vCPU that enters its run waits outside
+    /// the guest. vCPUs already in the guest stay there: the caller checks that none is.
+    pub(crate) fn hold_entries(&self) -> Result<EntriesHeld<'_>> {
+        match self.step_gate.take(|| self.is_closed()) {
+            Take::Taken => Ok(EntriesHeld {
+                gate: Some(&self.step_gate),
+            }),
+            Take::Held => Ok(EntriesHeld { gate: None }),
+            Take::GaveUp => Err(Error::Closed("VM")),
+        }
     }
 }
 

@@ -19,6 +19,7 @@
 
 use std::sync::atomic::Ordering;
 
+use crate::engine::allstop::EntriesHeld;
 use crate::engine::error::{Error, Result};
 use crate::engine::lock;
 use crate::engine::memory::{delete_slot, set_slot, Piece, Region, PAGE_SIZE};
@@ -145,13 +146,8 @@ pub fn layout(pages: u64, readonly: bool, watched: &[(u64, WatchKind)]) -> Vec<(
 }
 
 impl VmCore {
-    /// Adds a watchpoint of `len` bytes at guest-virtual `vaddr`, which is `gpa`
-    /// (translated once, now), reporting to vCPU `owner` (any with `None`).
-    pub fn add_watch(&self, watch: Watch) -> Result<()> {
-        self.check_open()?;
-        check_range(watch.vaddr, watch.len)?;
-        check_range(watch.gpa, watch.len)?;
-        let mut watches = lock(&self.watches);
+    /// Why `watch` cannot be added to `watches`, or the memory region it lies in.
+    fn check_new_watch(&self, watches: &[Watch], watch: &Watch) -> Result<std::sync::Arc<Region>> {
         if watches
             .iter()
             .any(|w| w.vaddr == watch.vaddr && w.len == watch.len && w.owner == watch.owner)
@@ -175,7 +171,20 @@ impl VmCore {
                 watch.vaddr, watch.gpa
             )));
         }
-        self.check_not_running("set a watchpoint")?;
+        Ok(region)
+    }
+
+    /// Adds a watchpoint of `len` bytes at guest-virtual `vaddr`, which is `gpa`
+    /// (translated once, now), reporting to vCPU `owner` (any with `None`).
+    pub fn add_watch(&self, watch: Watch) -> Result<()> {
+        self.check_open()?;
+        check_range(watch.vaddr, watch.len)?;
+        check_range(watch.gpa, watch.len)?;
+        self.check_new_watch(&lock(&self.watches), &watch)?;
+        let _held = self.hold_still("set a watchpoint")?;
+        let mut watches = lock(&self.watches);
+        // Checked again: the list may have changed while the lock was not held.
+        let region = self.check_new_watch(&watches, &watch)?;
         let by_page = crate::engine::debug_regs::watch_mechanism()?
             == crate::engine::debug_regs::WatchMechanism::Memslot;
         if !by_page {
@@ -207,16 +216,18 @@ impl VmCore {
     /// goes back to an ordinary slot when nothing else watches it.
     pub fn remove_watch(&self, vaddr: u64, len: u64, owner: Option<u64>) -> Result<()> {
         self.check_open()?;
-        let mut watches = lock(&self.watches);
-        let Some(at) = watches
-            .iter()
-            .position(|w| w.vaddr == vaddr && w.len == len && w.owner == owner)
-        else {
-            return Err(Error::Value(format!(
-                "no {len}-byte watchpoint is set at {vaddr:#x}"
-            )));
+        let find = |watches: &[Watch]| {
+            watches
+                .iter()
+                .position(|w| w.vaddr == vaddr && w.len == len && w.owner == owner)
+                .ok_or_else(|| {
+                    Error::Value(format!("no {len}-byte watchpoint is set at {vaddr:#x}"))
+                })
         };
-        self.check_not_running("remove a watchpoint")?;
+        find(&lock(&self.watches))?;
+        let _held = self.hold_still("remove a watchpoint")?;
+        let mut watches = lock(&self.watches);
+        let at = find(&watches)?;
         let removed = watches.remove(at);
         let region = self.region_of(removed.gpa, removed.len);
         let by_page = crate::engine::debug_regs::watch_mechanism()
@@ -261,7 +272,17 @@ impl VmCore {
         })
     }
 
-    /// Fails if a vCPU runs on another thread: its slots cannot change under it.
+    /// Fails if a vCPU runs on another thread: its slots cannot change under it. Else
+    /// keeps every vCPU out of the guest until the guard returned is dropped: one that
+    /// starts a run meanwhile waits at the VM's gate (see `allstop`) instead of entering
+    /// while its memory is being re-slotted (a vCPU in the guest then finds no memory).
+    fn hold_still(&self, what: &str) -> Result<EntriesHeld<'_>> {
+        self.check_not_running(what)?;
+        let held = self.hold_entries()?;
+        self.check_not_running(what)?;
+        Ok(held)
+    }
+
     fn check_not_running(&self, what: &str) -> Result<()> {
         if self.group().is_some() {
             return Err(Error::Busy(format!(
