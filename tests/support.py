@@ -170,3 +170,32 @@ def raw(region: kvmpy.MemoryRegion, offset: int, n: int) -> bytes:
     """`n` bytes at `offset` of `region` as they are in memory (breakpoint and coverage
     patches included, which `region.read` hides): through a memoryview."""
     return bytes(memoryview(region)[offset : offset + n])
+
+
+def run_beside(
+    cpus: list[kvmpy.Vcpu],
+    side: Callable[[threading.Event], None],
+    again: str = "",
+    timeout: Callable[[], float] = lambda: 60.0,
+) -> list[kvmpy.ExitInfo]:
+    """Runs each vCPU on a thread of its own, each run with `timeout()` seconds (a run
+    that ends for the reason `again` is started again), while `side(done)` runs on
+    another thread until `done` is set; returns how the runs ended."""
+    done = threading.Event()
+    ends: list[kvmpy.ExitInfo] = []
+
+    def run(cpu: kvmpy.Vcpu) -> None:
+        while (e := cpu.run(timeout=timeout())).reason == again:
+            pass
+        ends.append(e)
+
+    runs = [threading.Thread(target=run, args=(cpu,)) for cpu in cpus]
+    helper = threading.Thread(target=side, args=(done,))
+    helper.start()
+    for t in runs:
+        t.start()
+    for t in runs:
+        t.join()
+    done.set()
+    helper.join()
+    return ends

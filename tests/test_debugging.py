@@ -15,14 +15,13 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 
 import pytest
 
 import kvmpy
 from kvmpy._native import _debug_support
 
-from .support import rerun_file_with
+from .support import rerun_file_with, run_beside
 
 pytestmark = pytest.mark.kvm
 
@@ -599,33 +598,8 @@ def _two_vcpus_under_random_breakpoints(code: bytes, rng: random.Random, rounds:
                 time.sleep(rng.random() * 1e-4)
                 vm.remove_breakpoint(at)
 
-        _check_loops(vm, _run_two_beside(cpus, toggle), outs, rounds)
+        _check_loops(vm, run_beside(cpus, toggle), outs, rounds)
         assert vm.read(CODE, len(code)) == code and vm.breakpoints == []
-
-
-def _run_two_beside(
-    cpus: list[kvmpy.Vcpu], side: Callable[[threading.Event], None], again: str = ""
-) -> list[kvmpy.ExitInfo]:
-    """Runs each vCPU on a thread of its own (a run that ends for the reason `again` is
-    started again) while `side(done)` runs on another; returns how the runs ended."""
-    done = threading.Event()
-    ends: list[kvmpy.ExitInfo] = []
-
-    def run(cpu: kvmpy.Vcpu) -> None:
-        while (e := cpu.run(timeout=60)).reason == again:
-            pass
-        ends.append(e)
-
-    runs = [threading.Thread(target=run, args=(cpu,)) for cpu in cpus]
-    helper = threading.Thread(target=side, args=(done,))
-    helper.start()
-    for t in runs:
-        t.start()
-    for t in runs:
-        t.join()
-    done.set()
-    helper.join()
-    return ends
 
 
 def _check_loops(vm: kvmpy.Vm, ends: list[kvmpy.ExitInfo], outs: list[int], rounds: int) -> None:
@@ -670,7 +644,7 @@ def _two_vcpus_stopped_at_random(code: bytes, rng: random.Random, rounds: int) -
                 time.sleep(rng.random() * 2e-3)
                 rng.choice(cpus).stop()
 
-        _check_loops(vm, _run_two_beside(cpus, stopper, again="stopped"), outs, rounds)
+        _check_loops(vm, run_beside(cpus, stopper, again="stopped"), outs, rounds)
         assert hits == [2 * rounds, 2 * rounds], "each breakpoint hit reported once"
         assert vm.read(CODE, len(code)) == code
 

@@ -25,7 +25,7 @@ import kvmpy
 from kvmpy import fuzz
 from kvmpy._native import _debug_support
 
-from .support import rerun_file_with
+from .support import rerun_file_with, run_beside
 
 pytestmark = pytest.mark.kvm
 
@@ -479,9 +479,8 @@ def _watch_while_two_vcpus_run(rng: random.Random, rounds: int) -> None:
             cpu.setup_long_mode(user=True, tables_addr=0x1000 + i * 0x40000)
         for i, cpu in enumerate(cpus):
             cpu.set_regs(rip=CODE, rbx=0x100000 + 0x1000 * i, rcx=rounds)
-        done = threading.Event()
 
-        def watch() -> None:
+        def watch(done: threading.Event) -> None:
             # vCPU 0's watchpoints, next to the counters the others write: setting one
             # re-slots the memory they run in. Refused while they run; the runs in
             # between must never find their memory gone.
@@ -498,22 +497,7 @@ def _watch_while_two_vcpus_run(rng: random.Random, rounds: int) -> None:
                     except kvmpy.VcpuBusyError:
                         time.sleep(rng.random() * 2e-4)
 
-        ends: list[kvmpy.ExitInfo] = []
-
-        def run(cpu: kvmpy.Vcpu) -> None:
-            while (e := cpu.run(timeout=rng.random() * 3e-3)).reason == "timeout":
-                pass
-            ends.append(e)
-
-        watcher = threading.Thread(target=watch)
-        runs = [threading.Thread(target=run, args=(cpu,)) for cpu in cpus]
-        watcher.start()
-        for t in runs:
-            t.start()
-        for t in runs:
-            t.join()
-        done.set()
-        watcher.join()
+        ends = run_beside(cpus, watch, again="timeout", timeout=lambda: rng.random() * 3e-3)
         assert [e.reason for e in ends] == ["exit", "exit"], ends
         counted = [int.from_bytes(vm.read(0x100000 + 0x1000 * i, 8), "little") for i in range(2)]
         assert counted == [rounds, rounds]
