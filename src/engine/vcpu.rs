@@ -60,30 +60,16 @@ pub(crate) const STEP_ARMED: u8 = 1;
 pub(crate) const STEP_IN_FLIGHT: u8 = 2;
 
 /// The state of one vCPU, shared by the face's object, its VM and its run threads.
+///
+/// `repr(C)` keeps the declaration order: what the run loop reads or writes on every exit
+/// comes first, on the first cache line (then the fd's lock), because each exit leaves
+/// the host's caches cold and every further line the loop touches costs a miss.
+#[repr(C, align(64))]
 pub struct VcpuCore {
-    pub id: u64,
     pub vm: Arc<VmCore>,
-    fd: Mutex<Option<VcpuFdHolder>>,
-    /// The thread id running the vCPU, if any.
-    runner: Mutex<Option<libc::pid_t>>,
-    run_ended: Condvar,
-    /// Threads waiting on `run_ended` (changed and read with `runner` locked): a run that
-    /// ends with none skips the notify, a futex system call per run otherwise.
-    run_waiters: AtomicU32,
-    pub kicker: Kicker,
     exits: AtomicU64,
     handler_calls: AtomicU64,
-    /// Restores that rewrote every part of the state (for `stats`).
-    full_restores: AtomicU64,
-    /// Runs that started in the FPU restore stub (for `stats`).
-    stub_loads: AtomicU64,
-    /// The IN or MMIO read that a run returned unanswered, until the next run.
-    pending_read: Mutex<Option<PendingRead>>,
-    /// Interrupt vectors queued by `queue_interrupt`, injected when the guest can take them.
-    interrupts: Mutex<VecDeque<u32>>,
-    /// Whether `interrupts` is non-empty, so the run loop need not lock it on every exit.
-    interrupts_queued: AtomicBool,
-    last: Mutex<Option<Last>>,
+    pub id: u64,
     /// Whether the general registers are mirrored in `kvm_run` (KVM_CAP_SYNC_REGS).
     sync_regs: bool,
     /// Whether KVM has filled the mirror: from the first return of `KVM_RUN` on, registers
@@ -97,13 +83,35 @@ pub struct VcpuCore {
     /// step in flight delays a stop (see `run::step_in_flight`).
     pub(crate) tf_step: AtomicU8,
     /// A run ended on a plain OUT a device handled without completing it (see
-    /// `complete.rs`), at this linear RIP.
+    /// `complete.rs`), at `deferred_rip`.
     pub(crate) deferred: AtomicBool,
-    pub(crate) deferred_rip: AtomicU64,
     /// Whether `kvm_run` also mirrors the special registers and vCPU events (once the VM
     /// has a snapshot: a restore compares them there instead of asking KVM).
     pub(crate) state_sync: AtomicBool,
-    /// Whether that mirror holds KVM's state: an exit happened since the host last set
+    /// Whether `interrupts` is non-empty, so the run loop need not lock it on every exit.
+    interrupts_queued: AtomicBool,
+    /// Raised around `KVM_RUN` (see `allstop`).
+    pub(crate) in_guest: AtomicBool,
+    pub kicker: Kicker,
+    fd: Mutex<Option<VcpuFdHolder>>,
+    /// The thread id running the vCPU, if any.
+    runner: Mutex<Option<libc::pid_t>>,
+    run_ended: Condvar,
+    /// Threads waiting on `run_ended` (changed and read with `runner` locked): a run that
+    /// ends with none skips the notify, a futex system call per run otherwise.
+    run_waiters: AtomicU32,
+    /// Restores that rewrote every part of the state (for `stats`).
+    full_restores: AtomicU64,
+    /// Runs that started in the FPU restore stub (for `stats`).
+    stub_loads: AtomicU64,
+    /// The IN or MMIO read that a run returned unanswered, until the next run.
+    pending_read: Mutex<Option<PendingRead>>,
+    /// Interrupt vectors queued by `queue_interrupt`, injected when the guest can take them.
+    interrupts: Mutex<VecDeque<u32>>,
+    last: Mutex<Option<Last>>,
+    /// The linear RIP of the OUT `deferred` stands for.
+    pub(crate) deferred_rip: AtomicU64,
+    /// Whether the mirror `state_sync` turns on holds KVM's state: an exit happened since the host last set
     /// special registers or events with an ioctl.
     state_fresh: AtomicBool,
     /// Whether state that only ring-0 code or the host can change (MSRs, control and debug
@@ -117,8 +125,6 @@ pub struct VcpuCore {
     pub warned_reset_state: AtomicBool,
     /// Single steps and stepping over breakpoints (see `debug`).
     pub(crate) debug: Mutex<crate::engine::debug::DebugState>,
-    /// Raised around `KVM_RUN` (see `allstop`).
-    pub(crate) in_guest: AtomicBool,
 }
 
 /// Clears the vCPU's runner when a run ends, however it ends.
@@ -384,12 +390,20 @@ impl VcpuCore {
         self.io_pending.store(io, Ordering::Relaxed);
         self.deferred.store(false, Ordering::Relaxed);
         if self.state_sync.load(Ordering::Relaxed) {
-            let s = &fd.sync_regs_mut().sregs;
-            if s.cr0 & 1 == 0 || s.ss.dpl == 0 {
-                self.hidden_dirty.store(true, Ordering::Relaxed);
-            }
-            self.state_fresh.store(true, Ordering::Relaxed);
+            self.note_mirrored_state(fd);
         }
+    }
+
+    /// `note_exit` where `kvm_run` mirrors the special registers (kept out of the exit
+    /// path's code: only VMs with a snapshot do).
+    #[cold]
+    #[inline(never)]
+    fn note_mirrored_state(&self, fd: &mut VcpuFd) {
+        let s = &fd.sync_regs_mut().sregs;
+        if s.cr0 & 1 == 0 || s.ss.dpl == 0 {
+            self.hidden_dirty.store(true, Ordering::Relaxed);
+        }
+        self.state_fresh.store(true, Ordering::Relaxed);
     }
 
     /// Whether a run returned an IN or MMIO read that `respond()` has not answered.
@@ -589,6 +603,13 @@ impl VcpuCore {
         if !self.has_queued_interrupts() {
             return Ok(());
         }
+        self.inject_queued(fd)
+    }
+
+    /// `inject_interrupt` with an interrupt queued (kept out of the exit path's code).
+    #[cold]
+    #[inline(never)]
+    fn inject_queued(&self, fd: &mut VcpuFd) -> Result<()> {
         let mut queue = lock(&self.interrupts);
         let Some(&vector) = queue.front() else {
             return Ok(());
@@ -611,5 +632,35 @@ impl VcpuCore {
         }
         fd.get_kvm_run().request_interrupt_window = u8::from(!queue.is_empty());
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::mem::offset_of;
+
+    #[test]
+    fn what_every_exit_touches_is_on_the_vcpus_first_cache_line() {
+        let hot = [
+            offset_of!(VcpuCore, vm),
+            offset_of!(VcpuCore, exits),
+            offset_of!(VcpuCore, handler_calls),
+            offset_of!(VcpuCore, id),
+            offset_of!(VcpuCore, sync_regs),
+            offset_of!(VcpuCore, regs_mirrored),
+            offset_of!(VcpuCore, io_pending),
+            offset_of!(VcpuCore, tf_step),
+            offset_of!(VcpuCore, deferred),
+            offset_of!(VcpuCore, state_sync),
+            offset_of!(VcpuCore, interrupts_queued),
+            offset_of!(VcpuCore, in_guest),
+            // The kicker's stop flag, its first field (see kick.rs).
+            offset_of!(VcpuCore, kicker),
+        ];
+        assert_eq!(std::mem::align_of::<VcpuCore>(), 64);
+        for offset in hot {
+            assert!(offset < 64, "a hot field at offset {offset}");
+        }
     }
 }
