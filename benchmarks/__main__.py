@@ -192,6 +192,10 @@ class Runner:
                     closing(cext_cases.Exits(self.cext(), self.counter_path))
                 )
                 variants["cext"] = lambda: floor(n) * per_exit
+                inproc = stack.enter_context(
+                    closing(cext_cases.Exits(self.cext(), self.counter_path, python=False))
+                )
+                variants["cloop"] = lambda: inproc(n) * per_exit
             variants["purepy"] = lambda: purepy(n) * per_exit
             if not self.unicorn_missing:
                 variants["unicorn"] = lambda: unicorn_cases.exits(code, n) * per_exit
@@ -219,6 +223,9 @@ class Runner:
         ]
         if "cext" in v:
             fig.rows.append(Row("cext", "C extension + Python handler (floor)", v["cext"], "rawc"))
+            fig.rows.append(
+                Row("cloop", "raw C's loop inside this Python process", v["cloop"], "rawc")
+            )
         fig.rows.append(Row("purepy", "plain Python, fcntl.ioctl + ctypes", v["purepy"], "rawc"))
         if "unicorn" in v:
             fig.rows.append(
@@ -254,6 +261,17 @@ class Runner:
                 f"kvmpy beyond the floor: {beyond.median:+.2f} µs/exit (IQR {beyond.q1:+.2f} "
                 f"to {beyond.q3:+.2f})."
             )
+            cloop_row = fig.row("cloop")
+            if cloop_row is not None:
+                own = paired_deltas(rust_row, cloop_row)
+                fig.notes.append(
+                    "The same C loop without the Python call, inside this process (the "
+                    "extension's `run(n, None)`), is the engine's own reference: each exit "
+                    "leaves the host's caches cold, so what a loop touches per exit, more "
+                    "than what it executes, sets its cost. kvmpy's Rust device beyond it, "
+                    f"paired: {own.median:+.2f} µs/exit (IQR {own.q1:+.2f} to "
+                    f"{own.q3:+.2f})."
+                )
         else:
             fig.notes.append(f"C-extension floor skipped: {self.cext_missing}.")
         self._skipped_unicorn(fig)

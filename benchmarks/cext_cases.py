@@ -65,15 +65,17 @@ def _ignore(port: int, data: bytes) -> None:
 
 class Exits:
     """counter64 on one VM of the C extension, kept for many runs; every device OUT is
-    handed to a Python handler that does nothing."""
+    handed to a Python handler that does nothing or, without ``python``, to nothing at
+    all (raw C's loop, run inside this Python process)."""
 
-    def __init__(self, module: ModuleType, guest: Path) -> None:
+    def __init__(self, module: ModuleType, guest: Path, *, python: bool = True) -> None:
         self.exits = module.Exits(str(guest))
+        self.handler = _ignore if python else None
 
     def __call__(self, n: int) -> float:
         """Seconds for one run with ``n`` device exits (n + 1 exits in all), timed in C
         around the run loop as ``raw_kvm serve`` times its own."""
-        seconds, exits, calls, wrong = self.exits.run(n, _ignore)
+        seconds, exits, calls, wrong = self.exits.run(n, self.handler)
         if exits != n + 1 or calls != n or wrong:
             raise BenchError(
                 f"C extension counter64 N={n}: {exits} exits, {calls} handler calls, "
