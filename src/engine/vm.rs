@@ -299,7 +299,10 @@ impl VmCore {
     /// Takes a region out of the guest's address space.
     pub fn remove_memory(&self, region: &Arc<Region>) -> Result<()> {
         self.check_open()?;
-        if self.watched_in(region) {
+        // Held until the region is gone, so that no watchpoint can re-slot it in between
+        // (`add_watch` holds it from its last check until its slots are in place).
+        let watches = lock(&self.watches);
+        if crate::engine::watch::watched(&watches, region) {
             return Err(Error::Value(format!(
                 "memory region {:#x}..{:#x} has a watchpoint: remove it first",
                 region.guest_addr,
@@ -307,7 +310,9 @@ impl VmCore {
             )));
         }
         self.forget_snapshot_base();
-        self.with_fd(|fd| lock(&self.memory).remove(fd, region))
+        let removed = self.with_fd(|fd| lock(&self.memory).remove(fd, region));
+        drop(watches);
+        removed
     }
 
     /// The memory map's lock (snapshots hold it while they copy memory).

@@ -145,6 +145,13 @@ pub fn layout(pages: u64, readonly: bool, watched: &[(u64, WatchKind)]) -> Vec<(
     out
 }
 
+/// Whether one of `watches` is in `region`.
+pub fn watched(watches: &[Watch], region: &Region) -> bool {
+    watches
+        .iter()
+        .any(|w| region.guest_addr <= w.gpa && w.gpa < region.end())
+}
+
 impl VmCore {
     /// Why `watch` cannot be added to `watches`, or the memory region it lies in.
     fn check_new_watch(&self, watches: &[Watch], watch: &Watch) -> Result<std::sync::Arc<Region>> {
@@ -251,13 +258,6 @@ impl VmCore {
             .collect()
     }
 
-    /// Whether a watchpoint lies in a region (which then cannot be removed).
-    pub fn watched_in(&self, region: &Region) -> bool {
-        lock(&self.watches)
-            .iter()
-            .any(|w| region.guest_addr <= w.gpa && w.gpa < region.end())
-    }
-
     fn region_of(&self, gpa: u64, len: u64) -> Result<std::sync::Arc<Region>> {
         self.with_memory(|m| {
             m.regions()
@@ -332,6 +332,16 @@ impl VmCore {
         let logging = region.record.logging();
         self.with_fd(|fd| {
             let memory = lock(self.memory_map());
+            if !region.attached() {
+                // Removed since the caller found it (`remove` runs under this lock): its
+                // slot numbers may be another region's by now, and its mapping may go
+                // once the caller lets go of it, so no slot may point there again.
+                return Err(Error::Memory(format!(
+                    "memory region {:#x}..{:#x} was removed",
+                    region.guest_addr,
+                    region.end()
+                )));
+            }
             if logging && !ring {
                 let mut bits = vec![0; crate::engine::snapshot::dirty::bitmap_words(region)];
                 crate::engine::snapshot::dirty::read(fd, region, manual, &mut bits)?;
@@ -483,6 +493,40 @@ mod tests {
             layout(3, false, &[(1, WatchKind::Write), (2, WatchKind::Write)]),
             vec![(0, 1, false), (1, 2, true)]
         );
+    }
+
+    #[test]
+    fn a_removed_region_gets_no_slot_back() {
+        if std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+            .is_err()
+        {
+            eprintln!("/dev/kvm cannot be opened: skipped");
+            return;
+        }
+        let vm = VmCore::new(false, false).unwrap();
+        let options = crate::engine::RegionOptions::default;
+        let size = 4 * PAGE_SIZE;
+        let removed = vm.add_memory(0, size, options()).unwrap();
+        vm.remove_memory(&removed).unwrap();
+        // Another region takes the removed one's slot number.
+        let other = vm.add_memory(0x10_0000, size, options()).unwrap();
+        assert_eq!(other.slot, removed.slot);
+        // What a watchpoint set on the removed region would do, had the removal (and the
+        // new region) come after its checks: nothing.
+        let watch = Watch {
+            vaddr: 0x1000,
+            gpa: 0x1000,
+            len: 8,
+            kind: WatchKind::Write,
+            owner: None,
+        };
+        let err = vm.reslot(&removed, &[watch]).unwrap_err().to_string();
+        assert!(err.contains("was removed"), "{err}");
+        // KVM has no slot over the removed region's addresses: a new region fits there.
+        vm.add_memory(0, size, options()).unwrap();
     }
 
     #[test]
