@@ -642,25 +642,27 @@ mod tests {
 
     #[test]
     fn what_every_exit_touches_is_on_the_vcpus_first_cache_line() {
-        let hot = [
-            offset_of!(VcpuCore, vm),
-            offset_of!(VcpuCore, exits),
-            offset_of!(VcpuCore, handler_calls),
-            offset_of!(VcpuCore, id),
-            offset_of!(VcpuCore, sync_regs),
-            offset_of!(VcpuCore, regs_mirrored),
-            offset_of!(VcpuCore, io_pending),
-            offset_of!(VcpuCore, tf_step),
-            offset_of!(VcpuCore, deferred),
-            offset_of!(VcpuCore, state_sync),
-            offset_of!(VcpuCore, interrupts_queued),
-            offset_of!(VcpuCore, in_guest),
-            // The kicker's stop flag, its first field (see kick.rs).
-            offset_of!(VcpuCore, kicker),
-        ];
         assert_eq!(std::mem::align_of::<VcpuCore>(), 64);
-        for offset in hot {
-            assert!(offset < 64, "a hot field at offset {offset}");
+        macro_rules! on_first_line {
+            ($($field:ident),*) => {
+                $(assert!(offset_of!(VcpuCore, $field) < 64, stringify!($field));)*
+            };
         }
+        // `kicker`: its stop flag is its first field (see kick.rs).
+        on_first_line!(
+            vm,
+            exits,
+            handler_calls,
+            id,
+            sync_regs,
+            regs_mirrored,
+            io_pending,
+            tf_step,
+            deferred,
+            state_sync,
+            interrupts_queued,
+            in_guest,
+            kicker
+        );
     }
 }
