@@ -32,10 +32,13 @@ def unavailable() -> str | None:
     return None
 
 
+def _lib(out_dir: Path) -> Path:
+    return out_dir / f"{MODULE}{sysconfig.get_config_var('EXT_SUFFIX') or '.so'}"
+
+
 def build(out_dir: Path) -> ModuleType:
     """Compiles ``cext_exit.c`` into ``out_dir`` and imports it from there."""
-    suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
-    lib = out_dir / f"{MODULE}{suffix}"
+    lib = _lib(out_dir)
     cmd = [
         find_cc(),
         "-O2",
@@ -51,6 +54,12 @@ def build(out_dir: Path) -> ModuleType:
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise BenchError(f"compiling the C extension failed: {' '.join(cmd)}\n{proc.stderr}")
+    return load(out_dir)
+
+
+def load(out_dir: Path) -> ModuleType:
+    """Imports the extension ``build`` compiled into ``out_dir``."""
+    lib = _lib(out_dir)
     spec = importlib.util.spec_from_file_location(MODULE, lib)
     if spec is None or spec.loader is None:
         raise BenchError(f"cannot load the C extension {lib}")
