@@ -33,46 +33,22 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
-from benchmarks import cext_cases
-from benchmarks.common import (
-    DEVICE_PORT,
-    EXIT_PORT,
-    GUEST_RAM,
-    LOAD_ADDR,
-    BenchError,
-    find_cc,
-    guest_path,
-)
+from benchmarks import cext_cases, kvmpy_cases
+from benchmarks.common import BenchError, find_cc, guest_bytes, guest_path
 
 COUNTER_SOURCE = Path(__file__).resolve().parent / "exit_lines.c"
 VARIANTS = ("cloop", "cext", "rust", "python")
-LINE = 64
 
 
 def child(variant: str, n: int, cext_dir: str) -> None:
-    """Runs counter64 with ``n`` device exits once (after 10 to warm up)."""
-    guest = guest_path("counter64")
+    """Runs counter64 with ``n`` device exits once (after 10 to warm up), set up as the
+    exit figure sets it up."""
+    exits: kvmpy_cases.Exits | cext_cases.Exits
     if variant in ("rust", "python"):
-        import kvmpy
-
-        vm = kvmpy.Vm()
-        vm.add_memory(0, GUEST_RAM).write(LOAD_ADDR, guest.read_bytes())
-        vm.add_exit_port(EXIT_PORT)
-        if variant == "python":
-            vm.on_io(DEVICE_PORT, lambda e: None)
-        else:
-            vm.add_console(DEVICE_PORT, limit=1 << 20)
-        cpu = vm.create_vcpu()
-        cpu.setup_long_mode(user=True)
-        for k in (10, n):
-            cpu.set_regs(rip=LOAD_ADDR, rdi=k)
-            ex = cpu.run()
-            if ex.reason != "exit":
-                raise BenchError(f"counter64 ended with {ex!r}")
-        vm.close()
-        return
-    module = cext_cases.load(Path(cext_dir))
-    exits = cext_cases.Exits(module, guest, python=variant == "cext")
+        exits = kvmpy_cases.Exits(guest_bytes("counter64"), python=variant == "python")
+    else:
+        module = cext_cases.load(Path(cext_dir))
+        exits = cext_cases.Exits(module, guest_path("counter64"), python=variant == "cext")
     for k in (10, n):
         exits(k)
     exits.close()

@@ -111,8 +111,8 @@ pub struct VcpuCore {
     last: Mutex<Option<Last>>,
     /// The linear RIP of the OUT `deferred` stands for.
     pub(crate) deferred_rip: AtomicU64,
-    /// Whether the mirror `state_sync` turns on holds KVM's state: an exit happened since the host last set
-    /// special registers or events with an ioctl.
+    /// Whether the mirror `state_sync` turns on holds KVM's state: an exit happened since
+    /// the host last set special registers or events with an ioctl.
     state_fresh: AtomicBool,
     /// Whether state that only ring-0 code or the host can change (MSRs, control and debug
     /// registers, ...) may differ from the last snapshot or restore: the host set some, or

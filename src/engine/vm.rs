@@ -310,9 +310,7 @@ impl VmCore {
             )));
         }
         self.forget_snapshot_base();
-        let removed = self.with_fd(|fd| lock(&self.memory).remove(fd, region));
-        drop(watches);
-        removed
+        self.with_fd(|fd| lock(&self.memory).remove(fd, region))
     }
 
     /// The memory map's lock (snapshots hold it while they copy memory).
