@@ -248,6 +248,52 @@ def test_halted_guest_wakes_on_an_interrupt_queued_by_its_hlt_handler() -> None:
         assert seen == [0x99]
 
 
+def test_an_interrupt_queued_by_an_out_handler_comes_before_the_next_out() -> None:
+    # Back-to-back OUTs are handled in one stretch of the run loop; an interrupt the handler
+    # of the first queues must still be injected before the second.
+    # sti ; mov al, 1 ; out 0x11, al ; mov al, 2 ; out 0x11, al ; mov al, 3 ; out 0xf4, al
+    code = bytes([0xFB, 0xB0, 1, 0xE6, DEV_OUT, 0xB0, 2, 0xE6, DEV_OUT, 0xB0, 3, 0xE6, EXIT_PORT])
+    vm, cpu = real_mode_vm(code)
+    with vm:
+        ram = vm.memory_regions[0]
+        ram.write(0x1100, bytes([0xB0, 0x99, 0xE6, DEV_OUT, 0xCF]))  # ISR: OUT 0x99 ; iret
+        ram.write(0x40 * 4, (0x1100).to_bytes(2, "little") + bytes(2))
+        vm.add_exit_port(EXIT_PORT)
+        seen: list[int] = []
+
+        def handler(e: kvmpy.IoExit) -> None:
+            seen.append(e.value)
+            if e.value == 1:
+                cpu.interrupt(0x40)
+
+        vm.on_io(DEV_OUT, handler)
+        exit = cpu.run(timeout=10)
+        assert isinstance(exit, kvmpy.GuestExit) and exit.code == 3
+        assert seen == [1, 0x99, 2]
+
+
+def test_a_stop_requested_by_an_out_handler_ends_the_run_before_the_next_out() -> None:
+    # mov al, 1 ; out 0x11, al ; mov al, 2 ; out 0x11, al ; mov al, 3 ; out 0xf4, al
+    code = bytes([0xB0, 1, 0xE6, DEV_OUT, 0xB0, 2, 0xE6, DEV_OUT, 0xB0, 3, 0xE6, EXIT_PORT])
+    vm, cpu = real_mode_vm(code)
+    with vm:
+        vm.add_exit_port(EXIT_PORT)
+        seen: list[int] = []
+
+        def handler(e: kvmpy.IoExit) -> None:
+            seen.append(e.value)
+            if e.value == 1:
+                cpu.stop()
+
+        vm.on_io(DEV_OUT, handler)
+        assert cpu.run(timeout=10).reason == "stopped"
+        # The first OUT is complete, the second not begun.
+        assert seen == [1] and cpu.regs.rip == 0x1000 + 4
+        exit = cpu.run(timeout=10)
+        assert isinstance(exit, kvmpy.GuestExit) and exit.code == 3
+        assert seen == [1, 2]
+
+
 def test_irqchip_line_wakes_a_halted_guest() -> None:
     # Program the PIC (vector base 0x40, only IRQ3 unmasked), sti, tell the host, hlt loop.
     pic = bytes(

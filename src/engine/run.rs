@@ -87,7 +87,7 @@ thread_local! {
 }
 
 /// What one `KVM_RUN` returned.
-type RunResult = std::result::Result<RunExit, vmm_sys_util::errno::Error>;
+pub(crate) type RunResult = std::result::Result<RunExit, vmm_sys_util::errno::Error>;
 
 /// Where the loop goes after one exit.
 enum Flow {

@@ -8,8 +8,8 @@ use super::{Flow, RunOptions};
 use crate::engine::bus::{Action, Device};
 use crate::engine::error::Result;
 use crate::engine::exit::{self, Data, Exit, IoRaw, RunExit};
-use crate::engine::run::Outcome;
-use crate::engine::vcpu::{fd_of, FdGuard, VcpuCore};
+use crate::engine::run::RunResult;
+use crate::engine::vcpu::{fd_of, FdGuard, VcpuCore, NO_STEP};
 
 impl VcpuCore {
     /// One-element OUTs, the exits of a guest that talks to a handler or a console,
@@ -55,19 +55,26 @@ impl VcpuCore {
             }
             std::mem::forget(action); // `Continue`: nothing to drop
             self.between_exits(guard, options, runs_ended)?;
-            if self.stop_asked() {
-                return Ok(self.lane_stopped(guard));
+            if self.lane_must_leave() {
+                // The OUT is handled: the general loop goes on as after any handled
+                // access (a stop, an interrupt to inject, a step are its to handle).
+                return Ok(Flow::Continue(true));
             }
-            let result = self.enter(guard)?;
-            match &result {
+            // `enter` without what `lane_must_leave` ruled out, and with the result
+            // matched where it lands: this loop touches as few lines as it can.
+            let fd = &mut fd_of(guard)?.fd;
+            let result = self.run_all_stop(fd);
+            self.count_exit();
+            match result {
                 Ok(RunExit::Io(next))
                     if next.is_write
                         && next.count == 1
                         && (next.size != 1 || self.vm.pio_patches.load(Ordering::Acquire) == 0) =>
                 {
-                    io = *next;
+                    self.note_exit(fd, true);
+                    io = next;
                 }
-                _ => return Ok(Flow::Next(result)),
+                other => return Ok(self.lane_next(fd, other)),
             }
             let now = self.vm.bus_generation();
             if now != generation {
@@ -88,11 +95,25 @@ impl VcpuCore {
             .unwrap_or(Flow::Continue(true)))
     }
 
-    /// `out_lane` ends on a stop or a closed VM, the OUT it handled completed first.
+    /// Whether the general loop must make the next entry: a stop, a closed VM, an
+    /// interrupt queued, or a single step with TF (one line of the vCPU, one of the VM).
+    fn lane_must_leave(&self) -> bool {
+        self.kicker.stop_requested()
+            || self.vm.is_closed()
+            || self.has_queued_interrupts()
+            || self.tf_step.load(Ordering::Relaxed) != NO_STEP
+    }
+
+    /// `out_lane` entered the guest and got an exit other than a one-element OUT: the
+    /// general loop handles it next.
     #[cold]
     #[inline(never)]
-    fn lane_stopped<'a>(&'a self, guard: &mut FdGuard<'a>) -> Flow {
-        self.complete_pending(guard);
-        Flow::Done(Outcome::Exit(Exit::Stopped))
+    fn lane_next(&self, fd: &mut kvm_ioctls::VcpuFd, result: RunResult) -> Flow {
+        let io = matches!(
+            result,
+            Ok(RunExit::Io(_)) | Ok(RunExit::Other(Exit::Mmio { .. }))
+        );
+        self.note_exit(fd, io);
+        Flow::Next(result)
     }
 }
