@@ -277,12 +277,18 @@ impl VcpuCore {
         self.inject_interrupt(&mut holder.fd)?;
         let result = self.run_all_stop(&mut holder.fd);
         self.count_exit();
+        self.note_result(&mut holder.fd, &result);
+        Ok(result)
+    }
+
+    /// `note_exit` for what `KVM_RUN` returned: port I/O and MMIO leave an access for
+    /// KVM to complete.
+    fn note_result(&self, fd: &mut kvm_ioctls::VcpuFd, result: &RunResult) {
         let io = matches!(
             result,
             Ok(RunExit::Io(_)) | Ok(RunExit::Other(Exit::Mmio { .. }))
         );
-        self.note_exit(&mut holder.fd, io);
-        Ok(result)
+        self.note_exit(fd, io);
     }
 
     /// The handling of what one `KVM_RUN` returned.

@@ -7,7 +7,7 @@ use super::VcpuCtx;
 use super::{Flow, RunOptions};
 use crate::engine::bus::{Action, Device};
 use crate::engine::error::Result;
-use crate::engine::exit::{self, Data, Exit, IoRaw, RunExit};
+use crate::engine::exit::{self, Data, IoRaw, RunExit};
 use crate::engine::run::RunResult;
 use crate::engine::vcpu::{fd_of, FdGuard, VcpuCore, NO_STEP};
 
@@ -109,11 +109,7 @@ impl VcpuCore {
     #[cold]
     #[inline(never)]
     fn lane_next(&self, fd: &mut kvm_ioctls::VcpuFd, result: RunResult) -> Flow {
-        let io = matches!(
-            result,
-            Ok(RunExit::Io(_)) | Ok(RunExit::Other(Exit::Mmio { .. }))
-        );
-        self.note_exit(fd, io);
+        self.note_result(fd, &result);
         Flow::Next(result)
     }
 }
