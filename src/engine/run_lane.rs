@@ -14,9 +14,10 @@ use crate::engine::vcpu::{fd_of, FdGuard, VcpuCore, NO_STEP};
 impl VcpuCore {
     /// One-element OUTs, the exits of a guest that talks to a handler or a console,
     /// handled one after another without going back through the general loop: the bus
-    /// is taken once (and again only when it changes), and the checks
-    /// `exits_until_done` makes between two exits are made here in the same order.
-    /// Any other exit goes back to the general loop as `Flow::Next`.
+    /// is taken once (and again only when it changes). Between two exits the lane makes
+    /// the deadline check `exits_until_done` makes; anything else that loop does before
+    /// an entry (a stop, an interrupt, a step) sends the handled OUT back to it
+    /// (`lane_must_leave`). Any other exit goes back to the general loop as `Flow::Next`.
     ///
     /// Not inlined into `handle`: on its own the lane's code and stack frame stay small,
     /// and each exit, which leaves the host's caches cold, touches fewer lines of both.
