@@ -132,6 +132,8 @@ impl VcpuCore {
         if self.vm.is_closed() {
             return Outcome::Exit(Exit::Stopped);
         }
+        // What the face kept about the last run's thread does not hold for this one.
+        self.run_thread_word().store(0, Ordering::Relaxed);
         let signal = match kick::signal() {
             Ok(s) => s,
             Err(e) => return e.into(),

@@ -26,6 +26,23 @@ impl VcpuCore {
         &'a self,
         guard: &mut FdGuard<'a>,
         options: &RunOptions<'_>,
+        io: IoRaw,
+        runs_ended: &mut u64,
+    ) -> Result<Flow> {
+        // The guard moves into the lane's frame while the lane runs: every exit reads it,
+        // and in the run loop's frame it would be a line of its own to touch.
+        let mut held = guard.take();
+        let flow = self.lane(&mut held, options, io, runs_ended);
+        *guard = held;
+        flow
+    }
+
+    /// The body of `out_lane`.
+    #[inline(always)]
+    fn lane<'a>(
+        &'a self,
+        guard: &mut FdGuard<'a>,
+        options: &RunOptions<'_>,
         mut io: IoRaw,
         runs_ended: &mut u64,
     ) -> Result<Flow> {

@@ -2,8 +2,8 @@
 //! two entries into the guest. The run loop itself is in `run.rs`.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, TryLockError};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
 use kvm_bindings::{kvm_regs, kvm_sregs};
@@ -22,14 +22,16 @@ use crate::engine::vm::VmCore;
 /// before the guest memory it could touch is released.
 ///
 /// `repr(C)` keeps the fd first, on the cache line of the lock that guards it (see
-/// `VcpuCore`'s layout): every exit reads both.
+/// `VcpuCore`'s layout): every exit reads both. The ring follows: `Option<VcpuFdHolder>`
+/// keeps its `None` in the ring's `Option` tag (the holder's largest niche), which the run
+/// loop reads with the fd on every exit.
 #[repr(C)]
 pub struct VcpuFdHolder {
     pub fd: VcpuFd,
-    /// The timeout timer, created on the first run with a deadline.
-    pub timer: Option<Timer>,
     /// The vCPU's dirty ring, in a VM that has the ring on.
     pub ring: Option<crate::engine::snapshot::ring::DirtyRing>,
+    /// The timeout timer, created on the first run with a deadline.
+    pub timer: Option<Timer>,
     /// A fast restore's FPU state still to load (see `snapshot::stub`).
     pub fpu: crate::engine::snapshot::stub::FpuRestore,
     _memory: Arc<Mappings>,
@@ -66,14 +68,19 @@ pub(crate) const STEP_IN_FLIGHT: u8 = 2;
 /// The state of one vCPU, shared by the face's object, its VM and its run threads.
 ///
 /// `repr(C)` keeps the declaration order: what the run loop reads or writes on every exit
-/// comes first, on the first cache line (then the fd's lock), because each exit leaves
-/// the host's caches cold and every further line the loop touches costs a miss.
+/// lies on the first two cache lines (the fields below, then the fd's lock with the fd), because
+/// each exit leaves the host's caches cold and every further line the loop touches costs
+/// a miss.
 #[repr(C, align(64))]
 pub struct VcpuCore {
     pub vm: Arc<VmCore>,
     exits: AtomicU64,
     handler_calls: AtomicU64,
     pub id: u64,
+    /// A word the face may keep about the thread that runs the vCPU, for one run: zero
+    /// when a run starts, and read or written only by the run's thread until it ends
+    /// (see [`VcpuCore::run_thread_word`]).
+    run_thread_word: AtomicUsize,
     /// Whether the general registers are mirrored in `kvm_run` (KVM_CAP_SYNC_REGS).
     sync_regs: bool,
     /// Whether KVM has filled the mirror: from the first return of `KVM_RUN` on, registers
@@ -97,7 +104,8 @@ pub struct VcpuCore {
     /// Raised around `KVM_RUN` (see `allstop`).
     pub(crate) in_guest: AtomicBool,
     pub kicker: Kicker,
-    fd: Mutex<Option<VcpuFdHolder>>,
+    /// On the second line, with what every exit reads of the fd (see `VcpuFdHolder`).
+    fd: parking_lot::Mutex<Option<VcpuFdHolder>>,
     /// The thread id running the vCPU, if any.
     runner: Mutex<Option<libc::pid_t>>,
     run_ended: Condvar,
@@ -148,7 +156,13 @@ impl Drop for RunGuard<'_> {
 }
 
 /// The run loop's hold on the vCPU fd: `None` while a device has released it.
-pub type FdGuard<'a> = Option<MutexGuard<'a, Option<VcpuFdHolder>>>;
+pub type FdGuard<'a> = Option<FdLock<'a>>;
+
+/// A lock on a vCPU's fd. `parking_lot`'s: the run loop gives the lock up and takes it
+/// again around every call into a handler that may use the vCPU, and this lock does that
+/// with one atomic operation each way (no poisoning: nothing the fd holds is left half
+/// changed by a panic, so there is nothing to poison).
+pub type FdLock<'a> = parking_lot::MutexGuard<'a, Option<VcpuFdHolder>>;
 
 /// The fd behind a run loop's guard.
 pub fn fd_of<'a>(guard: &'a mut FdGuard<'_>) -> Result<&'a mut VcpuFdHolder> {
@@ -175,7 +189,8 @@ impl VcpuCore {
         VcpuCore {
             id,
             vm,
-            fd: Mutex::new(Some(VcpuFdHolder {
+            run_thread_word: AtomicUsize::new(0),
+            fd: parking_lot::Mutex::new(Some(VcpuFdHolder {
                 fd,
                 timer: None,
                 ring,
@@ -208,6 +223,15 @@ impl VcpuCore {
             debug: Mutex::default(),
             in_guest: AtomicBool::new(false),
         }
+    }
+
+    /// A word the face may keep about the thread that runs the vCPU (the Python face keeps
+    /// where that thread's interpreter state lies, to skip a thread-local lookup on every
+    /// handler call). The engine sets it to zero before each run; during a run only the
+    /// run's thread reads or writes it (a device called for this vCPU runs on that thread),
+    /// so what the face keeps there holds for that thread until the run ends.
+    pub fn run_thread_word(&self) -> &AtomicUsize {
+        &self.run_thread_word
     }
 
     /// The thread running this vCPU, if any.
@@ -279,12 +303,12 @@ impl VcpuCore {
             self.run_waiters.fetch_sub(1, Ordering::Relaxed);
         }
         drop(runner);
-        lock(&self.fd).take();
+        self.fd.lock().take();
     }
 
     /// Locks the fd for a quick operation. Fails (rather than blocking) when another thread
     /// is running the vCPU.
-    fn lock_fd(&self) -> Result<MutexGuard<'_, Option<VcpuFdHolder>>> {
+    fn lock_fd(&self) -> Result<FdLock<'_>> {
         if let Some(tid) = self.runner() {
             if tid != gettid() {
                 return Err(Error::Busy(format!(
@@ -293,13 +317,9 @@ impl VcpuCore {
                 )));
             }
         }
-        match self.fd.try_lock() {
-            Ok(g) => Ok(g),
-            Err(TryLockError::Poisoned(e)) => Ok(e.into_inner()),
-            Err(TryLockError::WouldBlock) => {
-                Err(Error::Busy(format!("vCPU {} is running", self.id)))
-            }
-        }
+        self.fd
+            .try_lock()
+            .ok_or_else(|| Error::Busy(format!("vCPU {} is running", self.id)))
     }
 
     /// Runs `f` on the vCPU fd (not while another thread runs the vCPU).
@@ -321,8 +341,8 @@ impl VcpuCore {
     }
 
     /// The run loop's lock on the fd (blocking).
-    pub fn lock_run_fd(&self) -> MutexGuard<'_, Option<VcpuFdHolder>> {
-        lock(&self.fd)
+    pub fn lock_run_fd(&self) -> FdLock<'_> {
+        self.fd.lock()
     }
 
     /// The general registers: from `kvm_run`'s mirror once KVM has filled it (no ioctl),
@@ -482,10 +502,11 @@ impl VcpuCore {
     }
 
     /// Locks the fd of a vCPU that nobody runs (for snapshots and restores).
-    pub(crate) fn lock_idle(&self) -> Result<MutexGuard<'_, Option<VcpuFdHolder>>> {
+    pub(crate) fn lock_idle(&self) -> Result<FdLock<'_>> {
         if self.runner().is_some() {
             return Err(Error::Busy(format!(
-                "vCPU {} is running: stop it (or let its handler call exit.stop()) and wait                  for run() to return first",
+                "vCPU {} is running: stop it (or let its handler call exit.stop()) and wait \
+                 for run() to return first",
                 self.id
             )));
         }
@@ -645,7 +666,7 @@ mod tests {
     use std::mem::offset_of;
 
     #[test]
-    fn what_every_exit_touches_is_on_the_vcpus_first_cache_line() {
+    fn what_every_exit_touches_is_on_the_vcpus_first_two_cache_lines() {
         assert_eq!(std::mem::align_of::<VcpuCore>(), 64);
         macro_rules! on_first_line {
             ($($field:ident),*) => {
@@ -658,6 +679,7 @@ mod tests {
             exits,
             handler_calls,
             id,
+            run_thread_word,
             sync_regs,
             regs_mirrored,
             io_pending,
@@ -668,12 +690,25 @@ mod tests {
             in_guest,
             kicker
         );
+        // They end where the fd's lock leads the second line (`repr(C)` keeps the order),
+        // and the fd follows it there (see below).
+        assert_eq!(offset_of!(VcpuCore, fd), 64);
     }
 
     #[test]
-    fn the_fd_leads_its_holder() {
-        // Right after the lock that guards it, on the line every exit reads.
+    fn the_fd_and_its_none_lie_on_the_line_of_their_lock() {
+        // The lock's state is one byte and the holder is 8-aligned: the holder begins at 8.
+        let holder = std::mem::size_of::<parking_lot::Mutex<Option<VcpuFdHolder>>>()
+            - std::mem::size_of::<Option<VcpuFdHolder>>();
+        assert_eq!(holder, 8);
         assert_eq!(offset_of!(VcpuFdHolder, fd), 0);
-        assert!(offset_of!(VcpuCore, fd) < 128);
+        assert!(holder + std::mem::size_of::<VcpuFd>() <= 64);
+        // `Option<VcpuFdHolder>`'s `None` lives in the tag of `ring`, right after the fd:
+        // the run loop's check that the fd is still there reads that line too.
+        assert_eq!(
+            offset_of!(VcpuFdHolder, ring),
+            std::mem::size_of::<VcpuFd>()
+        );
+        assert!(holder + offset_of!(VcpuFdHolder, ring) + 4 <= 64);
     }
 }

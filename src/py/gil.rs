@@ -25,12 +25,14 @@
 
 use std::cell::Cell;
 use std::ptr;
+use std::sync::atomic::Ordering;
 
 use pyo3::ffi;
 use pyo3::marker::Ungil;
 use pyo3::prelude::*;
 
 use crate::engine::runner;
+use crate::engine::VcpuCore;
 
 thread_local! {
     /// The thread state this thread detached with, while it runs kvmpy code without the
@@ -80,8 +82,35 @@ impl Drop for Reattached {
 /// Runs `f` with the GIL held, from a thread that may not hold it (a vCPU thread, or the
 /// thread of a `cpu.run()` while its loop runs without the GIL).
 pub fn attached<T>(f: impl for<'py> FnOnce(Python<'py>) -> T) -> T {
-    let slot = DETACHED.with(|d| d as *const Cell<*mut ffi::PyThreadState>);
-    // SAFETY: `slot` is this thread's own `DETACHED`, alive for the thread's life.
+    attached_at(
+        DETACHED.with(|d| d as *const Cell<*mut ffi::PyThreadState>),
+        f,
+    )
+}
+
+/// [`attached`] for a device of `vcpu`, called by the run loop on the thread that runs it:
+/// where this thread's [`DETACHED`] lies is kept in the vCPU's run-thread word, so the
+/// exits after the run's first skip the thread-local lookup (a call into the dynamic
+/// linker, and lines of its data, on every exit otherwise).
+pub fn attached_for<T>(vcpu: &VcpuCore, f: impl for<'py> FnOnce(Python<'py>) -> T) -> T {
+    let word = vcpu.run_thread_word();
+    let mut slot = word.load(Ordering::Relaxed) as *const Cell<*mut ffi::PyThreadState>;
+    if slot.is_null() {
+        slot = DETACHED.with(|d| d as *const Cell<*mut ffi::PyThreadState>);
+        word.store(slot as usize, Ordering::Relaxed);
+    }
+    attached_at(slot, f)
+}
+
+/// [`attached`] with `slot`, this thread's own [`DETACHED`].
+#[inline(always)]
+fn attached_at<T>(
+    slot: *const Cell<*mut ffi::PyThreadState>,
+    f: impl for<'py> FnOnce(Python<'py>) -> T,
+) -> T {
+    // SAFETY: `slot` is this thread's own `DETACHED` (the callers' contract; for
+    // `attached_for`, the engine zeroes the word before each run and only the run's thread
+    // uses it during the run), alive for the thread's life.
     let tstate = unsafe { (*slot).get() };
     // SAFETY: Py_IsInitialized may be called at any time.
     if tstate.is_null() || unsafe { ffi::Py_IsInitialized() } == 0 {

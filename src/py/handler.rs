@@ -23,6 +23,9 @@ pub struct PyHandler {
     /// The same for one-element OUTs, the most frequent handler exit, typed so that
     /// refilling it needs no type check.
     spare_out: GilCell<Option<Py<IoExit>>>,
+    /// The interpreter's `PyObject_Vectorcall`, looked up once (see [`vectorcall`]) and
+    /// kept here, on a line every call reads anyway.
+    call: Option<Vectorcall>,
 }
 
 /// A value only touched with the GIL held, which serialises every access: no lock of
@@ -68,6 +71,7 @@ impl PyHandler {
             f,
             spare: GilCell::new(None),
             spare_out: GilCell::new(None),
+            call: vectorcall(),
         }
     }
 
@@ -92,10 +96,10 @@ impl PyHandler {
         let size = answer.as_ref().map_or(0, |a| a.len() as u8);
         let reads = answer.is_some();
         let result = ctx.unlocked(|| {
-            gil::attached(|py| -> PyResult<(Option<Data>, Option<Py<PyAny>>)> {
+            gil::attached_for(vcpu, |py| -> PyResult<(Option<Data>, Option<Py<PyAny>>)> {
                 let obj = self.exit_object(py, &exit, vcpu.id)?;
                 let f = self.f.bind(py);
-                let ret = call_one(f, obj.bind(py))?;
+                let ret = call_one(self.call, f, obj.bind(py))?;
                 let stopped = if exit::stop_requested(obj.bind(py)) {
                     Some(obj)
                 } else {
@@ -134,7 +138,7 @@ impl PyHandler {
         vcpu.count_handler_call();
         let id = vcpu.id;
         let stopped = ctx.unlocked(|| {
-            gil::attached(|py| -> PyResult<Option<Py<PyAny>>> {
+            gil::attached_for(vcpu, |py| -> PyResult<Option<Py<PyAny>>> {
                 let obj = match self.spare_out.take(py) {
                     Some(obj) => {
                         IoExit::refill_out(obj.bind(py), port, data, id);
@@ -143,7 +147,7 @@ impl PyHandler {
                     None => exit::new_out(py, port, data, id)?,
                 };
                 let f = self.f.bind(py);
-                let ret = call_one(f, obj.bind(py).as_any())?;
+                let ret = call_one(self.call, f, obj.bind(py).as_any())?;
                 if !ret.is_none() {
                     let exit = Exit::Io {
                         port,
@@ -240,10 +244,11 @@ pub struct PyHostFunction {
 
 impl HostFunction for PyHostFunction {
     fn call(&self, ctx: &mut VcpuCtx<'_, '_>, args: [u64; 6]) -> Result<u64> {
-        ctx.vcpu().count_handler_call();
+        let vcpu = ctx.vcpu();
+        vcpu.count_handler_call();
         let number = self.number;
         let result = ctx.unlocked(|| {
-            gil::attached(|py| -> PyResult<u64> {
+            gil::attached_for(vcpu, |py| -> PyResult<u64> {
                 let f = self.f.bind(py);
                 let ret = f.call1(PyTuple::new(py, &args[..self.nargs])?)?;
                 if ret.is_none() {
@@ -302,12 +307,17 @@ fn vectorcall() -> Option<Vectorcall> {
 /// `PY_VECTORCALL_ARGUMENTS_OFFSET`: the callee may use the slot before the arguments.
 const ARGUMENTS_OFFSET: usize = 1 << (usize::BITS - 1);
 
-/// Calls `f(arg)` without building an argument tuple: by vectorcall where the interpreter
-/// exports it, else `PyObject_CallFunctionObjArgs` (which passes the arguments on the C
-/// stack, at about 90 more instructions a call).
-fn call_one<'py>(f: &Bound<'py, PyAny>, arg: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
+/// Calls `f(arg)` without building an argument tuple: by `vectorcall` (the interpreter's
+/// `PyObject_Vectorcall`, see [`vectorcall`]) where the interpreter exports it, else
+/// `PyObject_CallFunctionObjArgs` (which passes the arguments on the C stack, at about 90
+/// more instructions a call).
+fn call_one<'py>(
+    vectorcall: Option<Vectorcall>,
+    f: &Bound<'py, PyAny>,
+    arg: &Bound<'py, PyAny>,
+) -> PyResult<Bound<'py, PyAny>> {
     let py = f.py();
-    let ret = match vectorcall() {
+    let ret = match vectorcall {
         Some(call) => {
             // Slot 0 is the one ARGUMENTS_OFFSET lets the callee overwrite for a moment.
             let args = [std::ptr::null_mut(), arg.as_ptr()];

@@ -228,7 +228,7 @@ fn rings<'a, 'b: 'a>(
         .filter_map(|g| g.as_mut().and_then(|h| h.ring.as_mut()))
 }
 
-type Guard<'a> = std::sync::MutexGuard<'a, Option<crate::engine::vcpu::VcpuFdHolder>>;
+type Guard<'a> = crate::engine::vcpu::FdLock<'a>;
 
 /// Makes the VM track writes for snapshots from now on: manual re-protection where the
 /// host has it, KVM's dirty log on for every region, every log (or ring) and record
