@@ -160,8 +160,9 @@ pub type FdGuard<'a> = Option<FdLock<'a>>;
 
 /// A lock on a vCPU's fd. `parking_lot`'s: the run loop gives the lock up and takes it
 /// again around every call into a handler that may use the vCPU, and this lock does that
-/// with one atomic operation each way (no poisoning: nothing the fd holds is left half
-/// changed by a panic, so there is nothing to poison).
+/// with one atomic operation each way. `std`'s lock also reads the process's panic count
+/// on each lock and unlock, for poisoning, which the engine ignored (it took a poisoned
+/// fd lock as it was): this lock has none.
 pub type FdLock<'a> = parking_lot::MutexGuard<'a, Option<VcpuFdHolder>>;
 
 /// The fd behind a run loop's guard.
