@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import os
 import textwrap
+import threading
 from collections.abc import Callable
 
 import pytest
@@ -292,6 +293,79 @@ def test_a_stop_requested_by_an_out_handler_ends_the_run_before_the_next_out() -
         exit = cpu.run(timeout=10)
         assert isinstance(exit, kvmpy.GuestExit) and exit.code == 3
         assert seen == [1, 2]
+
+
+def test_handlers_of_one_vcpu_run_on_whichever_thread_runs_it_next() -> None:
+    # The handler path keeps where the running thread's interpreter state lies for the
+    # length of a run; a later run on another thread (the first one gone by then, or a
+    # thread of vm.start()) must find its own, or it would restore a dead thread's state.
+    # mov al, 1 ; out 0x11, al ; mov al, 2 ; out 0x11, al ; mov al, 3 ; out 0xf4, al
+    code = bytes([0xB0, 1, 0xE6, DEV_OUT, 0xB0, 2, 0xE6, DEV_OUT, 0xB0, 3, 0xE6, EXIT_PORT])
+    vm, cpu = real_mode_vm(code)
+    with vm:
+        vm.add_exit_port(EXIT_PORT)
+        seen: list[tuple[int, int]] = []
+        vm.on_io(DEV_OUT, lambda e: seen.append((threading.get_ident(), e.value)))
+
+        def run_here() -> int:
+            cpu.set_regs(rip=0x1000)
+            exit = cpu.run(timeout=10)
+            assert isinstance(exit, kvmpy.GuestExit) and exit.code == 3
+            return threading.get_ident()
+
+        runners: list[int] = []
+        for where in ("thread", "main", "thread", "start", "main"):
+            if where == "main":
+                runners.append(run_here())
+            elif where == "thread":
+                t = threading.Thread(target=lambda: runners.append(run_here()))
+                t.start()
+                t.join()
+            else:
+                cpu.set_regs(rip=0x1000)
+                vm.start(timeout=10)
+                (exit,) = vm.join()
+                assert isinstance(exit, kvmpy.GuestExit) and exit.code == 3
+                runners.append(seen[-1][0])
+        # Each run's handler ran on the thread that ran the vCPU (a new thread may get
+        # the ident of one that has ended, so idents alone do not tell the threads apart).
+        assert len(runners) == 5 and runners[1] == runners[4] == threading.get_ident()
+        assert seen == [(r, v) for r in runners for v in (1, 2)]
+
+
+def test_a_handler_runs_with_its_own_threads_state_after_the_vcpu_changed_threads() -> None:
+    # vCPU A runs on thread T, then T runs vCPU B (and stays in that run, without the
+    # GIL) while the main thread runs A: A's handler must run with the main thread's
+    # interpreter state (its threading.local), not with T's, which A's last run saw.
+    code = bytes([0xB0, 1, 0xE6, DEV_OUT, 0xB0, 3, 0xE6, EXIT_PORT])  # OUT 1 ; exit 3
+    vm_a, cpu_a = real_mode_vm(code)
+    vm_b, cpu_b = real_mode_vm(bytes([0xB0, 1, 0xE6, DEV_OUT]) + JMP_SELF)  # OUT 1 ; spin
+    with vm_a, vm_b:
+        vm_a.add_exit_port(EXIT_PORT)
+        local = threading.local()
+        names: list[str] = []
+        vm_a.on_io(DEV_OUT, lambda e: names.append(local.name))
+        b_running = threading.Event()
+        vm_b.on_io(DEV_OUT, lambda e: b_running.set())
+        b_exit: list[kvmpy.ExitInfo] = []
+
+        def on_t() -> None:
+            local.name = "t"
+            assert cpu_a.run(timeout=10).reason == "exit"
+            b_exit.append(cpu_b.run(timeout=30))
+
+        t = threading.Thread(target=on_t)
+        t.start()
+        try:
+            assert b_running.wait(10)
+            local.name = "main"
+            cpu_a.set_regs(rip=0x1000)
+            assert cpu_a.run(timeout=10).reason == "exit"
+        finally:
+            cpu_b.stop()
+            t.join()
+        assert names == ["t", "main"]
+        assert b_exit[0].reason == "stopped"
 
 
 def test_irqchip_line_wakes_a_halted_guest() -> None:

@@ -191,8 +191,8 @@ struct KickState {
 pub struct Kicker {
     /// First: the run loop reads it on every exit (see `VcpuCore`'s layout).
     stop: AtomicBool,
-    /// Boxed: used only when a run begins or ends and when a kick is sent, it would push
-    /// the fd off the vCPU's second cache line.
+    /// Boxed: it is used only when a run begins or ends and when a kick is sent, and in
+    /// place it would push the fd's lock past the start of the vCPU's second cache line.
     state: Box<Mutex<KickState>>,
 }
 

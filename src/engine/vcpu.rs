@@ -68,9 +68,9 @@ pub(crate) const STEP_IN_FLIGHT: u8 = 2;
 /// The state of one vCPU, shared by the face's object, its VM and its run threads.
 ///
 /// `repr(C)` keeps the declaration order: what the run loop reads or writes on every exit
-/// lies on the first two cache lines (the fields below, then the fd's lock with the fd), because
-/// each exit leaves the host's caches cold and every further line the loop touches costs
-/// a miss.
+/// lies on the first two cache lines (the fields up to `kicker`, then the fd's lock with
+/// the fd), because each exit leaves the host's caches cold and every further line the
+/// loop touches costs a miss.
 #[repr(C, align(64))]
 pub struct VcpuCore {
     pub vm: Arc<VmCore>,
