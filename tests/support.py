@@ -148,12 +148,18 @@ ANNOUNCE_RUNNING = textwrap.dedent(
 )
 
 
+# Prepended to a child's script that must hear Ctrl-C: a child inherits an ignored SIGINT
+# (as under `nohup`, or from a shell that started the tests in the background), and Python
+# then leaves it ignored instead of raising KeyboardInterrupt.
+CTRL_C_HEARD = "import signal; signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+
+
 def interrupt_script(script: str) -> tuple[str, int]:
     """Runs `script` in a fresh interpreter; once it prints "running" (which it does only
     when its guest has run and spins natively), sends SIGINT (Ctrl-C). Returns its
     remaining output and its exit status."""
     proc = subprocess.Popen(
-        [sys.executable, "-c", script],
+        [sys.executable, "-c", CTRL_C_HEARD + script],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from .support import ROOT
+from .support import CTRL_C_HEARD, ROOT
 
 
 def run_image(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[bytes]:
@@ -163,8 +163,11 @@ def test_output_streams_while_the_guest_runs_and_ctrl_c_stops_it(tmp_path: Path)
     image.write_bytes(
         bytes([0x66, 0xBA, 0xF8, 0x03, 0xB0, ord("h"), 0xEE, 0xB0, ord("\n"), 0xEE, 0xEB, 0xFE])
     )
+    # `python -m kvmpy run IMAGE`, hearing Ctrl-C even where the tests' SIGINT is ignored.
+    run_cli = "import runpy, sys; sys.argv[1:] = ['run', sys.argv[1]]; "
+    run_cli += "runpy.run_module('kvmpy', run_name='__main__', alter_sys=True)"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "kvmpy", "run", str(image)],
+        [sys.executable, "-c", CTRL_C_HEARD + run_cli, str(image)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
