@@ -125,17 +125,57 @@ pub fn code_bytes() -> Vec<u8> {
 /// PKRU: everything standard format puts in the first 4 KiB; not AMX).
 pub const IMAGE_COMPONENTS: u64 = 0x2ff;
 
+/// PKRU's bit in XCR0 and in an image's XSTATE_BV.
+pub const PKRU: u64 = 1 << 9;
+
+/// Where XSTATE_BV lies in a standard-format XSAVE image.
+pub const XSTATE_BV_AT: usize = 512;
+
 /// Whether `xrstor64` with RFBM = `xcr0` loads the standard-format XSAVE `image` (KVM's
 /// 4 KiB region) without faulting: XCR0 holds only components the image can hold,
 /// XSTATE_BV is within XCR0, XCOMP_BV is 0 (standard format) and the header's reserved
 /// bytes are 0, MXCSR has no reserved bit set (`mxcsr_mask` from the image).
 pub fn xrstor_loads(image: &[u8], xcr0: u64) -> bool {
-    let u64_at = |at: usize| u64::from_le_bytes(image[at..at + 8].try_into().unwrap_or([0xff; 8]));
-    if image.len() < 4096 || xcr0 & !IMAGE_COMPONENTS != 0 || xcr0 & 3 != 3 {
+    image.len() >= 4096 && xrstor_loads_with(image, image_u64(image, XSTATE_BV_AT), xcr0)
+}
+
+/// The XSTATE_BV the `xrstor64` stub loads the snapshot's `image` with, for a CPL3 guest
+/// whose XCR0 is `xcr0` and whose CR4.PKE is `pke`; `None` where that would fault.
+///
+/// It is the image's own, except for PKRU: on a host with protection keys, KVM's
+/// `KVM_GET_XSAVE` reports the vCPU's PKRU (set in XSTATE_BV) whatever the guest's XCR0
+/// and CR4, and `xrstor64` faults on a component outside XCR0. While CR4.PKE is clear and
+/// XCR0 lacks PKRU, a CPL3 guest can neither read nor write PKRU, so what the stub must
+/// put back does not include it and its bit is cleared.
+pub fn stub_xstate_bv(image: &[u8], xcr0: u64, pke: bool) -> Option<u64> {
+    if image.len() < 4096 {
+        return None;
+    }
+    let mut bv = image_u64(image, XSTATE_BV_AT);
+    if !pke && xcr0 & PKRU == 0 {
+        bv &= !PKRU;
+    }
+    xrstor_loads_with(image, bv, xcr0).then_some(bv)
+}
+
+/// [`xrstor_loads`] with `bv` for the image's XSTATE_BV.
+fn xrstor_loads_with(image: &[u8], bv: u64, xcr0: u64) -> bool {
+    if xcr0 & !IMAGE_COMPONENTS != 0 || xcr0 & 3 != 3 {
         return false;
     }
-    let header_ok = u64_at(512) & !xcr0 == 0 && (520..576).step_by(8).all(|at| u64_at(at) == 0);
+    let header_ok = bv & !xcr0 == 0
+        && (XSTATE_BV_AT + 8..XSTATE_BV_AT + 64)
+            .step_by(8)
+            .all(|at| image_u64(image, at) == 0);
     header_ok && fxrstor_loads(image)
+}
+
+/// The little-endian `u64` at `at` in `image` (all ones past its end).
+fn image_u64(image: &[u8], at: usize) -> u64 {
+    image
+        .get(at..at + 8)
+        .and_then(|b| b.try_into().ok())
+        .map_or(u64::MAX, u64::from_le_bytes)
 }
 
 /// Whether `fxrstor64` loads the legacy region of `image` without faulting: MXCSR has
@@ -242,5 +282,28 @@ mod tests {
         mxcsr[26] = 1;
         assert!(!fxrstor_loads(&mxcsr) && !xrstor_loads(&mxcsr, 0x7));
         assert!(!xrstor_loads(&image[..600], 0x7));
+    }
+
+    #[test]
+    fn pkru_outside_xcr0_is_left_out_only_while_cr4_pke_is_clear() {
+        let mut image = vec![0u8; 4096];
+        image[24..28].copy_from_slice(&0x1f80u32.to_le_bytes());
+        image[512..520].copy_from_slice(&(0x7 | PKRU).to_le_bytes());
+        // What KVM_GET_XSAVE gives on a host with protection keys: PKRU reported.
+        assert!(!xrstor_loads(&image, 0x7));
+        assert_eq!(stub_xstate_bv(&image, 0x7, false), Some(0x7));
+        // CR4.PKE set: the guest can read PKRU, which the stub cannot load at XCR0 7.
+        assert_eq!(stub_xstate_bv(&image, 0x7, true), None);
+        // XCR0 with PKRU: loaded with the rest.
+        assert_eq!(stub_xstate_bv(&image, 0x7 | PKRU, false), Some(0x7 | PKRU));
+        // Other components outside XCR0 still refuse the image.
+        image[512..520].copy_from_slice(&(0x7 | PKRU | 0xe0).to_le_bytes());
+        assert_eq!(stub_xstate_bv(&image, 0x7, false), None);
+        // Checks other than XSTATE_BV's are the same as `xrstor_loads`'.
+        image[512..520].copy_from_slice(&0x7u64.to_le_bytes());
+        assert_eq!(stub_xstate_bv(&image, 0x7, false), Some(0x7));
+        image[540] = 1;
+        assert_eq!(stub_xstate_bv(&image, 0x7, false), None);
+        assert_eq!(stub_xstate_bv(&image[..600], 0x7, false), None);
     }
 }

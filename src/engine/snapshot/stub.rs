@@ -20,9 +20,9 @@ use kvm_ioctls::VcpuFd;
 use vm_memory::{Bytes, GuestRegionMmap, MemoryRegionAddress};
 
 use crate::arch::x86_64::fpustub::{
-    code_bytes, code_page, fxrstor_loads, xrstor_loads, FXRSTOR_ENTRY, IMAGE_COMPONENTS,
-    LEAKY_ENTRY, SAVED_AT, STUB_LEN, STUB_PDPTE, STUB_PDPT_INDEX, STUB_PHYS_BITS, STUB_VA,
-    VCPU_SLOTS, XRSTOR_ENTRY,
+    code_bytes, code_page, fxrstor_loads, stub_xstate_bv, xrstor_loads, FXRSTOR_ENTRY,
+    IMAGE_COMPONENTS, LEAKY_ENTRY, SAVED_AT, STUB_LEN, STUB_PDPTE, STUB_PDPT_INDEX, STUB_PHYS_BITS,
+    STUB_VA, VCPU_SLOTS, XRSTOR_ENTRY, XSTATE_BV_AT,
 };
 use crate::arch::x86_64::paging::{PRESENT, USER};
 use crate::arch::x86_64::{CR0_PG, CR4_LA57, CR4_OSFXSR, EFER_LMA};
@@ -35,6 +35,8 @@ use crate::engine::vm::{RegionOptions, VmCore};
 
 /// CR4.OSXSAVE: XSAVE and XCR0 enabled.
 const CR4_OSXSAVE: u64 = 1 << 18;
+/// CR4.PKE: protection keys for user pages (PKRU readable and writable at CPL3).
+const CR4_PKE: u64 = 1 << 22;
 /// RFLAGS.TF.
 const RFLAGS_TF: u64 = 1 << 8;
 const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
@@ -128,14 +130,21 @@ impl VcpuCore {
             return Ok(false);
         }
         let image = region_bytes(&st.xsave);
+        // The XSTATE_BV the stub's copy of the image gets, where not the image's own.
+        let mut xstate_bv = None;
         let entry = if s.cr4 & CR4_OSXSAVE != 0 {
             // XRSTOR's RFBM is XCR0: the snapshot's must be the vCPU's.
-            match (xcr0_of(st), fpu.xcr0) {
-                (Some(want), Some(have)) if want == have && xrstor_loads(image, want) => {
-                    XRSTOR_ENTRY
+            let bv = match (xcr0_of(st), fpu.xcr0) {
+                (Some(want), Some(have)) if want == have => {
+                    stub_xstate_bv(image, want, s.cr4 & CR4_PKE != 0)
                 }
-                _ => return Ok(false),
-            }
+                _ => None,
+            };
+            let Some(bv) = bv else {
+                return Ok(false);
+            };
+            xstate_bv = Some(bv);
+            XRSTOR_ENTRY
         } else if s.cr4 & CR4_OSFXSR == 0 {
             return Ok(false);
         } else if avx_without_osxsave() {
@@ -158,6 +167,9 @@ impl VcpuCore {
             // Written once per snapshot: a reset of the same snapshot writes nothing.
             write(mem, page, &code_bytes())?;
             write(mem, page + 0x1000, image)?;
+            if let Some(bv) = xstate_bv {
+                write(mem, page + 0x1000 + XSTATE_BV_AT as u64, &bv.to_le_bytes())?;
+            }
             fpu.image_of = Some(snap_id);
         }
         fpu.entry = entry;
