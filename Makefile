@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: dev test lint docs wheel guests bench clean
+.PHONY: dev pgo pgo-profile test lint docs wheel guests bench clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -10,6 +10,14 @@ $(PY):
 
 dev: $(PY)
 	. $(VENV)/bin/activate && maturin develop -q --release
+
+# The release build: optimised with the committed profile (pgo/build.sh), as wheels are.
+pgo: $(PY)
+	. $(VENV)/bin/activate && bash pgo/build.sh develop -q --release
+
+# Makes pgo/kvmpy.profdata again (needs /dev/kvm and `rustup component add llvm-tools`).
+pgo-profile: $(PY) guests
+	bash pgo/profile.sh
 
 test: dev guests
 	$(PY) -m pytest
@@ -27,7 +35,7 @@ docs: $(PY)
 	$(VENV)/bin/mkdocs build --strict
 
 wheel: $(PY)
-	$(VENV)/bin/maturin build --release --out dist
+	MATURIN=$(VENV)/bin/maturin bash pgo/build.sh build --release --out dist
 	$(VENV)/bin/maturin sdist --out dist
 
 guests:

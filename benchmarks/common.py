@@ -285,7 +285,8 @@ def machine_info() -> dict[str, Any]:
         "kernel": platform.release(),
         "python": platform.python_version(),
         "kvmpy": kvmpy.__version__,
-        "kvmpy_build": {True: "debug", False: "release", None: "unknown"}[debug],
+        "kvmpy_build": {True: "debug", False: "release", None: "unknown"}[debug]
+        + (", PGO" if getattr(native, "PGO", False) else ""),
         "kvmpy_native": native.__file__,
         "unicorn": unicorn_version,
         "cc": cc_version(),

@@ -52,5 +52,7 @@ fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(py::disasm::find_blocks, m)?)?;
     m.add("KVM_API_VERSION", engine::kvm::KVM_API_VERSION)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    // Built with the profile of pgo/build.sh.
+    m.add("PGO", cfg!(kvmpy_pgo))?;
     Ok(())
 }

@@ -39,6 +39,7 @@ __all__ = [
     "LoadedImage",
     "MemoryRegion",
     "MmioExit",
+    "PGO",
     "Regs",
     "Segment",
     "Snapshot",
@@ -61,6 +62,9 @@ __all__ = [
 
 KVM_API_VERSION: int
 __version__: str
+PGO: bool
+"""Whether this build of the native core was optimised with the committed profile
+(``pgo/build.sh``; release wheels are)."""
 
 def _disassemble(
     code: _BytesLike, bits: int = 64, ip: int = 0, count: int = 1
