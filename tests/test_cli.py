@@ -47,6 +47,15 @@ def test_info_describes_kvm_and_ends_with_a_verdict() -> None:
     ), last
 
 
+def test_info_names_the_build() -> None:
+    import kvmpy._native as native
+
+    assert isinstance(native.PGO, bool)
+    first = run_module("info").stdout.splitlines()[0]
+    suffix = " (profile-optimised build)" if native.PGO else ""
+    assert first == f"kvmpy {kvmpy.__version__}{suffix}"
+
+
 def test_bad_command_line() -> None:
     assert run_module().returncode == 2
     assert run_module("demo", "--iterations", "-1").returncode == 2

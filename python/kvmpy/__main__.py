@@ -8,7 +8,7 @@ import time
 from importlib import resources
 
 import kvmpy
-from kvmpy import _run, sdk
+from kvmpy import _native, _run, sdk
 
 # The demo guests' conventions (see guests/*.S).
 CONSOLE_PORT = 0x3F8
@@ -206,7 +206,8 @@ def debugging() -> str:
 def info() -> int:
     avail = kvmpy.available()
     is_vm = _is_vm()
-    print(f"kvmpy {kvmpy.__version__}")
+    pgo = " (profile-optimised build)" if _native.PGO else ""
+    print(f"kvmpy {kvmpy.__version__}{pgo}")
     print(f"CPU: {_cpu_model()}")
     host = {True: "a virtual machine (KVM here is nested)", False: "bare metal", None: "unknown"}
     print(f"host: {host[is_vm]}")
