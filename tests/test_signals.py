@@ -115,6 +115,53 @@ def test_interpreter_exits_while_a_daemon_thread_runs_a_vcpu() -> None:
     assert proc.stdout.strip() == "bye"
 
 
+def test_a_handler_exit_after_the_interpreter_has_gone_ends_quietly() -> None:
+    """A daemon thread's run meets a handler exit once the interpreter has finalized (the
+    process lives on in a C exit function, here `getchar()` until stdin closes): there is
+    no Python to call, and the run's thread ends without printing anything (a Rust panic
+    report did, before)."""
+    script = textwrap.dedent(
+        """
+        import ctypes, threading, time, kvmpy
+        vm = kvmpy.Vm()
+        mem = vm.add_memory(0, 2 << 20)
+        # loop: mov ecx, 3_000_000 ; spin: dec ecx ; jnz spin ; out 0x10, al ; jmp loop
+        mem.write(0x10000, bytes.fromhex("b9c0c62d00ffc975fce610ebf3"))
+        cpu = vm.create_vcpu()
+        cpu.setup_long_mode(user=True)
+        cpu.set_regs(rip=0x10000)
+        calls = []
+        vm.on_io(0x10)(lambda e: calls.append(e.port))
+        libc = ctypes.CDLL(None)
+        ctypes.pythonapi.Py_AtExit(ctypes.cast(libc.getchar, ctypes.c_void_p))
+        threading.Thread(target=cpu.run, daemon=True).start()
+        while len(calls) < 3:
+            time.sleep(0.001)
+        print("bye", flush=True)
+        """
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None and proc.stdin is not None
+    try:
+        assert proc.stdout.readline().strip() == "bye"
+        # The interpreter finalizes, then waits in getchar(); the guest exits to its
+        # handler about every millisecond meanwhile.
+        time.sleep(0.3)
+        out, err = proc.communicate(input="", timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert "panicked" not in err and err.strip() == "", err
+
+
 def test_ctrl_c_between_two_guest_entries_is_not_lost() -> None:
     """A SIGINT that reaches the main thread while it is outside KVM_RUN, in the run loop
     between two exits, still ends the run. The guest writes to a Rust console in a loop,

@@ -135,8 +135,17 @@ fn attached_at<T>(
 /// thread state for the thread's life (one more `PyGILState_Ensure`, released by
 /// [`release_thread_state`] when the thread ends), and records it in [`DETACHED`] so the
 /// thread's next calls take the fast path.
+///
+/// Once the interpreter has exited (a handler exit met by a daemon thread's run, or by a
+/// run nobody stopped, while the process ends) there is no Python to call: the call
+/// unwinds, as pyo3's own refusal would, but without printing a panic report into the
+/// ending process's output.
 #[cold]
 fn attached_slow<T>(f: impl for<'py> FnOnce(Python<'py>) -> T) -> T {
+    // SAFETY: Py_IsInitialized may be called at any time.
+    if unsafe { ffi::Py_IsInitialized() } == 0 {
+        std::panic::resume_unwind(Box::new("the Python interpreter has exited"));
+    }
     let mut kept = ptr::null_mut();
     let result = Python::attach(|py| {
         if runner::in_vcpu_thread() && KEPT.with(|k| k.get().is_none()) {
