@@ -286,7 +286,7 @@ def machine_info() -> dict[str, Any]:
         "python": platform.python_version(),
         "kvmpy": kvmpy.__version__,
         "kvmpy_build": {True: "debug", False: "release", None: "unknown"}[debug]
-        + (", PGO" if getattr(native, "PGO", False) else ""),
+        + (", PGO" if native.PGO else ""),
         "kvmpy_native": native.__file__,
         "unicorn": unicorn_version,
         "cc": cc_version(),

@@ -130,9 +130,8 @@ impl VcpuCore {
             return Ok(false);
         }
         let image = region_bytes(&st.xsave);
-        // The XSTATE_BV the stub's copy of the image gets, where not the image's own.
-        let mut xstate_bv = None;
-        let entry = if s.cr4 & CR4_OSXSAVE != 0 {
+        // For `xrstor64`, also the XSTATE_BV the stub's copy of the image gets.
+        let (entry, xstate_bv) = if s.cr4 & CR4_OSXSAVE != 0 {
             // XRSTOR's RFBM is XCR0: the snapshot's must be the vCPU's.
             let bv = match (xcr0_of(st), fpu.xcr0) {
                 (Some(want), Some(have)) if want == have => {
@@ -140,11 +139,10 @@ impl VcpuCore {
                 }
                 _ => None,
             };
-            let Some(bv) = bv else {
-                return Ok(false);
-            };
-            xstate_bv = Some(bv);
-            XRSTOR_ENTRY
+            match bv {
+                Some(bv) => (XRSTOR_ENTRY, Some(bv)),
+                None => return Ok(false),
+            }
         } else if s.cr4 & CR4_OSFXSR == 0 {
             return Ok(false);
         } else if avx_without_osxsave() {
@@ -152,9 +150,9 @@ impl VcpuCore {
             if !xrstor_loads(image, IMAGE_COMPONENTS) {
                 return Ok(false);
             }
-            LEAKY_ENTRY
+            (LEAKY_ENTRY, None)
         } else if fxrstor_loads(image) {
-            FXRSTOR_ENTRY
+            (FXRSTOR_ENTRY, None)
         } else {
             return Ok(false);
         };
