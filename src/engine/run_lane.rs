@@ -1,7 +1,6 @@
 //! The run loop's lane for one-element OUTs (see [`VcpuCore::out_lane`]).
 
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 
 use super::VcpuCtx;
 use super::{Flow, RunOptions};
@@ -49,7 +48,10 @@ impl VcpuCore {
         let mut generation = self.vm.bus_generation();
         let mut bus = self.vm.bus();
         // The device of the last port, kept while the bus stays (one port is the norm).
-        let mut last: Option<(u16, &Arc<dyn Device>)> = None;
+        // Kept as the device itself (its data and vtable pointers, in this frame), not as
+        // a reference to the bus's `Arc`: an exit then reads nothing of the bus, whose
+        // memory is a page of its own to walk to on a host that flushes the TLB per exit.
+        let mut last: Option<(u16, &dyn Device)> = None;
         loop {
             let device = match last {
                 Some((port, device)) if port == io.port => device,
@@ -57,6 +59,7 @@ impl VcpuCore {
                     let Some(device) = bus.io(io.port) else {
                         return self.dispatch_io(guard, io);
                     };
+                    let device: &dyn Device = &**device;
                     last = Some((io.port, device));
                     device
                 }
