@@ -10,7 +10,9 @@ the effect of a change to the exit path that a timing cannot resolve.
 For each variant it runs counter64 twice under ``valgrind --tool=lackey --trace-mem=yes``
 (ASLR off, ``PYTHONHASHSEED=0``), with ``--short`` and ``--long`` exits, counts the
 accesses to every 64-byte line (``exit_lines.c``), and reports the lines whose access
-count grew by at least 0.9 per extra exit: the lines every exit touches. Variants:
+count grew by at least 0.9 per extra exit: the lines every exit touches, and the 4 KiB
+pages they lie on (where the host flushes the TLB on every exit, each page costs a page
+walk as well). Variants:
 
 - ``cloop``: raw C's loop inside the Python process (the C extension, no Python call);
 - ``cext``: the C-extension floor (GIL released around ``KVM_RUN``, a Python call);
@@ -101,10 +103,18 @@ def trace(counter: Path, variant: str, n: int, cext_dir: Path) -> dict[tuple[str
 
 def per_exit(
     short: dict[tuple[str, int], int], long: dict[tuple[str, int], int], extra: int
-) -> tuple[int, int]:
-    """(code lines, data lines) whose access count grew by ≥ 0.9 per extra exit."""
+) -> tuple[int, int, int, int]:
+    """(code lines, data lines, code pages, data pages) whose access count grew by ≥ 0.9
+    per extra exit: a page counts when any of its lines does."""
     lines = [k for k, v in long.items() if v - short.get(k, 0) >= 0.9 * extra]
-    return sum(k[0] == "I" for k in lines), sum(k[0] == "D" for k in lines)
+    code = {addr for kind, addr in lines if kind == "I"}
+    data = {addr for kind, addr in lines if kind != "I"}
+    return (
+        len(code),
+        len(data),
+        len({addr >> 12 for addr in code}),
+        len({addr >> 12 for addr in data}),
+    )
 
 
 @contextmanager
@@ -159,11 +169,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"benchmarks.exit_lines: {e}", file=sys.stderr)
         return 1
     extra = args.long - args.short
-    print("| variant | code lines | data lines | lines per exit |")
-    print("|---|---:|---:|---:|")
+    print("| variant | code lines | data lines | lines per exit | code pages | data pages |")
+    print("|---|---:|---:|---:|---:|---:|")
     for v in variants:
-        code, data = per_exit(traces[(v, args.short)], traces[(v, args.long)], extra)
-        print(f"| {v} | {code} | {data} | {code + data} |")
+        code, data, code_pages, data_pages = per_exit(
+            traces[(v, args.short)], traces[(v, args.long)], extra
+        )
+        print(f"| {v} | {code} | {data} | {code + data} | {code_pages} | {data_pages} |")
     return 0
 
 
